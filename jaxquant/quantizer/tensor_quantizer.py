@@ -1,0 +1,206 @@
+"""``TensorQuantizer``: one quantization site in a model, like ModelOpt's module of the same name.
+
+A model owns one ``TensorQuantizer`` per site (``q_proj.input_quantizer``, ``q_proj.weight_quantizer``,
+``self_attn.k_bmm_quantizer``, ...). Its NNX path *is* ModelOpt's quantizer name, so recipes match
+it unchanged. It holds:
+
+* ``config``: a static ``QuantizerConfig`` or ``None`` (disabled: returns its input, costs nothing
+  in the compiled graph);
+* ``mode``: static, one of ``"off"`` | ``"calibrate"`` | ``"fake_quant"``;
+* ``amax``: a ``QuantAmax`` variable (float32), the calibrated statistic — explicit state that
+  ``nnx.state(model, QuantAmax)`` collects as a pytree.
+
+Modes:
+* ``off``: identity.
+* ``calibrate``: identity on the values; updates ``amax = max(amax, max|x|)`` over the positions
+  where ``token_mask`` is true (padding never raises amax — a deliberate deviation from ModelOpt,
+  which lets pads count).
+* ``fake_quant``: quantize-dequantize with the calibrated amax (bit-exact with ModelOpt), with a
+  straight-through gradient (identity), so it can be trained through.
+
+Shapes: ``amax`` is stored broadcastable to the tensor it describes: ``()`` per tensor,
+``[out, 1]`` per channel (axis 0), ``[..., K/16]`` per block (static NVFP4). With ``instances=E``
+(stacked MoE experts) axis 0 of the tensor indexes the expert and amax gains a leading ``E`` axis.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant.errors import UnsupportedError
+from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
+
+Mode = Literal["off", "calibrate", "fake_quant"]
+
+
+class QuantAmax(nnx.Variable):
+    """Calibrated absolute-max statistic of one quantizer (float32)."""
+
+
+class QuantGlobalAmax(nnx.Variable):
+    """Per-tensor global amax of a static-block (NVFP4 static) quantizer (float32 scalar)."""
+
+
+def _qdq(fmt: str, block_size: int, x: jax.Array, amax: jax.Array, global_amax: jax.Array | None):
+    """Quantize-dequantize ``x`` in format ``fmt``; the output has ``x``'s dtype."""
+    from jaxquant.numerics import fp8, nvfp4
+
+    if fmt in ("fp8", "fp8_per_channel"):
+        return fp8.fake_quant(x, amax)
+    if fmt == "nvfp4":
+        return nvfp4.fake_quant_dynamic(x, amax, block_size=block_size)
+    if fmt == "nvfp4_static":
+        return nvfp4.fake_quant_static(x, amax, global_amax, block_size=block_size)
+    raise UnsupportedError(f"format {fmt!r} has no fake-quant kernel; supported: {SUPPORTED_FORMATS}")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def fake_quant_ste(fmt: str, block_size: int, x, amax, global_amax):
+    """Fake quant whose derivative w.r.t. ``x`` is the identity (straight-through estimator).
+
+    The forward value is exactly ``_qdq(...)`` (bit-exact); amax gets no gradient here.
+    """
+    return _qdq(fmt, block_size, x, amax, global_amax)
+
+
+@fake_quant_ste.defjvp
+def _fake_quant_ste_jvp(fmt, block_size, primals, tangents):
+    x, amax, global_amax = primals
+    tx = tangents[0]
+    y = _qdq(fmt, block_size, x, amax, global_amax)
+    return y, tx.astype(y.dtype) if hasattr(tx, "astype") else tx
+
+
+def _mask_like(token_mask: jax.Array | None, x: jax.Array) -> jax.Array | None:
+    if token_mask is None:
+        return None
+    m = token_mask.astype(bool)
+    return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
+
+
+class TensorQuantizer(nnx.Module):
+    """One quantization site. See the module docstring for modes and shapes.
+
+    Args:
+      instances: number of stacked instances along axis 0 (MoE experts stored as one
+        ``[E, ...]`` tensor), or None.
+    """
+
+    def __init__(self, *, instances: int | None = None):
+        self.config: QuantizerConfig | None = None
+        self.mode: Mode = "off"
+        self.instances = instances
+        self.amax: QuantAmax | None = None
+        self.global_amax: QuantGlobalAmax | None = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def enabled(self) -> bool:
+        return self.config is not None and self.config.enable
+
+    @property
+    def format(self) -> str | None:
+        return self.config.format if self.enabled else None
+
+    @property
+    def block_size(self) -> int:
+        bs = self.config.block_sizes if self.config is not None else None
+        return bs.size if bs is not None and bs.size else 16
+
+    def configure(self, config: QuantizerConfig | None, *, tensor_shape: tuple[int, ...] | None = None):
+        """Set the static config and (re)create zeroed amax state.
+
+        Args:
+          config: the resolved config, or None / ``enable=False`` to disable.
+          tensor_shape: shape of the tensor this quantizer sees; required for per-channel and
+            static-block formats (weights), optional for per-tensor ones.
+        """
+        if config is not None and not config.enable:
+            config = None
+        if config is not None and config.format not in SUPPORTED_FORMATS:
+            raise UnsupportedError(
+                f"quantizer format {config.format!r} is not supported yet; supported: "
+                f"{', '.join(SUPPORTED_FORMATS)}"
+            )
+        self.config = config
+        self.amax = None
+        self.global_amax = None
+        if config is None:
+            return
+        fixed = config.fixed_amax
+        shape = self.amax_shape(tensor_shape)
+        init = jnp.full(shape, fixed if fixed is not None else 0.0, jnp.float32)
+        self.amax = QuantAmax(init)
+        if config.format == "nvfp4_static":
+            lead = (self.instances,) + (1,) * (len(shape) - 1) if self.instances else ()
+            self.global_amax = QuantGlobalAmax(jnp.zeros(lead, jnp.float32))
+
+    def amax_shape(self, tensor_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+        """Broadcastable shape of ``amax`` for a tensor of ``tensor_shape``."""
+        cfg = self.config
+        fmt = cfg.format
+        if fmt == "nvfp4_static":
+            if tensor_shape is None:
+                raise ValueError("static-block quantizers need tensor_shape")
+            *lead, k = tensor_shape
+            return (*lead, -(-k // self.block_size))
+        if fmt == "fp8_per_channel":
+            if tensor_shape is None:
+                raise ValueError("per-channel quantizers need tensor_shape")
+            axes = cfg.axis if isinstance(cfg.axis, tuple) else (cfg.axis,)
+            off = 1 if self.instances else 0
+            axes = tuple((a % (len(tensor_shape) - off)) + off for a in axes)
+            keep = set(axes) | ({0} if self.instances else set())
+            return tuple(d if i in keep else 1 for i, d in enumerate(tensor_shape))
+        if self.instances:
+            nd = len(tensor_shape) if tensor_shape is not None else 1
+            return (self.instances,) + (1,) * (nd - 1)
+        return ()
+
+    def set_mode(self, mode: Mode):
+        self.mode = mode
+
+    # ------------------------------------------------------------------ statistics
+    def reduce_amax(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+        """max|x| reduced to ``amax``'s shape (float32), ignoring positions where mask is False."""
+        a = jnp.abs(x.astype(jnp.float32))
+        m = _mask_like(token_mask, a)
+        if m is not None:
+            a = jnp.where(m, a, 0.0)
+        if self.config.format == "nvfp4_static":
+            from jaxquant.numerics import nvfp4
+
+            return nvfp4.block_amax(a, block_size=self.block_size)
+        target = self.amax.value.shape
+        if self.config.format == "fp8_per_channel":
+            axes = tuple(i for i, d in enumerate(target) if d == 1)
+            return jnp.max(a, axis=axes, keepdims=True)
+        if self.instances:
+            return jnp.max(a.reshape(a.shape[0], -1), axis=1).reshape(target)
+        return jnp.max(a)
+
+    def calibrate_weight(self, w: jax.Array):
+        """Max calibration of a weight quantizer: amax from the weight itself (no data)."""
+        if not self.enabled or self.config.fixed_amax is not None:
+            return
+        self.amax.value = self.reduce_amax(w)
+        if self.global_amax is not None:
+            axes = tuple(range(1 if self.instances else 0, self.amax.value.ndim))
+            self.global_amax.value = jnp.max(self.amax.value, axis=axes, keepdims=bool(self.instances))
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None) -> jax.Array:
+        """Apply the quantizer to ``x`` according to ``mode`` (see module docstring)."""
+        if not self.enabled or self.mode == "off":
+            return x
+        if self.mode == "calibrate":
+            if self.config.needs_calibration:
+                self.amax.value = jnp.maximum(self.amax.value, self.reduce_amax(x, token_mask))
+            return x
+        ga = self.global_amax.value if self.global_amax is not None else None
+        return fake_quant_ste(self.config.format, self.block_size, x, self.amax.value, ga)
