@@ -1,0 +1,1 @@
+"""File formats: safetensors read/write (F8-capable, memory-mapped)."""
