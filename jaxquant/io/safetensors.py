@@ -177,7 +177,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for a in arrays:
-            f.write(a.tobytes(order="C"))
+            f.write(a.reshape(-1).view(np.uint8).data)  # zero-copy
 
 
 @dataclasses.dataclass
