@@ -1,0 +1,268 @@
+"""Sparse mixture-of-experts blocks (Mixtral, Qwen3-MoE, Gemma 4) with per-expert quantizers.
+
+Facts this module implements (transformers 5.x, read from ``models/{mixtral,qwen3_moe,gemma4}``; details
+and sources in docs/moe.md):
+
+* Routing: ``probs = softmax(float32(router_logits))``, ``top_k`` of the probabilities, then
+  * Mixtral: always renormalised over the top-k (``w / sum(w)``), weights stay float32;
+  * Qwen3-MoE: renormalised only if ``norm_topk_prob``; weights cast back to the logits' dtype;
+  * Gemma 4: renormalised, then multiplied by the learned ``per_expert_scale[index]``.
+* Expert ``e`` computes ``down_e(act(gate_e(x)) * up_e(x))`` and the block returns
+  ``sum_k w_k * expert_{idx_k}(x)``.
+* Weights are stored stacked per expert in HF's per-expert ``[out, in]`` orientation:
+  ``gate_proj`` and ``up_proj`` ``[E, I, H]`` (HF v5 stores them fused as ``gate_up_proj [E, 2I, H]``,
+  gate first), ``down_proj`` ``[E, H, I]``.
+
+Quantizers: every projection has its own ``TensorQuantizer(instances=E)`` for input, weight and output
+(``gate_proj_input_quantizer``, ``gate_proj_weight_quantizer``, ...), so gate and up keep separate amax
+(ModelOpt unifies them at export for NVFP4). Their ModelOpt names come from :meth:`MoeExperts.quantizer_names`
+(``{e}.gate_proj.weight_quantizer`` for Qwen3-MoE / Gemma 4, ``{e}.w1.weight_quantizer`` for Mixtral, relative
+to the experts module).
+
+Calibration semantics: an expert's input quantizer sees the ``[E, T, H]`` broadcast of the tokens with
+``token_mask[e, t] = routed(t -> e) & not_padding(t)``, so its amax is the max |x| over the real tokens routed to
+that expert (ModelOpt's sequential-experts semantics before ``layer_sync_moe_local_experts_amax``). The
+down-projection input quantizer likewise only sees the routed tokens' intermediate activations.
+
+Compute is "dense": every expert runs on every token and the outputs are combined with the (mostly zero)
+routing weights. It is exact (unrouted contributions are multiplied by an exact 0) but costs ``E / top_k`` times
+the FLOPs of a sparse dispatch and ``E * T * I`` activation memory per layer: fine for tests, calibration of small
+MoEs and correctness work; a grouped (sort + ``jax.lax.ragged_dot``) path is the planned fast path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant.quantizer.tensor_quantizer import TensorQuantizer
+
+# ----------------------------------------------------------------------------------------------- activations
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_python_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function HF calls ``name`` (``hidden_act`` / ``hidden_activation``)."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        from jaxquant.errors import UnsupportedError
+
+        raise UnsupportedError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
+
+
+# ----------------------------------------------------------------------------------------------- routing
+
+
+def route_topk(
+    logits: jax.Array,
+    top_k: int,
+    *,
+    renormalize: bool,
+    weights_dtype=jnp.float32,
+    per_expert_scale: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Transformers' top-k router: softmax in float32, top-k, optional renormalisation.
+
+    Args:
+      logits: ``[N, E]`` router logits (any float dtype).
+      top_k: experts per token.
+      renormalize: divide the top-k probabilities by their sum (Mixtral always; Qwen3-MoE iff
+        ``norm_topk_prob``; Gemma 4 always).
+      weights_dtype: dtype of the returned weights (float32 for Mixtral and Gemma 4, the logits' dtype for
+        Qwen3-MoE).
+      per_expert_scale: optional ``[E]`` multiplier applied after renormalisation (Gemma 4).
+
+    Returns:
+      ``(weights [N, k], index [N, k] int32)``.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, index = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if per_expert_scale is not None:
+        weights = weights * per_expert_scale.astype(jnp.float32)[index]
+    return weights.astype(weights_dtype), index.astype(jnp.int32)
+
+
+def dense_routing(weights: jax.Array, index: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Scatter top-k routing into dense ``[N, E]`` combine weights and a boolean ``[N, E]`` routed mask."""
+    onehot = jax.nn.one_hot(index, num_experts, dtype=weights.dtype)  # [N, k, E]
+    combine = jnp.einsum("nk,nke->ne", weights, onehot)
+    routed = jnp.any(index[..., None] == jnp.arange(num_experts, dtype=index.dtype), axis=1)
+    return combine, routed
+
+
+# ----------------------------------------------------------------------------------------------- experts
+
+#: ModelOpt's per-expert linear names (``get_expert_linear_names``), in (gate, up, down) order.
+EXPERT_NAMES_QWEN = ("gate_proj", "up_proj", "down_proj")  # Qwen2/3-MoE, DeepSeek, Gemma 4
+EXPERT_NAMES_MIXTRAL = ("w1", "w3", "w2")  # Mixtral: w1 = gate, w3 = up, w2 = down
+
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+_ROLES = ("input_quantizer", "weight_quantizer", "output_quantizer")
+
+
+def _is_active(q: TensorQuantizer) -> bool:
+    return q.enabled and q.mode != "off"
+
+
+class MoeExperts(nnx.Module):
+    """``E`` gated-MLP experts stored stacked, with per-expert (``instances=E``) quantizers.
+
+    Params (HF per-expert ``[out, in]`` orientation): ``gate_proj [E, I, H]``, ``up_proj [E, I, H]``,
+    ``down_proj [E, H, I]``.
+
+    Quantizer attributes: ``{gate,up,down}_proj_{input,weight,output}_quantizer``. Their ModelOpt names
+    (relative to this module) are ``{e}.{name}.{role}`` with ``name`` from ``expert_names`` — see
+    :meth:`quantizer_names`.
+    """
+
+    #: ModelOpt class of the immediate parent of each per-expert quantizer (sequential experts are nn.Linear).
+    modelopt_class = "nn.Linear"
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        act: str = "silu",
+        expert_names: Sequence[str] = EXPERT_NAMES_QWEN,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+    ):
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.num_experts = E
+        self.hidden_size = H
+        self.intermediate_size = I
+        self.act_name = act
+        self.expert_names = tuple(expert_names)
+        if len(self.expert_names) != 3:
+            raise ValueError("expert_names must be (gate, up, down) names")
+        init = nnx.initializers.normal(init_std)
+        self.gate_proj = nnx.Param(init(rngs.params(), (E, I, H), dtype))
+        self.up_proj = nnx.Param(init(rngs.params(), (E, I, H), dtype))
+        self.down_proj = nnx.Param(init(rngs.params(), (E, H, I), dtype))
+        for p in _PROJ:
+            for r in _ROLES:
+                setattr(self, f"{p}_{r}", TensorQuantizer(instances=E))
+
+    # ------------------------------------------------------------------ quantizer naming protocol
+    def _split_attr(self, attr_name: str) -> tuple[str, str]:
+        for p in _PROJ:
+            if attr_name.startswith(p + "_"):
+                role = attr_name[len(p) + 1 :]
+                if role in _ROLES:
+                    return p, role
+        raise KeyError(f"{type(self).__name__} has no quantizer attribute {attr_name!r}")
+
+    def quantizer_names(self, attr_name: str) -> list[str]:
+        """ModelOpt names of the ``E`` instances of quantizer ``attr_name``, relative to this module."""
+        proj, role = self._split_attr(attr_name)
+        name = self.expert_names[_PROJ.index(proj)]
+        return [f"{e}.{name}.{role}" for e in range(self.num_experts)]
+
+    def quantizer_tensor_shape(self, attr_name: str) -> tuple[int, ...]:
+        """Shape of the stacked tensor quantizer ``attr_name`` sees (one token for activations)."""
+        proj, role = self._split_attr(attr_name)
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        if role == "weight_quantizer":
+            return (E, H, I) if proj == "down_proj" else (E, I, H)
+        if role == "input_quantizer":
+            return (E, 1, I) if proj == "down_proj" else (E, 1, H)
+        return (E, 1, H) if proj == "down_proj" else (E, 1, I)
+
+    def weight_of(self, attr_name: str) -> nnx.Param:
+        """The stacked weight a ``*_weight_quantizer`` attribute quantizes."""
+        proj, role = self._split_attr(attr_name)
+        if role != "weight_quantizer":
+            raise KeyError(f"{attr_name!r} is not a weight quantizer")
+        return getattr(self, proj)
+
+    def weight_quantizers(self):
+        """``(attr_name, quantizer, stacked weight)`` for the three weight quantizers."""
+        return [(f"{p}_weight_quantizer", getattr(self, f"{p}_weight_quantizer"), getattr(self, p)) for p in _PROJ]
+
+    def calibrate_weights(self):
+        """Max calibration of the weight quantizers from the weights themselves (no data)."""
+        for _, q, w in self.weight_quantizers():
+            q.calibrate_weight(w.value)
+
+    # ------------------------------------------------------------------ forward
+    def _project(self, proj: str, x: jax.Array, x_shared: bool, mask: jax.Array | None) -> jax.Array:
+        """One stacked projection. ``x`` is ``[N, in]`` (shared by all experts) or ``[E, N, in]``."""
+        qin = getattr(self, f"{proj}_input_quantizer")
+        qw = getattr(self, f"{proj}_weight_quantizer")
+        qout = getattr(self, f"{proj}_output_quantizer")
+        w = getattr(self, proj).value
+        if _is_active(qin):
+            if x_shared:
+                x = jnp.broadcast_to(x, (self.num_experts,) + x.shape)
+                x_shared = False
+            x = qin(x, token_mask=mask)
+        w = qw(w)
+        y = jnp.einsum("nh,eoh->eno" if x_shared else "enh,eoh->eno", x, w.astype(x.dtype))
+        if _is_active(qout):
+            y = qout(y, token_mask=mask)
+        return y
+
+    def __call__(
+        self,
+        x: jax.Array,
+        combine: jax.Array,
+        routed: jax.Array,
+        *,
+        token_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Mixture output for flat tokens.
+
+        Args:
+          x: ``[N, H]`` expert inputs.
+          combine: ``[N, E]`` combine weights (0 where not routed).
+          routed: ``[N, E]`` bool, token ``n`` routed to expert ``e``.
+          token_mask: ``[N]`` bool, False at padding (only affects calibration statistics).
+
+        Returns:
+          ``[N, H]`` in ``x``'s dtype.
+        """
+        mask = routed.T  # [E, N]
+        if token_mask is not None:
+            mask = mask & token_mask.astype(bool)[None, :]
+        act = activation(self.act_name)
+        g = self._project("gate_proj", x, True, mask)
+        u = self._project("up_proj", x, True, mask)
+        h = act(g) * u
+        y = self._project("down_proj", h, False, mask)  # [E, N, H]
+        out_dtype = jnp.promote_types(y.dtype, combine.dtype)
+        out = jnp.einsum("enh,ne->nh", y.astype(out_dtype), combine.astype(out_dtype))
+        return out.astype(x.dtype)
+
+    # ------------------------------------------------------------------ loading helpers
+    def load_fused(self, gate_up_proj, down_proj):
+        """Set weights from HF v5 fused tensors ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``."""
+        gate, up = split_gate_up(gate_up_proj)
+        self.gate_proj.value = jnp.asarray(gate, self.gate_proj.value.dtype)
+        self.up_proj.value = jnp.asarray(up, self.up_proj.value.dtype)
+        self.down_proj.value = jnp.asarray(down_proj, self.down_proj.value.dtype)
+
+
+def split_gate_up(gate_up):
+    """Split HF v5 ``gate_up_proj [E, 2I, H]`` into ``(gate [E, I, H], up [E, I, H])`` (gate first)."""
+    two_i = gate_up.shape[1]
+    if two_i % 2:
+        raise ValueError(f"gate_up_proj has an odd middle dimension {gate_up.shape}")
+    return gate_up[:, : two_i // 2], gate_up[:, two_i // 2 :]
