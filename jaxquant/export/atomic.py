@@ -1,0 +1,118 @@
+"""All-or-nothing export directories.
+
+``atomic_directory(target)`` hands out a fresh hidden directory *beside* the target (same file
+system, so the final ``rename`` is atomic), and only when the ``with`` block finishes without an
+exception are the files fsynced and the directory renamed to ``target``. On any exception —
+``KeyboardInterrupt`` (Ctrl-C), ``OSError(ENOSPC)`` (disk full), a bug — the temporary directory is
+removed and ``target`` is left exactly as it was. While it is being written the temporary
+directory also holds the marker file ``INCOMPLETE_MARKER``; jaxquant's loader refuses any
+directory that has it, so even a process killed with SIGKILL (which no code can clean up after)
+leaves nothing that loads as a checkpoint.
+
+A non-empty ``target`` is refused unless ``overwrite=True``; then the old directory is moved aside
+and deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from jaxquant.errors import ExportError
+
+INCOMPLETE_MARKER = ".jaxquant-export-incomplete"
+TMP_INFIX = ".jaxquant-tmp-"
+
+
+def check_target(target: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Validate an export target before any work starts (cheap; call it before calibration).
+
+    Returns the absolute target path. Raises ExportError when the target is a file, is non-empty
+    without ``overwrite``, or its parent cannot be written.
+    """
+    t = Path(target).expanduser().absolute()
+    if t.exists() and not t.is_dir():
+        raise ExportError(f"export target {t} exists and is not a directory. Choose another --export-path.")
+    if t.is_dir() and any(t.iterdir()) and not overwrite:
+        raise ExportError(
+            f"export target {t} is not empty. Pass --overwrite (overwrite=True) to replace it, "
+            "or choose another --export-path."
+        )
+    parent = t.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write the export target {t}: {probe} is not writable.")
+    return t
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Context manager yielding a temporary directory that becomes ``target`` on success.
+
+    Example::
+
+        with atomic_directory("out", overwrite=False) as tmp:
+            write_files(tmp)        # an exception here leaves no trace
+        # "out" now exists, complete
+    """
+    t = check_target(target, overwrite=overwrite)
+    t.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}{TMP_INFIX}", dir=t.parent))
+    old: Path | None = None
+    try:
+        (tmp / INCOMPLETE_MARKER).write_text("jaxquant export in progress; this directory is not a checkpoint\n")
+        yield tmp
+        (tmp / INCOMPLETE_MARKER).unlink()
+        _fsync_tree(tmp)
+        if t.exists():
+            # Re-check: the target may have been filled while we were writing.
+            check_target(t, overwrite=overwrite)
+            old = Path(tempfile.mkdtemp(prefix=f".{t.name}.jaxquant-old-", dir=t.parent))
+            os.rename(t, old / "d")
+        os.rename(tmp, t)
+        _fsync_dir(t.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not t.exists() and (old / "d").exists():
+            os.rename(old / "d", t)  # put the previous export back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_incomplete(directory: str | os.PathLike) -> bool:
+    """True for a directory an interrupted export left behind (a SIGKILLed process)."""
+    d = Path(directory)
+    return (d / INCOMPLETE_MARKER).exists() or TMP_INFIX in d.name
