@@ -1,0 +1,20 @@
+"""Checkpoint converters: HF safetensors directories and GGUF files -> jaxquant models.
+
+``load_hf(dir)`` / ``load_gguf(file)`` return a ``LoadedModel`` (model, config, lazy extra tensors,
+HF config dict, source). ``NameMap`` (names.py) maps NNX paths to HF names and back; export uses
+the same map.
+"""
+
+from jaxquant.converters.hf import LazyTensor, LoadedModel, load_hf, load_tokenizer, materialize
+from jaxquant.converters.names import NameMap, hf_param_names, iter_quantizers
+
+__all__ = [
+    "LazyTensor",
+    "LoadedModel",
+    "NameMap",
+    "hf_param_names",
+    "iter_quantizers",
+    "load_hf",
+    "load_tokenizer",
+    "materialize",
+]

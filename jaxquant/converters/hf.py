@@ -1,0 +1,303 @@
+"""Hugging Face checkpoint directory -> ``ModelConfig`` + Flax NNX model, without torch.
+
+``load_hf(dir)`` reads ``config.json``, opens ``model.safetensors`` (or the shards of
+``model.safetensors.index.json``) memory-mapped, builds the model abstractly (``nnx.eval_shape``,
+no memory) and fills each parameter from its mapped tensor: one tensor at a time is converted to
+the requested dtype and placed with ``jax.device_put``, so the host never holds a second full
+copy of the weights.
+
+Tensors outside the text decoder (vision tower, projector, ...) are not loaded; ``extra_tensors``
+keeps a lazy reference to each (by its transformers-v5 name) so export can write them back
+unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.converters.names import NameMap, dotted
+from jaxquant.errors import CheckpointError
+from jaxquant.io.safetensors import CheckpointFiles, SafetensorsFile
+from jaxquant.models.config import ModelConfig
+from jaxquant.models.decoder import abstract_model
+
+log = logging.getLogger(__name__)
+
+LOADABLE_DTYPES = ("F32", "F16", "BF16", "F64")
+DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16,
+          "float32": jnp.float32, "fp32": jnp.float32}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """``"bf16"`` / ``"float32"`` / ``jnp.bfloat16`` ... -> a jnp dtype (bf16, fp16 or fp32)."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype.lower()])
+    d = jnp.dtype(dtype)
+    if d not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"dtype {d}: models load as bfloat16, float16 or float32")
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor left in its (memory-mapped) file: ``get()`` returns a zero-copy numpy view."""
+
+    file: SafetensorsFile
+    name: str  # name inside the file (may be a legacy name)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.tensor_info(self.name).shape
+
+    @property
+    def dtype(self) -> str:
+        return self.file.tensor_info(self.name).dtype
+
+    def get(self) -> np.ndarray:
+        return self.file.get(self.name)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What a loader returns.
+
+    Attributes:
+      model: the ``CausalLM`` (NNX) with weights in the requested dtype.
+      config: its ``ModelConfig``.
+      extra_tensors: non-text tensors by transformers-v5 name, left lazy (vision tower, projector).
+      hf_config: the ``config.json`` dict (for GGUF: the equivalent dict built from metadata).
+      source_dir: checkpoint directory (for GGUF: the folder holding the file).
+      name_map: NNX path <-> HF name map of this checkpoint.
+      gguf_file: the GGUF file name when loaded from GGUF, else None.
+    """
+
+    model: nnx.Module
+    config: ModelConfig
+    extra_tensors: dict[str, LazyTensor]
+    hf_config: dict[str, Any]
+    source_dir: Path
+    name_map: NameMap
+    gguf_file: str | None = None
+
+    def tokenizer(self):
+        """transformers' ``AutoTokenizer`` for this checkpoint (see ``load_tokenizer``)."""
+        return load_tokenizer(self.source_dir, gguf_file=self.gguf_file)
+
+
+class TensorSource(Protocol):
+    """Where a loader reads HF-named tensors from (safetensors files, a GGUF file)."""
+
+    def has(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> str: ...
+
+    def get(self, name: str) -> np.ndarray: ...
+
+    def where(self, name: str) -> str: ...
+
+
+Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding | None] | None
+
+
+def materialize(
+    config: ModelConfig,
+    source: TensorSource,
+    *,
+    dtype=jnp.bfloat16,
+    name_map: NameMap | None = None,
+    sharding: Sharding = None,
+) -> nnx.Module:
+    """Build ``config``'s model abstractly and fill every parameter from ``source``.
+
+    ``source`` is asked for HF names (after the family's text prefix). Raises ``CheckpointError``
+    naming the file and tensor for a missing tensor, a shape mismatch or an unloadable dtype.
+    """
+    dtype = resolve_dtype(dtype)
+    nm = name_map or NameMap.for_config(config)
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
+    for path, var in nnx.to_flat_state(state):
+        path_s = dotted(path)
+        if not isinstance(var, nnx.Param):
+            raise CheckpointError(f"internal: model has non-parameter state {path_s!r} before loading")
+        expected = tuple(var.get_value().shape)
+        hf = nm.hf_name(path_s)
+        if not source.has(hf):
+            raise CheckpointError(
+                f"{source.where(hf)}: tensor {hf!r} is missing; {config.architecture} with this config.json "
+                "needs it. The checkpoint is incomplete or belongs to another architecture."
+            )
+        shape = tuple(source.shape(hf))
+        if shape != expected:
+            raise CheckpointError(
+                f"{source.where(hf)}: tensor {hf!r} has shape {list(shape)}, but config.json implies "
+                f"{list(expected)}."
+            )
+        tag = source.dtype(hf)
+        if tag not in LOADABLE_DTYPES:
+            raise CheckpointError(
+                f"{source.where(hf)}: tensor {hf!r} has dtype {tag}; jaxquant loads unquantized checkpoints "
+                f"({', '.join(LOADABLE_DTYPES)}). Start from the original (bf16/fp16/fp32) model."
+            )
+        arr = source.get(hf)
+        shd = sharding(path_s, expected) if callable(sharding) else sharding
+        x = jax.device_put(arr, shd) if shd is not None else jax.device_put(arr)
+        if x.dtype != dtype:
+            x = _convert(x, dtype)
+        var.set_value(x)
+        del arr
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _convert(x, dtype):
+    return x.astype(dtype)
+
+
+class SafetensorsSource:
+    """``TensorSource`` over an HF checkpoint directory (legacy names resolved via the name map)."""
+
+    def __init__(self, files: CheckpointFiles, name_map: NameMap):
+        self.files = files
+        self.by_canonical: dict[str, str] = {}
+        for k in files.keys():
+            self.by_canonical.setdefault(name_map.canonical(k), k)
+
+    def _src(self, name: str) -> str:
+        return self.by_canonical.get(name, name)
+
+    def has(self, name):
+        return self._src(name) in self.files
+
+    def shape(self, name):
+        return self.files.tensor_info(self._src(name)).shape
+
+    def dtype(self, name):
+        return self.files.tensor_info(self._src(name)).dtype
+
+    def get(self, name):
+        return self.files.get(self._src(name))
+
+    def where(self, name):
+        src = self._src(name)
+        f = self.files.name_to_file.get(src)
+        return str(f.path) if f is not None else str(self.files.directory)
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path) / "config.json"
+    if not p.is_file():
+        raise CheckpointError(f"{Path(path)}: no config.json; expected a Hugging Face model directory.")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e}).") from None
+
+
+def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding = None) -> LoadedModel:
+    """Load an HF checkpoint directory (``config.json`` + safetensors) as a Flax NNX model.
+
+    Args:
+      path: the directory.
+      dtype: parameter / activation dtype: ``jnp.bfloat16`` (default), ``jnp.float16`` or ``jnp.float32``.
+      sharding: a ``jax.sharding.Sharding`` for every parameter, or ``fn(nnx_path, shape) -> Sharding``.
+
+    Raises:
+      UnsupportedError: unknown architecture (the message lists the supported ones).
+      CheckpointError: missing / truncated shard, missing tensor, shape mismatch, unloadable dtype.
+    """
+    d = Path(path)
+    if d.is_file() and d.suffix == ".gguf":
+        from jaxquant.converters.gguf import load_gguf
+
+        return load_gguf(d, dtype=dtype, sharding=sharding)
+    hf_config = read_hf_config(d)
+    config = ModelConfig.from_hf_config(hf_config, source=str(d / "config.json"))
+    nm = NameMap.for_config(config)
+    files = CheckpointFiles.open(d)
+    source = SafetensorsSource(files, nm)
+    model = materialize(config, source, dtype=dtype, name_map=nm, sharding=sharding)
+    extra = collect_extra_tensors(files, nm, config)
+    return LoadedModel(model, config, extra, hf_config, d, nm)
+
+
+def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConfig) -> dict[str, LazyTensor]:
+    """Checkpoint tensors the text model does not own, keyed by their transformers-v5 name."""
+    extra: dict[str, LazyTensor] = {}
+    unexpected = []
+    for k in files.keys():
+        if nm.is_ignored(k):
+            continue
+        canon = nm.canonical(k)
+        p = nm.nnx_path(canon)
+        if p is None:
+            extra[canon] = LazyTensor(files.name_to_file[k], k)
+        elif p == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied duplicate of the embedding
+        elif not _owned(p, config):
+            unexpected.append(canon)
+            extra[canon] = LazyTensor(files.name_to_file[k], k)
+    if unexpected:
+        raise CheckpointError(
+            f"{files.directory}: {len(unexpected)} tensors under the text decoder are not used by a "
+            f"{config.architecture} with this config.json (first: {unexpected[0]!r}); the weights and "
+            "config.json disagree."
+        )
+    return extra
+
+
+_OWNED_CACHE: dict[ModelConfig, frozenset[str]] = {}
+
+
+def _owned(nnx_path: str, config: ModelConfig) -> bool:
+    owned = _OWNED_CACHE.get(config)
+    if owned is None:
+        from jaxquant.converters.names import param_paths
+
+        owned = frozenset(param_paths(abstract_model(config, dtype=jnp.float32)))
+        _OWNED_CACHE[config] = owned
+    return nnx_path in owned
+
+
+def load_tokenizer(path: str | os.PathLike, *, gguf_file: str | None = None):
+    """``transformers.AutoTokenizer`` from a checkpoint directory, or from a GGUF file.
+
+    ``path`` may be the ``.gguf`` file itself. GGUF tokenizers are built from the file's metadata
+    (transformers' converter; no torch needed).
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        p, gguf_file = p.parent, p.name
+    if gguf_file is not None:
+        from jaxquant.converters.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(p / gguf_file)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p))
+
+
+def model_state_dict(loaded: LoadedModel, *, include_extra: bool = False) -> Mapping[str, Any]:
+    """``{HF name: array}`` of the model's parameters (plus the lazy extras when asked)."""
+    out: dict[str, Any] = {}
+    for path, var in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)):
+        out[loaded.name_map.hf_name(path)] = var.get_value()
+    if include_extra:
+        for k, t in loaded.extra_tensors.items():
+            out[k] = t
+    return out
