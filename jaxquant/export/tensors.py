@@ -1,0 +1,221 @@
+"""The tensors a ModelOpt unified checkpoint stores per quantized linear, computed on the host.
+
+These are ModelOpt 0.47's *export* formulas (``export/quant_utils.py::to_quantized_weight``,
+``qtensor/nvfp4_tensor.py``; spec modelopt.md §2.5, §5.2), reproduced operation by operation in
+numpy float32 so that every byte matches what ``export_hf_checkpoint`` writes for the same weight
+and amax (tested against nvidia-modelopt on CPU). They run in numpy on purpose: IEEE float32
+division on the host gives the same bytes whatever accelerator the model lives on (TPU division is
+not correctly rounded).
+
+=====================  ===============================  =============================================
+format                 tensors                          formula
+=====================  ===============================  =============================================
+FP8 (per tensor)       ``weight`` F8_E4M3 [out, in]     ``e4m3(dtype(w / weight_scale))``, no clamp
+                       ``weight_scale`` F32 []          ``amax / 448``
+FP8 per channel        ``weight`` F8_E4M3, ``weight_scale`` F32 [out] = ``amax[out] / 448``
+NVFP4 (W4A4, W4A16)    ``weight`` U8 [out, in/2]        E2M1 codes of ``w / (weight_scale * weight_scale_2)``,
+                                                        even element in the low nibble
+                       ``weight_scale`` F8_E4M3         ``e4m3(clamp(block_amax / (6 * weight_scale_2), 2^-9, 448))``,
+                       [out, in/16]                     a zero block -> 1.0
+                       ``weight_scale_2`` F32 []        ``amax / 2688``
+activations            ``input_scale`` F32 []           FP8 ``amax / 448``; NVFP4 ``amax / 2688``
+KV cache               ``k_scale`` / ``v_scale`` F32 [] ``amax / 448`` (FP8 and NVFP4 KV alike)
+=====================  ===============================  =============================================
+
+``dtype`` in the FP8 row: ModelOpt divides in the export dtype (``weight.to(dtype) / scale``), so a
+bfloat16 model's quotient is rounded to bfloat16 before the cast to E4M3 (double rounding; a
+float32 model rounds once). ``fp8_weight(..., compute_dtype=)`` reproduces both.
+
+Zero and non-finite amax (a documented deviation where ModelOpt writes NaN or fails):
+
+* NaN / Inf in a weight or amax raises ``NonFiniteError`` naming the tensor.
+* A zero per-tensor amax (an all-zero weight, a layer calibration never reached) is replaced by the
+  format's maxbound — 448 for FP8, 6 for NVFP4 — exactly what ModelOpt's ``export_amax`` already
+  does for activation quantizers. Scales are therefore never 0 or NaN (ModelOpt itself would write
+  ``weight_scale = 0`` and NaN weights for an all-zero FP8 weight, and NaN block scales for an
+  all-zero NVFP4 weight, spec §2.5). KV amax 0 likewise gives ``k_scale = 1``.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from jaxquant.errors import ExportError, NonFiniteError
+
+E4M3_MAX = np.float32(448.0)
+E2M1_MAX = np.float32(6.0)
+NVFP4_GLOBAL = np.float32(6.0 * 448.0)  # 2688
+SCALE_MIN = np.float32(2.0**-9)
+F8 = np.dtype(ml_dtypes.float8_e4m3fn)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+_E2M1_BOUNDS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def _f32(x) -> np.ndarray:
+    a = np.asarray(x)
+    return a.astype(np.float32) if a.dtype != np.float32 else a
+
+
+def check_finite(x, what: str) -> None:
+    """Raise NonFiniteError naming ``what`` if ``x`` holds NaN or Inf."""
+    a = np.asarray(x)
+    if a.dtype.kind == "f" or a.dtype in (BF16, F8):
+        bad = ~np.isfinite(a.astype(np.float32) if a.dtype in (BF16, F8) else a)
+        n = int(bad.sum())
+        if n:
+            raise NonFiniteError(
+                f"{what}: {n} of {a.size} values are NaN or Inf; a quantized checkpoint cannot be exported. "
+                "Check the source weights / calibration data of this layer."
+            )
+
+
+def safe_amax(amax, maxbound: float, what: str) -> np.ndarray:
+    """float32 amax with zeros replaced by ``maxbound`` (ModelOpt ``_sanitize_export_amax``)."""
+    a = _f32(amax)
+    check_finite(a, what)
+    if np.any(a < 0):
+        raise ExportError(f"{what}: negative amax {a.min()}; amax must be max|x| >= 0.")
+    return np.where(a == 0, np.float32(maxbound), a).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- FP8
+def fp8_weight(w, amax, *, compute_dtype=None, what: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """FP8 per-tensor (0-d amax) or per-channel (``[out]`` / ``[out, 1]`` amax) export.
+
+    Args:
+      w: ``[..., out, in]`` weight (any float dtype; 3-D for stacked experts with ``[E]`` amax).
+      amax: per-tensor (scalar, or ``[E]`` with 3-D ``w``) or per-channel amax.
+      compute_dtype: dtype in which ``w / scale`` is rounded before the E4M3 cast (ModelOpt: the
+        export dtype); defaults to ``w``'s dtype.
+
+    Returns:
+      ``(weight float8_e4m3fn, weight_scale float32)`` with ``weight_scale = amax / 448``.
+    """
+    check_finite(w, what)
+    w_np = np.asarray(w)
+    compute_dtype = np.dtype(compute_dtype) if compute_dtype is not None else w_np.dtype
+    scale = safe_amax(amax, 448.0, what + " amax") / E4M3_MAX
+    s = scale
+    if s.ndim == 1 and w_np.ndim == 3 and s.shape[0] == w_np.shape[0]:  # stacked experts, per-tensor
+        s = s[:, None, None]
+    elif s.ndim == 1:  # per channel
+        s = s[:, None]
+    q = _f32(w_np) / s
+    if compute_dtype != np.float32:
+        q = q.astype(compute_dtype)
+    return q.astype(F8), scale
+
+
+def fp8_dequantize(q, scale, dtype=np.float32) -> np.ndarray:
+    """``q * scale`` (ModelOpt ``from_quantized_weight``; per-channel scale broadcast over rows)."""
+    s = _f32(scale)
+    if s.ndim == 1:
+        s = s[:, None]
+    return (np.asarray(q).astype(np.float32) * s).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- NVFP4
+def e2m1_codes(x: np.ndarray) -> np.ndarray:
+    """4-bit E2M1 codes (uint8, sign in bit 3) of float32 ``x``, ModelOpt ``_cast_fp4``:
+    round to nearest, ties to the even code; saturates at 6; tiny negatives -> 8 (-0)."""
+    sign = (x < 0).astype(np.uint8)
+    a = np.abs(x)
+    order = np.searchsorted(_E2M1_BOUNDS, a, side="left").astype(np.uint8)
+    tie_up = ((a == np.float32(0.75)) | (a == np.float32(1.75)) | (a == np.float32(3.5))).astype(np.uint8)
+    return (sign << 3) + order + tie_up
+
+
+def pack_e2m1(codes: np.ndarray) -> np.ndarray:
+    """Two codes per byte along the last axis: element 2j in the low nibble, 2j+1 in the high."""
+    return ((codes[..., 1::2] << 4) | codes[..., 0::2]).astype(np.uint8)
+
+
+def unpack_e2m1(packed: np.ndarray) -> np.ndarray:
+    p = np.asarray(packed, np.uint8)
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def _block_amax(w32: np.ndarray, block: int) -> np.ndarray:
+    return np.max(np.abs(w32.reshape(*w32.shape[:-1], -1, block)), axis=-1)
+
+
+def nvfp4_weight(
+    w,
+    amax,
+    *,
+    block_size: int = 16,
+    block_amax=None,
+    what: str = "weight",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NVFP4 export of ``w [..., out, in]``.
+
+    Args:
+      amax: per-tensor amax (the global amax; ``[E]`` for stacked experts ``[E, out, in]``).
+      block_size: 16 for NVFP4.
+      block_amax: per-block amax ``[..., out, in/16]`` of a static-block quantizer
+        (``nvfp4_static``); None for the default dynamic blocks (computed from ``w``).
+
+    Returns:
+      ``(packed uint8 [..., out, in/2], weight_scale float8_e4m3fn [..., out, in/16],
+      weight_scale_2 float32 [] or [E])``.
+    """
+    check_finite(w, what)
+    w32 = _f32(w)
+    if w32.shape[-1] % block_size:
+        raise ExportError(
+            f"{what}: input dimension {w32.shape[-1]} is not a multiple of the NVFP4 block size {block_size}; "
+            "exclude this layer from NVFP4 in the recipe."
+        )
+    gamax = safe_amax(amax, 6.0, what + " amax")
+    wsf2 = gamax / NVFP4_GLOBAL
+    # stacked experts: [E] -> [E, 1, 1] against the [E, out, in/16] block scales
+    wsf2_b = wsf2.reshape((-1,) + (1,) * (w32.ndim - 1)) if wsf2.ndim else wsf2
+    if block_amax is None:
+        pba = _block_amax(w32, block_size)
+        per_block = pba / (E2M1_MAX * wsf2_b)
+        per_block = np.where(per_block == 0, np.float32(1.0), per_block).astype(np.float32)
+    else:
+        pba = _f32(block_amax).reshape(*w32.shape[:-1], -1)
+        check_finite(pba, what + " block amax")
+        per_block = pba / E2M1_MAX
+        per_block = np.where(per_block == 0, np.float32(1.0), per_block).astype(np.float32)
+        per_block_max = gamax / E2M1_MAX
+        if per_block_max.ndim:
+            per_block_max = per_block_max.reshape((-1,) + (1,) * (w32.ndim - 1))
+        per_block = (per_block * E4M3_MAX) / per_block_max
+    scale = np.clip(per_block, SCALE_MIN, E4M3_MAX).astype(F8)
+    denom = scale.astype(np.float32) * wsf2_b
+    scaled = w32.reshape(*w32.shape[:-1], -1, block_size) / denom[..., None]
+    codes = e2m1_codes(scaled.reshape(w32.shape))
+    return pack_e2m1(codes), scale, wsf2
+
+
+def nvfp4_dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32, block_size: int = 16) -> np.ndarray:
+    """``e2m1 * (weight_scale * weight_scale_2)`` per block (ModelOpt ``NVFP4QTensor.dequantize``)."""
+    vals = E2M1_VALUES[unpack_e2m1(packed)]
+    s = np.asarray(weight_scale).astype(np.float32)
+    s2 = _f32(weight_scale_2)
+    if s2.ndim:
+        s2 = s2.reshape((-1,) + (1,) * (s.ndim - 1))
+    per_block = s * s2
+    out = vals.reshape(*vals.shape[:-1], -1, block_size) * per_block[..., None]
+    return out.reshape(vals.shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- activations / KV
+def fp8_input_scale(amax, what: str = "input amax") -> np.ndarray:
+    return (safe_amax(amax, 448.0, what) / E4M3_MAX).astype(np.float32)
+
+
+def nvfp4_input_scale(amax, what: str = "input amax") -> np.ndarray:
+    return (safe_amax(amax, 6.0, what) / NVFP4_GLOBAL).astype(np.float32)
+
+
+def kv_scale(amax, what: str = "kv amax") -> np.ndarray:
+    """``k_scale`` / ``v_scale`` = amax / 448 for FP8 and NVFP4 KV caches."""
+    return (safe_amax(amax, 448.0, what) / E4M3_MAX).astype(np.float32)
