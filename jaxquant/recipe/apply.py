@@ -1,0 +1,182 @@
+"""Apply a recipe to an NNX model: configure every ``TensorQuantizer`` in it.
+
+Names: a quantizer's name is its dotted NNX path with list indices as plain numbers
+(``model.layers.3.self_attn.q_proj.input_quantizer``), which is ModelOpt's name for the same
+site when the model mirrors the HF module tree. The parent class a ``parent_class`` rule sees is
+``parent.modelopt_class`` when the owning module defines it (our Linear says ``"nn.Linear"``,
+embeddings ``"nn.Embedding"``), else the Python class name.
+
+Protocol for stacked modules (MoE experts stored as one ``[E, ...]`` tensor). The owning module
+may define:
+
+* ``quantizer_names(attr_name) -> list[str] | None``: the ModelOpt names of the instances behind
+  the quantizer attribute ``attr_name``, relative to the module's path, one per instance
+  (``["experts.0.gate_proj.weight_quantizer", ...]``). Every instance is resolved, and they must
+  all resolve to the same config (a stacked quantizer has one format); the report lists them
+  per instance.
+* ``quantizer_tensor_shape(attr_name) -> tuple | None``: the shape of the tensor the quantizer
+  sees (for per-channel / static-block amax). Without it a ``weight_quantizer`` uses
+  ``parent.weight``'s shape when there is one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxquant.errors import RecipeError, UnsupportedError
+from jaxquant.quantizer.config import SUPPORTED_FORMATS
+from jaxquant.quantizer.tensor_quantizer import TensorQuantizer
+from jaxquant.recipe.matcher import (
+    QuantizerSite,
+    Resolution,
+    _as_rules,
+    format_name,
+    resolve,
+    warn_unmatched,
+)
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def parent_class_of(module: Any) -> str:
+    """The class name ``parent_class`` rules compare against."""
+    return getattr(module, "modelopt_class", None) or type(module).__name__
+
+
+def find_quantizers(model: Any) -> list[tuple[str, TensorQuantizer, Any, str, str]]:
+    """``(path, quantizer, parent module, parent path, attribute name)`` for every
+    ``TensorQuantizer``, in natural path order. The parent is the nearest enclosing module; the
+    attribute name is the quantizer's path below it (``"weight_quantizer"``)."""
+    from flax import nnx
+
+    modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
+    out = []
+    for path, m in modules.items():
+        if not isinstance(m, TensorQuantizer):
+            continue
+        if not path:
+            raise RecipeError("the model itself is a TensorQuantizer; pass the model that owns it")
+        k = len(path) - 1
+        while k > 0 and (path[:k] not in modules or isinstance(modules[path[:k]], TensorQuantizer)):
+            k -= 1
+        parent = modules[path[:k]]
+        out.append((_path_str(path), m, parent, _path_str(path[:k]), _path_str(path[k:])))
+    out.sort(key=lambda t: _natural_key(t[0]))
+    return out
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def _tensor_shape(parent: Any, attr: str) -> tuple | None:
+    fn = getattr(parent, "quantizer_tensor_shape", None)
+    if callable(fn):
+        shape = fn(attr)
+        return tuple(shape) if shape is not None else None
+    if attr == "weight_quantizer":
+        w = getattr(parent, "weight", None)
+        if w is not None:
+            shape = getattr(getattr(w, "value", w), "shape", None)
+            if shape is not None:
+                return tuple(shape)
+    return None
+
+
+def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False,
+                 warn: bool = True) -> Resolution:
+    """Resolve ``recipe`` on ``model``'s quantizers and configure each of them.
+
+    Args:
+      model: an NNX module tree holding ``TensorQuantizer`` modules.
+      recipe: a ``Recipe``, a recipe name / path, or a ModelOpt-style config dict.
+      strict: True: a rule that enables or configures quantizers but matches none is a
+        ``RecipeError``; ``"all"``: any unmatched rule is (exclusions for modules this model
+        lacks included); False: unmatched enabling rules only warn.
+      warn: emit a warning for unmatched enabling rules when not strict.
+
+    Returns:
+      The ``Resolution`` (``report()`` prints the quantizer -> format table). ``quantizers`` maps
+      each ``TensorQuantizer``'s path to its config.
+
+    Raises:
+      UnsupportedError: an enabled quantizer resolves to a format jaxquant does not implement
+        (the message names it), or the instances of a stacked quantizer resolve differently.
+      RecipeError: unmatched rules under ``strict``.
+    """
+    rules, rec = _as_rules(recipe)
+    found = find_quantizers(model)
+    if not found:
+        raise RecipeError("the model has no TensorQuantizer modules to configure")
+
+    sites: list[QuantizerSite] = []
+    groups: dict[str, tuple[str, ...]] = {}
+    for path, _q, parent, base, attr in found:
+        cls = parent_class_of(parent)
+        names_fn = getattr(parent, "quantizer_names", None)
+        inst = names_fn(attr) if callable(names_fn) else None
+        if inst:
+            full = tuple(f"{base}.{n}" if base else n for n in inst)
+            groups[path] = full
+            sites.extend(QuantizerSite(n, cls) for n in full)
+        else:
+            sites.append(QuantizerSite(path, cls))
+    res = resolve(rules, sites)
+    res.recipe = rec
+
+    per_quantizer: dict[str, Any] = {}
+    for path, *_ in found:
+        if path in groups:
+            cfgs = {n: res.configs[n] for n in groups[path]}
+            distinct = set(cfgs.values())
+            if len(distinct) > 1:
+                by_fmt: dict[str, list[str]] = {}
+                for n, c in cfgs.items():
+                    by_fmt.setdefault(format_name(c) or "disabled", []).append(n)
+                detail = "; ".join(f"{f}: {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"
+                                   for f, ns in by_fmt.items())
+                if len(by_fmt) == 1:
+                    detail += " (same format, different attributes)"
+                raise UnsupportedError(
+                    f"quantizer {path} holds {len(cfgs)} stacked instances, and the recipe gives "
+                    f"them different configs ({detail}); jaxquant quantizes stacked experts with "
+                    "one config"
+                )
+            per_quantizer[path] = next(iter(distinct))
+        else:
+            per_quantizer[path] = res.configs[path]
+    res.quantizers = per_quantizer
+    res.instances = groups
+
+    bad = []
+    for path, cfg in per_quantizer.items():
+        if cfg is None:
+            continue
+        if isinstance(cfg, tuple):
+            bad.append(f"{path}: a sequential quantizer ({format_name(cfg)})")
+        elif cfg.unsupported_reason is not None:
+            bad.append(f"{path}: {cfg.unsupported_reason}")
+    if bad:
+        more = f"\n  ... and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise UnsupportedError(
+            f"{len(bad)} quantizer(s) resolve to something jaxquant does not support yet:\n  - "
+            + "\n  - ".join(bad[:8]) + more
+            + f"\nSupported formats: {', '.join(SUPPORTED_FORMATS)}."
+        )
+
+    res.check_unmatched(strict)
+    if warn and not strict:
+        warn_unmatched(res)
+
+    for path, q, parent, _base, attr in found:
+        cfg = per_quantizer[path]
+        shape = _tensor_shape(parent, attr) if cfg is not None else None
+        try:
+            q.configure(cfg, tensor_shape=shape)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"quantizer {path}: {e}") from None
+        except ValueError as e:
+            raise UnsupportedError(f"quantizer {path} ({format_name(cfg)}): {e}") from None
+    return res
