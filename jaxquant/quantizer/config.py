@@ -156,7 +156,8 @@ class QuantizerConfig:
     pass_through_bwd: bool = True
     use_constant_amax: bool = False
     constant_amax: float | None = None
-    effective_bits: float | None = None
+    # AutoQuantize's cost per element; no effect on the numerics, so it is left out of ==/hash.
+    effective_bits: float | None = dataclasses.field(default=None, compare=False)
     # Accepted for schema compatibility; jaxquant does not implement them (yet): a config that
     # sets them reports an ``unsupported_reason``.
     bias: Any = None
@@ -473,6 +474,11 @@ def _loc(where: str) -> str:
 
 def _sub(where: str, key: Any) -> str:
     """Key path of ``key`` under ``where`` (``"f.yaml: "`` is a file root: no dot)."""
+    if isinstance(key, int) and not isinstance(key, bool) and not str(key).startswith("-"):
+        return f"{where}[{key}]"
+    key = str(key)
+    if not re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$-]*|-?\d+", key):
+        return f"{where}[{key!r}]"
     if not where or where.endswith(": "):
         return f"{where}{key}"
     return f"{where}.{key}"

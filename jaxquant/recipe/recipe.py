@@ -17,6 +17,7 @@ full recipe mapping with ``metadata`` / ``quantize``). ``load_recipe`` (``loader
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -250,8 +251,11 @@ def loc(where: str) -> str:
 def child_where(where: str, key: Any) -> str:
     """``"f.yaml: quantize"`` + ``"algorithm"`` -> ``"f.yaml: quantize.algorithm"``; an int key
     gives ``[i]``; the root (``"f.yaml: "``) takes the key without a dot."""
-    if isinstance(key, int):
+    if isinstance(key, int) and not isinstance(key, bool) and not str(key).startswith("-"):
         return f"{where}[{key}]"
+    key = str(key)
+    if not re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$-]*|-?\d+", key):
+        return f"{where}[{key!r}]"
     if not where or where.endswith(": "):
         return f"{where}{key}"
     return f"{where}.{key}"
