@@ -95,8 +95,8 @@ class TensorQuantizer(nnx.Module):
         self.config: QuantizerConfig | None = None
         self.mode: Mode = "off"
         self.instances = instances
-        self.amax: QuantAmax | None = None
-        self.global_amax: QuantGlobalAmax | None = None
+        self.amax: QuantAmax | None = nnx.data(None)  # data: set to a QuantAmax by configure()
+        self.global_amax: QuantGlobalAmax | None = nnx.data(None)
 
     # ------------------------------------------------------------------ configuration
     @property
