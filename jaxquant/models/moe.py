@@ -32,35 +32,27 @@ MoEs and correctness work; a grouped (sort + ``jax.lax.ragged_dot``) path is the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.errors import UnsupportedError
 from jaxquant.quantizer.tensor_quantizer import TensorQuantizer
 
 # ----------------------------------------------------------------------------------------------- activations
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_python_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     """The activation function HF calls ``name`` (``hidden_act`` / ``hidden_activation``)."""
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        from jaxquant.errors import UnsupportedError
+    from jaxquant.models.layers import ACTIVATIONS
 
-        raise UnsupportedError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") from None
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise UnsupportedError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}") from None
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -266,3 +258,270 @@ def split_gate_up(gate_up):
     if two_i % 2:
         raise ValueError(f"gate_up_proj has an odd middle dimension {gate_up.shape}")
     return gate_up[:, : two_i // 2], gate_up[:, two_i // 2 :]
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+
+
+class SparseMoeBlock(nnx.Module):
+    """Mixtral / Qwen3-MoE sparse block: router ``gate`` (a quantizer-bearing ``Linear`` H -> E) + ``experts``.
+
+    Sits at ``mlp`` (Qwen3-MoE) or ``block_sparse_moe`` (Mixtral) of a decoder layer; built from
+    ``ModelConfig`` (``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``, ``norm_topk_prob``).
+    The router's quantizers exist so that recipes' router exclusions (``*mlp.gate.*``,
+    ``*block_sparse_moe.gate*``) apply exactly as in ModelOpt.
+    """
+
+    def __init__(self, config, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        from jaxquant.models.layers import Linear
+
+        c = config
+        if c.num_experts <= 0 or c.num_experts_per_tok <= 0:
+            raise UnsupportedError(f"{c.architecture}: layer {layer_idx} is sparse but the config has no experts.")
+        mixtral = c.family == "mixtral"
+        self.num_experts = c.num_experts
+        self.top_k = c.num_experts_per_tok
+        # Mixtral always renormalises and keeps float32 weights; Qwen3-MoE renormalises iff norm_topk_prob
+        # and casts the weights to the logits' dtype.
+        self.renormalize = True if mixtral else bool(c.norm_topk_prob)
+        self.weights_in_logits_dtype = not mixtral
+        self.gate = Linear(c.hidden_size, c.num_experts, use_bias=False, dtype=dtype, rngs=rngs)
+        self.experts = MoeExperts(
+            c.num_experts,
+            c.hidden_size,
+            c.moe_intermediate_size or c.intermediate_size,
+            act=c.hidden_act,
+            expert_names=EXPERT_NAMES_MIXTRAL if mixtral else EXPERT_NAMES_QWEN,
+            dtype=dtype,
+            rngs=rngs if rngs is not None else nnx.Rngs(0),
+        )
+
+    def route(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(weights [N, k], index [N, k])`` for flat tokens ``x [N, H]``."""
+        logits = self.gate(x, token_mask=token_mask)
+        return route_topk(
+            logits,
+            self.top_k,
+            renormalize=self.renormalize,
+            weights_dtype=logits.dtype if self.weights_in_logits_dtype else jnp.float32,
+        )
+
+    def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None) -> jax.Array:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        tm = None if token_mask is None else token_mask.reshape(-1)
+        weights, index = self.route(xf, tm)
+        combine, routed = dense_routing(weights, index, self.num_experts)
+        return self.experts(xf, combine, routed, token_mask=tm).reshape(shape)
+
+
+def _mixtral_layer_base():
+    from jaxquant.models.decoder import DecoderLayer
+
+    return DecoderLayer
+
+
+class MixtralDecoderLayer(_mixtral_layer_base()):
+    """The shared decoder layer with its MLP stored at ``block_sparse_moe`` (hub / ModelOpt name).
+
+    ``mlp`` stays an alias, so the shared forward is unchanged; only ``block_sparse_moe`` is in the NNX
+    tree (quantizer names ``model.layers.L.block_sparse_moe.experts.{e}.w1.weight_quantizer``).
+    """
+
+    @property
+    def mlp(self):
+        return self.block_sparse_moe
+
+    @mlp.setter
+    def mlp(self, value):
+        self.block_sparse_moe = value
+
+
+# ----------------------------------------------------------------------------------------------- config hooks
+
+
+def _num_experts(t) -> int:
+    v = t.get("num_experts")
+    if v is None:
+        v = t.get("num_local_experts")
+    return int(v or 0)
+
+
+def mixtral_config_hook(t, fields):
+    """``ModelConfig`` fields of ``MixtralForCausalLM`` (every layer sparse, experts of ``intermediate_size``)."""
+    n = fields["num_hidden_layers"]
+    fields.update(
+        num_experts=_num_experts(t),
+        num_experts_per_tok=int(t.get("num_experts_per_tok") or 2),
+        moe_intermediate_size=int(t["intermediate_size"]),
+        norm_topk_prob=True,
+        mlp_kinds=("moe",) * n,
+    )
+
+
+def qwen3_moe_config_hook(t, fields):
+    """``ModelConfig`` fields of ``Qwen3MoeForCausalLM``.
+
+    Layer ``L`` is sparse iff ``L not in mlp_only_layers and num_experts > 0 and (L + 1) % decoder_sparse_step == 0``
+    (else a dense MLP of ``intermediate_size``). ``sliding_window`` applies to every layer when
+    ``use_sliding_window`` (``Qwen3MoeAttention`` has no ``max_window_layers``).
+    """
+    n = fields["num_hidden_layers"]
+    e = _num_experts(t)
+    step = int(t.get("decoder_sparse_step") or 1)
+    only = set(t.get("mlp_only_layers") or [])
+    kinds = tuple("moe" if (i not in only and e > 0 and (i + 1) % step == 0) else "dense" for i in range(n))
+    fields.update(
+        num_experts=e,
+        num_experts_per_tok=int(t.get("num_experts_per_tok") or 8),
+        moe_intermediate_size=int(t.get("moe_intermediate_size") or 768),
+        norm_topk_prob=bool(t.get("norm_topk_prob", False)),
+        mlp_kinds=kinds,
+    )
+    if t.get("use_sliding_window") and t.get("sliding_window") is not None:
+        from jaxquant.models.config import SLIDING
+
+        fields["layer_types"] = (SLIDING,) * n
+        fields["sliding_window"] = int(t["sliding_window"])
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+#
+# jaxquant's NNX layout stores each expert projection stacked (``<P>.experts.gate_proj [E, I, H]``). Checkpoints
+# carry either the transformers-5 fused tensors (``<P>.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)
+# or the hub's per-expert tensors (``<P>.experts.{e}.gate_proj.weight`` / Mixtral ``w1/w3/w2``); Mixtral's v5 names
+# also say ``mlp`` where the hub and jaxquant say ``block_sparse_moe``. ``MoeTensorSource`` presents a checkpoint
+# in the NNX layout to the loader; ``hf_expert_tensors`` is the reverse map for export.
+
+_EXPERT_PARAM = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_CKPT_EXPERT = re.compile(
+    r"\.experts\.(?:\d+\.(?:gate_proj|up_proj|down_proj|w1|w2|w3)\.weight|gate_up_proj|down_proj)$"
+)
+
+
+def expert_names_for(config) -> tuple[str, str, str]:
+    """ModelOpt / hub per-expert linear names of ``config``'s family, in (gate, up, down) order."""
+    return EXPERT_NAMES_MIXTRAL if config.family == "mixtral" else EXPERT_NAMES_QWEN
+
+
+def _mixtral_alternatives(name: str) -> list[str]:
+    """Mixtral names under the hub's ``block_sparse_moe`` and transformers-5's ``mlp``."""
+    out = [name]
+    if ".block_sparse_moe." in name:
+        out.append(name.replace(".block_sparse_moe.", ".mlp."))
+    return out
+
+
+class MoeTensorSource:
+    """``TensorSource`` (see ``converters/hf.py``) that serves jaxquant's stacked expert params from a checkpoint.
+
+    A requested ``<P>.experts.{gate,up,down}_proj`` is taken, in order, from the tensor of that very name (v5
+    ``down_proj``), from the v5 fused ``<P>.experts.gate_up_proj`` (gate = first half of axis 1), or by stacking the
+    per-expert ``<P>.experts.{e}.<name>.weight``. Everything else passes through (Mixtral also tries ``mlp`` for
+    ``block_sparse_moe``).
+    """
+
+    def __init__(self, config, base):
+        self.base = base
+        self.num_experts = config.num_experts
+        self.names = expert_names_for(config)
+        self.mixtral = config.family == "mixtral"
+        self._plans: dict[str, tuple] = {}
+
+    def _plan(self, name: str):
+        if name in self._plans:
+            return self._plans[name]
+        plan = None
+        candidates = _mixtral_alternatives(name) if self.mixtral else [name]
+        for cand in candidates:
+            if self.base.has(cand):
+                plan = ("direct", cand)
+                break
+            m = _EXPERT_PARAM.match(cand)
+            if m is None:
+                continue
+            prefix, proj = m["prefix"], m["proj"]
+            if proj in ("gate_proj", "up_proj") and self.base.has(prefix + ".gate_up_proj"):
+                plan = ("half", prefix + ".gate_up_proj", 0 if proj == "gate_proj" else 1)
+                break
+            ename = self.names[_PROJ.index(proj)]
+            parts = [f"{prefix}.{e}.{ename}.weight" for e in range(self.num_experts)]
+            if self.num_experts and all(self.base.has(p) for p in parts):
+                plan = ("stack", parts)
+                break
+        self._plans[name] = plan
+        return plan
+
+    def has(self, name):
+        return self._plan(name) is not None
+
+    def shape(self, name):
+        plan = self._plan(name)
+        if plan[0] == "direct":
+            return tuple(self.base.shape(plan[1]))
+        if plan[0] == "half":
+            e, two_i, h = self.base.shape(plan[1])
+            return (e, two_i // 2, h)
+        shapes = {tuple(self.base.shape(p)) for p in plan[1]}
+        if len(shapes) != 1:
+            from jaxquant.errors import CheckpointError
+
+            raise CheckpointError(f"{self.base.where(plan[1][0])}: experts of {name!r} have different shapes {shapes}")
+        return (len(plan[1]),) + shapes.pop()
+
+    def dtype(self, name):
+        plan = self._plan(name)
+        if plan[0] == "stack":
+            tags = {self.base.dtype(p) for p in plan[1]}
+            return tags.pop() if len(tags) == 1 else "mixed:" + ",".join(sorted(tags))
+        return self.base.dtype(plan[1])
+
+    def get(self, name):
+        import numpy as np
+
+        plan = self._plan(name)
+        if plan[0] == "direct":
+            return self.base.get(plan[1])
+        if plan[0] == "half":
+            gate, up = split_gate_up(self.base.get(plan[1]))
+            return gate if plan[2] == 0 else up
+        return np.stack([self.base.get(p) for p in plan[1]])
+
+    def where(self, name):
+        plan = self._plan(name)
+        if plan is None:
+            return self.base.where(name)
+        return self.base.where(plan[1] if plan[0] != "stack" else plan[1][0])
+
+    def consumes(self, hf_name: str) -> bool:
+        """Whether a checkpoint tensor feeds the model through this view (per-expert / fused / renamed)."""
+        if _CKPT_EXPERT.search(hf_name):
+            return True
+        return self.mixtral and bool(re.search(r"\.mlp\.gate\.weight$", hf_name))
+
+
+def moe_tensor_source(config, base):
+    """Family ``tensor_adapter`` hook: wrap a checkpoint ``TensorSource`` for the MoE families."""
+    return MoeTensorSource(config, base)
+
+
+def hf_expert_tensors(config, hf_param_name: str, value):
+    """Checkpoint tensors for one stacked expert param (the reverse of ``MoeTensorSource``).
+
+    ``<P>.experts.gate_proj [E, I, H]`` becomes ``[(<P>.experts.{e}.gate_proj.weight, value[e]), ...]``
+    (``w1/w3/w2`` for Mixtral): the hub's and ModelOpt's per-expert export layout. Non-expert names return
+    ``[(name, value)]``. ``fuse_gate_up`` builds the transformers-5 fused tensor instead.
+    """
+    m = _EXPERT_PARAM.match(hf_param_name)
+    if m is None:
+        return [(hf_param_name, value)]
+    prefix, proj = m["prefix"], m["proj"]
+    ename = expert_names_for(config)[_PROJ.index(proj)]
+    return [(f"{prefix}.{e}.{ename}.weight", value[e]) for e in range(value.shape[0])]
+
+
+def fuse_gate_up(gate, up):
+    """``gate [E, I, H]``, ``up [E, I, H]`` -> transformers-5 ``gate_up_proj [E, 2I, H]``."""
+    import numpy as np
+
+    return np.concatenate([np.asarray(gate), np.asarray(up)], axis=1)
