@@ -231,13 +231,21 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
     nm = NameMap.for_config(config)
     files = CheckpointFiles.open(d)
     source = SafetensorsSource(files, nm)
+    if config.spec.tensor_adapter:  # MoE families: stacked experts from per-expert / fused checkpoint tensors
+        from jaxquant.models.config import import_object
+
+        source = import_object(config.spec.tensor_adapter)(config, source)
     model = materialize(config, source, dtype=dtype, name_map=nm, sharding=sharding)
-    extra = collect_extra_tensors(files, nm, config)
+    extra = collect_extra_tensors(files, nm, config, consumes=getattr(source, "consumes", None))
     return LoadedModel(model, config, extra, hf_config, d, nm)
 
 
-def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConfig) -> dict[str, LazyTensor]:
-    """Checkpoint tensors the text model does not own, keyed by their transformers-v5 name."""
+def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConfig,
+                          consumes: Callable[[str], bool] | None = None) -> dict[str, LazyTensor]:
+    """Checkpoint tensors the text model does not own, keyed by their transformers-v5 name.
+
+    ``consumes(name)`` (from a family's tensor adapter) marks tensors loaded under another layout (MoE experts).
+    """
     extra: dict[str, LazyTensor] = {}
     unexpected = []
     for k in files.keys():
@@ -249,7 +257,7 @@ def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConf
             extra[canon] = LazyTensor(files.name_to_file[k], k)
         elif p == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied duplicate of the embedding
-        elif not _owned(p, config):
+        elif not _owned(p, config) and not (consumes is not None and consumes(canon)):
             unexpected.append(canon)
             extra[canon] = LazyTensor(files.name_to_file[k], k)
     if unexpected:

@@ -143,6 +143,9 @@ class FamilySpec:
     mlp_classes: tuple[tuple[str, str], ...] = (("dense", "jaxquant.models.layers:MLP"),)
     layer_class: str = "jaxquant.models.decoder:DecoderLayer"
     model_class: str = "jaxquant.models.decoder:CausalLM"
+    # "module:function(config, source) -> TensorSource": a view of the checkpoint in the NNX layout (MoE families
+    # stack per-expert / split fused expert tensors); the view's ``consumes(hf_name)`` marks tensors it uses.
+    tensor_adapter: str | None = None
 
 
 _LLAMA_DEFAULTS = (
@@ -188,6 +191,36 @@ _GEMMA3 = dict(
     defaults=_GEMMA3_DEFAULTS,
 )
 
+_GEMMA4_DEFAULTS = (
+    ("rms_norm_eps", 1e-6),
+    ("hidden_activation", "gelu_pytorch_tanh"),
+    ("tie_word_embeddings", True),
+    ("attention_bias", False),
+    ("max_position_embeddings", 131072),
+    ("head_dim", 256),
+    ("num_key_value_heads", 4),
+    ("sliding_window", 512),
+    ("sliding_window_pattern", 6),
+    ("final_logit_softcapping", None),
+)
+_GEMMA4 = dict(
+    model_types=("gemma4_text",),
+    qkv_bias=None,
+    o_bias=None,
+    qk_norm=True,
+    norm_offset=0.0,  # Gemma4RMSNorm multiplies by the weight itself (not 1 + w)
+    sandwich_norms=True,
+    embed_scale=True,
+    act_key="hidden_activation",
+    sliding="pattern",
+    rope_per_layer_type=True,
+    final_softcap=True,
+    defaults=_GEMMA4_DEFAULTS,
+    config_hook="jaxquant.models.gemma4:gemma4_config_hook",  # per-layer geometry, PLE, KV sharing, MoE
+    model_class="jaxquant.models.gemma4:Gemma4ForCausalLM",
+    tensor_adapter="jaxquant.models.moe:moe_tensor_source",
+)
+
 ARCHITECTURES: dict[str, FamilySpec] = {
     "LlamaForCausalLM": FamilySpec(family="llama", model_types=("llama",), defaults=_LLAMA_DEFAULTS),
     "MistralForCausalLM": FamilySpec(
@@ -230,6 +263,37 @@ ARCHITECTURES: dict[str, FamilySpec] = {
             ("multi_modal_projector.", "model.multi_modal_projector."),
         ),
         **_GEMMA3,
+    ),
+    # ---- MoE families and Gemma 4 (jaxquant/models/moe.py, gemma4.py; docs/moe.md)
+    "MixtralForCausalLM": FamilySpec(
+        family="mixtral",
+        model_types=("mixtral",),
+        qkv_bias=False,
+        o_bias=False,
+        sliding="all",
+        defaults=_LLAMA_DEFAULTS
+        + (("rope_theta", 1_000_000.0), ("rms_norm_eps", 1e-5), ("max_position_embeddings", 131072),
+           ("sliding_window", None), ("num_local_experts", 8), ("num_experts_per_tok", 2)),
+        config_hook="jaxquant.models.moe:mixtral_config_hook",
+        mlp_classes=(("moe", "jaxquant.models.moe:SparseMoeBlock"),),
+        layer_class="jaxquant.models.moe:MixtralDecoderLayer",
+        tensor_adapter="jaxquant.models.moe:moe_tensor_source",
+    ),
+    "Qwen3MoeForCausalLM": FamilySpec(
+        family="qwen3_moe",
+        model_types=("qwen3_moe",),
+        qk_norm=True,
+        sliding="qwen",
+        defaults=_LLAMA_DEFAULTS
+        + (("use_sliding_window", False), ("sliding_window", 4096), ("max_position_embeddings", 32768),
+           ("rms_norm_eps", 1e-6)),
+        config_hook="jaxquant.models.moe:qwen3_moe_config_hook",
+        mlp_classes=(("dense", "jaxquant.models.layers:MLP"), ("moe", "jaxquant.models.moe:SparseMoeBlock")),
+        tensor_adapter="jaxquant.models.moe:moe_tensor_source",
+    ),
+    "Gemma4ForCausalLM": FamilySpec(family="gemma4", **_GEMMA4),
+    "Gemma4ForConditionalGeneration": FamilySpec(
+        family="gemma4", text_config_key="text_config", text_prefix="model.language_model.", **_GEMMA4
     ),
 }
 
@@ -378,7 +442,8 @@ class ModelConfig:
         head_dim = int(t.get("head_dim") or hidden // n_heads)
         max_pos = int(t.get("max_position_embeddings") or 2048)
         attention_bias = bool(t.get("attention_bias", False))
-        if t.get("use_bidirectional_attention"):
+        if t.get("use_bidirectional_attention") and t.get("use_bidirectional_attention") != "vision":
+            # Gemma 4's "vision" mode only changes the mask around image tokens: text-only inputs are causal.
             raise UnsupportedError(f"{source}: bidirectional attention (use_bidirectional_attention) is not supported.")
 
         # --- sliding window and layer types
