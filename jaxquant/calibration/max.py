@@ -1,0 +1,330 @@
+"""Max calibration (ModelOpt's ``max_calibrate``) as jitted forward passes.
+
+1. ``calibrate_weights``: every enabled weight quantizer takes its amax from its weight (no data),
+   ModelOpt's ``weight_only_quantize``. Stacked expert weights are reduced per expert.
+2. ``run_calibration``: quantizers are put in calibration mode (data-calibrated activation
+   quantizers collect ``amax = max(amax, max|x|)`` over real tokens; every other quantizer is
+   identity, as ModelOpt's ``enable_stats_collection`` disables quantization during calibration),
+   then each batch goes through **one jitted call** ``step(params, amax, input_ids, mask) -> amax``
+   built with ``nnx.split`` / ``nnx.merge``. The amax pytree stays on the device and is donated
+   from step to step; the model's output is discarded, so XLA drops the work nothing
+   depends on (the LM head). Compilation happens once per batch shape (ahead of time, so it is
+   timed separately). The host waits only on a one-step-lagged "all finite" flag, which keeps the
+   device queue full, lets the progress bar report real tokens/s, and names the first batch
+   that produced a NaN/Inf activation.
+3. ``finalize.py`` then checks, synchronises MoE experts and unifies fused siblings.
+
+Padding never raises amax: the model passes ``token_mask`` (from ``attention_mask``) to every
+activation quantizer, which ignores masked positions. ModelOpt lets pads count (hf_ptq pads on
+the left with EOS, so its statistics include the EOS embedding path at pad positions); jaxquant
+deliberately does not, so the amax depends only on the real text, not on how it was batched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.calibration.sites import Site
+from jaxquant.errors import DataError, NonFiniteError
+from jaxquant.quantizer.tensor_quantizer import QuantAmax
+
+log = logging.getLogger("jaxquant.calibration")
+
+Batch = tuple[np.ndarray, np.ndarray | None]
+ForwardFn = Callable[[Any, jax.Array, jax.Array | None], Any]
+
+
+def default_forward(model, input_ids, attention_mask):
+    """``model(input_ids, attention_mask)`` (a causal LM's call)."""
+    return model(input_ids, attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------- modes
+def set_quant_mode(model_or_sites: Any, mode: str) -> None:
+    """Put every enabled quantizer in ``mode``: ``"off"``, ``"calibrate"`` or ``"fake_quant"``."""
+    sites = model_or_sites if isinstance(model_or_sites, list) else None
+    if sites is None:
+        from jaxquant.calibration.sites import quantizer_sites
+
+        sites = quantizer_sites(model_or_sites)
+    for s in sites:
+        s.quantizer.set_mode(mode if s.quantizer.enabled else "off")
+
+
+def set_calibration_modes(sites: list[Site]) -> int:
+    """Calibration mode for data-calibrated activation quantizers, identity for all others.
+    Returns how many quantizers collect statistics."""
+    n = 0
+    for s in sites:
+        if s.calibrates_from_data:
+            s.quantizer.set_mode("calibrate")
+            n += 1
+        else:
+            s.quantizer.set_mode("off")
+    return n
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def _weight_sites(sites: list[Site]) -> list[Site]:
+    return [s for s in sites
+            if s.role == "weight" and s.quantizer.enabled and s.quantizer.config.fixed_amax is None]
+
+
+def calibrate_weights(sites: list[Site], model: Any = None) -> int:
+    """Weight amax from the weights (ModelOpt ``weight_only_quantize``). Returns the count.
+
+    With ``model`` given, all weights are reduced in one jitted call (one compile, one dispatch);
+    otherwise quantizer by quantizer, eagerly.
+    """
+    todo = _weight_sites(sites)
+    if not todo:
+        return 0
+    if model is None:
+        for s in todo:
+            s.quantizer.calibrate_weight(s.weight())
+        return len(todo)
+    from jaxquant.calibration.sites import quantizer_sites
+    from jaxquant.quantizer.tensor_quantizer import QuantGlobalAmax
+
+    graphdef, stats, rest = nnx.split(model, (QuantAmax, QuantGlobalAmax), ...)
+
+    @jax.jit
+    def reduce(stats, rest):
+        m = nnx.merge(graphdef, stats, rest)
+        for s in _weight_sites(quantizer_sites(m)):
+            s.quantizer.calibrate_weight(s.weight())
+        return nnx.state(m, (QuantAmax, QuantGlobalAmax))
+
+    nnx.update(model, reduce(stats, rest))
+    return len(todo)
+
+
+def activation_sites_need_data(sites: list[Site]) -> bool:
+    return any(s.calibrates_from_data for s in sites)
+
+
+# ----------------------------------------------------------------------------------------------- batches
+def as_batch(b: Any, index: int) -> Batch:
+    """``{"input_ids", "attention_mask"}`` / ``(ids, mask)`` / ``ids`` -> int32 numpy ``[B, S]`` pair."""
+    if isinstance(b, dict):
+        if "input_ids" not in b:
+            raise DataError(f"calibration batch {index}: a dict batch needs 'input_ids' (got keys {sorted(b)}).")
+        ids, mask = b["input_ids"], b.get("attention_mask")
+    elif isinstance(b, (tuple, list)) and len(b) == 2:
+        ids, mask = b
+    else:
+        ids, mask = b, None
+    ids = np.asarray(ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise DataError(f"calibration batch {index}: input_ids must be [batch, seq], got shape {ids.shape}.")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"calibration batch {index}: input_ids must be integer token ids, got {ids.dtype}.")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.ndim == 1:
+            mask = mask[None]
+        if mask.shape != ids.shape:
+            raise DataError(f"calibration batch {index}: attention_mask {mask.shape} does not match input_ids "
+                            f"{ids.shape}.")
+        mask = mask.astype(np.int32)
+    return ids.astype(np.int32), mask
+
+
+def batch_tokens(ids: np.ndarray, mask: np.ndarray | None) -> int:
+    return int(mask.sum()) if mask is not None else int(ids.size)
+
+
+# ----------------------------------------------------------------------------------------------- the step
+@dataclasses.dataclass
+class CalibrationStats:
+    """Counters and timings of ``run_calibration``."""
+
+    batches: int = 0
+    tokens: int = 0  # real (unmasked) tokens
+    compile_s: float = 0.0
+    run_s: float = 0.0
+    shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.run_s if self.run_s > 0 else float("nan")
+
+
+def make_step(graphdef, forward: ForwardFn = default_forward):
+    """The jitted calibration step ``(amax, rest, ids, mask) -> (amax, all_finite)``; ``amax`` donated."""
+
+    def step(amax, rest, ids, mask):
+        m = nnx.merge(graphdef, amax, rest)
+        forward(m, ids, mask)
+        new = nnx.state(m, QuantAmax)
+        leaves = jax.tree_util.tree_leaves(new)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+        return new, finite
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def _non_finite_names(sites: list[Site]) -> list[str]:
+    out = []
+    for s in sites:
+        if s.calibrates_from_data and not bool(np.all(np.isfinite(np.asarray(s.quantizer.amax.value)))):
+            out.append(s.names[0] if not s.stacked else f"{s.path} (experts)")
+    return out
+
+
+def _progress(total: int | None, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, unit="tok", unit_scale=True, desc="calibrating", file=sys.stderr,
+                dynamic_ncols=True, leave=True)
+
+
+def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
+                    forward: ForwardFn = default_forward, progress: bool = True,
+                    total_tokens: int | None = None, max_seq_len: int | None = None) -> CalibrationStats:
+    """Run the calibration forward passes over ``batches`` (modes must already be set).
+
+    Args:
+      batches: ``{"input_ids", "attention_mask"}`` dicts, ``(ids, mask)`` pairs or id arrays.
+      forward: ``forward(model, ids, mask)``; its output is ignored.
+      progress: show a tqdm bar (tokens, tokens/s) on stderr.
+      total_tokens: for the bar, when known.
+      max_seq_len: refuse longer batches (the model's ``max_position_embeddings``).
+
+    Raises:
+      NonFiniteError: a batch produced NaN/Inf activations (names the batch and quantizers).
+      DataError: malformed batches, no batch at all, sequences too long.
+    """
+    stats = CalibrationStats()
+    graphdef, amax, rest = nnx.split(model, QuantAmax, ...)
+    step = make_step(graphdef, forward)
+    compiled: dict[tuple, Any] = {}
+    bar = _progress(total_tokens, progress)
+    pending: tuple[int, Any, int] | None = None  # (batch index, finite flag, tokens)
+    t_run = 0.0
+
+    def settle(p):
+        i, flag, _ = p
+        if not bool(flag):
+            nnx.update(model, amax)
+            names = _non_finite_names(sites)
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise NonFiniteError(
+                f"calibration batch {i} produced NaN or Inf activations at {shown or 'a quantizer'}. "
+                "Check the checkpoint and the dtype (float16 overflows easily; try --dtype bfloat16 or float32)."
+            )
+
+    try:
+        for i, raw in enumerate(batches):
+            ids, mask = as_batch(raw, i)
+            if max_seq_len is not None and ids.shape[1] > max_seq_len:
+                raise DataError(
+                    f"calibration batch {i} has sequences of {ids.shape[1]} tokens, more than the model's "
+                    f"max_position_embeddings ({max_seq_len}); use a shorter --calib-seq."
+                )
+            key = (ids.shape, mask is None)
+            if key not in compiled:
+                t0 = time.perf_counter()
+                m_arg = None if mask is None else jax.ShapeDtypeStruct(mask.shape, jnp.int32)
+                compiled[key] = step.lower(amax, rest, jax.ShapeDtypeStruct(ids.shape, jnp.int32), m_arg).compile()
+                dt = time.perf_counter() - t0
+                stats.compile_s += dt
+                if bar is not None:  # keep compilation out of the bar's tokens/s
+                    bar.start_t += dt
+                    bar.last_print_t += dt
+                stats.shapes.append(tuple(ids.shape))
+            t0 = time.perf_counter()
+            amax, flag = compiled[key](amax, rest, ids, mask)
+            n_tok = batch_tokens(ids, mask)
+            if pending is not None:
+                settle(pending)  # waits for the previous batch only
+                if bar is not None:
+                    bar.update(pending[2])
+            pending = (i, flag, n_tok)
+            t_run += time.perf_counter() - t0
+            stats.batches += 1
+            stats.tokens += n_tok
+        if pending is not None:
+            t0 = time.perf_counter()
+            jax.block_until_ready(amax)
+            t_run += time.perf_counter() - t0
+            settle(pending)
+            if bar is not None:
+                bar.update(pending[2])
+    finally:
+        if bar is not None:
+            bar.close()
+        try:  # the model's own amax buffers were donated: always hand it the live ones
+            nnx.update(model, amax)
+        except Exception:  # pragma: no cover - a failed step may have consumed them
+            pass
+    if stats.batches == 0:
+        raise DataError("no calibration batch: the data iterable was empty.")
+    stats.run_s = t_run
+    return stats
+
+
+def run_forward_loop(model: Any, sites: list[Site], forward_loop: Callable[[Any], Any]) -> CalibrationStats:
+    """ModelOpt-style calibration: ``forward_loop(model)`` calls the model itself (eagerly, or
+    under ``nnx.jit``); quantizers in calibration mode update their amax in place."""
+    stats = CalibrationStats()
+    t0 = time.perf_counter()
+    forward_loop(model)
+    jax.block_until_ready(nnx.state(model, QuantAmax))
+    stats.run_s = time.perf_counter() - t0
+    stats.batches = -1  # unknown
+    return stats
+
+
+def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardFn = default_forward,
+                  progress: bool = True, total_tokens: int | None = None, max_seq_len: int | None = None,
+                  skip_forward_without_activation_calib: bool = True) -> CalibrationStats:
+    """ModelOpt's ``max`` up to (not including) ``finalize``: weights, then the forward passes.
+
+    ``data``: an iterable of batches, a ``forward_loop(model)`` callable, or None (weights only;
+    refused when an activation quantizer needs data).
+    """
+    calibrate_weights(sites, model)
+    needs = set_calibration_modes(sites)
+    if needs == 0 and skip_forward_without_activation_calib:
+        log.info("max: no activation quantizer needs data (all constant, dynamic or disabled); weights only.")
+        return CalibrationStats()
+    if data is None:
+        raise DataError(
+            f"{needs} activation quantizer(s) need calibration data, but none was given; pass calibration "
+            "batches or a forward_loop."
+        )
+    if callable(data) and not hasattr(data, "__iter__"):
+        return run_forward_loop(model, sites, data)
+    return run_calibration(model, sites, data, forward=forward, progress=progress, total_tokens=total_tokens,
+                           max_seq_len=max_seq_len)
+
+
+__all__ = [
+    "CalibrationStats",
+    "as_batch",
+    "calibrate_weights",
+    "default_forward",
+    "make_step",
+    "max_calibrate",
+    "run_calibration",
+    "run_forward_loop",
+    "set_calibration_modes",
+    "set_quant_mode",
+]

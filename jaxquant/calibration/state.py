@@ -1,0 +1,187 @@
+"""Calibration state as plain data: ``{"<quantizer>._amax": array, "<quantizer>._global_amax": array}``.
+
+Keys are ModelOpt's quantizer names plus ModelOpt's buffer names (``_amax``, and ``_global_amax``
+for static-block NVFP4 weights), so a state reads like ModelOpt's quantizer state dict:
+
+    model.layers.0.self_attn.q_proj.input_quantizer._amax     float32 []
+    model.layers.0.self_attn.q_proj.weight_quantizer._amax    float32 []
+    model.layers.0.self_attn.k_bmm_quantizer._amax            float32 []
+    model.layers.1.mlp.experts.5.gate_proj.input_quantizer._amax   (one entry per expert)
+
+Only quantizers that carry calibrated state appear: enabled weight quantizers and data-calibrated
+activation quantizers. Disabled, dynamic and constant-amax (KV ``*_cast``) quantizers have none,
+as in ModelOpt. Values are float32 numpy arrays: scalars for per-tensor formats, ``[out, 1]`` per
+channel, ``[out, in/16]`` per block (static NVFP4); a stacked expert quantizer contributes one
+entry per expert, each without the expert axis.
+
+``save_calibration_state`` writes a state to one ``.safetensors`` file (atomically: a temporary
+file beside the target, then a rename), with metadata naming the recipe and the model, so a
+failed export can be retried without re-calibrating (``load_calibration_state``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.calibration.sites import Site, quantizer_sites
+from jaxquant.errors import CheckpointError, JaxquantError
+
+AMAX = "_amax"
+GLOBAL_AMAX = "_global_amax"
+FILE_FORMAT = "jaxquant.calibration_state"
+FILE_VERSION = "1"
+
+
+def _instance_value(a: np.ndarray) -> np.ndarray:
+    """One expert's slice of a stacked amax: a scalar when it holds one value."""
+    return a.reshape(()) if a.size == 1 else a
+
+
+def calibration_state(model: Any, sites: list[Site] | None = None) -> dict[str, np.ndarray]:
+    """The model's calibrated state, keyed ``"<ModelOpt quantizer name>._amax"`` (see module doc).
+
+    This copies the values to the host (one transfer per quantizer).
+    """
+    sites = quantizer_sites(model) if sites is None else sites
+    out: dict[str, np.ndarray] = {}
+    for s in sites:
+        if not s.has_state:
+            continue
+        q = s.quantizer
+        amax = np.asarray(q.amax.value, np.float32)
+        gamax = np.asarray(q.global_amax.value, np.float32) if q.global_amax is not None else None
+        if s.stacked:
+            for e, name in enumerate(s.names):
+                out[name + "." + AMAX] = _instance_value(amax[e])
+                if gamax is not None:
+                    out[name + "." + GLOBAL_AMAX] = _instance_value(gamax[e])
+        else:
+            name = s.names[0]
+            out[name + "." + AMAX] = amax
+            if gamax is not None:
+                out[name + "." + GLOBAL_AMAX] = gamax.reshape(()) if gamax.size == 1 else gamax
+    return out
+
+
+def load_calibration_state(model: Any, state: Mapping[str, Any], *, strict: bool = True,
+                           sites: list[Site] | None = None) -> None:
+    """Write ``state`` (as returned by ``calibration_state``) back into the model's quantizers.
+
+    The model must already be configured with the same recipe (``apply_recipe``).
+
+    Args:
+      strict: every state-bearing quantizer must be present in ``state`` and every key of
+        ``state`` must belong to one.
+
+    Raises:
+      CheckpointError: missing or unexpected keys (strict), or a shape that does not fit.
+    """
+    sites = quantizer_sites(model) if sites is None else sites
+    used: set[str] = set()
+    missing: list[str] = []
+    for s in sites:
+        if not s.has_state:
+            continue
+        q = s.quantizer
+        for attr, key in (("amax", AMAX), ("global_amax", GLOBAL_AMAX)):
+            var = getattr(q, attr)
+            if var is None:
+                continue
+            target = tuple(var.value.shape)
+            keys = [f"{n}.{key}" for n in s.names]
+            if any(k not in state for k in keys):
+                missing += [k for k in keys if k not in state]
+                continue
+            try:
+                if s.stacked:
+                    per = target[1:]
+                    vals = [np.asarray(state[k], np.float32).reshape(per) for k in keys]
+                    value = np.stack(vals)
+                else:
+                    value = np.asarray(state[keys[0]], np.float32).reshape(target)
+            except ValueError:
+                got = [tuple(np.shape(state[k])) for k in keys[:2]]
+                raise CheckpointError(
+                    f"calibration state {keys[0]!r} has shape {got[0]}, which does not fit the quantizer "
+                    f"(amax shape {target}); the state belongs to another model or recipe."
+                ) from None
+            var.value = jnp.asarray(value, jnp.float32)
+            used.update(keys)
+    if strict:
+        unexpected = sorted(set(state) - used)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (first: {missing[0]!r})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]!r})")
+            raise CheckpointError(
+                "the calibration state does not match this model and recipe: " + ", ".join(parts)
+                + ". Load it into the model and recipe it was calibrated with."
+            )
+
+
+def save_calibration_state(path: str | os.PathLike, state: Mapping[str, Any],
+                           metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``state`` to ``path`` (``.safetensors``) atomically; returns the path.
+
+    ``metadata`` values are stored as strings (non-strings as JSON).
+    """
+    from jaxquant.io.safetensors import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FILE_FORMAT, "version": FILE_VERSION}
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.asarray(v, np.float32) for k, v in state.items()}, tmp, meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_calibration_state(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(state, metadata)`` from a file written by ``save_calibration_state``."""
+    from jaxquant.io.safetensors import SafetensorsFile
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such calibration state file.")
+    try:
+        f = SafetensorsFile(path)
+    except JaxquantError:
+        raise
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from None
+    meta = dict(f.metadata)
+    if meta.get("format") != FILE_FORMAT:
+        raise CheckpointError(f"{path}: not a jaxquant calibration state (metadata format {meta.get('format')!r}).")
+    state = {k: np.array(f.get(k), np.float32) for k in f.keys()}
+    f.close()
+    return state, meta
+
+
+__all__ = [
+    "AMAX",
+    "GLOBAL_AMAX",
+    "calibration_state",
+    "load_calibration_state",
+    "read_calibration_state",
+    "save_calibration_state",
+]
