@@ -168,7 +168,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False,
 
     res.check_unmatched(strict)
     if warn and not strict:
-        warn_unmatched(res)
+        warn_unmatched(res, stacklevel=3)
 
     for path, q, parent, _base, attr in found:
         cfg = per_quantizer[path]

@@ -310,6 +310,11 @@ class _Resolver:
         out = {}
         for name, ref in imports.items():
             at = child_where(where, name)
+            if not isinstance(name, str):
+                raise RecipeError(
+                    f"{at}: import name {name!r} must be a string (YAML reads unquoted "
+                    "on/off/yes/no/true/false as booleans; quote the name or pick another)"
+                )
             target = _find_import(ref, self.roots, at)
             if target in stack or target == path:
                 chain = " -> ".join(_display(p) for p in (*stack, path, target) if p is not None)

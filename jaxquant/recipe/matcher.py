@@ -479,11 +479,24 @@ def resolve_pytree(recipe: Any, params: Any, *, input_quantizers: bool = True) -
     return resolve(recipe, sites_from_pytree(params, input_quantizers=input_quantizers))
 
 
-def warn_unmatched(res: Resolution):
-    """Emit a warning listing rules that enable/configure quantizers but matched none."""
+class UnmatchedRuleWarning(UserWarning):
+    """A recipe rule that enables quantizers matched none (filter it with ``warnings``)."""
+
+
+def warn_unmatched(res: Resolution, stacklevel: int = 3):
+    """Warn (one line) about rules that enable or configure quantizers but matched none, and
+    loudly when the recipe enables nothing at all on this model."""
+    name = res.recipe.name if res.recipe is not None else "the recipe"
+    if not res.enabled:
+        warnings.warn(f"{name} enables no quantizer of this model", UnmatchedRuleWarning,
+                      stacklevel=stacklevel)
+        return
     un = res.unmatched_enabling_rules
     if un:
+        pats = ", ".join(dict.fromkeys(r.entry.quantizer_name for r in un))
         warnings.warn(
-            f"{len(un)} enabling rule(s) matched no quantizer: " + "; ".join(str(r) for r in un),
-            stacklevel=3,
+            f"{len(un)} rule(s) of {name} that enable quantizers match nothing in this model "
+            f"(fine for patterns aimed at other architectures): {pats}",
+            UnmatchedRuleWarning,
+            stacklevel=stacklevel,
         )

@@ -406,6 +406,10 @@ def normalize_quant_cfg(raw: Any, where: str = "quant_cfg") -> tuple[QuantCfgEnt
             at = _where(item, f"{where}[{i}]")
             if isinstance(item, Mapping) and "quantizer_name" in item:
                 entries.append((item, at))
+            elif isinstance(item, Mapping) and len(item) == 1 and next(iter(item)) in _ENTRY_KEYS:
+                raise RecipeError(
+                    f"{child_where(at, 'quantizer_name')}: required, a non-empty string pattern"
+                )
             elif isinstance(item, Mapping) and len(item) == 1:
                 (k, v), = item.items()
                 for e in _legacy_pair(k, v, at):
