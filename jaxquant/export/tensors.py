@@ -105,6 +105,8 @@ def fp8_weight(w, amax, *, compute_dtype=None, what: str = "weight") -> tuple[np
         s = s[:, None, None]
     elif s.ndim == 1:  # per channel
         s = s[:, None]
+    if w_np.dtype != compute_dtype:  # ModelOpt: weight.to(dtype) / scale
+        w_np = w_np.astype(compute_dtype)
     q = _f32(w_np) / s
     if compute_dtype != np.float32:
         q = q.astype(compute_dtype)
@@ -153,6 +155,7 @@ def nvfp4_weight(
     *,
     block_size: int = 16,
     block_amax=None,
+    compute_dtype=None,
     what: str = "weight",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """NVFP4 export of ``w [..., out, in]``.
@@ -162,6 +165,8 @@ def nvfp4_weight(
       block_size: 16 for NVFP4.
       block_amax: per-block amax ``[..., out, in/16]`` of a static-block quantizer
         (``nvfp4_static``); None for the default dynamic blocks (computed from ``w``).
+      compute_dtype: ModelOpt packs ``weight.to(dtype)`` (the export dtype) while the block scales
+        come from the weight as it is; pass the export dtype to reproduce that (default: ``w``'s).
 
     Returns:
       ``(packed uint8 [..., out, in/2], weight_scale float8_e4m3fn [..., out, in/16],
@@ -193,6 +198,9 @@ def nvfp4_weight(
         per_block = (per_block * E4M3_MAX) / per_block_max
     scale = np.clip(per_block, SCALE_MIN, E4M3_MAX).astype(F8)
     denom = scale.astype(np.float32) * wsf2_b
+    w_np = np.asarray(w)
+    if compute_dtype is not None and np.dtype(compute_dtype) != w_np.dtype:
+        w32 = _f32(w_np.astype(compute_dtype))
     scaled = w32.reshape(*w32.shape[:-1], -1, block_size) / denom[..., None]
     codes = e2m1_codes(scaled.reshape(w32.shape))
     return pack_e2m1(codes), scale, wsf2

@@ -1,0 +1,128 @@
+"""Test helper: the same tiny model quantized and exported by nvidia-modelopt (CPU) and by jaxquant.
+
+ModelOpt's NVFP4 *fake quant* needs CUDA, but max calibration (statistics only) and the export run
+on CPU: calibrate there, read every amax back, hand the same amax to jaxquant's quantizers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+
+FP8 = {"num_bits": (4, 3), "axis": None}
+NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+
+
+def modelopt_cfg(weight_fmt, kv: bool, mlp_fmt=None):
+    """A ModelOpt quant_cfg list: one format everywhere, or (weight_fmt for attention, mlp_fmt for mlp)."""
+    spec = {"fp8": FP8, "nvfp4": NVFP4}
+    q = [{"quantizer_name": "*", "enable": False}]
+    q.append({"quantizer_name": "*weight_quantizer", "cfg": spec[weight_fmt]})
+    q.append({"quantizer_name": "*input_quantizer", "cfg": spec[weight_fmt]})
+    if mlp_fmt:
+        q.append({"quantizer_name": "*mlp*weight_quantizer", "cfg": spec[mlp_fmt]})
+        q.append({"quantizer_name": "*mlp*input_quantizer", "cfg": spec[mlp_fmt]})
+    if kv:
+        q.append({"quantizer_name": "*[kv]_bmm_quantizer", "cfg": FP8})
+    q.append({"quantizer_name": "*lm_head*", "enable": False})
+    q.append({"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False})
+    return {"quant_cfg": q, "algorithm": "max"}
+
+
+def jaxquant_configs(weight_fmt, kv: bool, mlp_fmt=None):
+    """The same rules as QuantizerConfigs keyed by a predicate on the quantizer name."""
+    from jaxquant.quantizer.config import BlockSizes, QuantizerConfig
+
+    spec = {
+        "fp8": QuantizerConfig(num_bits=(4, 3)),
+        "nvfp4": QuantizerConfig(num_bits=(2, 1), block_sizes=BlockSizes(size=16, type="dynamic", scale_bits=(4, 3))),
+    }
+
+    def resolve(name: str):
+        if "lm_head" in name:
+            return None
+        if name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")):
+            return spec["fp8"] if kv else None
+        if name.endswith(("weight_quantizer", "input_quantizer")):
+            if mlp_fmt and ".mlp." in name:
+                return spec[mlp_fmt]
+            return spec[weight_fmt]
+        return None
+
+    return resolve
+
+
+def make_llama(path: Path, *, tie: bool, dtype: str = "float32", seed: int = 0, extra=None):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("layernorm.weight") or n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    m = m.to(getattr(torch, dtype))
+    m.save_pretrained(str(path))
+    return m
+
+
+def modelopt_quantize(model, cfg, seed: int = 0):
+    """Max-calibrate on CPU; return {quantizer name: amax numpy} read before export mutates it."""
+    import torch
+    import modelopt.torch.quantization as mtq
+
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 12), generator=g) for _ in range(2)]
+
+    def loop(m):
+        for b in batches:
+            m(b)
+
+    mtq.quantize(model, copy.deepcopy(cfg), forward_loop=loop)
+    amax = {}
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "TensorQuantizer" and mod.is_enabled and getattr(mod, "_amax", None) is not None:
+            amax[name] = mod._amax.detach().float().numpy().copy()
+    return amax
+
+
+def modelopt_export(model, out: Path, dtype):
+    import torch
+    from modelopt.torch.export import export_hf_checkpoint
+
+    export_hf_checkpoint(model, export_dir=str(out), dtype=getattr(torch, dtype))
+
+
+def load_into_jaxquant(src: Path, resolve, amax: dict, dtype: str):
+    """load_hf + configure every quantizer with ``resolve(name)`` + set ModelOpt's amax."""
+    import jax.numpy as jnp
+
+    from jaxquant.converters import iter_quantizers, load_hf
+
+    loaded = load_hf(src, dtype=getattr(jnp, dtype))
+    for name, q in list(iter_quantizers(loaded.model, loaded.name_map)):
+        cfg = resolve(name)
+        q.configure(cfg)
+        if cfg is not None:
+            if name in amax:
+                q.amax.value = jnp.asarray(amax[name], jnp.float32).reshape(q.amax.value.shape)
+            elif cfg.fixed_amax is None and name.endswith("weight_quantizer"):
+                raise AssertionError(f"no modelopt amax for {name}")
+    return loaded
+
+
+def tensors_of(d: Path) -> dict:
+    from jaxquant.io.safetensors import CheckpointFiles
+
+    ck = CheckpointFiles.open(d)
+    return {k: (ck.tensor_info(k).dtype, ck.tensor_info(k).shape, np.asarray(ck.get(k)).tobytes()) for k in ck.keys()}
+
+
+def json_of(p: Path) -> dict:
+    return json.loads(p.read_text())

@@ -1,0 +1,45 @@
+"""The same tiny Llama, weights and amax, exported by nvidia-modelopt (CPU) and by jaxquant:
+every safetensors tensor byte-identical, hf_quant_config.json and config.json equal but for producer."""
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("modelopt.torch.export")
+
+import _export_modelopt_ref as R  # noqa: E402
+
+CASES = {
+    "fp8": ("fp8", False, None),
+    "fp8_kv": ("fp8", True, None),
+    "nvfp4_kv_fp8": ("nvfp4", True, None),
+    "fp8_qkvo_nvfp4_mlp_kv": ("fp8", True, "nvfp4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype,tie", [("float32", False), ("bfloat16", True)])
+def test_byte_identical_to_modelopt(tmp_path, case, dtype, tie):
+    from jaxquant.export import export_hf
+
+    wf, kv, mlp = CASES[case]
+    src = tmp_path / "src"
+    model = R.make_llama(src, tie=tie, dtype=dtype)
+    amax = R.modelopt_quantize(model, R.modelopt_cfg(wf, kv, mlp))
+    R.modelopt_export(model, tmp_path / "mo", dtype)
+    loaded = R.load_into_jaxquant(src, R.jaxquant_configs(wf, kv, mlp), amax, dtype)
+    export_hf(loaded, tmp_path / "jq")
+
+    ref, ours = R.tensors_of(tmp_path / "mo"), R.tensors_of(tmp_path / "jq")
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert ours[k][:2] == ref[k][:2], k
+        assert ours[k][2] == ref[k][2], f"{k}: bytes differ"
+
+    hq_ref, hq = R.json_of(tmp_path / "mo" / "hf_quant_config.json"), R.json_of(tmp_path / "jq" / "hf_quant_config.json")
+    assert hq.pop("producer")["name"] == "jaxquant"
+    hq_ref.pop("producer")
+    assert hq == hq_ref
+    c_ref, c = R.json_of(tmp_path / "mo" / "config.json"), R.json_of(tmp_path / "jq" / "config.json")
+    assert c["quantization_config"].pop("producer")["name"] == "jaxquant"
+    c_ref["quantization_config"].pop("producer")
+    assert c == c_ref
