@@ -1,0 +1,76 @@
+"""FP8 E4M3 (``float8_e4m3fn``) fake quantization and real quantization, bit-exact with ModelOpt.
+
+Fake quant is ModelOpt's eager reference (``tensor_quant.py::_fp8_eager``, also what its CUDA
+extension computes), per tensor or per channel (``amax`` broadcastable to ``x``)::
+
+    safe_amax = amax if amax > 2^-24 else 1
+    scale = (1 / safe_amax) * 448;  scale_inv = 1 / scale     # float32, rounded in this order
+    y = e4m3(clip(f32(x) * scale, -448, 448)) * scale_inv      # e4m3 cast = round to nearest even
+    return y.astype(x.dtype)
+
+The scale is a reciprocal times 448, not ``448 / amax``: torch evaluates ``448.0 / t`` as
+``t.reciprocal() * 448`` (``Tensor.__rtruediv__``, and ATen's C++ ``Scalar / Tensor`` in the CUDA
+extension), and the two differ in the last bit for some amax.
+
+Export (``modelopt.torch.export.quant_utils``): ``weight_scale = amax / 448`` (float32) and
+``q = e4m3(f32(w) / weight_scale)``; dequantization is ``q.astype(dtype) * scale.astype(dtype)``
+(``FP8QTensor.dequantize``). See docs/numerics.md for where we deviate (zero amax, saturation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.numerics._exact import div, opaque
+
+E4M3_MAX = 448.0
+#: ModelOpt's "zero amax" threshold in fake quant (the smallest fp16 subnormal).
+AMAX_EPS = 2.0**-24
+
+
+def _f32(a) -> jax.Array:
+    return jnp.asarray(a, jnp.float32)
+
+
+def fake_quant(x: jax.Array, amax) -> jax.Array:
+    """Quantize-dequantize ``x`` to FP8 E4M3 with ``amax`` (scalar or broadcastable per channel).
+
+    Float32 math, result in ``x``'s dtype. ``amax <= 2^-24`` is treated as 1.0 (ModelOpt). NaN in
+    ``x`` stays NaN; finite values saturate at ``+-amax``.
+    """
+    amax = _f32(amax)
+    safe_amax = jnp.where(amax <= AMAX_EPS, jnp.float32(1.0), amax)
+    scale = opaque(div(1.0, safe_amax) * E4M3_MAX)
+    scale_inv = div(1.0, scale)
+    scaled = jnp.clip(x.astype(jnp.float32) * scale, -E4M3_MAX, E4M3_MAX)
+    y = scaled.astype(jnp.float8_e4m3fn).astype(jnp.float32) * scale_inv
+    return y.astype(x.dtype)
+
+
+def scale_from_amax(amax) -> jax.Array:
+    """Export scale ``amax / 448`` (float32, ``amax``'s shape): the ``weight_scale`` / ``input_scale``.
+
+    ``amax == 0`` (an all-zero tensor; ModelOpt's export asserts there) gives ``1/448``, the
+    scale fake quant uses for a zero amax, so the tensor exports as zero codes with a finite scale.
+    """
+    amax = _f32(amax)
+    return div(jnp.where(amax > 0, amax, jnp.float32(1.0)), E4M3_MAX)
+
+
+def quantize(x: jax.Array, amax) -> tuple[jax.Array, jax.Array]:
+    """Real FP8 quantization for export: ``(q float8_e4m3fn [x.shape], scale float32 [amax.shape])``.
+
+    ``q = e4m3(f32(x) / scale)`` with ``scale = scale_from_amax(amax)`` (true division, like
+    ModelOpt's ``to_quantized_weight``). Values beyond +-448 after scaling (only if ``amax`` is
+    below max|x|) saturate to +-448 instead of overflowing.
+    """
+    scale = scale_from_amax(amax)
+    scaled = x.astype(jnp.float32) / opaque(scale)
+    q = jnp.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize(q: jax.Array, scale, dtype=jnp.float32) -> jax.Array:
+    """``q.astype(dtype) * scale.astype(dtype)`` (ModelOpt ``FP8QTensor.dequantize``)."""
+    return q.astype(dtype) * jnp.asarray(scale).astype(dtype)

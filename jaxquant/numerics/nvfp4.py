@@ -1,0 +1,257 @@
+"""NVFP4: E2M1 elements in blocks of 16 along the last axis, E4M3 block scales, a float32 global scale.
+
+Two-level scale: ``global_scale = global_amax / 2688`` (``6 * 448``, exported as ``weight_scale_2`` /
+``input_scale``); each block's scale is ``e4m3(block_amax / (6 * global_scale))`` in units of the
+global scale; an element is ``e2m1 * block_scale * global_scale``.
+
+Three ModelOpt computations are ported, each bit-exact (docs/numerics.md lists the deviations):
+
+* :func:`fake_quant_dynamic` — the Triton kernel ``fp4_fake_quant_block`` (default NVFP4 preset;
+  block scales recomputed from the tensor every call, the global amax calibrated). No clamp of the
+  block scale from below: an effective scale ``< 1e-5`` is replaced by 1.0.
+* :func:`fake_quant_static` — ``static_blockwise_fp4_fake_quant`` (``nvfp4_static``: calibrated
+  per-block amax; the block scale ``amax/6`` is FP8-fake-quantized with amax ``global_amax/6``).
+* :func:`quantize` / :func:`dequantize` — export, ``NVFP4QTensor.quantize`` (block scale clamped to
+  ``[2^-9, 448]``, zero block -> 1.0, elements divided by the scale and rounded to 4-bit codes, two
+  codes per byte) and, with ``block_amax``, ``get_weights_scaling_factor_from_quantizer``.
+
+Leading axes are batch axes (e.g. ``[E, out, in]`` stacked experts with a global amax of shape
+``[E, 1, 1]``). A last axis that is not a multiple of the block is zero-padded, as ModelOpt pads
+(``reduce_block_padding`` on export, zero-filled tiles in the Triton kernel); fake quant crops the
+padding off again, export keeps it (``packed`` covers ``ceil(K/16)*16`` elements).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.numerics import e2m1
+from jaxquant.numerics._exact import div, opaque
+from jaxquant.numerics.fp8 import E4M3_MAX
+from jaxquant.numerics.fp8 import fake_quant as _fp8_fake_quant
+
+E2M1_MAX = e2m1.E2M1_MAX
+#: ``E2M1_MAX * E4M3_MAX``: the global scale maps amax onto the largest element times the largest scale.
+GLOBAL_SCALE_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688.0
+#: Export clamps block scales to the smallest positive E4M3 subnormal from below.
+E4M3_MIN_SCALE = 2.0**-9
+
+
+class NVFP4Tensor(NamedTuple):
+    """A tensor in NVFP4 export layout (ModelOpt's unified checkpoint tensors).
+
+    Attributes:
+      packed: uint8 ``[..., Kp/2]`` — two E2M1 codes per byte, element 2j in the low nibble
+        (``Kp`` = K rounded up to the block size).
+      block_scale: float8_e4m3fn ``[..., Kp/block]`` — ``weight_scale``.
+      global_scale: float32, ``()`` or broadcastable like ``[E, 1, 1]`` — ``weight_scale_2``.
+    """
+
+    packed: jax.Array
+    block_scale: jax.Array
+    global_scale: jax.Array
+
+
+def _f32(a) -> jax.Array:
+    return jnp.asarray(a, jnp.float32)
+
+
+def global_scale(amax) -> jax.Array:
+    """``amax / 2688`` in float32 (``weight_scale_2`` / ``input_scale``), amax's shape."""
+    return div(amax, GLOBAL_SCALE_DIVISOR)
+
+
+def _pad_last(x: jax.Array, block_size: int) -> jax.Array:
+    pad = -x.shape[-1] % block_size
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def _blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """``[..., K] -> [..., ceil(K/bs), bs]`` with zero padding."""
+    x = _pad_last(x, block_size)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
+def _check_block_size(block_size: int):
+    if not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
+        raise ValueError(f"block_size must be a positive even int, got {block_size!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def block_amax(x: jax.Array, block_size: int = 16) -> jax.Array:
+    """Per-block ``max|x|`` (float32) ``[..., ceil(K/block_size)]``; the last block is zero-padded."""
+    _check_block_size(block_size)
+    return jnp.max(jnp.abs(_blocks(x, block_size).astype(jnp.float32)), axis=-1)
+
+
+def _unblock(y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """``[..., nb, bs] -> shape`` (drops the padding)."""
+    y = y.reshape(*y.shape[:-2], y.shape[-2] * y.shape[-1])
+    return y[..., : shape[-1]] if y.shape[-1] != shape[-1] else y
+
+
+def _apply_block_scale(xb: jax.Array, scale: jax.Array, *, zero_scale_zeroes: bool) -> jax.Array:
+    """Round ``xb / scale`` (float32 ``[..., nb, bs]``, scale ``[..., nb, 1]``) to E2M1, times scale.
+
+    Elementwise like the Triton kernels: ``q = round(|x| / s)``, ``y = x >= 0 ? q*s : -(q*s)``.
+    """
+    x_abs = jnp.abs(xb)
+    y = e2m1.round_magnitude(x_abs / scale) * scale
+    y = jnp.where(xb >= 0, y, -y)
+    if zero_scale_zeroes:
+        y = jnp.where(scale == 0, jnp.float32(0.0), y)
+    return y
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def fake_quant_dynamic(x: jax.Array, global_amax, block_size: int = 16) -> jax.Array:
+    """NVFP4 fake quant with dynamic per-block scales (ModelOpt's Triton ``fp4_fake_quant_block``).
+
+    Args:
+      x: any float dtype, ``[..., K]``; blocks run along the last axis.
+      global_amax: calibrated per-tensor amax, scalar or broadcastable to ``x.shape[:-1] + (1,)``
+        (e.g. ``[E, 1, 1]`` for stacked experts).
+      block_size: elements per block (static).
+
+    Returns ``x``'s shape and dtype. Per block::
+
+        gs = global_amax / 2688;  gs = gs if gs > 0 else 1e-12
+        s = e4m3(min(block_max / (6 * gs), 448)) * gs;  s = s if s >= 1e-5 else 1.0
+        y = sign(x) * round_e2m1(|x| / s) * s
+    """
+    _check_block_size(block_size)
+    gs = global_scale(global_amax)
+    gs = opaque(jnp.where(gs > 0, gs, jnp.float32(1e-12)))[..., None]  # [..., 1, 1] over blocks
+    xb = _blocks(x, block_size).astype(jnp.float32)
+    bmax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    s = jnp.minimum(bmax / (6.0 * gs), E4M3_MAX)
+    s = s.astype(jnp.float8_e4m3fn).astype(jnp.float32) * gs
+    s = jnp.where(s >= 1e-5, s, jnp.float32(1.0))
+    y = _apply_block_scale(xb, s, zero_scale_zeroes=False)
+    return _unblock(y, x.shape).astype(x.dtype)
+
+
+def _as_block_shape(block_amax, x_shape, block_size):
+    nb = -(-x_shape[-1] // block_size)
+    want = (*x_shape[:-1], nb)
+    block_amax = _f32(block_amax)
+    if block_amax.shape != want:
+        if block_amax.size != math.prod(want):
+            raise ValueError(
+                f"block_amax of shape {block_amax.shape} does not match a tensor of shape {x_shape} "
+                f"with blocks of {block_size} (expected {want})"
+            )
+        block_amax = block_amax.reshape(want)
+    return block_amax
+
+
+def static_block_scale(block_amax, global_amax) -> jax.Array:
+    """Fake-quant block scale of the static kernel (float32, block_amax's shape).
+
+    ``fp8_fake_quant(block_amax / 6, amax=global_amax / 6)`` (ModelOpt ``compute_fp4_scales``).
+    """
+    scale = div(block_amax, E2M1_MAX)
+    scale_amax = div(global_amax, E2M1_MAX)
+    return opaque(_fp8_fake_quant(scale, scale_amax))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def fake_quant_static(x: jax.Array, block_amax, global_amax, block_size: int = 16) -> jax.Array:
+    """NVFP4 fake quant with calibrated per-block amax (ModelOpt ``static_blockwise_fp4_fake_quant``).
+
+    Args:
+      x: ``[..., K]``, any float dtype.
+      block_amax: ``[..., ceil(K/block_size)]`` per-block amax (or any shape with as many elements).
+      global_amax: scalar or broadcastable to ``block_amax`` (``[E, 1, 1]`` for stacked experts).
+
+    Per block: ``s = fp8_fake_quant(block_amax/6, global_amax/6)``; a zero ``s`` zeroes the block,
+    a NaN/Inf ``s`` is replaced by 1; then ``y = sign(x) * round_e2m1(|x| / s) * s``. There is no
+    ``1e-5`` floor here (unlike the dynamic kernel).
+    """
+    _check_block_size(block_size)
+    block_amax = _as_block_shape(block_amax, x.shape, block_size)
+    scale = static_block_scale(block_amax, _f32(global_amax))[..., None]
+    safe = jnp.where((scale == 0) | ~jnp.isfinite(scale), jnp.float32(1.0), scale)
+    xb = _blocks(x, block_size).astype(jnp.float32)
+    y = _apply_block_scale(xb, safe, zero_scale_zeroes=False)
+    y = jnp.where(scale == 0, jnp.float32(0.0), y)
+    return _unblock(y, x.shape).astype(x.dtype)
+
+
+def _export_block_scale(block_amax, wsf2) -> jax.Array:
+    """Dynamic export: ``e4m3(clamp(where(s == 0, 1, s), 2^-9, 448))``, ``s = amax / (6 * wsf2)``."""
+    s = block_amax / (6.0 * wsf2)
+    s = jnp.where(s == 0, jnp.float32(1.0), s)
+    return jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+def _export_block_scale_static(block_amax, global_amax) -> jax.Array:
+    """Static export (``get_weights_scaling_factor_from_quantizer``)::
+
+    s = where(amax/6 == 0, 1, amax/6) * 448 / (global_amax/6), clamp to [2^-9, 448], e4m3.
+    """
+    s = div(block_amax, E2M1_MAX)
+    s = jnp.where(s == 0, jnp.float32(1.0), s)
+    s = div(s * E4M3_MAX, div(global_amax, E2M1_MAX))
+    return jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX).astype(jnp.float8_e4m3fn)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int = 16) -> NVFP4Tensor:
+    """Real NVFP4 quantization for export (ModelOpt ``NVFP4QTensor.quantize``).
+
+    Args:
+      x: ``[..., K]`` weights (any float dtype). K is zero-padded up to a multiple of ``block_size``.
+      global_amax: per-tensor amax (scalar or ``[E, 1, 1]``); default ``max|x|`` (ModelOpt's
+        ``get_weights_scaling_factor_2``). ``weight_scale_2 = global_amax / 2688``.
+      block_amax: calibrated per-block amax of a static quantizer (``[..., ceil(K/bs)]``): the block
+        scales then come from it, not from ``x`` (``get_weights_scaling_factor_from_quantizer``);
+        ``global_amax`` then defaults to ``max(block_amax)``.
+
+    A ``global_amax`` of 0 (an all-zero tensor) is treated as 1.0, so the result is zero codes with
+    finite scales (ModelOpt writes NaN block scales there).
+    """
+    _check_block_size(block_size)
+    xb = _blocks(x, block_size).astype(jnp.float32)
+    if global_amax is None:
+        global_amax = jnp.max(block_amax) if block_amax is not None else jnp.max(jnp.abs(xb))
+    global_amax = _f32(global_amax)
+    global_amax = jnp.where(global_amax == 0, jnp.float32(1.0), global_amax)
+    wsf2 = global_scale(global_amax)
+    if block_amax is None:
+        scale = _export_block_scale(jnp.max(jnp.abs(xb), axis=-1), opaque(wsf2))
+    else:
+        scale = _export_block_scale_static(_as_block_shape(block_amax, x.shape, block_size), global_amax)
+    denom = opaque(scale.astype(jnp.float32) * wsf2)
+    codes = e2m1.to_codes(xb / denom[..., None])
+    codes = codes.reshape(*codes.shape[:-2], -1)
+    return NVFP4Tensor(e2m1.pack(codes), scale, wsf2)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "shape"))
+def dequantize(t: NVFP4Tensor, dtype=jnp.float32, shape: tuple[int, ...] | None = None) -> jax.Array:
+    """Decode an :class:`NVFP4Tensor` (ModelOpt ``NVFP4QTensor.dequantize``), float32 math.
+
+    ``value = e2m1 * (f32(block_scale) * global_scale)``, cast to ``dtype``. ``shape`` (the original
+    shape) crops the block padding; by default the padded shape is returned.
+    """
+    packed, block_scale, gs = t
+    gs = _f32(gs)
+    per_block = block_scale.astype(jnp.float32) * gs
+    vals = e2m1.from_codes(e2m1.unpack(packed))
+    nb = block_scale.shape[-1]
+    vals = vals.reshape(*vals.shape[:-1], nb, vals.shape[-1] // nb) * per_block[..., None]
+    y = vals.reshape(*vals.shape[:-2], -1)
+    if shape is not None:
+        shape = tuple(shape)
+        if y.shape[:-1] != shape[:-1] or not (0 < shape[-1] <= y.shape[-1]):
+            raise ValueError(f"shape {shape} does not fit a quantized tensor of shape {y.shape}")
+        y = y[..., : shape[-1]]
+    return y.astype(dtype)
