@@ -18,6 +18,7 @@ from test_gemma4_parity import GEMMA4_26B, make_gemma4
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -158,3 +159,59 @@ def test_padding_never_counts(tmp_path):
     for a, b in zip(*stats):
         np.testing.assert_array_equal(a, b)
     assert max(float(a.max()) for a in stats[1]) < 1e3
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+def test_fake_quant_uses_each_experts_amax(fmt):
+    """After calibration, fake quant of the stacked experts == a per-expert loop over the routed tokens only, each
+    expert with its own input / weight amax (dense compute quantizes per token, so unrouted tokens cannot leak)."""
+    from jaxquant.models.moe import dense_routing, route_topk
+    from jaxquant.numerics import fp8, nvfp4
+    from jaxquant.quantizer import BlockSizes
+
+    if fmt == "fp8":
+        cfg = QuantizerConfig(num_bits=(4, 3))
+        fq = fp8.fake_quant
+    else:
+        cfg = QuantizerConfig(num_bits=(2, 1), block_sizes=BlockSizes(size=16, type="dynamic", scale_bits=(4, 3)))
+        fq = nvfp4.fake_quant_dynamic
+    e_n, h, i, n, k = 5, 32, 48, 40, 2
+    rng = np.random.default_rng(0)
+    ex = MoeExperts(e_n, h, i, rngs=nnx.Rngs(1), init_std=0.3)
+    x = jnp.asarray(rng.standard_normal((n, h)).astype(np.float32) * 2)
+    logits = jnp.asarray(rng.standard_normal((n, e_n)).astype(np.float32))
+    w, idx = route_topk(logits, k, renormalize=True)
+    combine, routed = dense_routing(w, idx, e_n)
+    tm = jnp.asarray(rng.random(n) > 0.2)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for role in ("input_quantizer", "weight_quantizer"):
+            q = getattr(ex, f"{proj}_{role}")
+            q.configure(cfg, tensor_shape=ex.quantizer_tensor_shape(f"{proj}_{role}"))
+            q.set_mode("calibrate")
+    ex.calibrate_weights()
+    ex(x, combine, routed, token_mask=tm)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for role in ("input_quantizer", "weight_quantizer"):
+            getattr(ex, f"{proj}_{role}").set_mode("fake_quant")
+    out = np.asarray(ex(x, combine, routed, token_mask=tm))
+
+    def amax(attr, e):
+        return getattr(ex, attr).amax[...][e]
+
+    ref = np.zeros((n, h), np.float32)
+    for e in range(e_n):
+        rows = np.flatnonzero(np.asarray(routed[:, e]))
+        if rows.size == 0:
+            continue
+        xe = x[rows]
+        g = fq(xe, amax("gate_proj_input_quantizer", e)) @ fq(ex.gate_proj[...][e], amax("gate_proj_weight_quantizer", e)).T
+        u = fq(xe, amax("up_proj_input_quantizer", e)) @ fq(ex.up_proj[...][e], amax("up_proj_weight_quantizer", e)).T
+        hh = fq(jax.nn.silu(g) * u, amax("down_proj_input_quantizer", e))
+        y = hh @ fq(ex.down_proj[...][e], amax("down_proj_weight_quantizer", e)).T
+        ref[rows] += np.asarray(y) * np.asarray(combine[rows, e])[:, None]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # and it really quantized: differs from the unquantized experts
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for role in ("input_quantizer", "weight_quantizer"):
+            getattr(ex, f"{proj}_{role}").set_mode("off")
+    assert not np.allclose(np.asarray(ex(x, combine, routed)), out, atol=1e-3)
