@@ -484,6 +484,7 @@ def parse_metadata(raw: Any, where: str) -> RecipeMetadata:
             f"{child_where(where, unknown[0])}: unknown key; known: {', '.join(_METADATA_KEYS)}"
         )
     rtype = raw.get("recipe_type")
+    rtype = getattr(rtype, "value", rtype)  # ModelOpt's RecipeType enum
     if rtype not in RECIPE_TYPES:
         raise RecipeError(
             f"{child_where(where, 'recipe_type')}: must be one of {', '.join(RECIPE_TYPES)}, got {rtype!r}"

@@ -398,3 +398,18 @@ def test_round_trip_through_yaml(tmp_path):
                                  "cfg": {"num_bits": (2, 1), "block_sizes": {
                                      -1: 16, "type": "dynamic", "scale_bits": (4, 3)},
                                      "effective_bits": 4.5}}
+
+
+def test_modelopt_recipe_object_accepted():
+    mo = pytest.importorskip("modelopt.recipe")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = mo.load_recipe("general/ptq/fp8_default-kv_fp8")
+    r = recipe_from_dict(theirs)
+    ours = load_recipe("general/ptq/fp8_default-kv_fp8")
+    def canon(entries):
+        return [(e.quantizer_name, e.parent_class, e.cfg, e.effective_enable) for e in entries]
+
+    assert r.metadata.recipe_type == "ptq" and canon(r.quant_cfg) == canon(ours.quant_cfg)

@@ -334,3 +334,24 @@ def test_warning_when_recipe_enables_nothing():
         apply_recipe(Dense(), r)
     with pytest.warns(UnmatchedRuleWarning, match=r"match nothing .*: \*block_sparse_moe\*weight"):
         apply_recipe(CausalLM(), "general/ptq/nvfp4_experts_only-kv_fp8")
+
+
+def test_sites_from_nnx_state():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed_tokens = nnx.Embed(10, 8, rngs=rngs)
+            self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(2)])
+            self.norm = nnx.RMSNorm(8, rngs=rngs)
+
+    sites = sites_from_pytree(nnx.state(Net(nnx.Rngs(0)), nnx.Param))
+    assert [(s.name, s.parent_class) for s in sites] == [
+        ("embed_tokens.weight_quantizer", "nn.Embedding"),
+        ("layers.0.weight_quantizer", L), ("layers.0.input_quantizer", L),
+        ("layers.1.weight_quantizer", L), ("layers.1.input_quantizer", L),
+    ]
+    # quantizer state inside a quantized model is not mistaken for parameters
+    m = CausalLM()
+    apply_recipe(m, "general/ptq/fp8_default-kv_fp8")
+    names = {s.name for s in sites_from_pytree(nnx.state(m))}
+    assert "model.layers.0.self_attn.q_proj.weight_quantizer" in names
+    assert not any("amax" in n for n in names)
