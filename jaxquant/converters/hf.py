@@ -196,7 +196,14 @@ class SafetensorsSource:
     def where(self, name):
         src = self._src(name)
         f = self.files.name_to_file.get(src)
-        return str(f.path) if f is not None else str(self.files.directory)
+        if f is not None:
+            return str(f.path)
+        d = self.files.directory
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            return str(index)
+        names = sorted(self.files.files)
+        return str(d / names[0]) if len(names) == 1 else f"{d} ({', '.join(names)})"
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
