@@ -75,6 +75,10 @@ def smollm2_hf_dir() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # pragma: no cover - torch/transformers are test dependencies
         pytest.skip(f"converting the GGUF needs torch and transformers ({e})")
+    if importlib.util.find_spec("accelerate") is None:
+        # transformers refuses to read GGUF files without accelerate: a missing test dependency, not a skip.
+        pytest.fail("transformers needs `accelerate` to load GGUF files: `pip install accelerate` "
+                    "(it belongs in the [test] extra of pyproject.toml).")
     if _sha256(gguf) != SMOLLM2_GGUF_SHA256:
         raise RuntimeError(f"{gguf}: unexpected sha256; reinstall with `{_INSTALL_HINT}`")
 

@@ -5,8 +5,10 @@ int32) -> logits [B, L, V]`` batch by batch and reduces each batch's logits to t
 function (``token_nll``): the summed next-token negative log-likelihood and the number of scored tokens. When
 ``logits_fn`` returns a JAX array the full-vocabulary logits therefore stay on the device; only two scalars per batch
 reach the host. ``make_loss_fn(logits_fn)`` fuses a traceable ``logits_fn`` with the reduction into one jitted
-function (pass it as ``loss_fn=``) so XLA can avoid keeping the logits alive at all; a model can also pass its own
-``loss_fn(input_ids, attention_mask) -> (nll_sum, n_tokens)`` (e.g. one that never forms ``[B, L, V]`` logits).
+function (pass it as ``loss_fn=``); a model can also pass its own ``loss_fn(input_ids, attention_mask) -> (nll_sum,
+n_tokens)``, e.g. one built on ``chunked_token_nll``, which goes from final hidden states and the LM head to the
+loss a few positions at a time and never forms the full ``[B, L, V]`` logits (bounded memory for Gemma's 262k
+vocabulary).
 
 Token ``t + 1`` is scored from position ``t`` only when both are real tokens (``attention_mask`` 1 at ``t`` and
 ``t + 1``): padding is never a target nor a context position. Batches have one fixed shape (the last is completed
@@ -20,6 +22,7 @@ scored, the first one predicted from BOS).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -56,6 +59,47 @@ def token_nll(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = jnp.where(valid, lse - target_logit, 0.0)
     return jnp.sum(nll, dtype=jnp.float32), jnp.sum(valid, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "softcap"))
+def chunked_token_nll(
+    hidden: jax.Array,
+    head_weight: jax.Array,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    chunk_size: int = 128,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``token_nll`` from final hidden states without forming ``[B, L, V]`` logits.
+
+    ``hidden`` is ``[B, L, H]`` (after the final norm), ``head_weight`` the ``[V, H]`` LM head (HF layout; the
+    embedding for tied models). Logits are made ``chunk_size`` positions at a time inside a ``lax.scan`` (peak
+    ``[B, chunk_size, V]`` float32), so a 262k vocabulary stays within a bounded memory. ``softcap`` applies
+    ``softcap * tanh(logits / softcap)`` (Gemma-2-style final logit soft-capping) when set.
+    """
+    B, L, H = hidden.shape
+    n = L - 1
+    pad = -n % chunk_size
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    tgt = jnp.pad(input_ids[:, 1:].astype(jnp.int32), ((0, 0), (0, pad)))
+    valid = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
+    valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    k = (n + pad) // chunk_size
+    h = h.reshape(B, k, chunk_size, H).swapaxes(0, 1)
+    tgt = tgt.reshape(B, k, chunk_size).swapaxes(0, 1)
+    valid = valid.reshape(B, k, chunk_size).swapaxes(0, 1)
+
+    def body(acc, xs):
+        hc, tc, vc = xs
+        logits = jnp.einsum("bch,vh->bcv", hc, head_weight, preferred_element_type=jnp.float32)
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        t = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return acc + jnp.sum(jnp.where(vc, lse - t, 0.0)), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, tgt, valid))
+    return total, jnp.sum(valid, dtype=jnp.int32)
 
 
 def make_loss_fn(logits_fn: Callable[[jax.Array, jax.Array], jax.Array]):

@@ -16,7 +16,7 @@ from assets import smollm2_hf_dir  # noqa: E402
 
 from jaxquant.data import load_eval_text  # noqa: E402
 from jaxquant.errors import DataError  # noqa: E402
-from jaxquant.eval import eval_windows, make_loss_fn, perplexity, token_nll  # noqa: E402
+from jaxquant.eval import chunked_token_nll, eval_windows, make_loss_fn, perplexity, token_nll  # noqa: E402
 
 needs_gensim = pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="gensim not installed")
 
@@ -81,6 +81,36 @@ def test_perplexity_batching_and_fused_loss(batch_size):
     fused = perplexity(None, ids, batch_size, attention_mask=mask, loss_fn=make_loss_fn(logits_fn))
     np.testing.assert_allclose(fused.nll_sum, r.nll_sum, rtol=1e-6)
     assert fused.n_tokens == r.n_tokens
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 11, 64])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_token_nll_equals_full_logits(chunk_size, softcap):
+    ids, mask, _ = _random_case(3, L=12, V=40)
+    rng = np.random.default_rng(4)
+    hidden = rng.standard_normal((ids.shape[0], ids.shape[1], 16)).astype(np.float32)
+    head = rng.standard_normal((40, 16)).astype(np.float32)
+    logits = hidden @ head.T
+    if softcap:
+        logits = softcap * np.tanh(logits / softcap)
+    s, c = chunked_token_nll(hidden, head, ids, mask, chunk_size=chunk_size, softcap=softcap)
+    ref_s, ref_c = _ref_nll(logits, ids, mask)
+    assert int(c) == ref_c
+    np.testing.assert_allclose(float(s), ref_s, rtol=1e-5)
+
+
+def test_chunked_token_nll_memory_is_bounded():
+    """Gemma-sized head (262144 x 640): compiled temp memory stays far below one [B, L, V] float32 logits array."""
+    B, L, H, V = 2, 512, 640, 262144
+    # float32 operands: with bf16 ones the CPU backend adds a converted copy of the head, a constant not a [B, L, V]
+    args = (jax.ShapeDtypeStruct((B, L, H), jnp.float32), jax.ShapeDtypeStruct((V, H), jnp.float32),
+            jax.ShapeDtypeStruct((B, L), jnp.int32), jax.ShapeDtypeStruct((B, L), jnp.int32))
+    compiled = jax.jit(lambda h, w, i, m: chunked_token_nll(h, w, i, m, chunk_size=64)).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:
+        pytest.skip("no memory analysis on this backend")
+    full_logits = B * L * V * 4
+    assert mem.temp_size_in_bytes < full_logits / 4, (mem.temp_size_in_bytes, full_logits)
 
 
 def test_perplexity_input_errors():
