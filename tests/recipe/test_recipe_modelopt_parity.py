@@ -14,7 +14,7 @@ import io
 import warnings
 
 import pytest
-from conftest import our_attrs
+from _recipe_oracle import our_attrs
 
 from jaxquant.recipe import (
     builtin_root,
