@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -104,12 +105,25 @@ def _offline_message(name: str, why: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _probe(host: str, port: int) -> str | None:
-    """None when a TCP connection to host:port opens within PROBE_TIMEOUT_S, else the reason."""
-    try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
-            return None
-    except OSError as e:
-        return f"cannot connect to {host}:{port}: {e.strerror or e}"
+    """None when a TCP connection to host:port opens within PROBE_TIMEOUT_S, else the reason.
+
+    Runs in a daemon thread so that a hanging DNS lookup (not covered by the socket timeout) cannot stall the run.
+    """
+    result: list[str | None] = []
+
+    def attempt():
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                result.append(None)
+        except OSError as e:
+            result.append(f"cannot connect to {host}:{port}: {e.strerror or e}")
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(PROBE_TIMEOUT_S + 0.5)
+    if not result:
+        return f"no answer from {host}:{port} within {PROBE_TIMEOUT_S:.0f} s"
+    return result[0]
 
 
 def hub_unreachable_reason() -> str | None:

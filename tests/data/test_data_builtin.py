@@ -9,7 +9,8 @@ from jaxquant.data.wikitext import extract_articles, wikitext_to_plain
 from jaxquant.errors import DataError
 
 needs_gensim = pytest.mark.skipif(
-    importlib.util.find_spec("gensim") is None, reason="gensim not installed (pip install --no-deps -r requirements-assets.txt)"
+    importlib.util.find_spec("gensim") is None,
+    reason="gensim not installed (pip install --no-deps -r requirements-assets.txt)",
 )
 
 
