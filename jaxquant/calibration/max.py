@@ -109,6 +109,22 @@ def calibrate_weights(sites: list[Site], model: Any = None) -> int:
     return len(todo)
 
 
+def check_weights_finite(sites: list[Site]) -> None:
+    """``NonFiniteError`` naming the weights that hold NaN or Inf (their amax is not finite)."""
+    flags = {s.path: jnp.all(jnp.isfinite(s.quantizer.amax.value)) for s in _weight_sites(sites)}
+    if not flags:
+        return
+    ok = jax.device_get(flags)
+    bad = [s for s in _weight_sites(sites) if not bool(ok[s.path])]
+    if bad:
+        names = [s.names[0] if not s.stacked else f"{s.path} (experts)" for s in bad]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise NonFiniteError(
+            f"the weights quantized by {shown} hold NaN or Inf; the checkpoint is corrupt or was converted to "
+            "a dtype that overflows."
+        )
+
+
 def activation_sites_need_data(sites: list[Site]) -> bool:
     return any(s.calibrates_from_data for s in sites)
 
@@ -301,6 +317,7 @@ def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardF
     refused when an activation quantizer needs data).
     """
     calibrate_weights(sites, model)
+    check_weights_finite(sites)
     needs = set_calibration_modes(sites)
     if needs == 0 and skip_forward_without_activation_calib:
         log.info("max: no activation quantizer needs data (all constant, dynamic or disabled); weights only.")
