@@ -12,7 +12,7 @@ import warnings
 
 import jax.numpy as jnp
 import pytest
-from _recipe_oracle import TorchOracle, _tiny_models, our_attrs
+from _recipe_oracle import _tiny_models, our_attrs
 
 from jaxquant.recipe import apply_recipe, builtin_root, list_recipes
 
