@@ -1,0 +1,242 @@
+"""``jaxquant ptq`` / ``jaxquant eval`` end to end on a tiny checkpoint written here (no torch, no assets), and
+the CLI's error paths: one ``error:`` paragraph on stderr and exit status 2 (130 for Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxquant.cli import main
+from jaxquant.converters.names import hf_param_names
+from jaxquant.io.safetensors import save_file
+from jaxquant.models import ModelConfig, build_model
+
+WORDS = ("the a of to in and is was for on with as by at from that it this be are were has had not but or an "
+         "river city music history people year war king north south church school team game film book light "
+         "water stone bridge market garden island ship road village castle station library theatre").split()
+
+
+def _text(seed: int, n_docs: int, words_per_doc: int) -> str:
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        n = int(rng.integers(words_per_doc // 2, words_per_doc))
+        docs.append(" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n)) + ".")
+    return "\n\n".join(docs) + "\n"
+
+
+def write_tiny_checkpoint(d: Path, *, max_pos: int = 128, nan: bool = False, arch: str = "LlamaForCausalLM") -> Path:
+    """A tiny Llama checkpoint directory: config.json, model.safetensors, a word-level fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, ".": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    hf = {"architectures": [arch], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": max_pos, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+          "rms_norm_eps": 1e-5, "torch_dtype": "float32"}
+    (d / "config.json").write_text(json.dumps(hf))
+    if arch == "LlamaForCausalLM":
+        model = build_model(ModelConfig.from_hf_config(hf), dtype=jnp.float32, rngs=nnx.Rngs(0))
+        names = hf_param_names(model)
+        tensors = {names[".".join(str(p) for p in path)]: np.asarray(v.get_value())
+                   for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        if nan:
+            k = "model.layers.1.mlp.up_proj.weight"
+            tensors[k] = tensors[k].copy()
+            tensors[k][0, 0] = np.nan
+        save_file(tensors, d / "model.safetensors")
+    return d
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = write_tiny_checkpoint(root / "tiny")
+    calib = root / "calib.txt"
+    calib.write_text(_text(0, 40, 30))
+    ev = root / "eval.txt"
+    ev.write_text(_text(1, 60, 60))
+    return {"root": str(root), "model": str(ckpt), "calib": str(calib), "eval": str(ev)}
+
+
+def _ptq(files, *extra):
+    return ["ptq", "--model", files["model"], "--dataset", files["calib"], "--calib-size", "12", "--calib-seq", "24",
+            "--batch-size", "4", "--eval-dataset", files["eval"], "--eval-windows", "2", "--eval-seq", "32", "--quiet",
+            *extra]
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_ptq_end_to_end_prints_summary_ppl_and_timings(files, capsys, tmp_path):
+    state = tmp_path / "state.safetensors"
+    rc, out, err = _run(_ptq(files, "--save-calib-state", str(state)), capsys)
+    assert rc == 0, err
+    assert "backend cpu" in out
+    assert "quantizer resolution" in out and "counts: fp8" in out  # hf_ptq's default --qformat fp8
+    assert "calibration (max): 3 batches" in out
+    assert "original" in out and "quantized" in out and "perplexity on" in out
+    assert "time per phase" in out and "calibrate: forward passes" in out
+    ppl = [float(line.split()[1]) for line in out.splitlines() if line.startswith(("original ", "quantized "))]
+    assert len(ppl) == 2 and all(np.isfinite(ppl)) and abs(ppl[1] / ppl[0] - 1) < 0.2
+    assert state.is_file()
+    # --load-calib-state skips calibration and reproduces the quantized perplexity
+    rc, out2, err = _run(_ptq(files, "--load-calib-state", str(state)), capsys)
+    assert rc == 0, err
+    assert "calibration state loaded" in out2 and "calibration (max)" not in out2
+    ppl2 = [float(line.split()[1]) for line in out2.splitlines() if line.startswith(("original ", "quantized "))]
+    assert ppl2 == ppl
+
+
+def test_ptq_hf_ptq_spellings_and_presets(files, capsys):
+    argv = ["ptq", "--pyt_ckpt_path", files["model"], "--dataset", files["calib"], "--calib_size", "8",
+            "--calib_seq", "16", "--batch_size", "8", "--qformat", "nvfp4_mlp_only", "--kv_cache_qformat", "fp8",
+            "--eval_windows", "0", "--quiet"]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert "nvfp4" in out and "k_bmm_quantizer" in out
+    assert "fused siblings (q/k/v, gate/up): 2 NVFP4 group(s)" in out  # gate/up of both layers
+    assert "perplexity on" not in out
+
+
+@pytest.mark.parametrize(
+    "argv_fn, pattern",
+    [
+        (lambda f: ["ptq", "--model", f["root"] + "/missing", "--eval-windows", "0"], "no such file or directory"),
+        (lambda f: _ptq(f, "--recipe", "general/ptq/no_such_recipe"), "no recipe"),
+        (lambda f: _ptq(f, "--qformat", "int4_awq"), "not supported yet"),
+        (lambda f: _ptq(f, "--qformat", "bogus"), "unknown --qformat"),
+        (lambda f: _ptq(f) + ["--calib-size", "0"], "--calib-size must be positive"),
+        (lambda f: _ptq(f) + ["--calib-seq", "129"], "max_position_embeddings = 128"),
+        (lambda f: _ptq(f) + ["--eval-seq", "128"], "max_position_embeddings = 128"),
+        (lambda f: _ptq(f) + ["--dataset", "no_such_dataset"], "unknown dataset"),
+        (lambda f: _ptq(f) + ["--load-calib-state", f["root"] + "/nope.safetensors"], "no such file"),
+        (lambda f: _ptq(f) + ["--dtype", "int8"], "--dtype"),
+    ],
+)
+def test_ptq_user_errors(files, capsys, argv_fn, pattern):
+    rc, out, err = _run(argv_fn(files), capsys)
+    assert rc == 2
+    assert err.startswith("error: ") and pattern in err, err
+    assert "Traceback" not in err
+    assert "\n\n" not in err.strip()  # one paragraph
+
+
+def test_unsupported_architecture(files, capsys, tmp_path):
+    d = write_tiny_checkpoint(tmp_path / "foo", arch="FooForCausalLM")
+    rc, out, err = _run(["ptq", "--model", str(d), "--eval-windows", "0"], capsys)
+    assert rc == 2 and "FooForCausalLM" in err and "Traceback" not in err
+
+
+def test_non_finite_weights(files, capsys, tmp_path):
+    d = write_tiny_checkpoint(tmp_path / "nan", nan=True)
+    argv = _ptq(files, "--eval-windows", "0")
+    argv[argv.index("--model") + 1] = str(d)
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2 and "NaN or Inf" in err and "model.layers.1.mlp.up_proj.weight_quantizer" in err
+
+
+def test_existing_export_path_fails_before_calibration(files, capsys, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    rc, out, err = _run(_ptq(files, "--export-path", str(target)), capsys)
+    assert rc == 2 and "not empty" in err and "--overwrite" in err
+    assert "calibration (max)" not in out and "load model" not in out  # refused before any work
+    assert (target / "keep.txt").read_text() == "x"
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(files, capsys, tmp_path, monkeypatch):
+    import jaxquant.calibration as cal
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cal, "quantize", interrupt)
+    state = tmp_path / "s.safetensors"
+    target = tmp_path / "export"
+    rc, out, err = _run(_ptq(files, "--save-calib-state", str(state), "--export-path", str(target)), capsys)
+    assert rc == 130 and "interrupted" in err
+    assert not state.exists() and not target.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_hf(files, capsys, tmp_path):
+    pytest.importorskip("jaxquant.export.hf")
+    target = tmp_path / "exported"
+    rc, out, err = _run(_ptq(files, "--export-path", str(target), "--eval-windows", "0"), capsys)
+    if rc == 2 and "no HF export" in err:
+        pytest.skip("export not available in this build")
+    assert rc == 0, err
+    assert (target / "config.json").is_file() and (target / "hf_quant_config.json").is_file()
+    hfq = json.loads((target / "hf_quant_config.json").read_text())
+    assert hfq["quantization"]["quant_algo"] == "FP8"
+    # rerun without --overwrite: refused up front; with it: replaced
+    rc, out, err = _run(_ptq(files, "--export-path", str(target), "--eval-windows", "0"), capsys)
+    assert rc == 2 and "not empty" in err
+    rc, out, err = _run(_ptq(files, "--export-path", str(target), "--eval-windows", "0", "--overwrite"), capsys)
+    assert rc == 0, err
+
+
+def test_eval_command(files, capsys):
+    rc, out, err = _run(["eval", "--model", files["model"], "--eval-dataset", files["eval"], "--eval-windows", "2",
+                         "--eval-seq", "32"], capsys)
+    assert rc == 0, err
+    assert "perplexity " in out and np.isfinite(float(out.split("perplexity ")[-1].split()[0]))
+    rc, out, err = _run(["eval", "--model", files["model"], "--eval-dataset", files["eval"], "--eval-windows", "0"],
+                        capsys)
+    assert rc == 2
+
+
+def test_python_m_jaxquant_help():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "jaxquant", "ptq", "--help"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 0
+    for flag in ("--pyt_ckpt_path", "--kv-cache-qformat", "--kv_cache_qformat", "--calib-size", "--export-format",
+                 "--overwrite", "--pack", "--seed", "--dtype", "--recipe"):
+        assert flag in p.stdout
+    p = subprocess.run([sys.executable, "-m", "jaxquant"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "ptq" in p.stderr
+
+
+@pytest.mark.slow
+def test_default_demo_runs_with_no_arguments(capsys):
+    """The README's main command (shortened: fewer samples and windows) on the embedded SmolLM2."""
+    try:
+        from jaxquant.cli_ptq import demo_gguf_path
+
+        demo_gguf_path()
+    except Exception as e:
+        pytest.skip(str(e))
+    try:
+        from jaxquant.data import builtin_texts
+
+        builtin_texts("lee_news")
+    except Exception as e:
+        pytest.skip(f"built-in text unavailable: {e}")
+    rc, out, err = _run(["ptq", "--calib-size", "8", "--calib-seq", "64", "--eval-windows", "2", "--eval-seq", "64",
+                         "--quiet"], capsys)
+    assert rc == 0, err
+    assert "SmolLM2-135M" in out and "embedded default" in out
+    ppl = [float(line.split()[1]) for line in out.splitlines() if line.startswith(("original ", "quantized "))]
+    assert len(ppl) == 2 and 1 < ppl[0] < 100 and ppl[1] < ppl[0] * 1.5
