@@ -11,7 +11,7 @@
 See docs/recipes.md.
 """
 
-from jaxquant.recipe.apply import apply_recipe, find_quantizers
+from jaxquant.recipe.apply import apply_recipe, default_name_map, find_quantizers
 from jaxquant.recipe.loader import (
     builtin_root,
     list_recipes,
@@ -50,6 +50,7 @@ __all__ = [
     "UnmatchedRuleWarning",
     "apply_recipe",
     "builtin_root",
+    "default_name_map",
     "find_quantizers",
     "kv_cache_qformat_choices",
     "list_recipes",

@@ -21,6 +21,7 @@ may define:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from jaxquant.errors import RecipeError, UnsupportedError
@@ -85,8 +86,23 @@ def _tensor_shape(parent: Any, attr: str) -> tuple | None:
     return None
 
 
-def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False,
-                 warn: bool = True) -> Resolution:
+def default_name_map(model: Any) -> Callable[[str], str]:
+    """NNX path -> ModelOpt (HF) name for ``model``: our decoders keep a text-only tree under
+    ``model.`` while HF multimodal checkpoints put it under e.g. ``model.language_model.``; the
+    converters' ``NameMap`` knows the prefix. Identity for models without a jaxquant config."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "architecture", None):
+        try:
+            from jaxquant.converters.names import NameMap
+
+            return NameMap.for_config(config).hf_name
+        except Exception:  # an architecture the name map does not know: plain paths
+            pass
+    return lambda p: p
+
+
+def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: bool = True,
+                 name_map: Callable[[str], str] | None = None) -> Resolution:
     """Resolve ``recipe`` on ``model``'s quantizers and configure each of them.
 
     Args:
@@ -96,10 +112,13 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False,
         ``RecipeError``; ``"all"``: any unmatched rule is (exclusions for modules this model
         lacks included); False: unmatched enabling rules only warn.
       warn: emit a warning for unmatched enabling rules when not strict.
+      name_map: NNX path -> ModelOpt name; default ``default_name_map(model)`` (the HF name of
+        jaxquant's decoders, identity otherwise). Rules match the mapped names.
 
     Returns:
-      The ``Resolution`` (``report()`` prints the quantizer -> format table). ``quantizers`` maps
-      each ``TensorQuantizer``'s path to its config.
+      The ``Resolution`` (``report()`` prints the quantizer -> format table). ``configs`` is keyed
+      by ModelOpt name (per instance for stacked experts); ``quantizers`` maps each
+      ``TensorQuantizer``'s NNX path to its config and ``names`` to its ModelOpt name(s).
 
     Raises:
       UnsupportedError: an enabled quantizer resolves to a format jaxquant does not implement
@@ -111,44 +130,45 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False,
     if not found:
         raise RecipeError("the model has no TensorQuantizer modules to configure")
 
+    to_name = name_map or default_name_map(model)
     sites: list[QuantizerSite] = []
+    names: dict[str, tuple[str, ...]] = {}
     groups: dict[str, tuple[str, ...]] = {}
     for path, _q, parent, base, attr in found:
         cls = parent_class_of(parent)
         names_fn = getattr(parent, "quantizer_names", None)
         inst = names_fn(attr) if callable(names_fn) else None
         if inst:
-            full = tuple(f"{base}.{n}" if base else n for n in inst)
+            full = tuple(to_name(f"{base}.{n}" if base else n) for n in inst)
             groups[path] = full
-            sites.extend(QuantizerSite(n, cls) for n in full)
         else:
-            sites.append(QuantizerSite(path, cls))
+            full = (to_name(path),)
+        names[path] = full
+        sites.extend(QuantizerSite(n, cls) for n in full)
     res = resolve(rules, sites)
     res.recipe = rec
 
     per_quantizer: dict[str, Any] = {}
     for path, *_ in found:
-        if path in groups:
-            cfgs = {n: res.configs[n] for n in groups[path]}
-            distinct = set(cfgs.values())
-            if len(distinct) > 1:
-                by_fmt: dict[str, list[str]] = {}
-                for n, c in cfgs.items():
-                    by_fmt.setdefault(format_name(c) or "disabled", []).append(n)
-                detail = "; ".join(f"{f}: {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"
-                                   for f, ns in by_fmt.items())
-                if len(by_fmt) == 1:
-                    detail += " (same format, different attributes)"
-                raise UnsupportedError(
-                    f"quantizer {path} holds {len(cfgs)} stacked instances, and the recipe gives "
-                    f"them different configs ({detail}); jaxquant quantizes stacked experts with "
-                    "one config"
-                )
-            per_quantizer[path] = next(iter(distinct))
-        else:
-            per_quantizer[path] = res.configs[path]
+        cfgs = {n: res.configs[n] for n in names[path]}
+        distinct = set(cfgs.values())
+        if len(distinct) > 1:
+            by_fmt: dict[str, list[str]] = {}
+            for n, c in cfgs.items():
+                by_fmt.setdefault(format_name(c) or "disabled", []).append(n)
+            detail = "; ".join(f"{f}: {', '.join(ns[:4])}{' ...' if len(ns) > 4 else ''}"
+                               for f, ns in by_fmt.items())
+            if len(by_fmt) == 1:
+                detail += " (same format, different attributes)"
+            raise UnsupportedError(
+                f"quantizer {path} holds {len(cfgs)} stacked instances, and the recipe gives "
+                f"them different configs ({detail}); jaxquant quantizes stacked experts with "
+                "one config"
+            )
+        per_quantizer[path] = next(iter(distinct))
     res.quantizers = per_quantizer
     res.instances = groups
+    res.names = names
 
     bad = []
     for path, cfg in per_quantizer.items():

@@ -117,6 +117,7 @@ class Resolution:
       quantizers: per model quantizer (a stacked MoE quantizer once, under its own path) -> config.
         Equal to ``configs`` when nothing is stacked.
       instances: stacked quantizer path -> its per-instance names.
+      names: model quantizer path -> the ModelOpt name(s) it was resolved under (``apply_recipe``).
       recipe: the recipe, when one was given.
     """
 
@@ -127,6 +128,7 @@ class Resolution:
     match_counts: tuple[int, ...]
     quantizers: dict[str, Config | None] = dataclasses.field(default_factory=dict)
     instances: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     recipe: Recipe | None = None
 
     # ------------------------------------------------------------------ queries
@@ -399,6 +401,7 @@ def resolve(quant_cfg: Any, sites: Iterable[QuantizerSite | str | tuple]) -> Res
         last_rule=dict(zip(names, last)),
         match_counts=tuple(counts),
         quantizers=dict(configs),
+        names={n: (n,) for n in names},
         recipe=recipe,
     )
 

@@ -355,3 +355,19 @@ def test_sites_from_nnx_state():
     names = {s.name for s in sites_from_pytree(nnx.state(m))}
     assert "model.layers.0.self_attn.q_proj.weight_quantizer" in names
     assert not any("amax" in n for n in names)
+
+
+def test_apply_recipe_matches_modelopt_names_through_name_map():
+    m = CausalLM()
+    hf = lambda p: "model.language_model." + p[len("model."):] if p.startswith("model.") else p  # noqa: E731
+    r = rules({"quantizer_name": "*", "enable": False},
+              {"quantizer_name": "model.language_model.layers.0.*weight_quantizer", "cfg": FP8},
+              {"quantizer_name": "model.layers.1.*", "cfg": FP8})  # the NNX path: never matches
+    res = apply_recipe(m, r, name_map=hf)
+    assert m.model.layers[0].self_attn.q_proj.weight_quantizer.format == "fp8"
+    assert m.model.layers[1].self_attn.q_proj.weight_quantizer.config is None
+    assert res.names["model.layers.0.self_attn.q_proj.weight_quantizer"] == \
+        ("model.language_model.layers.0.self_attn.q_proj.weight_quantizer",)
+    assert "model.language_model.layers.1.mlp.experts.2.up_proj.weight_quantizer" in res.configs
+    assert [u.index for u in res.unmatched_rules] == [2]
+    assert "model.layers.0.self_attn.q_proj.weight_quantizer" in res.quantizers
