@@ -1,0 +1,399 @@
+"""Load a ModelOpt-format FP8 / NVFP4 checkpoint (jaxquant's own exports, or NVIDIA's published
+ones) into the Flax model, so JAX users can evaluate quantized checkpoints on TPU, GPU or CPU.
+
+``load_quantized(dir)`` returns a ``LoadedModel`` like ``load_hf``:
+
+* Each quantized linear becomes a ``QuantizedLinear`` that keeps the checkpoint's packed weight
+  (``U8`` NVFP4 nibbles or ``F8_E4M3``) and its scales on the device and dequantizes inside the
+  jitted forward, right before the matmul (``weights="packed"``, the default); or the weights are
+  dequantized once while loading into ordinary ``Linear`` modules (``weights="dequantize"``).
+  Stacked MoE experts are always dequantized on load.
+* Activations: a linear with an ``input_scale`` gets its ``input_quantizer`` configured with the
+  checkpoint's format and ``amax = input_scale * 448`` (FP8) or ``* 2688`` (NVFP4), in fake-quant
+  mode, so the forward emulates what a serving engine computes (``activations="off"`` skips it).
+  ``k_scale`` / ``v_scale`` likewise configure FP8 ``k_bmm`` / ``v_bmm`` quantizers.
+* Formats are detected from the tensors themselves (``weight`` U8 + ``weight_scale_2`` = NVFP4,
+  ``weight`` F8_E4M3 + ``weight_scale`` = FP8), so checkpoints whose ``hf_quant_config.json`` is
+  missing still load; ``config.json["quantization_config"]`` is kept in ``hf_config``.
+
+Everything is read with jaxquant's own safetensors reader (safetensors' numpy reader cannot return
+F8 tensors, safetensors#682).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.errors import CheckpointError, UnsupportedError
+from jaxquant.export import tensors as T
+from jaxquant.export.atomic import is_incomplete
+from jaxquant.quantizer import TensorQuantizer
+from jaxquant.quantizer.config import BlockSizes, QuantizerConfig
+
+FP8_CONFIG = QuantizerConfig(num_bits=(4, 3))
+NVFP4_CONFIG = QuantizerConfig(num_bits=(2, 1), block_sizes=BlockSizes(size=16, type="dynamic", scale_bits=(4, 3)))
+_SCALE_RE = re.compile(r"\.(weight_scale|weight_scale_2|input_scale|k_scale|v_scale|pre_quant_scale)$")
+_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+class PackedWeight(nnx.Variable):
+    """A quantized weight as stored in the checkpoint (uint8 NVFP4 nibbles or float8_e4m3fn)."""
+
+
+class WeightScale(nnx.Variable):
+    """A checkpoint scale tensor (``weight_scale`` / ``weight_scale_2``)."""
+
+
+# ----------------------------------------------------------------------------------------------- dequantization
+def dequantize_fp8(weight: jax.Array, weight_scale: jax.Array, dtype) -> jax.Array:
+    """``float32(weight) * weight_scale`` (per tensor, or per output channel), cast to ``dtype``."""
+    s = weight_scale.astype(jnp.float32)
+    if s.ndim == 1:
+        s = s[:, None]
+    return (weight.astype(jnp.float32) * s).astype(dtype)
+
+
+def dequantize_nvfp4(packed: jax.Array, weight_scale: jax.Array, weight_scale_2: jax.Array, dtype,
+                     block_size: int = 16) -> jax.Array:
+    """E2M1 value of each nibble (even element = low nibble) times ``weight_scale * weight_scale_2``
+    per 16-block, like ModelOpt's ``NVFP4QTensor.dequantize``; then cast to ``dtype``."""
+    lo = packed & jnp.uint8(0x0F)
+    hi = packed >> jnp.uint8(4)
+    codes = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    vals = jnp.asarray(_E2M1)[codes.astype(jnp.int32)]
+    per_block = weight_scale.astype(jnp.float32) * weight_scale_2.astype(jnp.float32)
+    out = vals.reshape(*vals.shape[:-1], -1, block_size) * per_block[..., None]
+    return out.reshape(vals.shape).astype(dtype)
+
+
+class QuantizedLinear(nnx.Module):
+    """A ``Linear`` whose weight stays quantized in memory and is dequantized in the forward.
+
+    Attributes mirror the checkpoint: ``weight`` (``PackedWeight``), ``weight_scale``,
+    ``weight_scale_2`` (NVFP4), ``bias``; and the three quantizers of ``Linear``
+    (``weight_quantizer`` stays disabled: the weight is already quantized).
+    """
+
+    modelopt_class = "nn.Linear"
+
+    def __init__(self, fmt: str, weight, weight_scale, weight_scale_2=None, bias=None, *, in_features: int,
+                 out_features: int, dtype=jnp.bfloat16, precision=None):
+        if fmt not in ("fp8", "nvfp4"):
+            raise UnsupportedError(f"QuantizedLinear: format {fmt!r}")
+        self.fmt = fmt
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = jnp.dtype(dtype)
+        self.weight = PackedWeight(jnp.asarray(weight))
+        self.weight_scale = WeightScale(jnp.asarray(weight_scale))
+        self.weight_scale_2 = WeightScale(jnp.asarray(weight_scale_2)) if weight_scale_2 is not None else None
+        self.bias = nnx.Param(jnp.asarray(bias, self.dtype)) if bias is not None else None
+        self.precision = precision
+        self.input_quantizer = TensorQuantizer()
+        self.weight_quantizer = TensorQuantizer()
+        self.output_quantizer = TensorQuantizer()
+
+    def dequantized_weight(self) -> jax.Array:
+        w = self.weight[...]
+        if self.fmt == "fp8":
+            return dequantize_fp8(w, self.weight_scale[...], self.dtype)
+        return dequantize_nvfp4(w, self.weight_scale[...], self.weight_scale_2[...], self.dtype)
+
+    def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None, preferred_element_type=None):
+        x = self.input_quantizer(x, token_mask=token_mask)
+        w = self.dequantized_weight()
+        if x.dtype != w.dtype:
+            x = x.astype(w.dtype)
+        y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=self.precision,
+                                preferred_element_type=preferred_element_type)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return self.output_quantizer(y, token_mask=token_mask)
+
+
+# ----------------------------------------------------------------------------------------------- detection
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensorInfo:
+    """One quantized linear found in a checkpoint (HF module name ``module``)."""
+
+    module: str
+    fmt: str  # "fp8" | "nvfp4"
+    has_input_scale: bool
+
+
+def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
+    """``{HF module name: info}`` for every quantized linear weight in ``files`` (CheckpointFiles)."""
+    out = {}
+    for k in files.keys():
+        if not k.endswith(".weight"):
+            continue
+        mod = k[: -len(".weight")]
+        tag = files.tensor_info(k).dtype
+        if tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
+            out[mod] = QuantizedTensorInfo(mod, "nvfp4", f"{mod}.input_scale" in files)
+        elif tag == "F8_E4M3" and f"{mod}.weight_scale" in files:
+            if files.tensor_info(f"{mod}.weight_scale").dtype != "F32":
+                raise UnsupportedError(f"{mod}: FP8 weight with a {files.tensor_info(f'{mod}.weight_scale').dtype} "
+                                       "scale (block-scaled FP8) is not supported by jaxquant's loader.")
+            out[mod] = QuantizedTensorInfo(mod, "fp8", f"{mod}.input_scale" in files)
+        elif tag in ("U8", "I8", "F8_E4M3", "F8_E5M2") and not mod.endswith(("embed_tokens",)):
+            raise UnsupportedError(f"{files.directory}: {k} is {tag} without the scales of a ModelOpt FP8/NVFP4 "
+                                   "layer; this quantization format is not supported by jaxquant's loader.")
+    return out
+
+
+def _dequant_np(files, mod: str, fmt: str) -> np.ndarray:
+    if fmt == "fp8":
+        return T.fp8_dequantize(files.get(mod + ".weight"), files.get(mod + ".weight_scale"))
+    return T.nvfp4_dequantize(files.get(mod + ".weight"), files.get(mod + ".weight_scale"),
+                              files.get(mod + ".weight_scale_2"))
+
+
+class DequantizingSource:
+    """``TensorSource`` serving quantized weights as float32 (dequantized) and the rest unchanged.
+
+    With ``placeholders`` (the names of weights that will be replaced by ``QuantizedLinear``) those
+    weights are served as zeros instead of being dequantized.
+    """
+
+    def __init__(self, base, files, quantized: dict[str, QuantizedTensorInfo], placeholders=frozenset()):
+        self.base, self.files, self.quantized, self.placeholders = base, files, quantized, placeholders
+
+    def _q(self, name):
+        if name.endswith(".weight"):
+            return self.quantized.get(name[: -len(".weight")])
+        return None
+
+    def has(self, name):
+        return self.base.has(name)
+
+    def shape(self, name):
+        q = self._q(name)
+        s = tuple(self.base.shape(name))
+        if q is not None and q.fmt == "nvfp4":
+            return s[:-1] + (s[-1] * 2,)
+        return s
+
+    def dtype(self, name):
+        return "F32" if self._q(name) is not None else self.base.dtype(name)
+
+    def get(self, name):
+        q = self._q(name)
+        if q is None:
+            return self.base.get(name)
+        if name in self.placeholders:
+            return np.broadcast_to(np.zeros((), np.float32), self.shape(name))
+        return _dequant_np(self.files, q.module, q.fmt)
+
+    def where(self, name):
+        return self.base.where(name)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a ModelOpt-format quantized checkpoint."""
+    import json
+
+    d = Path(path)
+    if (d / "hf_quant_config.json").is_file():
+        return True
+    cfg = d / "config.json"
+    if cfg.is_file():
+        try:
+            qcfg = json.loads(cfg.read_text()).get("quantization_config") or {}
+        except (ValueError, OSError):
+            return False
+        return qcfg.get("quant_method") == "modelopt"
+    return False
+
+
+def _navigate(model, nnx_path: str):
+    node = model
+    parts = nnx_path.split(".")
+    for p in parts[:-1]:
+        node = node[int(p)] if p.isdigit() else getattr(node, p)
+    return node, parts[-1]
+
+
+def _fake_quant_input(q: TensorQuantizer, cfg: QuantizerConfig, amax: float):
+    q.configure(cfg)
+    q.amax.value = jnp.asarray(amax, jnp.float32).reshape(q.amax.value.shape)
+    q.set_mode("fake_quant")
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    dtype=jnp.bfloat16,
+    *,
+    weights: Literal["packed", "dequantize"] = "packed",
+    activations: Literal["fake_quant", "off"] = "fake_quant",
+):
+    """Load a ModelOpt FP8 / NVFP4 / mixed checkpoint directory as a ``LoadedModel``.
+
+    Args:
+      path: checkpoint directory (``config.json`` + safetensors, as ``export_hf`` writes it).
+      dtype: compute / unquantized-parameter dtype.
+      weights: ``"packed"`` keeps quantized weights packed and dequantizes in the forward;
+        ``"dequantize"`` dequantizes once on load into ordinary ``Linear`` modules.
+      activations: ``"fake_quant"`` emulates the checkpoint's activation and KV quantization from
+        ``input_scale`` / ``k_scale`` / ``v_scale``; ``"off"`` runs activations unquantized.
+
+    Raises:
+      CheckpointError: an interrupted export, missing files, or tensors that do not match the config.
+      UnsupportedError: a quantization format other than ModelOpt FP8 / NVFP4.
+    """
+    from jaxquant.converters.hf import (
+        LoadedModel,
+        SafetensorsSource,
+        collect_extra_tensors,
+        materialize,
+        read_hf_config,
+        resolve_dtype,
+    )
+    from jaxquant.converters.names import NameMap
+    from jaxquant.io.safetensors import CheckpointFiles
+    from jaxquant.models.config import ModelConfig, import_object
+
+    d = Path(path)
+    if is_incomplete(d):
+        raise CheckpointError(f"{d} is an interrupted jaxquant export (incomplete); export again.")
+    if weights not in ("packed", "dequantize"):
+        raise ValueError(f"weights={weights!r}: use 'packed' or 'dequantize'")
+    dtype = resolve_dtype(dtype)
+    hf_config = read_hf_config(d)
+    plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    config = ModelConfig.from_hf_config(plain, source=str(d / "config.json"))
+    nm = NameMap.for_config(config)
+    files = CheckpointFiles.open(d)
+    quantized = detect_quantized(files)
+    base = SafetensorsSource(files, nm)
+    adapter = import_object(config.spec.tensor_adapter) if config.spec.tensor_adapter else None
+
+    # which quantized weights become QuantizedLinear (dense linears whose NNX path exists as a Linear)
+    placeholders = set()
+    if weights == "packed":
+        for mod in quantized:
+            p = nm.nnx_path(mod + ".weight")
+            if p is not None and ".experts." not in mod:
+                placeholders.add(mod + ".weight")
+    source = DequantizingSource(base, files, quantized, frozenset(placeholders))
+    if adapter is not None:
+        source = adapter(config, source)
+    model = materialize(config, source, dtype=dtype, name_map=nm)
+
+    from jaxquant.models.layers import Linear
+
+    for mod, info in quantized.items():
+        p = nm.nnx_path(mod + ".weight")
+        if p is None:
+            continue
+        mod_path = p[: -len(".weight")]
+        try:
+            parent, attr = _navigate(model, mod_path)
+            lin = getattr(parent, attr) if not attr.isdigit() else parent[int(attr)]
+        except (AttributeError, IndexError, KeyError, TypeError):
+            continue  # per-expert tensors: loaded (dequantized) through the stacked experts
+        if not isinstance(lin, Linear):
+            continue
+        if mod + ".weight" in placeholders:
+            bias = lin.bias[...] if lin.bias is not None else None
+            new = QuantizedLinear(
+                info.fmt, files.get(mod + ".weight"), files.get(mod + ".weight_scale"),
+                files.get(mod + ".weight_scale_2") if info.fmt == "nvfp4" else None, bias,
+                in_features=lin.in_features, out_features=lin.out_features, dtype=dtype, precision=lin.precision,
+            )
+            setattr(parent, attr, new)
+            lin = new
+        if activations == "fake_quant" and info.has_input_scale:
+            s = float(np.asarray(files.get(mod + ".input_scale")).reshape(()))
+            if info.fmt == "fp8":
+                _fake_quant_input(lin.input_quantizer, FP8_CONFIG, s * 448.0)
+            else:
+                _fake_quant_input(lin.input_quantizer, NVFP4_CONFIG, s * 2688.0)
+    _configure_experts_inputs(model, nm, files, quantized, activations)
+    if activations == "fake_quant":
+        _configure_kv(model, nm, files, kv_cache_algo(d, hf_config))
+    consumes = getattr(source, "consumes", None)
+
+    def _consumes(name: str) -> bool:
+        return bool(_SCALE_RE.search(name)) or (consumes is not None and consumes(name))
+
+    extra = collect_extra_tensors(files, nm, config, consumes=_consumes)
+    return LoadedModel(model, config, extra, hf_config, d, nm)
+
+
+def kv_cache_algo(d: Path, hf_config: dict) -> str | None:
+    """``kv_cache_quant_algo`` of a checkpoint (hf_quant_config.json, else quantization_config)."""
+    import json
+
+    p = d / "hf_quant_config.json"
+    if p.is_file():
+        try:
+            return (json.loads(p.read_text()).get("quantization") or {}).get("kv_cache_quant_algo")
+        except ValueError:
+            pass
+    scheme = (hf_config.get("quantization_config") or {}).get("kv_cache_scheme")
+    if isinstance(scheme, dict):
+        return "FP8" if scheme.get("num_bits") == 8 and scheme.get("type") == "float" else None
+    return scheme
+
+
+def _configure_kv(model, nm, files, algo: str | None) -> None:
+    """FP8 K/V fake quant with ``amax = k_scale * 448``; an FP8 KV cache without scales (``*_cast``
+    exports) uses the engines' default scale 1.0, i.e. amax 448."""
+    from jaxquant.converters.names import dotted
+    from jaxquant.models.layers import Attention
+
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, Attention):
+            continue
+        hf = nm.hf_name(dotted(path))
+        for proj, key, role in (("k_proj", "k_scale", "k_bmm_quantizer"), ("v_proj", "v_scale", "v_bmm_quantizer")):
+            name = f"{hf}.{proj}.{key}"
+            if name in files:
+                s = float(np.asarray(files.get(name)).reshape(()))
+                _fake_quant_input(getattr(node, role), FP8_CONFIG, s * 448.0)
+            elif algo == "FP8":
+                _fake_quant_input(getattr(node, role), FP8_CONFIG, 448.0)
+
+
+def _configure_experts_inputs(model, nm, files, quantized, activations) -> None:
+    """Stacked experts: per-expert input amax from each expert's input_scale (fake quant)."""
+    if activations != "fake_quant":
+        return
+    try:
+        from jaxquant.models.moe import MoeExperts
+    except ImportError:  # pragma: no cover
+        return
+    from jaxquant.converters.names import dotted
+
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, MoeExperts):
+            continue
+        hf = nm.hf_name(dotted(path))
+        for idx, proj in enumerate(("gate_proj", "up_proj", "down_proj")):
+            name = node.expert_names[idx]
+            infos = [quantized.get(f"{hf}.{e}.{name}") for e in range(node.num_experts)]
+            if not all(i is not None and i.has_input_scale for i in infos):
+                continue
+            fmts = {i.fmt for i in infos}
+            if len(fmts) != 1:
+                continue
+            fmt = fmts.pop()
+            mult = 448.0 if fmt == "fp8" else 2688.0
+            amax = np.array([float(np.asarray(files.get(f"{hf}.{e}.{name}.input_scale"))) * mult
+                             for e in range(node.num_experts)], np.float32)
+            q = getattr(node, f"{proj}_input_quantizer")
+            q.configure(FP8_CONFIG if fmt == "fp8" else NVFP4_CONFIG,
+                        tensor_shape=node.quantizer_tensor_shape(f"{proj}_input_quantizer"))
+            q.amax.value = jnp.asarray(amax).reshape(q.amax.value.shape)
+            q.set_mode("fake_quant")
