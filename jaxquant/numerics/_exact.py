@@ -1,14 +1,18 @@
-"""IEEE-exact building blocks shared by the FP8 and NVFP4 kernels.
+"""IEEE-exact float32 division under XLA.
 
-XLA's algebraic simplifier rewrites divisions in ways that change float bits:
-``A / const`` becomes ``A * (1/const)``, ``A / (B / C)`` becomes ``(A * C) / B`` and
-``(A / B) / C`` becomes ``A / (B * C)``. ModelOpt's reference divides exactly (IEEE, round to
-nearest even) in the order it is written, so a bit-exact port must keep XLA from seeing those
-patterns. :func:`div` hides its operands behind ``lax.optimization_barrier``, which the simplifier
-cannot look through. Only use it where the operands are small (scalars, per-channel or per-block
-scales): a barrier on a large tensor forces it to be materialized and costs memory bandwidth. A
-division whose dividend is a large tensor and whose divisor is neither a constant nor a quotient
-(``|x| / block_scale``) is left as a plain ``/``.
+ModelOpt's references divide exactly (IEEE, round to nearest even) in the order the code is
+written. XLA does not always keep ``a / b`` as a correctly rounded division:
+
+* its algebraic simplifier rewrites ``A / const`` into ``A * (1/const)``, ``(A / B) / C`` into
+  ``A / (B * C)`` and ``A / (B / C)`` into ``(A * C) / B``;
+* its CPU backend computes a division by a broadcast divisor (a scalar, or a per-row/per-block
+  value) as a multiplication by the divisor's reciprocal.
+
+Each of these changes the last bit of some quotients. :func:`div` keeps the division exact with two
+selects that do not change any result but hide the patterns: the divisor becomes
+``where(isnan(a), 1, b)`` (a NaN dividend gives NaN whatever the divisor) and the dividend
+``where(isnan(b), nan, a)``. Neither is a constant, a broadcast or a quotient any more, so XLA
+emits a plain elementwise divide. The selects are elementwise and fuse; they cost no memory traffic.
 """
 
 from __future__ import annotations
@@ -27,4 +31,6 @@ def div(a, b) -> jax.Array:
     """IEEE float32 ``a / b`` exactly as written (no reciprocal or reassociation rewrites)."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
-    return opaque(opaque(a) / opaque(b))
+    dividend = jnp.where(jnp.isnan(b), jnp.float32(jnp.nan), a)
+    divisor = jnp.where(jnp.isnan(a), jnp.float32(1.0), b)
+    return dividend / divisor

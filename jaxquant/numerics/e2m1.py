@@ -39,18 +39,33 @@ def _select_by_bounds(a: jax.Array, outputs) -> jax.Array:
     return out
 
 
+@jax.jit
 def round_magnitude(a: jax.Array) -> jax.Array:
     """Round magnitudes ``a >= 0`` (float32) to the nearest E2M1 magnitude (float32), saturating at 6."""
     return _select_by_bounds(a, np.asarray(VALUES[:8], np.float32))
 
 
+@jax.jit
+def is_negative(x: jax.Array) -> jax.Array:
+    """``x < 0`` for float32 ``x``, read from the bits so that it also holds for negative subnormals.
+
+    XLA's CPU backend treats subnormal operands as zero (DAZ), so ``x < 0`` would be False for
+    ``-1e-40``; torch and the GPU say True. -0.0 and NaN are not negative.
+    """
+    b = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+    mag = b & jnp.uint32(0x7FFFFFFF)
+    return ((b >> 31) == 1) & (mag != 0) & (mag <= jnp.uint32(0x7F800000))
+
+
+@jax.jit
 def to_codes(x: jax.Array) -> jax.Array:
     """Round float32 values to 4-bit E2M1 codes (uint8 in 0..15); sign in bit 3, ``-tiny -> 8``."""
     x = jnp.asarray(x, jnp.float32)
     mag = _select_by_bounds(jnp.abs(x), np.arange(8, dtype=np.uint8))
-    return jnp.where(x < 0, mag | jnp.uint8(8), mag)
+    return jnp.where(is_negative(x), mag | jnp.uint8(8), mag)
 
 
+@jax.jit
 def from_codes(codes: jax.Array) -> jax.Array:
     """Decode 4-bit codes (low nibble of a uint8 array) to float32 values (code 8 -> +0.0)."""
     c = jnp.asarray(codes, jnp.uint8)
@@ -64,6 +79,7 @@ def from_codes(codes: jax.Array) -> jax.Array:
     return jnp.where(negative, -mag, mag)
 
 
+@jax.jit
 def pack(codes: jax.Array) -> jax.Array:
     """Pack codes ``uint8 [..., K]`` (K even) into bytes ``uint8 [..., K/2]``: element 2j in the low nibble."""
     codes = jnp.asarray(codes, jnp.uint8)
@@ -74,6 +90,7 @@ def pack(codes: jax.Array) -> jax.Array:
     return (pairs[..., 0] & 0xF) | (pairs[..., 1] << 4)
 
 
+@jax.jit
 def unpack(packed: jax.Array) -> jax.Array:
     """Inverse of :func:`pack`: ``uint8 [..., K/2] -> uint8 [..., K]`` codes."""
     packed = jnp.asarray(packed, jnp.uint8)

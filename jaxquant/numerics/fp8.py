@@ -19,6 +19,8 @@ Export (``modelopt.torch.export.quant_utils``): ``weight_scale = amax / 448`` (f
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -33,6 +35,7 @@ def _f32(a) -> jax.Array:
     return jnp.asarray(a, jnp.float32)
 
 
+@jax.jit
 def fake_quant(x: jax.Array, amax) -> jax.Array:
     """Quantize-dequantize ``x`` to FP8 E4M3 with ``amax`` (scalar or broadcastable per channel).
 
@@ -48,16 +51,22 @@ def fake_quant(x: jax.Array, amax) -> jax.Array:
     return y.astype(x.dtype)
 
 
+@jax.jit
 def scale_from_amax(amax) -> jax.Array:
     """Export scale ``amax / 448`` (float32, ``amax``'s shape): the ``weight_scale`` / ``input_scale``.
 
-    ``amax == 0`` (an all-zero tensor; ModelOpt's export asserts there) gives ``1/448``, the
-    scale fake quant uses for a zero amax, so the tensor exports as zero codes with a finite scale.
+    Like ModelOpt's ``TensorQuantizer.export_amax``, a zero amax (a tensor or channel that is all
+    zero, or never calibrated) becomes 448, i.e. scale 1.0, and amax is clamped to the positive
+    float32 range ``[tiny, max]``. (ModelOpt also turns a NaN amax into 448; here NaN stays NaN:
+    check inputs with ``checks.assert_finite`` first.)
     """
     amax = _f32(amax)
-    return div(jnp.where(amax > 0, amax, jnp.float32(1.0)), E4M3_MAX)
+    f32 = jnp.finfo(jnp.float32)
+    amax = jnp.clip(jnp.where(amax == 0, jnp.float32(E4M3_MAX), amax), f32.tiny, f32.max)
+    return div(amax, E4M3_MAX)
 
 
+@jax.jit
 def quantize(x: jax.Array, amax) -> tuple[jax.Array, jax.Array]:
     """Real FP8 quantization for export: ``(q float8_e4m3fn [x.shape], scale float32 [amax.shape])``.
 
@@ -66,11 +75,12 @@ def quantize(x: jax.Array, amax) -> tuple[jax.Array, jax.Array]:
     below max|x|) saturate to +-448 instead of overflowing.
     """
     scale = scale_from_amax(amax)
-    scaled = x.astype(jnp.float32) / opaque(scale)
+    scaled = div(x.astype(jnp.float32), scale)
     q = jnp.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return q, scale
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(q: jax.Array, scale, dtype=jnp.float32) -> jax.Array:
     """``q.astype(dtype) * scale.astype(dtype)`` (ModelOpt ``FP8QTensor.dequantize``)."""
     return q.astype(dtype) * jnp.asarray(scale).astype(dtype)

@@ -100,11 +100,13 @@ def _unblock(y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def _apply_block_scale(xb: jax.Array, scale: jax.Array, *, zero_scale_zeroes: bool) -> jax.Array:
     """Round ``xb / scale`` (float32 ``[..., nb, bs]``, scale ``[..., nb, 1]``) to E2M1, times scale.
 
-    Elementwise like the Triton kernels: ``q = round(|x| / s)``, ``y = x >= 0 ? q*s : -(q*s)``.
+    Elementwise like the Triton kernels: ``q = round(|x| / s)``, ``y = x >= 0 ? q*s : -(q*s)``
+    (so NaN gives ``-(6*s)`` and a negative value that rounds to 0 gives -0.0).
     """
     x_abs = jnp.abs(xb)
-    y = e2m1.round_magnitude(x_abs / scale) * scale
-    y = jnp.where(xb >= 0, y, -y)
+    y = e2m1.round_magnitude(div(x_abs, scale)) * scale
+    not_nonneg = e2m1.is_negative(xb) | jnp.isnan(xb)  # ``~(x >= 0)``, robust to CPU DAZ
+    y = jnp.where(not_nonneg, -y, y)
     if zero_scale_zeroes:
         y = jnp.where(scale == 0, jnp.float32(0.0), y)
     return y
@@ -131,7 +133,7 @@ def fake_quant_dynamic(x: jax.Array, global_amax, block_size: int = 16) -> jax.A
     gs = opaque(jnp.where(gs > 0, gs, jnp.float32(1e-12)))[..., None]  # [..., 1, 1] over blocks
     xb = _blocks(x, block_size).astype(jnp.float32)
     bmax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-    s = jnp.minimum(bmax / (6.0 * gs), E4M3_MAX)
+    s = jnp.minimum(div(bmax, 6.0 * gs), E4M3_MAX)
     s = s.astype(jnp.float8_e4m3fn).astype(jnp.float32) * gs
     s = jnp.where(s >= 1e-5, s, jnp.float32(1.0))
     y = _apply_block_scale(xb, s, zero_scale_zeroes=False)
@@ -187,7 +189,7 @@ def fake_quant_static(x: jax.Array, block_amax, global_amax, block_size: int = 1
 
 def _export_block_scale(block_amax, wsf2) -> jax.Array:
     """Dynamic export: ``e4m3(clamp(where(s == 0, 1, s), 2^-9, 448))``, ``s = amax / (6 * wsf2)``."""
-    s = block_amax / (6.0 * wsf2)
+    s = div(block_amax, 6.0 * wsf2)
     s = jnp.where(s == 0, jnp.float32(1.0), s)
     return jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX).astype(jnp.float8_e4m3fn)
 
@@ -215,22 +217,23 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
         scales then come from it, not from ``x`` (``get_weights_scaling_factor_from_quantizer``);
         ``global_amax`` then defaults to ``max(block_amax)``.
 
-    A ``global_amax`` of 0 (an all-zero tensor) is treated as 1.0, so the result is zero codes with
-    finite scales (ModelOpt writes NaN block scales there).
+    A ``global_amax`` of 0 (an all-zero tensor) is replaced by 6, the quantizer's maxbound, as
+    ModelOpt's ``export_amax`` does for activation scales: the result is zero codes, block scales 1.0
+    and ``weight_scale_2 = 1/448`` (ModelOpt's weight export writes NaN block scales there).
     """
     _check_block_size(block_size)
     xb = _blocks(x, block_size).astype(jnp.float32)
     if global_amax is None:
         global_amax = jnp.max(block_amax) if block_amax is not None else jnp.max(jnp.abs(xb))
     global_amax = _f32(global_amax)
-    global_amax = jnp.where(global_amax == 0, jnp.float32(1.0), global_amax)
+    global_amax = jnp.where(global_amax == 0, jnp.float32(E2M1_MAX), global_amax)
     wsf2 = global_scale(global_amax)
     if block_amax is None:
         scale = _export_block_scale(jnp.max(jnp.abs(xb), axis=-1), opaque(wsf2))
     else:
         scale = _export_block_scale_static(_as_block_shape(block_amax, x.shape, block_size), global_amax)
     denom = opaque(scale.astype(jnp.float32) * wsf2)
-    codes = e2m1.to_codes(xb / denom[..., None])
+    codes = e2m1.to_codes(div(xb, denom[..., None]))
     codes = codes.reshape(*codes.shape[:-2], -1)
     return NVFP4Tensor(e2m1.pack(codes), scale, wsf2)
 
