@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -252,8 +251,6 @@ def _calib_state_metadata(args, recipe_desc: str, model_desc: str) -> dict:
 
 
 def run_ptq(args) -> int:
-    import jax
-
     from jaxquant._version import __version__
     from jaxquant.calibration import (
         auto_batch_size,

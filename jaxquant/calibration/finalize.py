@@ -98,7 +98,7 @@ class FinalizeReport:
                          "their input and weight amax")
         for names, fmts in self.fused_conflicts:
             lines.append("fused siblings with different formats (not unified; ModelOpt's export rejects "
-                         f"them): " + ", ".join(f"{n} ({f})" for n, f in zip(names, fmts)))
+                         "them): " + ", ".join(f"{n} ({f})" for n, f in zip(names, fmts)))
         if self.zero_amax:
             lines.append(f"{len(self.zero_amax)} activation quantizer(s) never saw a value (amax 0), e.g. "
                          f"{self.zero_amax[0]}")

@@ -124,7 +124,7 @@ def test_w4a16_and_static_nvfp4_unify_weights_only():
         state[base + "._global_amax"] = np.float32(g)
         state[base.replace("weight", "input") + A] = np.float32(1.0)
     out, _ = finalize(state, configs)
-    assert float(out[f"model.layers.0.self_attn.q_proj.weight_quantizer._global_amax"]) == 7.0
+    assert float(out["model.layers.0.self_attn.q_proj.weight_quantizer._global_amax"]) == 7.0
     np.testing.assert_array_equal(out[f"model.layers.0.self_attn.q_proj.weight_quantizer{A}"], np.full((4, 2), 2.5))
 
 

@@ -272,3 +272,23 @@ def test_moe_experts_synced_and_uncalibrated_experts_get_sibling_max():
     q = m.model.layers[0].mlp.experts.gate_proj_input_quantizer
     assert np.unique(np.asarray(q.amax[...])).size == 1
     assert np.all(np.isfinite(np.asarray(m(jnp.asarray(ids)))))
+
+
+def test_auto_batch_size_cpu_and_memory_probe():
+    from jaxquant.calibration import auto_batch_size
+
+    m = _model()
+    assert auto_batch_size(m, 32) == 8 and auto_batch_size(m, 32, n_rows=3) == 3
+
+    class FakeGpu:
+        platform = "gpu"
+
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit, "bytes_in_use": 0}
+
+    small, big = auto_batch_size(m, 32, device=FakeGpu(2_000_000)), auto_batch_size(m, 32, device=FakeGpu(10**12))
+    assert 1 <= small < big and big == 512  # hf_ptq's cap
+    assert small in (1, 2) or small % 4 == 0
