@@ -408,10 +408,14 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
 
 # ----------------------------------------------------------------------------------------------- source info
 class _SourceDtypes:
-    """dtype tag of each tensor of the source safetensors checkpoint (by canonical HF name)."""
+    """What the source safetensors checkpoint says about each tensor: its dtype tag (by canonical
+    HF name) and its name layout. Checkpoints written in an older layout (Gemma 3's
+    ``language_model.model.*``, which transformers v5 still writes back on save) are exported in
+    that same layout, as ModelOpt reverts to the hub names."""
 
     def __init__(self, source_dir: Path | None, name_map, gguf: bool):
         self.tags: dict[str, str] = {}
+        self.reverse: list[tuple[str, str]] = []  # (canonical prefix, source prefix)
         if source_dir is None or gguf:
             return
         try:
@@ -420,8 +424,19 @@ class _SourceDtypes:
             files = CheckpointFiles.open(source_dir)
         except (CheckpointError, OSError):
             return
-        for k in files.keys():
+        keys = list(files.keys())
+        for k in keys:
             self.tags[name_map.canonical(k)] = files.tensor_info(k).dtype
+        for old, new in getattr(name_map, "legacy_renames", ()):
+            if any(k.startswith(old) for k in keys) and not any(k.startswith(new) for k in keys):
+                self.reverse.append((new, old))
+
+    def rename(self, name: str) -> str:
+        """The source layout's name for a canonical (transformers v5) name."""
+        for new, old in self.reverse:
+            if name.startswith(new):
+                return old + name[len(new):]
+        return name
 
     def dtype(self, name: str, fallback) -> np.dtype:
         tag = self.tags.get(name)
@@ -599,6 +614,8 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
 
         np_dtype = DTYPES[tag] if isinstance(tag, str) else np.dtype(tag if tag is not None else np.asarray(lazy).dtype)
         entries.append(Entry(name, shape, np_dtype, (lambda t=lazy: t.get() if hasattr(t, "get") else np.asarray(t))))
+    if src.reverse:
+        entries = [dataclasses.replace(e, name=src.rename(e.name)) for e in entries]
     entries.sort(key=lambda e: _natural_key(e.name))
     layers: dict[str, tuple[str | None, int]] = {}
     # ModelOpt attaches (disabled) quantizers to embeddings too, so they are listed as unquantized.
@@ -610,7 +627,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         layers[it.hf] = (it.fmt, 16 if (it.fmt or "").find("nvfp4") >= 0 else 0)
     if getattr(model, "lm_head", "absent") is None:
         layers.setdefault("lm_head", (None, 0))  # tied: ModelOpt still lists the (tied) lm_head Linear
-    layers = {k: layers[k] for k in sorted(layers, key=_hf_order_key)}
+    layers = {src.rename(k + ".")[:-1]: layers[k] for k in sorted(layers, key=_hf_order_key)}
     return entries, layers, kv
 
 

@@ -192,7 +192,7 @@ class DequantizingSource:
             return self.base.get(name)
         if name in self.placeholders:
             return np.broadcast_to(np.zeros((), np.float32), self.shape(name))
-        return _dequant_np(self.files, q.module, q.fmt)
+        return _dequant_np(self.files, q.module, q.fmt)  # q.module: the name inside the files
 
     def where(self, name):
         return self.base.where(name)
@@ -274,8 +274,9 @@ def load_quantized(
     config = ModelConfig.from_hf_config(plain, source=str(d / "config.json"))
     nm = NameMap.for_config(config)
     files = CheckpointFiles.open(d)
-    quantized = detect_quantized(files)
     base = SafetensorsSource(files, nm)
+    # keyed by canonical (transformers v5) module name; info.module is the name inside the files
+    quantized = {nm.canonical(k + ".weight")[: -len(".weight")]: v for k, v in detect_quantized(files).items()}
     adapter = import_object(config.spec.tensor_adapter) if config.spec.tensor_adapter else None
 
     # which quantized weights become QuantizedLinear (dense linears whose NNX path exists as a Linear)
@@ -307,21 +308,21 @@ def load_quantized(
         if mod + ".weight" in placeholders:
             bias = lin.bias[...] if lin.bias is not None else None
             new = QuantizedLinear(
-                info.fmt, files.get(mod + ".weight"), files.get(mod + ".weight_scale"),
-                files.get(mod + ".weight_scale_2") if info.fmt == "nvfp4" else None, bias,
+                info.fmt, files.get(info.module + ".weight"), files.get(info.module + ".weight_scale"),
+                files.get(info.module + ".weight_scale_2") if info.fmt == "nvfp4" else None, bias,
                 in_features=lin.in_features, out_features=lin.out_features, dtype=dtype, precision=lin.precision,
             )
             setattr(parent, attr, new)
             lin = new
         if activations == "fake_quant" and info.has_input_scale:
-            s = float(np.asarray(files.get(mod + ".input_scale")).reshape(()))
+            s = float(np.asarray(files.get(info.module + ".input_scale")).reshape(()))
             if info.fmt == "fp8":
                 _fake_quant_input(lin.input_quantizer, FP8_CONFIG, s * 448.0)
             else:
                 _fake_quant_input(lin.input_quantizer, NVFP4_CONFIG, s * 2688.0)
-    _configure_experts_inputs(model, nm, files, quantized, activations)
+    _configure_experts_inputs(model, nm, base, quantized, activations)
     if activations == "fake_quant":
-        _configure_kv(model, nm, files, kv_cache_algo(d, hf_config))
+        _configure_kv(model, nm, base, kv_cache_algo(d, hf_config))
     consumes = getattr(source, "consumes", None)
 
     def _consumes(name: str) -> bool:
@@ -347,7 +348,7 @@ def kv_cache_algo(d: Path, hf_config: dict) -> str | None:
     return scheme
 
 
-def _configure_kv(model, nm, files, algo: str | None) -> None:
+def _configure_kv(model, nm, files, algo: str | None) -> None:  # files: a TensorSource (canonical names)
     """FP8 K/V fake quant with ``amax = k_scale * 448``; an FP8 KV cache without scales (``*_cast``
     exports) uses the engines' default scale 1.0, i.e. amax 448."""
     from jaxquant.converters.names import dotted
@@ -359,14 +360,14 @@ def _configure_kv(model, nm, files, algo: str | None) -> None:
         hf = nm.hf_name(dotted(path))
         for proj, key, role in (("k_proj", "k_scale", "k_bmm_quantizer"), ("v_proj", "v_scale", "v_bmm_quantizer")):
             name = f"{hf}.{proj}.{key}"
-            if name in files:
+            if files.has(name):
                 s = float(np.asarray(files.get(name)).reshape(()))
                 _fake_quant_input(getattr(node, role), FP8_CONFIG, s * 448.0)
             elif algo == "FP8":
                 _fake_quant_input(getattr(node, role), FP8_CONFIG, 448.0)
 
 
-def _configure_experts_inputs(model, nm, files, quantized, activations) -> None:
+def _configure_experts_inputs(model, nm, files, quantized, activations) -> None:  # files: TensorSource
     """Stacked experts: per-expert input amax from each expert's input_scale (fake quant)."""
     if activations != "fake_quant":
         return
