@@ -242,7 +242,6 @@ def gguf_tokenizer(path: str | os.PathLike):
 
 
 def _tokenizer_without_torch(path: Path):
-    import transformers.integrations.gguf as tg  # noqa: F401  (lazy package; the reader is what needs torch)
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 

@@ -14,9 +14,9 @@ unchanged.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
+import mmap
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -154,19 +154,38 @@ def materialize(
                 f"{source.where(hf)}: tensor {hf!r} has dtype {tag}; jaxquant loads unquantized checkpoints "
                 f"({', '.join(LOADABLE_DTYPES)}). Start from the original (bf16/fp16/fp32) model."
             )
-        arr = source.get(hf)
+        release = getattr(source, "release", None)
+        arr = _host_cast(source.get(hf), np.dtype(dtype), None if release is None else (lambda lo, hi: release(hf, lo, hi)))
         shd = sharding(path_s, expected) if callable(sharding) else sharding
         x = jax.device_put(arr, shd) if shd is not None else jax.device_put(arr)
-        if x.dtype != dtype:
-            x = _convert(x, dtype)
         var.set_value(x)
         del arr
+        if release is not None:
+            jax.block_until_ready(x)
+            release(hf)
     return nnx.merge(graphdef, state)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _convert(x, dtype):
-    return x.astype(dtype)
+_CHUNK_BYTES = 64 << 20
+
+
+def _host_cast(arr: np.ndarray, dtype: np.dtype, release: Callable[[int, int], None] | None) -> np.ndarray:
+    """``arr`` in ``dtype`` on the host, converted 64 MiB at a time (round to nearest even, as torch).
+
+    ``release(lo, hi)`` is told which source bytes are done, so a memory-mapped source's pages can be
+    dropped while the copy proceeds: the transient cost is one converted tensor, not two.
+    """
+    if arr.dtype == dtype:
+        return arr
+    out = np.empty(arr.shape, dtype)
+    src, dst = arr.reshape(-1), out.reshape(-1)
+    step = max(1, _CHUNK_BYTES // arr.dtype.itemsize)
+    for i in range(0, src.size, step):
+        j = min(i + step, src.size)
+        dst[i:j] = src[i:j]
+        if release is not None:
+            release(i * arr.dtype.itemsize, j * arr.dtype.itemsize)
+    return out
 
 
 class SafetensorsSource:
@@ -192,6 +211,30 @@ class SafetensorsSource:
 
     def get(self, name):
         return self.files.get(self._src(name))
+
+    def release(self, name, lo: int = 0, hi: int | None = None):
+        """Drop the mapped pages of bytes ``[lo, hi)`` of tensor ``name`` from this process.
+
+        They stay in the OS page cache. Without this, every tensor read through the memory map
+        stays resident, so peak RSS would be file size + model size.
+        """
+        src = self._src(name)
+        f = self.files.name_to_file.get(src)
+        buf = getattr(f, "_mmap", None) if f is not None else None
+        if buf is None or not hasattr(buf, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = f.tensor_info(src)
+        base = f._data_start + info.begin
+        start = base + lo
+        end = f._data_start + info.end if hi is None else base + hi
+        page = mmap.PAGESIZE
+        start -= start % page
+        end = min(end - end % page, len(buf))  # whole pages only; a partial page may be shared
+        if end > start:
+            try:
+                buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):  # pragma: no cover - best effort
+                pass
 
     def where(self, name):
         src = self._src(name)

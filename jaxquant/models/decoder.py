@@ -207,4 +207,4 @@ def build_model(config: ModelConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | Non
 
 def abstract_model(config: ModelConfig, *, dtype=jnp.bfloat16) -> nnx.Module:
     """The model with ``ShapeDtypeStruct`` leaves (no memory), for loaders."""
-    return nnx.eval_shape(lambda: build_model(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: build_model(config, dtype=dtype, rngs=None))  # zeros: cheap to trace

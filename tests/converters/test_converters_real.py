@@ -123,3 +123,50 @@ def test_gemma3_gguf_equals_hf_dir():
 @pytest.mark.slow
 def test_gemma3_parity_and_perplexity():
     _check_parity_and_ppl(gemma3_hf_dir())
+
+
+_NO_TORCH = """
+import sys, json
+sys.modules["torch"] = None  # as if torch were not installed
+from jaxquant.converters import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+print(json.dumps(tok(sys.argv[2])["input_ids"]))
+"""
+
+_LOAD_RSS = """
+import sys, json, resource
+import jax, jax.numpy as jnp
+from flax import nnx
+from jaxquant.converters import load_hf
+import jaxquant.models.decoder  # noqa
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = load_hf(sys.argv[1], dtype=jnp.bfloat16)
+jax.block_until_ready(nnx.state(m.model))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+n = sum(v.get_value().nbytes for _, v in nnx.to_flat_state(nnx.state(m.model, nnx.Param)))
+print(json.dumps([(peak - base) * 1024, n]))
+"""
+
+
+def _run(code, *args):
+    import json
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_gguf_tokenizer_without_torch():
+    text = "The quick brown fox jumps over the lazy dog. Grüße, 東京!"
+    ids = _run(_NO_TORCH, smollm2_gguf_path(), text)
+    assert ids == load_tokenizer(smollm2_gguf_path())(text)["input_ids"]
+
+
+def test_load_peak_host_memory():
+    """bf16 load of the fp32 checkpoint: peak RSS grows by < 2x the bf16 params (no second full copy;
+    the memory-mapped fp32 file is released tensor by tensor)."""
+    grown, params = _run(_LOAD_RSS, smollm2_hf_dir())
+    assert grown < 2 * params, (grown / 2**20, params / 2**20)
