@@ -306,11 +306,11 @@ def test_export_tiny_block_next_to_large():
     assert_bits_equal(t.block_scale, wsf, "scales")
     assert_bits_equal(t.packed, qt._quantized_data, "packed")
     deq = np.asarray(nvfp4.dequantize(t))[0, :16]
-    np.testing.assert_allclose(deq[[0, 1, 14, 15]], [-1.2716e-6, -1.2716e-6, 1.2716e-6, 1.2716e-6], rtol=1e-4)
-    assert (deq[2:14] == 0).all()
+    np.testing.assert_allclose(deq[[0, 1, 2, 13, 14, 15]], [-1.2716e-6] * 3 + [1.2716e-6] * 3, rtol=1e-4)
+    assert (deq[3:13] == 0).all()
     # the small negatives became code 8 ("-0"), the small positives code 0
     codes = np.asarray(e2m1.unpack(t.packed))[0, :16]
-    assert codes[2:8].tolist() == [8] * 6 and codes[8:14].tolist() == [0] * 6
+    assert codes.tolist() == [9, 9, 9, 8, 8, 8, 8, 8, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
 def test_export_all_zero_tensor():
