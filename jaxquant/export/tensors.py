@@ -29,14 +29,13 @@ float32 model rounds once). ``fp8_weight(..., compute_dtype=)`` reproduces both.
 Zero and non-finite amax (a documented deviation where ModelOpt writes NaN or fails):
 
 * NaN / Inf in a weight or amax raises ``NonFiniteError`` naming the tensor.
-* A zero *weight* amax (an all-zero weight) is treated as 1.0, as jaxquant's fake quant and
-  ``numerics.fp8/nvfp4.quantize`` do: zero codes with a finite scale (``weight_scale = 1/448``;
-  NVFP4 ``weight_scale_2 = 1/2688``, block scales 1.0). ModelOpt itself would write
-  ``weight_scale = 0`` and NaN weights for an all-zero FP8 weight, and NaN block scales for an
-  all-zero NVFP4 weight (spec §2.5).
-* A zero *activation / KV* amax (a layer or expert calibration never reached) is replaced by the
-  format's maxbound — 448 for FP8, 6 for NVFP4 — exactly what ModelOpt's ``export_amax`` does, so
-  ``input_scale`` = 1.0 (FP8) or 6/2688 (NVFP4) and ``k_scale`` = 1.0. Scales are never 0 or NaN.
+* A zero amax (an all-zero weight; an activation, expert or KV quantizer calibration never
+  reached) is replaced by the format's maxbound — 448 for FP8, 6 for NVFP4 — which is what
+  ModelOpt's ``TensorQuantizer.export_amax`` does for activations, and what
+  ``jaxquant.numerics.fp8/nvfp4.quantize`` do: ``weight_scale`` / ``input_scale`` / ``k_scale``
+  = 1.0 (FP8), ``weight_scale_2`` = ``input_scale`` = 6/2688 (NVFP4), zero codes. Scales are never
+  0 or NaN (ModelOpt's weight export would write ``weight_scale = 0`` and NaN weights for an
+  all-zero FP8 weight, NaN block scales for an all-zero NVFP4 weight; spec §2.5).
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ def fp8_weight(w, amax, *, compute_dtype=None, what: str = "weight") -> tuple[np
     check_finite(w, what)
     w_np = np.asarray(w)
     compute_dtype = np.dtype(compute_dtype) if compute_dtype is not None else w_np.dtype
-    scale = safe_amax(amax, 1.0, what + " amax") / E4M3_MAX
+    scale = safe_amax(amax, 448.0, what + " amax") / E4M3_MAX
     s = scale
     if s.ndim == 1 and w_np.ndim == 3 and s.shape[0] == w_np.shape[0]:  # stacked experts, per-tensor
         s = s[:, None, None]
@@ -179,7 +178,7 @@ def nvfp4_weight(
             f"{what}: input dimension {w32.shape[-1]} is not a multiple of the NVFP4 block size {block_size}; "
             "exclude this layer from NVFP4 in the recipe."
         )
-    gamax = safe_amax(amax, 1.0, what + " amax")
+    gamax = safe_amax(amax, 6.0, what + " amax")
     wsf2 = gamax / NVFP4_GLOBAL
     # stacked experts: [E] -> [E, 1, 1] against the [E, out, in/16] block scales
     wsf2_b = wsf2.reshape((-1,) + (1,) * (w32.ndim - 1)) if wsf2.ndim else wsf2
