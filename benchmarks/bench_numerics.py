@@ -1,0 +1,89 @@
+"""Throughput of the numerics kernels: FP8 fake quant, NVFP4 dynamic fake quant, NVFP4 export quantize.
+
+Each kernel is jitted once, warmed up, then timed over ``--iters`` calls (blocking on the result).
+GB/s counts the bytes the kernel must read and write at least (input once, outputs once), so it
+compares directly with the device's memory bandwidth (an H100 SXM copy reaches about 3 TB/s).
+
+    python benchmarks/bench_numerics.py                       # 8192x8192 bf16 on GPU, 2048x2048 on CPU
+    python benchmarks/bench_numerics.py --size 4096 16384 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.numerics import fp8, nvfp4
+
+
+def _time(fn, args, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]  # median
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
+                   help="tensor shape (default 8192 8192 on an accelerator, 2048 2048 on CPU)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None, help="write the results as JSON to this path")
+    args = p.parse_args(argv)
+
+    backend = jax.default_backend()
+    rows, cols = args.size or ((8192, 8192) if backend != "cpu" else (2048, 2048))
+    dtype = jnp.dtype(args.dtype)
+    x = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32).astype(dtype)
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    n = rows * cols
+    item = dtype.itemsize
+
+    cases = [
+        # name, function, args, bytes read + written
+        ("fp8.fake_quant", fp8.fake_quant, (x, amax), 2 * n * item),
+        ("fp8.quantize", fp8.quantize, (x, amax), n * item + n),
+        ("nvfp4.fake_quant_dynamic", nvfp4.fake_quant_dynamic, (x, amax), 2 * n * item),
+        ("nvfp4.quantize", lambda a, g: nvfp4.quantize(a, global_amax=g), (x, amax), n * item + n // 2 + n // 16),
+    ]
+    results = []
+    print(f"backend={backend} device={jax.devices()[0].device_kind} shape={rows}x{cols} dtype={args.dtype}")
+    print(f"{'kernel':28s} {'time (ms)':>10s} {'GB/s':>10s} {'Gelem/s':>10s}")
+    for name, fn, fargs, nbytes in cases:
+        t = _time(jax.jit(fn), fargs, args.iters, args.warmup)
+        row = {"kernel": name, "seconds": t, "bytes": nbytes, "gb_per_s": nbytes / t / 1e9, "gelem_per_s": n / t / 1e9}
+        results.append(row)
+        print(f"{name:28s} {t * 1e3:10.3f} {row['gb_per_s']:10.1f} {row['gelem_per_s']:10.2f}")
+
+    report = {
+        "backend": backend,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "shape": [rows, cols],
+        "dtype": args.dtype,
+        "iters": args.iters,
+        "timing": "median wall time of jitted calls, blocking on the result",
+        "results": results,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
