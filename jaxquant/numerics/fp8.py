@@ -84,3 +84,26 @@ def quantize(x: jax.Array, amax) -> tuple[jax.Array, jax.Array]:
 def dequantize(q: jax.Array, scale, dtype=jnp.float32) -> jax.Array:
     """``q.astype(dtype) * scale.astype(dtype)`` (ModelOpt ``FP8QTensor.dequantize``)."""
     return q.astype(dtype) * jnp.asarray(scale).astype(dtype)
+
+
+@jax.jit
+def e4m3_round_arith(x: jax.Array) -> jax.Array:
+    """``x.astype(float8_e4m3fn).astype(float32)`` computed with integer arithmetic only.
+
+    A fallback for a backend without an FP8 conversion (not used by default; tested bit-exact
+    against the cast). Round to nearest even on the E4M3 grid: 3 mantissa bits for exponents
+    >= -6, a fixed quantum of 2^-9 below. For ``|x| <= 448`` (callers clamp first); NaN stays NaN.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    sign = b & jnp.uint32(0x80000000)
+    exp = ((b >> 23) & 0xFF).astype(jnp.int32) - 127
+    sig = (b & jnp.uint32(0x7FFFFF)) | jnp.uint32(0x800000)
+    drop = 20 + jnp.maximum(0, -6 - exp)  # low significand bits below the E4M3 quantum
+    drop_u = jnp.minimum(drop, 24).astype(jnp.uint32)
+    half = (jnp.uint32(1) << (drop_u - 1)) - 1
+    r = ((sig + half + ((sig >> drop_u) & 1)) >> drop_u) << drop_u  # round half to even
+    pow2 = jax.lax.bitcast_convert_type(((exp + 104) << 23).astype(jnp.uint32), jnp.float32)  # 2^(exp-23)
+    mag = jnp.where(drop >= 25, jnp.float32(0.0), r.astype(jnp.float32) * pow2)
+    y = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(mag, jnp.uint32) | sign, jnp.float32)
+    return jnp.where(jnp.isnan(x), x, y)

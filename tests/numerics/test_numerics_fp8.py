@@ -188,3 +188,16 @@ def test_scale_from_amax():
 
 def test_round_to_helper():
     assert round_to(np.asarray([1 + 2**-9], F32), "bfloat16")[0] == 1.0
+
+
+def test_e4m3_arith_fallback_matches_cast():
+    """The integer-only E4M3 rounding (for a backend without FP8 converts) equals the cast."""
+    rng = np.random.default_rng(18)
+    x = rng.integers(0, 2**32, 2_000_000, dtype=np.uint32).view(F32)
+    x = x[np.isfinite(x) & (np.abs(x) <= 448)]
+    specials = [2**-10, 3 * 2**-10, 2**-11, 1 + 2**-4, 1 + 3 * 2**-4, 448, 0.0, 2**-126, 1e-45]
+    x = np.concatenate([x, rng.uniform(-448, 448, 500_000), rng.uniform(-0.01, 0.01, 500_000), specials, np.negative(specials)])
+    x = x.astype(F32)
+    ref = jax.jit(lambda v: v.astype(jnp.float8_e4m3fn).astype(jnp.float32))(x)
+    assert_bits_equal(fp8.e4m3_round_arith(x), ref, "arithmetic e4m3 rounding")
+    assert np.isnan(np.asarray(fp8.e4m3_round_arith(np.float32([np.nan])))).all()
