@@ -5,5 +5,17 @@ Layout, dtypes and JSON files: docs/export.md.
 """
 
 from jaxquant.export.hf import ExportSummary, check_exportable, export_hf
+from jaxquant.export.load_quantized import QuantizedLinear, is_quantized_checkpoint, load_quantized
+from jaxquant.export.orbax import OrbaxCheckpoint, restore_orbax, save_orbax
 
-__all__ = ["ExportSummary", "check_exportable", "export_hf"]
+__all__ = [
+    "ExportSummary",
+    "OrbaxCheckpoint",
+    "QuantizedLinear",
+    "check_exportable",
+    "export_hf",
+    "is_quantized_checkpoint",
+    "load_quantized",
+    "restore_orbax",
+    "save_orbax",
+]
