@@ -166,3 +166,31 @@ def test_quantizer_names_follow_modelopt(tmp_path):
     assert names[(base, "up_proj_input_quantizer")][1] == f"{base}.1.up_proj.input_quantizer"
     plain = dict(iter_quantizers(qm))
     assert "model.layers.0.mlp.gate.input_quantizer" in plain  # router: *mlp.gate.*
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gemma4_moe"])  # Mixtral's jit path runs in test_moe_upcycle
+def test_jit_and_bf16_forward(arch):
+    """jit == eager (fp32); bf16 models build, jit and give finite float32 logits. (bf16 vs fp32 is not compared:
+    on random tiny MoEs bf16 rounding flips top-k choices, in transformers as much as here.)"""
+    from flax import nnx
+
+    from jaxquant.models import ModelConfig, build_model
+
+    if arch == "qwen3_moe":
+        hf = qwen3_moe_config(num_hidden_layers=2).to_dict() | {"architectures": ["Qwen3MoeForCausalLM"]}
+    else:
+        from test_gemma4_parity import GEMMA4_26B
+
+        two = dict(GEMMA4_26B, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+        hf = transformers.Gemma4TextConfig(**two).to_dict() | {"architectures": ["Gemma4ForCausalLM"]}
+    config = ModelConfig.from_hf_config(hf)
+    ids, mask, _ = inputs(211, seq=12)
+    ids, mask = jnp.asarray(ids.numpy(), jnp.int32), jnp.asarray(mask.numpy(), jnp.int32)
+    run = nnx.jit(lambda m, i, a: m(i, a))
+    m32 = build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(run(m32, ids, mask)), np.asarray(m32(ids, mask)), rtol=1e-4, atol=1e-5)
+    m16 = build_model(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    out = np.asarray(run(m16, ids, mask))
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    experts = [m for _, m in nnx.iter_graph(m16) if isinstance(m, MoeExperts)]
+    assert experts and all(e.gate_proj[...].dtype == jnp.bfloat16 for e in experts)
