@@ -490,7 +490,12 @@ class MoeTensorSource:
     def where(self, name):
         plan = self._plan(name)
         if plan is None:
-            return self.base.where(name)
+            m = _EXPERT_PARAM.match(name)
+            if m is None:
+                return self.base.where(name)
+            ename = self.names[_PROJ.index(m["proj"])]
+            return (f"{self.base.where(name)} (experts are read from {m['prefix']}.gate_up_proj / .down_proj or "
+                    f"from all {self.num_experts} of {m['prefix']}.{{e}}.{ename}.weight)")
         return self.base.where(plan[1] if plan[0] != "stack" else plan[1][0])
 
     def consumes(self, hf_name: str) -> bool:

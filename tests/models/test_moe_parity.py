@@ -194,3 +194,16 @@ def test_jit_and_bf16_forward(arch):
     assert out.dtype == np.float32 and np.isfinite(out).all()
     experts = [m for _, m in nnx.iter_graph(m16) if isinstance(m, MoeExperts)]
     assert experts and all(e.gate_proj[...].dtype == jnp.bfloat16 for e in experts)
+
+
+def test_missing_expert_names_the_layouts(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from jaxquant.errors import CheckpointError
+
+    make_tiny(transformers.Qwen3MoeForCausalLM, qwen3_moe_config(num_hidden_layers=1), tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    del sd["model.layers.0.mlp.experts.5.up_proj.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts\.\{e\}\.up_proj\.weight"):
+        load_hf(tmp_path, dtype=jnp.float32)
