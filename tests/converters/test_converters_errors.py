@@ -63,6 +63,13 @@ def test_round_trip_without_torch(tmp_path):
         tensors["model.layers.0.mlp.up_proj.weight"].astype(ml_dtypes.bfloat16))
     f16 = load_hf(tmp_path / "ck", dtype="float16")
     assert f16.model.lm_head.weight[...].dtype == jnp.float16
+    import jax
+
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    seen = []
+    sh = load_hf(tmp_path / "ck", dtype=jnp.float32, sharding=lambda path, shape: seen.append((path, shape)) or dev)
+    assert ("model.layers.1.mlp.down_proj.weight", (16, 24)) in seen
+    assert sh.model.lm_head.weight[...].sharding == dev
 
 
 def test_unknown_architecture_lists_supported(tmp_path):

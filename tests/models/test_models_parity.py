@@ -37,6 +37,11 @@ LLAMA_CASES = {
                                     "original_max_position_embeddings": 16}),
     "linear": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
     "head_dim": dict(head_dim=32, attention_bias=True, mlp_bias=True),
+    # NTK scaling only kicks in past max_position_embeddings (16 < the 24-token batch)
+    "dynamic": dict(max_position_embeddings=16,
+                    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+    "yarn": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                  "original_max_position_embeddings": 32}),
 }
 
 
