@@ -13,7 +13,7 @@ The scale is a reciprocal times 448, not ``448 / amax``: torch evaluates ``448.0
 extension), and the two differ in the last bit for some amax.
 
 Export (``modelopt.torch.export.quant_utils``): ``weight_scale = amax / 448`` (float32) and
-``q = e4m3(f32(w) / weight_scale)``; dequantization is ``q.astype(dtype) * scale.astype(dtype)``
+``q = e4m3(w / weight_scale)`` (see :func:`quantize` for the dtype of the quotient); dequantization is ``q.astype(dtype) * scale.astype(dtype)``
 (``FP8QTensor.dequantize``). See docs/numerics.md for where we deviate (zero amax, saturation).
 """
 
@@ -70,12 +70,18 @@ def scale_from_amax(amax) -> jax.Array:
 def quantize(x: jax.Array, amax) -> tuple[jax.Array, jax.Array]:
     """Real FP8 quantization for export: ``(q float8_e4m3fn [x.shape], scale float32 [amax.shape])``.
 
-    ``q = e4m3(f32(x) / scale)`` with ``scale = scale_from_amax(amax)`` (true division, like
-    ModelOpt's ``to_quantized_weight``). Values beyond +-448 after scaling (only if ``amax`` is
-    below max|x|) saturate to +-448 instead of overflowing.
+    ``q = e4m3(f32(x) / scale)`` with ``scale = scale_from_amax(amax)``, a true division, as
+    ModelOpt's ``to_quantized_weight``. With a per-tensor (0-d) ``amax`` the quotient is first
+    rounded to ``x.dtype``: ModelOpt divides the weight in the export dtype by a 0-d float32 scale,
+    and torch's type promotion keeps the bfloat16/float16 result (a double rounding). A per-channel or
+    per-expert ``amax`` (any non-0-d shape) divides in float32 like ModelOpt's ``scale[:, None]``.
+    Values beyond +-448 after scaling (only if ``amax`` is below max|x|) saturate to +-448, as
+    torch's cast does.
     """
     scale = scale_from_amax(amax)
     scaled = div(x.astype(jnp.float32), scale)
+    if scale.ndim == 0:
+        scaled = scaled.astype(x.dtype).astype(jnp.float32)
     q = jnp.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return q, scale
 

@@ -101,10 +101,17 @@ def mo_fp8_fake_quant(x: torch.Tensor, amax) -> torch.Tensor:
 
 
 def mo_fp8_export(w: torch.Tensor, amax: torch.Tensor, axis=None):
-    """ModelOpt export of an FP8 weight: the real TensorQuantizer -> get_scaling_factor -> to_quantized_weight."""
+    """ModelOpt export of an FP8 weight: TensorQuantizer -> get_scaling_factor -> to_quantized_weight.
+
+    As in ``unified_export_hf._export_quantized_weight``, a per-tensor ``weight_scale`` reaches
+    ``to_quantized_weight`` as a 0-d tensor (so a bf16 weight is divided in bf16);
+    ``test_fp8_export_through_modelopt_module`` pins that against the real module export.
+    """
     q = TensorQuantizer(QuantizerAttributeConfig(num_bits=(4, 3), axis=axis))
     q.amax = amax
     scale = get_scaling_factor(q)
+    if axis is None:
+        scale = scale.reshape(())
     return to_quantized_weight(w, scale, "fp8" if axis is None else "fp8_pc_pt"), scale
 
 

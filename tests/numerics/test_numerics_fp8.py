@@ -1,5 +1,7 @@
 """FP8 E4M3 fake quant and export, bit-exact against ModelOpt's CPU functions."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -16,6 +18,7 @@ from _numerics_ref import (
     mo_fp8_export,
     mo_fp8_fake_quant,
     round_to,
+    to_quantized_weight,
     to_jax,
     to_torch,
 )
@@ -113,7 +116,7 @@ def test_export_per_tensor_1m(dtype):
         q, scale = fp8.quantize(to_jax(w, dtype), amax)
         q_ref, scale_ref = mo_fp8_export(wt, torch.tensor(amax))
         assert q.dtype == jnp.float8_e4m3fn and scale.dtype == jnp.float32 and scale.shape == ()
-        assert_bits_equal(scale, scale_ref.reshape(()), f"weight_scale amax={amax}")
+        assert_bits_equal(scale, scale_ref, f"weight_scale amax={amax}")
         assert_bits_equal(q, q_ref, f"fp8 export {dtype} amax={amax}")
         # dequantize like FP8QTensor.dequantize: q.to(dtype) * scale.to(dtype)
         deq_ref = q_ref.to(TORCH[dtype]) * scale_ref.to(TORCH[dtype])
@@ -133,14 +136,34 @@ def test_export_per_channel(dtype):
 
 
 def test_export_stacked_experts():
+    """[E, out, in] with a per-expert amax: ModelOpt's 3-D path divides by a [E, 1, 1] float32 scale."""
     rng = np.random.default_rng(16)
     w = mixed_data(rng, (4, 64, 128), "bfloat16")
     amax = np.abs(w).max(axis=(1, 2), keepdims=True)
     q, scale = fp8.quantize(to_jax(w, "bfloat16"), amax)
-    for e in range(4):
-        q_ref, s_ref = mo_fp8_export(to_torch(w[e], "bfloat16"), torch.tensor(amax[e, 0, 0]))
-        assert_bits_equal(q[e], q_ref, f"expert {e}")
-        assert_bits_equal(scale[e, 0, 0], s_ref.reshape(()), f"expert {e} scale")
+    scale_ref = torch.from_numpy(amax.reshape(4, 1)) / 448.0
+    q_ref = to_quantized_weight(to_torch(w, "bfloat16"), scale_ref, "fp8")
+    assert_bits_equal(scale.reshape(4, 1), scale_ref, "per-expert scale")
+    assert_bits_equal(q, q_ref, "stacked experts")
+
+
+def test_fp8_export_through_modelopt_module():
+    """The real module export (mtq.quantize + _export_quantized_weight) of bf16 / fp16 / fp32 Linears."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export.unified_export_hf import _export_quantized_weight
+
+    for dtype in DTYPES:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False)).to(TORCH[dtype])
+        w = m[0].weight.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mtq.quantize(m, mtq.FP8_DEFAULT_CFG, lambda mm: mm(torch.randn(4, 256, dtype=TORCH[dtype])))
+            amax = m[0].weight_quantizer.amax.float()
+            _export_quantized_weight(m[0], TORCH[dtype])
+        q, scale = fp8.quantize(jnp.asarray(w.float().numpy()).astype(JNP[dtype]), amax.numpy())
+        assert_bits_equal(scale, m[0].weight_scale, f"{dtype} weight_scale")
+        assert_bits_equal(q, m[0].weight.detach(), f"{dtype} weight")
 
 
 def test_export_zero_tensor_is_finite():
@@ -148,7 +171,7 @@ def test_export_zero_tensor_is_finite():
     q, scale = fp8.quantize(jnp.zeros((4, 8), jnp.bfloat16), jnp.float32(0.0))
     q_ref, scale_ref = mo_fp8_export(torch.zeros(4, 8, dtype=torch.bfloat16), torch.tensor(0.0))
     assert float(scale) == 1.0
-    assert_bits_equal(scale, scale_ref.reshape(()), "zero-amax scale")
+    assert_bits_equal(scale, scale_ref, "zero-amax scale")
     assert_bits_equal(q, q_ref, "zero-amax codes")
     assert (np.asarray(q.astype(jnp.float32)) == 0).all()
     # per channel, one zero channel
