@@ -5,6 +5,7 @@ HF config dict, source). ``NameMap`` (names.py) maps NNX paths to HF names and b
 the same map.
 """
 
+from jaxquant.converters.gguf import load_gguf
 from jaxquant.converters.hf import LazyTensor, LoadedModel, load_hf, load_tokenizer, materialize
 from jaxquant.converters.names import NameMap, hf_param_names, iter_quantizers
 
@@ -14,6 +15,7 @@ __all__ = [
     "NameMap",
     "hf_param_names",
     "iter_quantizers",
+    "load_gguf",
     "load_hf",
     "load_tokenizer",
     "materialize",

@@ -7,6 +7,7 @@ building blocks with their ModelOpt quantizer sites; ``generate.py`` a small gre
 
 from jaxquant.models.config import ARCHITECTURES, FamilySpec, ModelConfig, RopeConfig, supported_architectures
 from jaxquant.models.decoder import CausalLM, DecoderLayer, DecoderModel, abstract_model, build_model
+from jaxquant.models.generate import generate, generate_ids
 from jaxquant.models.layers import MLP, Attention, Embedding, Linear, RMSNorm
 
 __all__ = [
@@ -24,5 +25,7 @@ __all__ = [
     "RopeConfig",
     "abstract_model",
     "build_model",
+    "generate",
+    "generate_ids",
     "supported_architectures",
 ]
