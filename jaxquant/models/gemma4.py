@@ -45,7 +45,7 @@ from jaxquant.models.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from jaxquant.models.moe import EXPERT_NAMES_QWEN, MoeExperts, dense_routing, route_topk
+from jaxquant.models.moe import EXPERT_NAMES_QWEN, MoeExperts, route_topk
 from jaxquant.quantizer import TensorQuantizer
 
 # ----------------------------------------------------------------------------------------------- config
@@ -313,8 +313,7 @@ class Gemma4DecoderLayer(nnx.Module):
             flat = residual.reshape(-1, shape[-1])
             tm = None if token_mask is None else token_mask.reshape(-1)
             weights, index = self.router(flat, tm)
-            combine, routed = dense_routing(weights, index, self.experts.num_experts)
-            h2 = self.experts(self.pre_feedforward_layernorm_2(flat), combine, routed, token_mask=tm)
+            h2 = self.experts(self.pre_feedforward_layernorm_2(flat), weights, index, token_mask=tm)
             h2 = self.post_feedforward_layernorm_2(h2.reshape(shape))
             h = h1 + h2
         x = residual + self.post_feedforward_layernorm(h)

@@ -22,12 +22,14 @@ to the experts module).
 Calibration semantics: an expert's input quantizer sees the ``[E, T, H]`` broadcast of the tokens with
 ``token_mask[e, t] = routed(t -> e) & not_padding(t)``, so its amax is the max |x| over the real tokens routed to
 that expert (ModelOpt's sequential-experts semantics before ``layer_sync_moe_local_experts_amax``). The
-down-projection input quantizer likewise only sees the routed tokens' intermediate activations.
+down-projection input quantizer likewise only sees the routed tokens' intermediate activations. (The grouped
+path computes the same statistic from the expert-sorted rows.)
 
-Compute is "dense": every expert runs on every token and the outputs are combined with the (mostly zero)
-routing weights. It is exact (unrouted contributions are multiplied by an exact 0) but costs ``E / top_k`` times
-the FLOPs of a sparse dispatch and ``E * T * I`` activation memory per layer: fine for tests, calibration of small
-MoEs and correctness work; a grouped (sort + ``jax.lax.ragged_dot``) path is the planned fast path.
+Compute (``MoeExperts(impl=...)``, same outputs and statistics either way): ``"grouped"`` (default) sorts the
+``N * k`` (token, expert) pairs by expert and runs one ``jax.lax.ragged_dot`` per projection (top-k FLOPs);
+``"dense"`` runs every expert on every token and combines with the (mostly zero) routing weights — exact, but
+``E / top_k`` times the FLOPs and ``E * T * I`` activation memory. Grouped falls back to dense while an activation
+quantizer uses a format without a per-row kernel (per-channel, static blocks).
 """
 
 from __future__ import annotations
@@ -111,6 +113,37 @@ def _is_active(q: TensorQuantizer) -> bool:
     return q.enabled and q.mode != "off"
 
 
+_ROW_FORMATS = ("fp8", "nvfp4")  # per-tensor amax, elementwise / per-token-block kernels
+
+
+def _row_quantizable(q: TensorQuantizer) -> bool:
+    """Whether ``_quantize_rows`` can apply ``q`` to expert-sorted rows (inactive, or a per-tensor format)."""
+    return not _is_active(q) or q.config.format in _ROW_FORMATS
+
+
+def _quantize_rows(q: TensorQuantizer, x: jax.Array, rows_e: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Apply a stacked (``instances=E``) per-tensor quantizer to rows ``x [M, D]`` whose expert is ``rows_e [M]``.
+
+    Same semantics as ``q`` on the ``[E, T, D]`` broadcast with ``token_mask[e, t] = routed & valid``: calibration
+    keeps, per expert, the running max |x| over its valid rows; fake quant uses each row's expert amax.
+    """
+    if not _is_active(q):
+        return x
+    from jaxquant.quantizer.tensor_quantizer import fake_quant_ste
+
+    e = q.instances
+    if q.mode == "calibrate":
+        if q.config.needs_calibration:
+            a = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
+            if valid is not None:
+                a = jnp.where(valid, a, 0.0)
+            per_e = jnp.maximum(jax.ops.segment_max(a, rows_e, num_segments=e, indices_are_sorted=True), 0.0)
+            q.amax.value = jnp.maximum(q.amax.value, per_e.reshape(q.amax.value.shape))
+        return x
+    amax_rows = q.amax.value.reshape(e)[rows_e][:, None]
+    return fake_quant_ste(q.config.format, q.block_size, x, amax_rows, None)
+
+
 class MoeExperts(nnx.Module):
     """``E`` gated-MLP experts stored stacked, with per-expert (``instances=E``) quantizers.
 
@@ -136,6 +169,7 @@ class MoeExperts(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
         init_std: float = 0.02,
+        impl: str = "grouped",
     ):
         E, H, I = num_experts, hidden_size, intermediate_size
         self.num_experts = E
@@ -143,6 +177,7 @@ class MoeExperts(nnx.Module):
         self.intermediate_size = I
         self.act_name = act
         self.expert_names = tuple(expert_names)
+        self.impl = impl
         if len(self.expert_names) != 3:
             raise ValueError("expert_names must be (gate, up, down) names")
         init = nnx.initializers.normal(init_std)
@@ -215,22 +250,35 @@ class MoeExperts(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        combine: jax.Array,
-        routed: jax.Array,
+        weights: jax.Array,
+        index: jax.Array,
         *,
         token_mask: jax.Array | None = None,
+        impl: str | None = None,
     ) -> jax.Array:
-        """Mixture output for flat tokens.
+        """Mixture output for flat tokens: ``sum_k weights[n, k] * expert_{index[n, k]}(x[n])``.
 
         Args:
           x: ``[N, H]`` expert inputs.
-          combine: ``[N, E]`` combine weights (0 where not routed).
-          routed: ``[N, E]`` bool, token ``n`` routed to expert ``e``.
+          weights: ``[N, k]`` routing weights (from ``route_topk``).
+          index: ``[N, k]`` int expert indices.
           token_mask: ``[N]`` bool, False at padding (only affects calibration statistics).
+          impl: ``"dense"`` (every expert on every token, combined with zero weights where not routed) or
+            ``"grouped"`` (token copies sorted by expert, ``jax.lax.ragged_dot``: top-k FLOPs); default
+            ``self.impl``. Both give the same outputs and calibration statistics; ``grouped`` falls back to
+            ``dense`` while an activation quantizer uses a format without a per-token kernel (per-channel / static
+            blocks).
 
         Returns:
           ``[N, H]`` in ``x``'s dtype.
         """
+        impl = impl or self.impl
+        if impl == "grouped" and all(_row_quantizable(getattr(self, f"{p}_{r}")) for p in _PROJ
+                                     for r in ("input_quantizer", "output_quantizer")):
+            return self._grouped(x, weights, index, token_mask)
+        if impl not in ("dense", "grouped"):
+            raise ValueError(f"impl must be 'dense' or 'grouped', not {impl!r}")
+        combine, routed = dense_routing(weights, index, self.num_experts)
         mask = routed.T  # [E, N]
         if token_mask is not None:
             mask = mask & token_mask.astype(bool)[None, :]
@@ -241,6 +289,32 @@ class MoeExperts(nnx.Module):
         y = self._project("down_proj", h, False, mask)  # [E, N, H]
         out_dtype = jnp.promote_types(y.dtype, combine.dtype)
         out = jnp.einsum("enh,ne->nh", y.astype(out_dtype), combine.astype(out_dtype))
+        return out.astype(x.dtype)
+
+    def _grouped(self, x, weights, index, token_mask):
+        """Sparse dispatch: the ``N * k`` (token, expert) pairs sorted by expert, one ``ragged_dot`` per projection."""
+        n, k = index.shape
+        flat_e = index.reshape(-1).astype(jnp.int32)
+        order = jnp.argsort(flat_e, stable=True)
+        tok = order // k  # token of each sorted row
+        rows_e = flat_e[order]  # expert of each sorted row (non-decreasing)
+        sizes = jnp.bincount(flat_e, length=self.num_experts).astype(jnp.int32)
+        valid = None if token_mask is None else token_mask.astype(bool).reshape(-1)[tok]
+        xs = x[tok]
+        act = activation(self.act_name)
+
+        def project(proj, h):
+            h = _quantize_rows(getattr(self, f"{proj}_input_quantizer"), h, rows_e, valid)
+            w = getattr(self, f"{proj}_weight_quantizer")(getattr(self, proj).value)
+            y = jax.lax.ragged_dot(h, jnp.swapaxes(w, 1, 2).astype(h.dtype), sizes)
+            return _quantize_rows(getattr(self, f"{proj}_output_quantizer"), y, rows_e, valid)
+
+        h = act(project("gate_proj", xs)) * project("up_proj", xs)
+        y = project("down_proj", h)  # [N * k, H]
+        w_rows = weights.reshape(-1)[order]
+        out_dtype = jnp.promote_types(y.dtype, w_rows.dtype)
+        contrib = y.astype(out_dtype) * w_rows.astype(out_dtype)[:, None]
+        out = jnp.zeros((n, y.shape[-1]), out_dtype).at[tok].add(contrib)
         return out.astype(x.dtype)
 
     # ------------------------------------------------------------------ loading helpers
@@ -311,8 +385,7 @@ class SparseMoeBlock(nnx.Module):
         xf = x.reshape(-1, shape[-1])
         tm = None if token_mask is None else token_mask.reshape(-1)
         weights, index = self.route(xf, tm)
-        combine, routed = dense_routing(weights, index, self.num_experts)
-        return self.experts(xf, combine, routed, token_mask=tm).reshape(shape)
+        return self.experts(xf, weights, index, token_mask=tm).reshape(shape)
 
 
 def _mixtral_layer_base():

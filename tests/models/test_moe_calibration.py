@@ -161,10 +161,12 @@ def test_padding_never_counts(tmp_path):
     assert max(float(a.max()) for a in stats[1]) < 1e3
 
 
+@pytest.mark.parametrize("impl", ["dense", "grouped"])
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
-def test_fake_quant_uses_each_experts_amax(fmt):
+def test_fake_quant_uses_each_experts_amax(fmt, impl):
     """After calibration, fake quant of the stacked experts == a per-expert loop over the routed tokens only, each
-    expert with its own input / weight amax (dense compute quantizes per token, so unrouted tokens cannot leak)."""
+    expert with its own input / weight amax, for both compute paths (dense compute quantizes per token, so unrouted
+    tokens cannot leak; grouped compute only ever sees routed rows)."""
     from jaxquant.models.moe import dense_routing, route_topk
     from jaxquant.numerics import fp8, nvfp4
     from jaxquant.quantizer import BlockSizes
@@ -189,11 +191,16 @@ def test_fake_quant_uses_each_experts_amax(fmt):
             q.configure(cfg, tensor_shape=ex.quantizer_tensor_shape(f"{proj}_{role}"))
             q.set_mode("calibrate")
     ex.calibrate_weights()
-    ex(x, combine, routed, token_mask=tm)
+    ex(x, w, idx, token_mask=tm, impl=impl)
     for proj in ("gate_proj", "up_proj", "down_proj"):
         for role in ("input_quantizer", "weight_quantizer"):
             getattr(ex, f"{proj}_{role}").set_mode("fake_quant")
-    out = np.asarray(ex(x, combine, routed, token_mask=tm))
+    out = np.asarray(ex(x, w, idx, token_mask=tm, impl=impl))
+    valid_routed = np.asarray(routed) & np.asarray(tm)[:, None]
+    for attr in ("gate_proj_input_quantizer", "down_proj_input_quantizer"):  # per-expert stats over routed rows
+        assert (np.asarray(getattr(ex, attr).amax[...]).reshape(-1) > 0).tolist() == valid_routed.any(0).tolist()
+    np.testing.assert_allclose(np.asarray(ex.gate_proj_input_quantizer.amax[...]).reshape(-1),
+                               [np.abs(np.asarray(x)[valid_routed[:, e]]).max(initial=0.0) for e in range(e_n)])
 
     def amax(attr, e):
         return getattr(ex, attr).amax[...][e]
@@ -214,4 +221,4 @@ def test_fake_quant_uses_each_experts_amax(fmt):
     for proj in ("gate_proj", "up_proj", "down_proj"):
         for role in ("input_quantizer", "weight_quantizer"):
             getattr(ex, f"{proj}_{role}").set_mode("off")
-    assert not np.allclose(np.asarray(ex(x, combine, routed)), out, atol=1e-3)
+    assert not np.allclose(np.asarray(ex(x, w, idx, impl=impl)), out, atol=1e-3)
