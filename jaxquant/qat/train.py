@@ -65,7 +65,9 @@ def loss_and_grads(model: Any, *batch, loss_fn: LossFn = lm_loss, microbatches: 
     graphdef, params, rest = nnx.split(model, wrt, ...)
 
     def summed(p, *b):
-        return loss_fn(nnx.merge(graphdef, p, rest), *b)
+        # copy=True: fresh variables owned by this trace, so a model that runs its layers under
+        # nnx.remat (which writes state back) works inside jax.grad / lax.scan
+        return loss_fn(nnx.merge(graphdef, p, rest, copy=True), *b)
 
     if remat:
         summed = jax.checkpoint(summed)
