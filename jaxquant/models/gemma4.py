@@ -171,6 +171,11 @@ class Gemma4RMSNorm(RMSNorm):
         return h.astype(dtype)
 
 
+def _times(x: jax.Array, c: float) -> jax.Array:
+    """``x * c`` for a Python scalar as torch computes it: in float32, rounded once to ``x``'s dtype."""
+    return (x.astype(jnp.float32) * jnp.float32(c)).astype(x.dtype)
+
+
 def _norm(dim: int, config: ModelConfig, dtype, with_scale: bool = True) -> Gemma4RMSNorm:
     return Gemma4RMSNorm(dim, eps=config.rms_norm_eps, offset=0.0, with_scale=with_scale, dtype=dtype)
 
@@ -247,7 +252,7 @@ class Gemma4Router(nnx.Module):
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         h = self.norm(x)
-        h = h * self.scale[...].astype(h.dtype) * jnp.asarray(self.hidden_size**-0.5, h.dtype)
+        h = _times(h * self.scale[...].astype(h.dtype), self.hidden_size**-0.5)
         logits = self.proj(h, token_mask=token_mask)
         return route_topk(
             logits, self.top_k, renormalize=True, weights_dtype=jnp.float32, per_expert_scale=self.per_expert_scale[...]
@@ -366,9 +371,9 @@ class Gemma4TextModel(nnx.Module):
         n, p = c.num_hidden_layers, self.ple_dim
         tok = self.embed_tokens_per_layer(input_ids).reshape(b, s, n, p)
         proj = self.per_layer_model_projection(embeds, token_mask=token_mask)
-        proj = proj * jnp.asarray(c.hidden_size**-0.5, proj.dtype)
+        proj = _times(proj, c.hidden_size**-0.5)
         proj = self.per_layer_projection_norm(proj.reshape(b, s, n, p))
-        return (proj + tok.astype(proj.dtype)) * jnp.asarray(2.0**-0.5, proj.dtype)
+        return _times(proj + tok.astype(proj.dtype), 2.0**-0.5)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None) -> jax.Array:
