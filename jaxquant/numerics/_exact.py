@@ -10,8 +10,8 @@ written. XLA does not always keep ``a / b`` as a correctly rounded division:
 
 Each of these changes the last bit of some quotients. :func:`div` keeps the division exact with two
 selects that do not change any result but hide the patterns: the divisor becomes
-``where(isnan(a), 1, b)`` (a NaN dividend gives NaN whatever the divisor) and the dividend
-``where(isnan(b), nan, a)``. Neither is a constant, a broadcast or a quotient any more, so XLA
+``d = where(isnan(a), 1, b)`` (a NaN dividend gives NaN whatever the divisor) and the dividend
+``where(isnan(d), nan, a)``. Neither is a constant, a broadcast or a quotient any more, so XLA
 emits a plain elementwise divide. The selects are elementwise and fuse; they cost no memory traffic.
 """
 
@@ -31,6 +31,56 @@ def div(a, b) -> jax.Array:
     """IEEE float32 ``a / b`` exactly as written (no reciprocal or reassociation rewrites)."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
-    dividend = jnp.where(jnp.isnan(b), jnp.float32(jnp.nan), a)
     divisor = jnp.where(jnp.isnan(a), jnp.float32(1.0), b)
+    dividend = jnp.where(jnp.isnan(divisor), jnp.float32(jnp.nan), a)  # depends on a: never folded
     return dividend / divisor
+
+
+# ----------------------------------------------------------------------------- narrow float values
+# XLA's GPU backend (flag xla_allow_excess_precision, on by default) deletes a round trip of converts
+# such as float32 -> float8_e4m3fn -> float32 or float32 -> bfloat16 -> float32, i.e. it skips the
+# rounding we need. So a value is rounded with one convert and read back from its bits with
+# integer arithmetic: no convert pair is left for XLA to remove.
+def _from_bits(bits: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
+
+
+def decode_e4m3(q: jax.Array) -> jax.Array:
+    """float8_e4m3fn -> float32, exactly, from the bits (NaN -> NaN)."""
+    b = lax.bitcast_convert_type(q, jnp.uint8).astype(jnp.uint32)
+    e = (b >> 3) & 0xF
+    m = b & 7
+    normal = _from_bits(((e + 120) << 23) | (m << 20))  # (1 + m/8) * 2^(e-7)
+    mag = jnp.where(e == 0, m.astype(jnp.float32) * jnp.float32(2.0**-9), normal)
+    mag = jnp.where((e == 15) & (m == 7), jnp.float32(jnp.nan), mag)
+    return jnp.where((b & 0x80) != 0, -mag, mag)
+
+
+def decode_f16(h: jax.Array) -> jax.Array:
+    """float16 -> float32, exactly, from the bits."""
+    b = lax.bitcast_convert_type(h, jnp.uint16).astype(jnp.uint32)
+    e = (b >> 10) & 0x1F
+    m = b & 0x3FF
+    normal = _from_bits(((e + 112) << 23) | (m << 13))
+    special = _from_bits((jnp.uint32(0xFF) << 23) | (m << 13))  # inf / nan
+    mag = jnp.where(e == 0, m.astype(jnp.float32) * jnp.float32(2.0**-24), jnp.where(e == 31, special, normal))
+    return jnp.where((b & 0x8000) != 0, -mag, mag)
+
+
+def round_to_e4m3(x: jax.Array) -> jax.Array:
+    """float32 rounded to the nearest float8_e4m3fn value (ties to even), as float32."""
+    return decode_e4m3(jnp.asarray(x, jnp.float32).astype(jnp.float8_e4m3fn))
+
+
+def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
+    """float32 ``x`` rounded to ``dtype`` (bfloat16 / float16 / float32), returned as float32."""
+    dtype = jnp.dtype(dtype)
+    x = jnp.asarray(x, jnp.float32)
+    if dtype == jnp.float32:
+        return x
+    if dtype == jnp.bfloat16:
+        b = lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+        return _from_bits(b << 16)
+    if dtype == jnp.float16:
+        return decode_f16(x.astype(jnp.float16))
+    raise TypeError(f"round_to_dtype: unsupported dtype {dtype}")

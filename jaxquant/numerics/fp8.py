@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxquant.numerics._exact import div, opaque
+from jaxquant.numerics._exact import decode_e4m3, div, opaque, round_to_dtype, round_to_e4m3
 
 E4M3_MAX = 448.0
 #: ModelOpt's "zero amax" threshold in fake quant (the smallest fp16 subnormal).
@@ -47,7 +47,7 @@ def fake_quant(x: jax.Array, amax) -> jax.Array:
     scale = opaque(div(1.0, safe_amax) * E4M3_MAX)
     scale_inv = div(1.0, scale)
     scaled = jnp.clip(x.astype(jnp.float32) * scale, -E4M3_MAX, E4M3_MAX)
-    y = scaled.astype(jnp.float8_e4m3fn).astype(jnp.float32) * scale_inv
+    y = round_to_e4m3(scaled) * scale_inv
     return y.astype(x.dtype)
 
 
@@ -81,15 +81,19 @@ def quantize(x: jax.Array, amax) -> tuple[jax.Array, jax.Array]:
     scale = scale_from_amax(amax)
     scaled = div(x.astype(jnp.float32), scale)
     if scale.ndim == 0:
-        scaled = scaled.astype(x.dtype).astype(jnp.float32)
+        scaled = round_to_dtype(scaled, x.dtype)
     q = jnp.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(jnp.float8_e4m3fn)
     return q, scale
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(q: jax.Array, scale, dtype=jnp.float32) -> jax.Array:
-    """``q.astype(dtype) * scale.astype(dtype)`` (ModelOpt ``FP8QTensor.dequantize``)."""
-    return q.astype(dtype) * jnp.asarray(scale).astype(dtype)
+    """``q.astype(dtype) * scale.astype(dtype)`` (ModelOpt ``FP8QTensor.dequantize``).
+
+    The product of two values of ``dtype`` is exact in float32, so it is formed there and rounded
+    once to ``dtype``, which is what torch's bfloat16/float16 multiply does.
+    """
+    return (decode_e4m3(q) * round_to_dtype(jnp.asarray(scale, jnp.float32), dtype)).astype(dtype)
 
 
 @jax.jit

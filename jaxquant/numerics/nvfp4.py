@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.numerics import e2m1
-from jaxquant.numerics._exact import div, opaque
+from jaxquant.numerics._exact import decode_e4m3, div, opaque, round_to_e4m3
 from jaxquant.numerics.fp8 import E4M3_MAX
 from jaxquant.numerics.fp8 import fake_quant as _fp8_fake_quant
 
@@ -100,13 +100,14 @@ def _unblock(y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def _apply_block_scale(xb: jax.Array, scale: jax.Array, *, zero_scale_zeroes: bool) -> jax.Array:
     """Round ``xb / scale`` (float32 ``[..., nb, bs]``, scale ``[..., nb, 1]``) to E2M1, times scale.
 
-    Elementwise like the Triton kernels: ``q = round(|x| / s)``, ``y = x >= 0 ? q*s : -(q*s)``
-    (so NaN gives ``-(6*s)`` and a negative value that rounds to 0 gives -0.0).
+    Elementwise like the Triton kernels: ``q = round(|x| / s)``, ``y = x >= 0 ? q*s : 0 - q*s``.
+    Triton's unary minus is ``0 - y``, so a negative value that rounds to 0 gives +0.0, and NaN
+    gives ``-(6*s)``.
     """
     x_abs = jnp.abs(xb)
     y = e2m1.round_magnitude(div(x_abs, scale)) * scale
     not_nonneg = e2m1.is_negative(xb) | jnp.isnan(xb)  # ``~(x >= 0)``, robust to CPU DAZ
-    y = jnp.where(not_nonneg, -y, y)
+    y = jnp.where(not_nonneg & (y != 0), -y, y)
     if zero_scale_zeroes:
         y = jnp.where(scale == 0, jnp.float32(0.0), y)
     return y
@@ -134,7 +135,7 @@ def fake_quant_dynamic(x: jax.Array, global_amax, block_size: int = 16) -> jax.A
     xb = _blocks(x, block_size).astype(jnp.float32)
     bmax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
     s = jnp.minimum(div(bmax, 6.0 * gs), E4M3_MAX)
-    s = s.astype(jnp.float8_e4m3fn).astype(jnp.float32) * gs
+    s = round_to_e4m3(s) * gs
     s = jnp.where(s >= 1e-5, s, jnp.float32(1.0))
     y = _apply_block_scale(xb, s, zero_scale_zeroes=False)
     return _unblock(y, x.shape).astype(x.dtype)
@@ -232,7 +233,7 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
         scale = _export_block_scale(jnp.max(jnp.abs(xb), axis=-1), opaque(wsf2))
     else:
         scale = _export_block_scale_static(_as_block_shape(block_amax, x.shape, block_size), global_amax)
-    denom = opaque(scale.astype(jnp.float32) * wsf2)
+    denom = opaque(decode_e4m3(scale) * wsf2)
     codes = e2m1.to_codes(div(xb, denom[..., None]))
     codes = codes.reshape(*codes.shape[:-2], -1)
     return NVFP4Tensor(e2m1.pack(codes), scale, wsf2)
@@ -247,7 +248,7 @@ def dequantize(t: NVFP4Tensor, dtype=jnp.float32, shape: tuple[int, ...] | None 
     """
     packed, block_scale, gs = t
     gs = _f32(gs)
-    per_block = block_scale.astype(jnp.float32) * gs
+    per_block = decode_e4m3(block_scale) * gs
     vals = e2m1.from_codes(e2m1.unpack(packed))
     nb = block_scale.shape[-1]
     vals = vals.reshape(*vals.shape[:-1], nb, vals.shape[-1] // nb) * per_block[..., None]

@@ -143,7 +143,7 @@ def triton_dynamic_np(x: np.ndarray, global_amax, bs: int = 16) -> np.ndarray:
     s = s.astype(ml_dtypes.float8_e4m3fn).astype(F32) * gs
     s = np.where(s >= F32(1e-5), s, F32(1.0)).astype(F32)
     y = e2m1_round_magnitude_np(np.abs(xb) / s) * s
-    y = np.where(xb >= 0, y, -y).astype(F32)
+    y = np.where(xb >= 0, y, F32(0) - y).astype(F32)  # Triton's -y is 0 - y (+0.0 for y = 0)
     return y.reshape(*y.shape[:-2], -1)[..., :k]
 
 
@@ -164,7 +164,7 @@ def triton_static_np(x: np.ndarray, block_amax: np.ndarray, global_amax, bs: int
     safe = np.where(zero | ~np.isfinite(scale), F32(1.0), scale).astype(F32)
     xb = _blocks_np(np.asarray(x, F32), bs)
     y = e2m1_round_magnitude_np(np.abs(xb) / safe) * safe
-    y = np.where(xb >= 0, y, -y)
+    y = np.where(xb >= 0, y, F32(0) - y)
     y = np.where(zero, F32(0.0), y).astype(F32)
     return y.reshape(*y.shape[:-2], -1)[..., :k]
 
