@@ -3,15 +3,101 @@
 Where things live:
   numerics/     FP8 e4m3 and NVFP4 e2m1 quantization (pure jitted functions)
   quantizer/    QuantizerConfig (a format) and TensorQuantizer (a site with calibrated amax)
-  recipe/       ModelOpt YAML recipes and the quantizer-name matcher
+  recipe/       ModelOpt YAML recipes and the quantizer-name matcher (YAML files: recipes/)
   models/       Flax NNX decoders (Llama, Mistral, Qwen2/3, Gemma 3/4, Mixtral, Qwen3-MoE)
   converters/   HF safetensors / GGUF checkpoints -> models
-  data/         calibration and evaluation text
+  data/, eval/  calibration and evaluation text, perplexity
   calibration/  max calibration and the quantize() entry point
-  export/       ModelOpt unified HF checkpoints and orbax
+  export/       ModelOpt unified HF checkpoints, orbax, loading quantized checkpoints
+  qat/          quantization-aware training in Flax loops
+
+Typical use::
+
+    import jaxquant as jq
+    loaded = jq.load_hf("path/to/hf_model")
+    recipe = jq.load_recipe("general/ptq/nvfp4_default-kv_fp8")
+    result = jq.quantize(loaded.model, recipe, batches)
+    jq.export_hf(loaded, "out_dir", resolution=result.resolution)
 """
 
 from jaxquant._version import __version__
-from jaxquant.errors import JaxquantError
+from jaxquant.calibration import (
+    QuantizeResult,
+    calibration_state,
+    load_calibration_state,
+    quantize,
+    read_calibration_state,
+    save_calibration_state,
+    set_quant_mode,
+)
+from jaxquant.converters import LoadedModel, load_gguf, load_hf, load_tokenizer
+from jaxquant.errors import (
+    CheckpointError,
+    DataError,
+    ExportError,
+    JaxquantError,
+    NonFiniteError,
+    RecipeError,
+    UnsupportedError,
+)
+from jaxquant.eval import PerplexityResult, perplexity
+from jaxquant.export import check_exportable, export_hf, load_quantized, restore_orbax, save_orbax
+from jaxquant.models import CausalLM, ModelConfig, generate
+from jaxquant.numerics import e2m1, fp8, nvfp4
+from jaxquant.qat import finish_qat, prepare_qat
+from jaxquant.quantizer import QuantizerConfig, TensorQuantizer
+from jaxquant.recipe import Recipe, Resolution, apply_recipe, list_recipes, load_recipe, preset_recipe, recipe_from_dict
 
-__all__ = ["__version__", "JaxquantError"]
+__all__ = [
+    "__version__",
+    # loading
+    "LoadedModel",
+    "load_hf",
+    "load_gguf",
+    "load_tokenizer",
+    "load_quantized",
+    "CausalLM",
+    "ModelConfig",
+    "generate",
+    # recipes
+    "Recipe",
+    "Resolution",
+    "load_recipe",
+    "recipe_from_dict",
+    "preset_recipe",
+    "list_recipes",
+    "apply_recipe",
+    "QuantizerConfig",
+    "TensorQuantizer",
+    # numerics
+    "fp8",
+    "nvfp4",
+    "e2m1",
+    # calibration
+    "quantize",
+    "QuantizeResult",
+    "set_quant_mode",
+    "calibration_state",
+    "load_calibration_state",
+    "save_calibration_state",
+    "read_calibration_state",
+    # evaluation
+    "perplexity",
+    "PerplexityResult",
+    # export
+    "export_hf",
+    "check_exportable",
+    "save_orbax",
+    "restore_orbax",
+    # QAT
+    "prepare_qat",
+    "finish_qat",
+    # errors
+    "JaxquantError",
+    "RecipeError",
+    "UnsupportedError",
+    "CheckpointError",
+    "NonFiniteError",
+    "DataError",
+    "ExportError",
+]
