@@ -704,9 +704,6 @@ def export_hf(
     warnings = check_exportable(model_or_loaded, resolution)
     entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src)
     hfq = qc.build_hf_quant_config(layers, kv)
-    cfg.pop("quantization_config", None)
-    if qc.is_quantized_export(hfq):
-        cfg["quantization_config"] = qc.convert_hf_quant_config_format(hfq)
     n_params = sum(_logical_params(e) for e in entries)
     total_parameters = sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries if not e.name.endswith(SCALE_SUFFIXES))
     dtypes: dict[str, dict[str, int]] = {}
@@ -715,6 +712,13 @@ def export_hf(
         d = dtypes.setdefault(tag, {"tensors": 0, "bytes": 0})
         d["tensors"] += 1
         d["bytes"] += e.nbytes
+    cfg.pop("quantization_config", None)
+    if "dtype" not in cfg and "torch_dtype" not in cfg:  # GGUF sources: say what the float tensors are
+        float_tags = [t for t in ("BF16", "F16", "F32") if t in dtypes]
+        if float_tags:
+            cfg["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[float_tags[0]]
+    if qc.is_quantized_export(hfq):
+        cfg["quantization_config"] = qc.convert_hf_quant_config_format(hfq)
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:
             files = write_sharded(entries, tmp, max_shard_size=max_shard_size, total_parameters=total_parameters)
