@@ -72,47 +72,55 @@ def _as_bytes(a) -> tuple[np.ndarray, str, tuple[int, ...]]:
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8), a.dtype.name, a.shape
 
 
-def _cast(x32: np.ndarray, dtype: str):
-    import jax.numpy as jnp
-
-    return jnp.asarray(x32).astype(dtype)
-
-
-def compute(inputs: dict[str, np.ndarray]) -> dict[str, object]:
-    """``{key: output array}`` for every function, input, dtype and amax variant (module doc)."""
+def _compute_one(x, finite: bool) -> dict[str, object]:
+    """Every output for one input array (traced: the whole set is one jitted computation, as the
+    functions run inside a model's jit)."""
     import jax.numpy as jnp
 
     from jaxquant.numerics import fp8, nvfp4
 
     out: dict[str, object] = {}
+    ax = jnp.abs(x.astype(jnp.float32))
+    amax = jnp.max(jnp.where(jnp.isfinite(ax), ax, 0.0))
+    amaxes = {"max": amax, "half": amax * 0.5, "zero": jnp.float32(0.0)} if finite else {"four": jnp.float32(4.0)}
+    for tag, a in amaxes.items():
+        out[f"fp8.fake_quant|{tag}"] = fp8.fake_quant(x, a)
+        out[f"nvfp4.fake_quant_dynamic|{tag}"] = nvfp4.fake_quant_dynamic(x, a)
+    rows = ax.reshape(-1, x.shape[-1])
+    pc = jnp.max(jnp.where(jnp.isfinite(rows), rows, 0.0), axis=-1).reshape(*x.shape[:-1], 1)
+    out["fp8.fake_quant|per_channel"] = fp8.fake_quant(x, pc)
+    ba = nvfp4.block_amax(jnp.where(jnp.isfinite(x), x, 0))
+    for tag, b in (("calibrated", ba), ("shrunk", ba * 0.8)):
+        out[f"nvfp4.fake_quant_static|{tag}"] = nvfp4.fake_quant_static(x, b, jnp.max(b))
+    if not finite:
+        return out
+    for tag in ("max", "half"):
+        q, s = fp8.quantize(x, amaxes[tag])
+        out[f"fp8.quantize.q|{tag}"] = q
+        out[f"fp8.quantize.scale|{tag}"] = s
+    for tag, kw in (("dynamic", {}), ("global_half", {"global_amax": amax * 0.5}), ("static", {"block_amax": ba})):
+        t = nvfp4.quantize(x, **kw)
+        out[f"nvfp4.quantize.packed|{tag}"] = t.packed
+        out[f"nvfp4.quantize.block_scale|{tag}"] = t.block_scale
+        out[f"nvfp4.quantize.global_scale|{tag}"] = t.global_scale
+    return out
+
+
+def compute(inputs: dict[str, np.ndarray]) -> dict[str, object]:
+    """``{"<function>|<input>|<dtype>|<variant>": output}`` for every input and dtype (module doc),
+    one jitted computation per input and dtype, on JAX's default device."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    out: dict[str, object] = {}
     for name, x32 in inputs.items():
-        finite = np.isfinite(x32).all()
+        fn = jax.jit(functools.partial(_compute_one, finite=bool(np.isfinite(x32).all())))
         for dt in DTYPES:
-            x = _cast(x32, dt)
-            ax = jnp.abs(x.astype(jnp.float32))
-            amax = jnp.max(jnp.where(jnp.isfinite(ax), ax, 0.0))
-            amaxes = {"max": amax, "half": amax * 0.5, "zero": jnp.float32(0.0)} if finite else {"four": jnp.float32(4.0)}
-            k = f"{name}|{dt}"
-            for tag, a in amaxes.items():
-                out[f"fp8.fake_quant|{k}|{tag}"] = fp8.fake_quant(x, a)
-                out[f"nvfp4.fake_quant_dynamic|{k}|{tag}"] = nvfp4.fake_quant_dynamic(x, a)
-            rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-            pc = jnp.max(jnp.where(jnp.isfinite(rows), jnp.abs(rows), 0.0), axis=-1).reshape(*x.shape[:-1], 1)
-            out[f"fp8.fake_quant|{k}|per_channel"] = fp8.fake_quant(x, pc)
-            ba = nvfp4.block_amax(jnp.where(jnp.isfinite(x), x, 0))
-            for tag, b in (("calibrated", ba), ("shrunk", ba * 0.8)):
-                out[f"nvfp4.fake_quant_static|{k}|{tag}"] = nvfp4.fake_quant_static(x, b, jnp.max(b))
-            if not finite:
-                continue
-            for tag in ("max", "half"):
-                q, s = fp8.quantize(x, amaxes[tag])
-                out[f"fp8.quantize.q|{k}|{tag}"] = q
-                out[f"fp8.quantize.scale|{k}|{tag}"] = s
-            for tag, kw in (("dynamic", {}), ("global_half", {"global_amax": amax * 0.5}), ("static", {"block_amax": ba})):
-                t = nvfp4.quantize(x, **kw)
-                out[f"nvfp4.quantize.packed|{k}|{tag}"] = t.packed
-                out[f"nvfp4.quantize.block_scale|{k}|{tag}"] = t.block_scale
-                out[f"nvfp4.quantize.global_scale|{k}|{tag}"] = t.global_scale
+            for key, v in fn(jnp.asarray(x32).astype(dt)).items():
+                f, variant = key.split("|")
+                out[f"{f}|{name}|{dt}|{variant}"] = v
     return out
 
 
