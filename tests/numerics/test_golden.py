@@ -113,3 +113,36 @@ def test_meta_is_json():
     meta, _, _ = mg.read_npz(GOLDEN / "cpu.npz")
     json.dumps(meta)
     assert {"backend", "device_kind", "jax", "seed", "layout"} <= set(meta)
+
+
+def test_lowers_to_plain_stablehlo_on_every_platform():
+    """Every quantization function (and the QAT gradient) lowers for CPU, CUDA and TPU (cross-platform
+    export: no such device is needed) to ordinary StableHLO: no custom call (no cuBLAS/cuDNN/Triton/Pallas
+    kernel), and the only low-precision conversion is the float32 -> float8_e4m3fn convert."""
+    import re
+
+    import jax.numpy as jnp
+    from jax import export
+
+    from jaxquant.numerics import fp8, nvfp4
+    from jaxquant.qat import fake_quant
+
+    x = jax.ShapeDtypeStruct((4, 40), jnp.bfloat16)
+    fns = {
+        "fp8.fake_quant": lambda x: fp8.fake_quant(x, 3.0),
+        "fp8.quantize": lambda x: fp8.quantize(x, 3.0),
+        "nvfp4.fake_quant_dynamic": lambda x: nvfp4.fake_quant_dynamic(x, 3.0),
+        "nvfp4.fake_quant_static": lambda x: nvfp4.fake_quant_static(x, jnp.ones((4, 3)), 1.0),
+        "nvfp4.quantize": lambda x: nvfp4.quantize(x),
+        "qat.fake_quant grads": jax.grad(
+            lambda x, a: fake_quant("nvfp4", 16, x, a, None, False).astype(jnp.float32).sum(), argnums=(0, 1)),
+    }
+    narrow = re.compile(r"[x<](f[468]E\d\w*)")
+    for platform in ("cpu", "cuda", "tpu"):
+        for name, f in fns.items():
+            args = (x, jax.ShapeDtypeStruct((), jnp.float32)) if name.startswith("qat") else (x,)
+            text = export.export(jax.jit(f), platforms=[platform])(*args).mlir_module()
+            assert "custom_call" not in text, f"{name} on {platform}"
+            found = set(narrow.findall(text))
+            assert found <= {"f8E4M3FN"}, f"{name} on {platform}: {found}"
+            assert found or name.startswith("qat"), f"{name} on {platform}: expected the e4m3 convert"
