@@ -17,7 +17,8 @@ default here; the same command on a GPU machine gives the GPU numbers).
     python benchmarks/bench_calibration.py                       # embedded SmolLM2-135M, fp8 recipe
     python benchmarks/bench_calibration.py --model DIR --recipe general/ptq/nvfp4_default-kv_fp8 \
         --batch-sizes 1,8 --seqs 512 --iters 8 --out bench.json
-    python benchmarks/bench_calibration.py --tiny                # random 2-layer Llama, seconds
+    python benchmarks/bench_calibration.py --tiny                # random 4-layer Llama, seconds
+    python benchmarks/bench_calibration.py --config config.json  # any supported architecture, random weights
 """
 
 from __future__ import annotations
@@ -39,10 +40,15 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_siz
 
 
 def load(args, dtype):
-    if args.tiny:
-        from jaxquant.models import ModelConfig, build_model
+    from jaxquant.models import ModelConfig, build_model
 
+    if args.tiny:
         return build_model(ModelConfig.from_hf_config(TINY), dtype=dtype, rngs=nnx.Rngs(0)), "tiny-llama (random)"
+    if args.config:
+        with open(args.config) as f:
+            hf = json.load(f)
+        model = build_model(ModelConfig.from_hf_config(hf), dtype=dtype, rngs=nnx.Rngs(0))
+        return model, f"{args.config} (random weights: throughput does not depend on them)"
     from jaxquant.cli_ptq import load_model
 
     loaded, what = load_model(args.model, dtype)
@@ -107,6 +113,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="HF dir or .gguf (default: the embedded SmolLM2-135M)")
     p.add_argument("--tiny", action="store_true", help="a random 4-layer Llama instead of a real model")
+    p.add_argument("--config", default=None, help="an HF config.json: that architecture with random weights")
     p.add_argument("--recipe", default="general/ptq/fp8_default-kv_fp8")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on accelerators, f32 on CPU), bfloat16, float32")
     p.add_argument("--batch-sizes", default="1,8")

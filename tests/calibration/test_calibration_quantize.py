@@ -75,7 +75,7 @@ def test_quantize_fp8_end_to_end_modes_and_state():
     # fake-quantized now: outputs change a little, stay finite
     out = np.asarray(m(jnp.asarray(ids), jnp.asarray(mask)))
     assert np.all(np.isfinite(out)) and not np.array_equal(out, ref)
-    np.testing.assert_allclose(out, ref, atol=0.25)
+    assert np.linalg.norm(out - ref) < 0.1 * np.linalg.norm(ref)  # (GPUs default to TF32 matmuls: no tight atol)
     assert r.stats.batches == 2 and r.stats.tokens == int(mask.sum()) and len(r.stats.shapes) == 1
     assert set(r.timings) >= {"apply_recipe", "weights", "compile", "calibrate", "finalize", "total"}
 
@@ -278,7 +278,8 @@ def test_auto_batch_size_cpu_and_memory_probe():
     from jaxquant.calibration import auto_batch_size
 
     m = _model()
-    assert auto_batch_size(m, 32) == 8 and auto_batch_size(m, 32, n_rows=3) == 3
+    cpu = jax.devices("cpu")[0]
+    assert auto_batch_size(m, 32, device=cpu) == 8 and auto_batch_size(m, 32, n_rows=3, device=cpu) == 3
 
     class FakeGpu:
         platform = "gpu"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,7 +107,8 @@ def test_tiny_llama_amax_equals_torch_hooks(tmp_path):
     batches = [(ids[i:i + 3], mask[i:i + 3]) for i in (0, 3)]
     ref = torch_reference(tmodel, batches)
     loaded = load_hf(tmp_path, dtype=jnp.float32)
-    r = quantize(loaded.model, "general/ptq/fp8_default-kv_fp8", batches, progress=False)
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 for float32 matmuls
+        r = quantize(loaded.model, "general/ptq/fp8_default-kv_fp8", batches, progress=False)
     assert len(ref) == 2 * (7 + 2)
     _compare(r.calibration_state, ref, _weights(tmodel), rtol=1e-5)
 
@@ -131,7 +133,8 @@ def test_smollm2_amax_equals_torch_hooks():
     tmodel = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32,
                                                                attn_implementation="eager").eval()
     ref = torch_reference(tmodel, batches)
-    r = quantize(loaded.model, "general/ptq/fp8_default-kv_fp8", batches, progress=False)
+    with jax.default_matmul_precision("highest"):
+        r = quantize(loaded.model, "general/ptq/fp8_default-kv_fp8", batches, progress=False)
     assert len(ref) == 30 * 9
     worst = _compare(r.calibration_state, ref, _weights(tmodel), rtol=2e-5)
     print(f"SmolLM2: {len(ref)} activation amax, worst relative difference {worst:.2e}")

@@ -103,7 +103,7 @@ def test_ptq_end_to_end_prints_summary_ppl_and_timings(files, capsys, tmp_path):
     assert rc == 0, err
     assert "calibration state loaded" in out2 and "calibration (max)" not in out2
     ppl2 = [float(line.split()[1]) for line in out2.splitlines() if line.startswith(("original ", "quantized "))]
-    assert ppl2 == ppl
+    np.testing.assert_allclose(ppl2, ppl, rtol=1e-4)  # equal on CPU; GPU reductions may reorder
 
 
 def test_ptq_hf_ptq_spellings_and_presets(files, capsys):
