@@ -97,7 +97,7 @@ def _unblock(y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return y[..., : shape[-1]] if y.shape[-1] != shape[-1] else y
 
 
-def _apply_block_scale(xb: jax.Array, scale: jax.Array, *, zero_scale_zeroes: bool) -> jax.Array:
+def _apply_block_scale(xb: jax.Array, scale: jax.Array) -> jax.Array:
     """Round ``xb / scale`` (float32 ``[..., nb, bs]``, scale ``[..., nb, 1]``) to E2M1, times scale.
 
     Elementwise like the Triton kernels: ``q = round(|x| / s)``, ``y = x >= 0 ? q*s : 0 - q*s``.
@@ -107,10 +107,7 @@ def _apply_block_scale(xb: jax.Array, scale: jax.Array, *, zero_scale_zeroes: bo
     x_abs = jnp.abs(xb)
     y = e2m1.round_magnitude(div(x_abs, scale)) * scale
     not_nonneg = e2m1.is_negative(xb) | jnp.isnan(xb)  # ``~(x >= 0)``, robust to CPU DAZ
-    y = jnp.where(not_nonneg & (y != 0), -y, y)
-    if zero_scale_zeroes:
-        y = jnp.where(scale == 0, jnp.float32(0.0), y)
-    return y
+    return jnp.where(not_nonneg & (y != 0), -y, y)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
@@ -137,7 +134,7 @@ def fake_quant_dynamic(x: jax.Array, global_amax, block_size: int = 16) -> jax.A
     s = jnp.minimum(div(bmax, 6.0 * gs), E4M3_MAX)
     s = round_to_e4m3(s) * gs
     s = jnp.where(s >= 1e-5, s, jnp.float32(1.0))
-    y = _apply_block_scale(xb, s, zero_scale_zeroes=False)
+    y = _apply_block_scale(xb, s)
     return _unblock(y, x.shape).astype(x.dtype)
 
 
@@ -183,7 +180,7 @@ def fake_quant_static(x: jax.Array, block_amax, global_amax, block_size: int = 1
     scale = static_block_scale(block_amax, _f32(global_amax))[..., None]
     safe = jnp.where((scale == 0) | ~jnp.isfinite(scale), jnp.float32(1.0), scale)
     xb = _blocks(x, block_size).astype(jnp.float32)
-    y = _apply_block_scale(xb, safe, zero_scale_zeroes=False)
+    y = _apply_block_scale(xb, safe)
     y = jnp.where(scale == 0, jnp.float32(0.0), y)
     return _unblock(y, x.shape).astype(x.dtype)
 
