@@ -22,6 +22,7 @@ deliberately does not, so the amax depends only on the real text, not on how it 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import sys
@@ -140,7 +141,8 @@ def as_batch(b: Any, index: int) -> Batch:
         ids, mask = b
     else:
         ids, mask = b, None
-    ids = np.asarray(ids)
+    on_device = isinstance(ids, jax.Array)
+    ids = ids if on_device else np.asarray(ids)
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0:
@@ -148,18 +150,22 @@ def as_batch(b: Any, index: int) -> Batch:
     if not np.issubdtype(ids.dtype, np.integer):
         raise DataError(f"calibration batch {index}: input_ids must be integer token ids, got {ids.dtype}.")
     if mask is not None:
-        mask = np.asarray(mask)
+        mask = mask if isinstance(mask, jax.Array) else np.asarray(mask)
         if mask.ndim == 1:
             mask = mask[None]
         if mask.shape != ids.shape:
             raise DataError(f"calibration batch {index}: attention_mask {mask.shape} does not match input_ids "
                             f"{ids.shape}.")
-        mask = mask.astype(np.int32)
-    return ids.astype(np.int32), mask
+        mask = mask.astype(np.int32) if mask.dtype != np.int32 else mask
+    return (ids.astype(np.int32) if ids.dtype != np.int32 else ids), mask
 
 
-def batch_tokens(ids: np.ndarray, mask: np.ndarray | None) -> int:
-    return int(mask.sum()) if mask is not None else int(ids.size)
+def batch_tokens(ids, mask) -> int:
+    return int(np.asarray(mask).sum()) if mask is not None else int(ids.size)
+
+
+#: How many batches the host may run ahead of the device before it checks a step's "all finite" flag.
+FLAG_LAG = 2
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -243,11 +249,11 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
     step = make_step(graphdef, amax_def, rest_def, forward)
     compiled: dict[tuple, Any] = {}
     bar = _progress(total_tokens, progress)
-    pending: tuple[int, Any, int] | None = None  # (batch index, finite flag, tokens)
+    pending: collections.deque = collections.deque()  # (batch index, finite flag, tokens), oldest first
     t_run = 0.0
 
     def settle(p):
-        i, flag, _ = p
+        i, flag, n_tok = p
         if not bool(flag):
             nnx.update(model, jax.tree_util.tree_unflatten(amax_def, amax))
             names = _non_finite_names(sites)
@@ -256,8 +262,11 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
                 f"calibration batch {i} produced NaN or Inf activations at {shown or 'a quantizer'}. "
                 "Check the checkpoint and the dtype (float16 overflows easily; try --dtype bfloat16 or float32)."
             )
+        if bar is not None:
+            bar.update(n_tok)
 
-    try:
+    def prepared():
+        """Validated batches, already sent to the device (one ahead of the running step)."""
         for i, raw in enumerate(batches):
             ids, mask = as_batch(raw, i)
             if max_seq_len is not None and ids.shape[1] > max_seq_len:
@@ -265,7 +274,15 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
                     f"calibration batch {i} has sequences of {ids.shape[1]} tokens, more than the model's "
                     f"max_position_embeddings ({max_seq_len}); use a shorter --calib-seq."
                 )
-            key = (ids.shape, mask is None)
+            n_tok = batch_tokens(ids, mask)
+            yield i, jax.device_put(ids), None if mask is None else jax.device_put(mask), n_tok
+
+    try:
+        source = prepared()
+        nxt = next(source, None)
+        while nxt is not None:
+            i, ids, mask, n_tok = nxt
+            key = (tuple(ids.shape), mask is None)
             if key not in compiled:
                 t0 = time.perf_counter()
                 m_arg = None if mask is None else jax.ShapeDtypeStruct(mask.shape, jnp.int32)
@@ -278,22 +295,18 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
                 stats.shapes.append(tuple(ids.shape))
             t0 = time.perf_counter()
             amax, flag = compiled[key](amax, rest, ids, mask)
-            n_tok = batch_tokens(ids, mask)
-            if pending is not None:
-                settle(pending)  # waits for the previous batch only
-                if bar is not None:
-                    bar.update(pending[2])
-            pending = (i, flag, n_tok)
+            pending.append((i, flag, n_tok))
+            nxt = next(source, None)  # host work for the next batch overlaps this step
+            while len(pending) > FLAG_LAG:
+                settle(pending.popleft())  # waits for an older step only
             t_run += time.perf_counter() - t0
             stats.batches += 1
             stats.tokens += n_tok
-        if pending is not None:
-            t0 = time.perf_counter()
-            jax.block_until_ready(amax)
-            t_run += time.perf_counter() - t0
-            settle(pending)
-            if bar is not None:
-                bar.update(pending[2])
+        t0 = time.perf_counter()
+        jax.block_until_ready(amax)
+        t_run += time.perf_counter() - t0
+        while pending:
+            settle(pending.popleft())
     finally:
         if bar is not None:
             bar.close()
