@@ -240,7 +240,7 @@ def _export(args, loaded, result) -> list[str]:
         from jaxquant.export import save_orbax
 
         ob_dir = target if args.export_format == "orbax" else target / "orbax"
-        save_orbax(loaded, ob_dir, overwrite=args.overwrite)
+        save_orbax(loaded, ob_dir, overwrite=args.overwrite, resolution=result.resolution)
         lines.append(f"orbax checkpoint: {ob_dir}")
     return lines
 
@@ -418,11 +418,18 @@ def run_eval(args) -> int:
     _out(_backend_line())
     t0 = time.perf_counter()
     dtype = resolve_dtype_arg(args.dtype)
-    if args.model is not None and Path(args.model).is_dir() and (Path(args.model) / "hf_quant_config.json").is_file():
-        loaded, what = _load_quantized(args.model, dtype)
+    d = Path(args.model).expanduser() if args.model is not None else None
+    if d is not None and d.is_dir() and (d / "jaxquant_orbax.json").is_file():
+        loaded, what = _load_orbax(d, dtype)
+    elif d is not None and d.is_dir() and (d / "hf_quant_config.json").is_file():
+        loaded, what = _load_quantized(d, dtype)
     else:
         loaded, what = load_model(args.model, dtype)
-    tokenizer = loaded.tokenizer()
+    try:
+        tokenizer = loaded.tokenizer()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{loaded.source_dir}: no usable tokenizer files ({e}); copy them from the source "
+                              "model.") from None
     timer.add("load model", time.perf_counter() - t0)
     _out(f"model: {what}")
     _out(f"       {_describe_model(loaded)}, dtype {np.dtype(dtype).name}")
@@ -433,11 +440,18 @@ def run_eval(args) -> int:
     _check_ppl(r, "")
     timer.add("perplexity", dt)
     _out(f"perplexity on {label}: {len(windows)} windows x {args.eval_seq} tokens = {r.n_tokens} scored tokens")
-    _out(f"perplexity {r.ppl:.3f}")
+    _out(f"perplexity: {r.ppl:.3f}")
     _out()
     _out("time per phase")
     _out(timer.table())
     return 0
+
+
+def _load_orbax(path, dtype):
+    from jaxquant.export import restore_orbax
+
+    ck = restore_orbax(path, dtype=dtype)
+    return ck.loaded, f"{path} (jaxquant orbax checkpoint, fake-quant evaluation)"
 
 
 def _load_quantized(path, dtype):

@@ -192,15 +192,27 @@ def test_export_hf(files, capsys, tmp_path):
     # rerun without --overwrite: refused up front; with it: replaced
     rc, out, err = _run(_ptq(files, "--export-path", str(target), "--eval-windows", "0"), capsys)
     assert rc == 2 and "not empty" in err
-    rc, out, err = _run(_ptq(files, "--export-path", str(target), "--eval-windows", "0", "--overwrite"), capsys)
+    rc, out, err = _run(_ptq(files, "--export-path", str(target), "--overwrite"), capsys)
     assert rc == 0, err
+    ppl_q = [float(line.split()[1]) for line in out.splitlines() if line.startswith("quantized ")][0]
+    # jaxquant eval on the exported ModelOpt checkpoint (real FP8 weights): the same quantized model
+    try:
+        from jaxquant.export import load_quantized  # noqa: F401
+    except ImportError:
+        return
+    rc, out, err = _run(["eval", "--model", str(target), "--eval-dataset", files["eval"], "--eval-windows", "2",
+                         "--eval-seq", "32", "--dtype", "float32"], capsys)
+    assert rc == 0, err
+    assert "quantized checkpoint" in out
+    ppl_e = float(out.split("perplexity: ")[-1].split()[0])
+    assert abs(ppl_e / ppl_q - 1) < 1e-3, (ppl_e, ppl_q)
 
 
 def test_eval_command(files, capsys):
     rc, out, err = _run(["eval", "--model", files["model"], "--eval-dataset", files["eval"], "--eval-windows", "2",
                          "--eval-seq", "32"], capsys)
     assert rc == 0, err
-    assert "perplexity " in out and np.isfinite(float(out.split("perplexity ")[-1].split()[0]))
+    assert "perplexity: " in out and np.isfinite(float(out.split("perplexity: ")[-1].split()[0]))
     rc, out, err = _run(["eval", "--model", files["model"], "--eval-dataset", files["eval"], "--eval-windows", "0"],
                         capsys)
     assert rc == 2
