@@ -5,7 +5,7 @@ For each (batch, seq) it measures, after compilation and one warm-up, in tokens/
 * ``fwd``: the original model's jitted forward to the logits (quantizers off);
 * ``fwd_hidden``: the same without the LM head (the work calibration actually needs: its jitted step
   returns only the amax pytree, so XLA drops the head);
-* ``calib``: ``run_calibration`` (jaxquant's per-batch jitted max-calibration step, with its one-step-lagged
+* ``calib``: ``run_calibration`` (jaxquant's per-batch jitted max-calibration step, with its lagged
   NaN check and the amax pytree donated from step to step);
 * ``fakequant``: the calibrated model's forward to the logits in fake-quant mode (weights are re-quantized
   on every call today).

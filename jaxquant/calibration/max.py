@@ -9,9 +9,10 @@
    built with ``nnx.split`` / ``nnx.merge``. The amax pytree stays on the device and is donated
    from step to step; the model's output is discarded, so XLA drops the work nothing
    depends on (the LM head). Compilation happens once per batch shape (ahead of time, so it is
-   timed separately). The host waits only on a one-step-lagged "all finite" flag, which keeps the
-   device queue full, lets the progress bar report real tokens/s, and names the first batch
-   that produced a NaN/Inf activation.
+   timed separately). Each batch is sent to the device while the previous step runs, and the host
+   waits only on the "all finite" flag of the step ``FLAG_LAG`` (2) batches back, which keeps the
+   device queue full, lets the progress bar report real tokens/s, and names the first batch that
+   produced a NaN/Inf activation.
 3. ``finalize.py`` then checks, synchronises MoE experts and unifies fused siblings.
 
 Padding never raises amax: the model passes ``token_mask`` (from ``attention_mask``) to every

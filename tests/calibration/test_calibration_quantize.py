@@ -249,7 +249,7 @@ def test_one_compile_per_shape_and_state_stays_on_device(monkeypatch):
     monkeypatch.setattr(jax, "block_until_ready", lambda x: syncs.append(1) or orig(x))
     stats = run_calibration(m, sites, _batches(ids, mask), progress=False)
     assert stats.batches == 3 and stats.shapes == [(3, 12)]
-    assert len(syncs) == 1  # only at the end (per-batch waits are on a 1-step-lagged flag)
+    assert len(syncs) == 1  # only at the end (per-batch waits are on a lagged flag)
 
 
 def test_moe_experts_synced_and_uncalibrated_experts_get_sibling_max():
