@@ -72,6 +72,10 @@ AUX_FILES = (
     "processor_config.json",
     "video_preprocessor_config.json",
 )
+#: Sidecar with the exact activation / KV amax (like ModelOpt's optional modelopt_state): it lets
+#: ``load_quantized`` reproduce the calibrated fake-quant model bit for bit, since an FP8 scale
+#: ``amax / 448`` does not always determine ``448 / amax``. Engines ignore it.
+STATE_FILE = "jaxquant_quant_state.json"
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _TAG_OF = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -543,8 +547,12 @@ class ExportSummary:
 
 
 def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None, gguf: bool | None = None,
-                 extra_tensors: Mapping[str, Any] | None = None) -> tuple[list[Entry], dict[str, Any], str | None]:
+                 extra_tensors: Mapping[str, Any] | None = None,
+                 amax_out: dict[str, float] | None = None) -> tuple[list[Entry], dict[str, Any], str | None]:
     """The exported tensors (lazy) plus the per-layer formats and KV algo, without writing anything.
+
+    ``amax_out``, when given, receives the exact activation / KV amax behind each exported
+    ``input_scale`` / ``k_scale`` / ``v_scale`` (dense linears and attention; by quantizer name).
 
     Returns ``(entries, layers, kv_algo)`` where ``layers`` is ``{hf module: (format, block)}``.
     """
@@ -585,6 +593,10 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         else:
             entries.append(_cast_entry(name, arr, target))
     # ---- experts, per expert
+    if amax_out is not None:
+        for it in items:
+            if it.expert is None and it.fmt is not None and it.in_amax is not None:
+                amax_out[src.rename(it.hf + ".input_quantizer")] = float(np.float32(it.in_amax))
     for it in items:
         if it.expert is None:
             continue
@@ -602,6 +614,8 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
                 continue
             amax = _np(_val(q.amax)).astype(np.float32)
             val = T.kv_scale(np.max(amax), what=f"{hf}.{role} amax").reshape(())
+            if amax_out is not None:
+                amax_out[src.rename(f"{hf}.{role}")] = float(np.max(amax))
             entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), lambda v=val: v))
     # ---- tensors the text model does not own, byte for byte
     taken = {e.name for e in entries}
@@ -702,7 +716,8 @@ def export_hf(
         raise ExportError(f"export target {target} is the source checkpoint; choose another --export-path.")
     parse_size(max_shard_size)
     warnings = check_exportable(model_or_loaded, resolution)
-    entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src)
+    amax: dict[str, float] = {}
+    entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src, amax_out=amax)
     hfq = qc.build_hf_quant_config(layers, kv)
     n_params = sum(_logical_params(e) for e in entries)
     total_parameters = sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries if not e.name.endswith(SCALE_SUFFIXES))
@@ -725,6 +740,10 @@ def export_hf(
             if qc.is_quantized_export(hfq):
                 (tmp / "hf_quant_config.json").write_text(json.dumps(hfq, indent=4))
             (tmp / "config.json").write_text(json.dumps(cfg, indent=4))
+            if amax:
+                (tmp / STATE_FILE).write_text(json.dumps(
+                    {"producer": qc.PRODUCER, "note": "exact calibrated amax behind each input/k/v scale; "
+                     "serving engines ignore this file", "amax": amax}, indent=1))
             _write_aux(tmp, Path(src) if src is not None else None, loaded, cfg)
     except JaxquantError:
         raise

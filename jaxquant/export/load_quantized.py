@@ -199,6 +199,21 @@ class DequantizingSource:
 
 
 # ----------------------------------------------------------------------------------------------- loading
+def _read_state(d: Path) -> dict:
+    """Exact amax from the export's sidecar (``jaxquant_quant_state.json``), if any."""
+    import json
+
+    from jaxquant.export.hf import STATE_FILE
+
+    p = d / STATE_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return {str(k): float(v) for k, v in (json.loads(p.read_text()).get("amax") or {}).items()}
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     """True when ``path`` holds a ModelOpt-format quantized checkpoint."""
     import json
@@ -222,6 +237,38 @@ def _navigate(model, nnx_path: str):
     for p in parts[:-1]:
         node = node[int(p)] if p.isdigit() else getattr(node, p)
     return node, parts[-1]
+
+
+def amax_from_scale(scale, divisor: float) -> np.float32:
+    """An amax whose exported scale is exactly ``scale`` (``float32(amax / divisor) == scale``).
+
+    ``scale * divisor`` rounded to float32 can miss by one ulp; the neighbours are tried so that
+    NVFP4 fake quant (which only uses ``amax / 2688``) reproduces the engine's global scale
+    exactly, and FP8 gets the amax closest to ``scale * 448``.
+    """
+    s = np.float32(scale)
+    d = np.float32(divisor)
+    exact = float(s) * float(divisor)
+    c = np.float32(s * d)
+    cands = [c]
+    up = down = c
+    for _ in range(3):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        cands += [up, down]
+    cands.sort(key=lambda x: abs(float(x) - exact))
+    for x in cands:
+        if np.float32(x / d) == s:
+            return np.float32(x)
+    return c
+
+
+def _exact_amax(known: dict, name: str, scale, divisor: float) -> np.float32:
+    """The sidecar's exact amax for ``name`` when it agrees with the checkpoint's scale, else one
+    reconstructed from the scale."""
+    v = known.get(name)
+    if v is not None and np.float32(np.float32(v) / np.float32(divisor)) == np.float32(scale):
+        return np.float32(v)
+    return amax_from_scale(scale, divisor)
 
 
 def _fake_quant_input(q: TensorQuantizer, cfg: QuantizerConfig, amax: float):
@@ -279,6 +326,7 @@ def load_quantized(
     quantized = {nm.canonical(k + ".weight")[: -len(".weight")]: v for k, v in detect_quantized(files).items()}
     adapter = import_object(config.spec.tensor_adapter) if config.spec.tensor_adapter else None
 
+    known = {nm.canonical(k): v for k, v in _read_state(d).items()}  # canonical quantizer names
     # which quantized weights become QuantizedLinear (dense linears whose NNX path exists as a Linear)
     placeholders = set()
     if weights == "packed":
@@ -315,14 +363,15 @@ def load_quantized(
             setattr(parent, attr, new)
             lin = new
         if activations == "fake_quant" and info.has_input_scale:
-            s = float(np.asarray(files.get(info.module + ".input_scale")).reshape(()))
+            s = np.asarray(files.get(info.module + ".input_scale")).reshape(())
+            qname = mod + ".input_quantizer"
             if info.fmt == "fp8":
-                _fake_quant_input(lin.input_quantizer, FP8_CONFIG, s * 448.0)
+                _fake_quant_input(lin.input_quantizer, FP8_CONFIG, _exact_amax(known, qname, s, 448.0))
             else:
-                _fake_quant_input(lin.input_quantizer, NVFP4_CONFIG, s * 2688.0)
+                _fake_quant_input(lin.input_quantizer, NVFP4_CONFIG, _exact_amax(known, qname, s, 2688.0))
     _configure_experts_inputs(model, nm, base, quantized, activations)
     if activations == "fake_quant":
-        _configure_kv(model, nm, base, kv_cache_algo(d, hf_config))
+        _configure_kv(model, nm, base, kv_cache_algo(d, hf_config), known)
     consumes = getattr(source, "consumes", None)
 
     def _consumes(name: str) -> bool:
@@ -348,7 +397,7 @@ def kv_cache_algo(d: Path, hf_config: dict) -> str | None:
     return scheme
 
 
-def _configure_kv(model, nm, files, algo: str | None) -> None:  # files: a TensorSource (canonical names)
+def _configure_kv(model, nm, files, algo: str | None, known: dict) -> None:  # files: TensorSource
     """FP8 K/V fake quant with ``amax = k_scale * 448``; an FP8 KV cache without scales (``*_cast``
     exports) uses the engines' default scale 1.0, i.e. amax 448."""
     from jaxquant.converters.names import dotted
@@ -361,8 +410,8 @@ def _configure_kv(model, nm, files, algo: str | None) -> None:  # files: a Tenso
         for proj, key, role in (("k_proj", "k_scale", "k_bmm_quantizer"), ("v_proj", "v_scale", "v_bmm_quantizer")):
             name = f"{hf}.{proj}.{key}"
             if files.has(name):
-                s = float(np.asarray(files.get(name)).reshape(()))
-                _fake_quant_input(getattr(node, role), FP8_CONFIG, s * 448.0)
+                s = np.asarray(files.get(name)).reshape(())
+                _fake_quant_input(getattr(node, role), FP8_CONFIG, _exact_amax(known, f"{hf}.{role}", s, 448.0))
             elif algo == "FP8":
                 _fake_quant_input(getattr(node, role), FP8_CONFIG, 448.0)
 
@@ -391,7 +440,7 @@ def _configure_experts_inputs(model, nm, files, quantized, activations) -> None:
                 continue
             fmt = fmts.pop()
             mult = 448.0 if fmt == "fp8" else 2688.0
-            amax = np.array([float(np.asarray(files.get(f"{hf}.{e}.{name}.input_scale"))) * mult
+            amax = np.array([amax_from_scale(np.asarray(files.get(f"{hf}.{e}.{name}.input_scale")).reshape(()), mult)
                              for e in range(node.num_experts)], np.float32)
             q = getattr(node, f"{proj}_input_quantizer")
             q.configure(FP8_CONFIG if fmt == "fp8" else NVFP4_CONFIG,

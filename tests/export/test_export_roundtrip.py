@@ -121,3 +121,26 @@ def test_reference_loader_reads_our_export(tmp_path):
     assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
     assert sd["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float8_e4m3fn
     assert sd["model.layers.0.self_attn.k_proj.k_scale"].shape == ()
+
+
+def test_scales_alone_reconstruct_nvfp4_exactly(tmp_path):
+    """Without the jaxquant_quant_state.json sidecar (e.g. NVIDIA's checkpoints) the activation amax
+    comes from the scales; NVFP4 fake quant only uses amax/2688, so the logits stay identical."""
+    loaded, ids, mask = _calibrated(tmp_path, "general/ptq/nvfp4_default-kv_fp8", "float32")
+    ref = np.asarray(loaded.model(ids, mask))
+    export_hf(loaded, tmp_path / "out")
+    from jaxquant.export.hf import STATE_FILE
+    from jaxquant.export.load_quantized import amax_from_scale
+
+    assert (tmp_path / "out" / STATE_FILE).is_file()
+    (tmp_path / "out" / STATE_FILE).unlink()
+    back = load_quantized(tmp_path / "out", dtype=jnp.float32)
+    q = back.model.model.layers[0].mlp.up_proj.input_quantizer
+    assert np.float32(q.amax.value) / np.float32(2688) == np.float32(loaded.model.model.layers[0].mlp.up_proj.input_quantizer.amax.value) / np.float32(2688)
+    got = np.asarray(back.model(ids, mask))
+    # FP8 KV amax may come back one ulp off (448/amax then differs in the last bit): near-equal logits
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    for a in np.random.default_rng(0).uniform(1e-3, 1e3, 2000).astype(np.float32):
+        for d in (448.0, 2688.0):
+            s = a / np.float32(d)  # an exported scale
+            assert np.float32(amax_from_scale(s, d) / np.float32(d)) == s
