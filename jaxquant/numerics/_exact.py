@@ -68,8 +68,26 @@ def decode_f16(h: jax.Array) -> jax.Array:
 
 
 def round_to_e4m3(x: jax.Array) -> jax.Array:
-    """float32 rounded to the nearest float8_e4m3fn value (ties to even), as float32."""
-    return decode_e4m3(jnp.asarray(x, jnp.float32).astype(jnp.float8_e4m3fn))
+    """float32 rounded to the nearest float8_e4m3fn value (ties to even), as float32 (|x| <= 448)."""
+    return _round_e4m3_bits(x)
+
+
+def to_e4m3(x: jax.Array) -> jax.Array:
+    """float32 (``|x| <= 448``, callers clamp) -> float8_e4m3fn, round to nearest even, NaN -> NaN.
+
+    Integer arithmetic rather than XLA's convert: on an H100, XLA's float32 -> float8_e4m3fn
+    convert rounds some values twice (via float16), which in the E4M3 subnormal range is off by 2x.
+    """
+    v = _round_e4m3_bits(x)
+    b = lax.bitcast_convert_type(v, jnp.uint32)
+    sign = (b >> 24) & 0x80
+    exp = ((b >> 23) & 0xFF).astype(jnp.int32) - 127
+    mant3 = (b >> 20) & 7
+    normal = (((exp + 7).astype(jnp.uint32) & 0xF) << 3) | mant3
+    sub = (jnp.abs(v) * jnp.float32(2.0**9)).astype(jnp.uint32)  # 0..7 quanta of 2^-9
+    code = jnp.where(exp >= -6, normal, sub) | sign
+    code = jnp.where(jnp.isnan(v), jnp.uint32(0x7F), code)
+    return lax.bitcast_convert_type(code.astype(jnp.uint8), jnp.float8_e4m3fn)
 
 
 def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
@@ -84,3 +102,25 @@ def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
     if dtype == jnp.float16:
         return decode_f16(x.astype(jnp.float16))
     raise TypeError(f"round_to_dtype: unsupported dtype {dtype}")
+
+
+def _round_e4m3_bits(x: jax.Array) -> jax.Array:
+    """``x.astype(float8_e4m3fn).astype(float32)`` computed with integer arithmetic only.
+
+    Round to nearest even on the E4M3 grid: 3 mantissa bits for exponents >= -6, a fixed quantum
+    of 2^-9 below. For ``|x| <= 448`` (callers clamp first); NaN stays NaN. Tested bit-exact against
+    torch's and ml_dtypes' casts; needs no FP8 support from the backend.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    b = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    sign = b & jnp.uint32(0x80000000)
+    exp = ((b >> 23) & 0xFF).astype(jnp.int32) - 127
+    sig = (b & jnp.uint32(0x7FFFFF)) | jnp.uint32(0x800000)
+    drop = 20 + jnp.maximum(0, -6 - exp)  # low significand bits below the E4M3 quantum
+    drop_u = jnp.minimum(drop, 24).astype(jnp.uint32)
+    half = (jnp.uint32(1) << (drop_u - 1)) - 1
+    r = ((sig + half + ((sig >> drop_u) & 1)) >> drop_u) << drop_u  # round half to even
+    pow2 = jax.lax.bitcast_convert_type(((exp + 104) << 23).astype(jnp.uint32), jnp.float32)  # 2^(exp-23)
+    mag = jnp.where(drop >= 25, jnp.float32(0.0), r.astype(jnp.float32) * pow2)
+    y = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(mag, jnp.uint32) | sign, jnp.float32)
+    return jnp.where(jnp.isnan(x), x, y)

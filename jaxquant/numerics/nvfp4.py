@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.numerics import e2m1
-from jaxquant.numerics._exact import decode_e4m3, div, opaque, round_to_e4m3
+from jaxquant.numerics._exact import decode_e4m3, div, opaque, round_to_e4m3, to_e4m3
 from jaxquant.numerics.fp8 import E4M3_MAX
 from jaxquant.numerics.fp8 import fake_quant as _fp8_fake_quant
 
@@ -189,7 +189,7 @@ def _export_block_scale(block_amax, wsf2) -> jax.Array:
     """Dynamic export: ``e4m3(clamp(where(s == 0, 1, s), 2^-9, 448))``, ``s = amax / (6 * wsf2)``."""
     s = div(block_amax, 6.0 * wsf2)
     s = jnp.where(s == 0, jnp.float32(1.0), s)
-    return jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return to_e4m3(jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX))
 
 
 def _export_block_scale_static(block_amax, global_amax) -> jax.Array:
@@ -200,7 +200,7 @@ def _export_block_scale_static(block_amax, global_amax) -> jax.Array:
     s = div(block_amax, E2M1_MAX)
     s = jnp.where(s == 0, jnp.float32(1.0), s)
     s = div(s * E4M3_MAX, div(global_amax, E2M1_MAX))
-    return jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX).astype(jnp.float8_e4m3fn)
+    return to_e4m3(jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))

@@ -53,3 +53,22 @@ def test_round_to_narrow_floats():
     in_f16 = x[np.abs(x) < 65504]
     assert_bits_equal(round_to_dtype(in_f16, jnp.float16), in_f16.astype(np.float16).astype(F32), "f16")
     assert_bits_equal(round_to_dtype(x, jnp.float32), x, "f32")
+
+
+def test_to_e4m3_bits():
+    """The integer E4M3 encoder equals the RNE cast bit for bit (incl. subnormal ties and -0.0)."""
+    from jaxquant.numerics._exact import to_e4m3
+
+    rng = np.random.default_rng(52)
+    x = rng.integers(0, 2**32, 2_000_000, dtype=np.uint32).view(F32)
+    x = x[np.isfinite(x) & (np.abs(x) <= 448)]
+    q = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(F32)
+    q = q[np.isfinite(q)]
+    grid = np.unique(q)
+    mids = ((grid[1:].astype(np.float64) + grid[:-1]) / 2).astype(F32)  # exact midpoints of the grid
+    near = np.concatenate([mids, np.nextafter(mids, F32(-np.inf)), np.nextafter(mids, F32(np.inf))])
+    x = np.concatenate([x, q, near, [-0.0]]).astype(F32)
+    ours = to_e4m3(x)
+    assert ours.dtype == jnp.float8_e4m3fn
+    assert_bits_equal(ours, x.astype(ml_dtypes.float8_e4m3fn), "to_e4m3")
+    assert np.isnan(np.asarray(to_e4m3(np.float32([np.nan])).astype(jnp.float32))).all()

@@ -117,10 +117,17 @@ def test_export_per_tensor_1m(dtype):
         q_ref, scale_ref = mo_fp8_export(wt, torch.tensor(amax))
         assert q.dtype == jnp.float8_e4m3fn and scale.dtype == jnp.float32 and scale.shape == ()
         assert_bits_equal(scale, scale_ref, f"weight_scale amax={amax}")
-        assert_bits_equal(q, q_ref, f"fp8 export {dtype} amax={amax}")
+        # Where |w / scale| >= 464 (amax below max|w|), torch >= 2.13 saturates the cast to +-448 and
+        # older torch gives NaN; ours always saturates. Compare bits where the reference is finite.
+        ref_f = q_ref.float().numpy()
+        finite = np.isfinite(ref_f)
+        assert_bits_equal(np.asarray(q)[finite], q_ref.view(torch.uint8).numpy()[finite].view(ml_dtypes.float8_e4m3fn), f"fp8 export {dtype} amax={amax}")
+        sat = np.asarray(q.astype(jnp.float32))[~finite]
+        assert (np.abs(sat) == 448).all()
         # dequantize like FP8QTensor.dequantize: q.to(dtype) * scale.to(dtype)
         deq_ref = q_ref.to(TORCH[dtype]) * scale_ref.to(TORCH[dtype])
-        assert_bits_equal(fp8.dequantize(q, scale, JNP[dtype]), deq_ref, "dequantize")
+        ours_deq = fp8.dequantize(q, scale, JNP[dtype])
+        assert_bits_equal(np.asarray(ours_deq)[finite], np.asarray(to_jax(deq_ref.float().numpy(), dtype))[finite], "dequantize")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
