@@ -375,6 +375,12 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
         if it.expert is None and it.fmt is not None and it.hf.split(".")[-1] == "lm_head":
             warnings.append("lm_head is quantized: vLLM cannot load a quantized lm_head from ModelOpt checkpoints "
                             "(vllm#45102); ModelOpt's recipes exclude it.")
+    from jaxquant.export.load_quantized import QuantizedLinear
+
+    if any(isinstance(n, QuantizedLinear) for _, n in nnx.iter_graph(model)):
+        raise UnsupportedError("this model was loaded from a quantized checkpoint (load_quantized): its weights "
+                               "are already packed and cannot be exported again; copy the checkpoint directory "
+                               "instead, or export from the original model.")
     lins, exps, atts = _walk(model, nm)
     for hf, m in lins:
         if _config_of(m.output_quantizer) is not None:

@@ -144,3 +144,14 @@ def test_scales_alone_reconstruct_nvfp4_exactly(tmp_path):
         for d in (448.0, 2688.0):
             s = a / np.float32(d)  # an exported scale
             assert np.float32(amax_from_scale(s, d) / np.float32(d)) == s
+
+
+def test_reexport_of_loaded_quantized_is_refused(tmp_path):
+    from jaxquant.errors import UnsupportedError
+
+    loaded, ids, mask = _calibrated(tmp_path, "general/ptq/fp8_default-kv_fp8", "float32")
+    export_hf(loaded, tmp_path / "out")
+    back = load_quantized(tmp_path / "out", dtype=jnp.float32)
+    with pytest.raises(UnsupportedError, match="already packed"):
+        export_hf(back, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
