@@ -322,7 +322,7 @@ def _unify(items: list[_Linear]) -> None:
 # ----------------------------------------------------------------------------------------------- validation
 def _kv_algo(attentions) -> str | None:
     algos = set()
-    for hf, a in attentions:
+    for _hf, a in attentions:
         for role in ("k_bmm_quantizer", "v_bmm_quantizer"):
             algo = qc.kv_cache_algo(_config_of(getattr(a, role, None)))
             if algo is not None:
@@ -584,7 +584,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     entries: list[Entry] = []
     # ---- parameters of the NNX model (everything but stacked experts)
     expert_param_paths = set()
-    for hf, ex in exps:
+    for hf, _ex in exps:
         for p in ("gate_proj", "up_proj", "down_proj"):
             expert_param_paths.add(f"{hf}.{p}")
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
@@ -712,7 +712,6 @@ def export_hf(
       Ctrl-C, disk full) ``export_dir`` is left untouched and no partial directory remains.
     """
     loaded = model_or_loaded if hasattr(model_or_loaded, "model") else None
-    model = getattr(model_or_loaded, "model", model_or_loaded)
     cfg = dict(hf_config if hf_config is not None else (getattr(loaded, "hf_config", None) or {}))
     if not cfg:
         raise ExportError("export_hf needs the HF config.json contents: pass a LoadedModel or hf_config=.")

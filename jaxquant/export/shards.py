@@ -118,7 +118,7 @@ def write_sharded(
     shards = plan_shards(entries, max_shard_size) or [[]]
     files = shard_filenames(len(shards))
     weight_map: dict[str, str] = {}
-    for fname, shard in zip(files, shards):
+    for fname, shard in zip(files, shards, strict=True):
         arrays = {}
         for e in shard:
             a = e.produce()
