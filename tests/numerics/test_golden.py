@@ -118,7 +118,8 @@ def test_meta_is_json():
 def test_lowers_to_plain_stablehlo_on_every_platform():
     """Every quantization function (and the QAT gradient) lowers for CPU, CUDA and TPU (cross-platform
     export: no such device is needed) to ordinary StableHLO: no custom call (no cuBLAS/cuDNN/Triton/Pallas
-    kernel), and the only low-precision conversion is the float32 -> float8_e4m3fn convert."""
+    kernel), and no narrow float type but float8_e4m3fn (E4M3 rounding is integer arithmetic; E4M3 values
+    appear only as the export's output dtype)."""
     import re
 
     import jax.numpy as jnp
@@ -145,4 +146,3 @@ def test_lowers_to_plain_stablehlo_on_every_platform():
             assert "custom_call" not in text, f"{name} on {platform}"
             found = set(narrow.findall(text))
             assert found <= {"f8E4M3FN"}, f"{name} on {platform}: {found}"
-            assert found or name.startswith("qat"), f"{name} on {platform}: expected the e4m3 convert"

@@ -113,7 +113,8 @@ def test_straight_through_gradient_of_a_quantized_linear_by_hand():
     lin = net.blocks[1].down_proj
     x = jax.random.normal(jax.random.PRNGKey(5), (8, 2 * D))
     c = jax.random.normal(jax.random.PRNGKey(6), (8, D))
-    gk, gx = nnx.grad(lambda m, v: jnp.sum(m(v) * c), argnums=(0, 1))(lin, x)
+    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: compare with float64 products
+        gk, gx = nnx.grad(lambda m, v: jnp.sum(m(v) * c), argnums=(0, 1))(lin, x)
     xq = np.asarray(lin.input_quantizer(x), np.float64)
     wq = np.asarray(lin.weight_quantizer(lin.kernel.value.T).T, np.float64)
     np.testing.assert_allclose(np.asarray(gk["kernel"].value), xq.T @ np.asarray(c, np.float64), rtol=1e-5, atol=1e-5)
