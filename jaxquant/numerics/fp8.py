@@ -96,5 +96,5 @@ def dequantize(q: jax.Array, scale, dtype=jnp.float32) -> jax.Array:
     return (decode_e4m3(q) * round_to_dtype(jnp.asarray(scale, jnp.float32), dtype)).astype(dtype)
 
 
-#: Integer-only E4M3 rounding (what ``round_to_e4m3`` uses); kept under its old name.
+#: Integer-only E4M3 rounding to float32 values (a fallback for backends without an FP8 convert).
 e4m3_round_arith = jax.jit(_round_e4m3_bits)
