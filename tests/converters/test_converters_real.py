@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
 from assets import smollm2_gguf_path, smollm2_hf_dir  # noqa: E402
-from _gemma_assets import gemma3_gguf_path, gemma3_hf_dir  # noqa: E402
+from assets import gemma3_gguf_path, gemma3_hf_dir  # noqa: E402
 
 from jaxquant.converters import load_hf, load_tokenizer  # noqa: E402
 from jaxquant.converters.gguf import load_gguf  # noqa: E402
