@@ -603,6 +603,8 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         for it in items:
             if it.expert is None and it.fmt is not None and it.in_amax is not None:
                 amax_out[src.rename(it.hf + ".input_quantizer")] = float(np.float32(it.in_amax))
+            if it.expert is None and it.fmt == "fp8":
+                amax_out[src.rename(it.hf + ".weight_quantizer")] = float(np.float32(it.w_amax))
     for it in items:
         if it.expert is None:
             continue

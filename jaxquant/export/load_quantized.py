@@ -151,9 +151,29 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
     return out
 
 
-def _dequant_np(files, mod: str, fmt: str) -> np.ndarray:
+def fp8_dequant_scale(weight_scale, amax=None) -> np.ndarray:
+    """The factor FP8 codes are multiplied by on load.
+
+    Without a known weight amax: the checkpoint's ``weight_scale`` (``amax / 448``), as engines use it.
+    With the exact amax (from the export's sidecar, checked against ``weight_scale``): fake quant's
+    ``1 / (448 / amax)`` (which can differ from ``amax / 448`` in the last bit), so the loaded model
+    reproduces the calibrated fake-quant model bit for bit.
+    """
+    s = np.asarray(weight_scale, np.float32)
+    if amax is None or s.ndim != 0:
+        return s
+    a = np.float32(amax)
+    if np.float32(a / np.float32(448.0)) != s:
+        return s
+    safe = np.float32(1.0) if a <= np.float32(2.0**-24) else a
+    scale = np.float32(np.float32(np.float32(1.0) / safe) * np.float32(448.0))  # torch: 448 / t = t.reciprocal() * 448
+    return np.float32(np.float32(1.0) / scale)
+
+
+def _dequant_np(files, mod: str, fmt: str, fp8_scale=None) -> np.ndarray:
     if fmt == "fp8":
-        return T.fp8_dequantize(files.get(mod + ".weight"), files.get(mod + ".weight_scale"))
+        scale = fp8_scale if fp8_scale is not None else files.get(mod + ".weight_scale")
+        return T.fp8_dequantize(files.get(mod + ".weight"), scale)
     return T.nvfp4_dequantize(files.get(mod + ".weight"), files.get(mod + ".weight_scale"),
                               files.get(mod + ".weight_scale_2"))
 
@@ -165,8 +185,10 @@ class DequantizingSource:
     weights are served as zeros instead of being dequantized.
     """
 
-    def __init__(self, base, files, quantized: dict[str, QuantizedTensorInfo], placeholders=frozenset()):
+    def __init__(self, base, files, quantized: dict[str, QuantizedTensorInfo], placeholders=frozenset(),
+                 fp8_scales: dict | None = None):
         self.base, self.files, self.quantized, self.placeholders = base, files, quantized, placeholders
+        self.fp8_scales = fp8_scales or {}
 
     def _q(self, name):
         if name.endswith(".weight"):
@@ -192,7 +214,8 @@ class DequantizingSource:
             return self.base.get(name)
         if name in self.placeholders:
             return np.broadcast_to(np.zeros((), np.float32), self.shape(name))
-        return _dequant_np(self.files, q.module, q.fmt)  # q.module: the name inside the files
+        # q.module: the name inside the files
+        return _dequant_np(self.files, q.module, q.fmt, self.fp8_scales.get(name[: -len(".weight")]))
 
     def where(self, name):
         return self.base.where(name)
@@ -334,7 +357,9 @@ def load_quantized(
             p = nm.nnx_path(mod + ".weight")
             if p is not None and ".experts." not in mod:
                 placeholders.add(mod + ".weight")
-    source = DequantizingSource(base, files, quantized, frozenset(placeholders))
+    fp8_scales = {mod: fp8_dequant_scale(files.get(i.module + ".weight_scale"), known.get(mod + ".weight_quantizer"))
+                  for mod, i in quantized.items() if i.fmt == "fp8"}
+    source = DequantizingSource(base, files, quantized, frozenset(placeholders), fp8_scales)
     if adapter is not None:
         source = adapter(config, source)
     model = materialize(config, source, dtype=dtype, name_map=nm)
@@ -356,7 +381,8 @@ def load_quantized(
         if mod + ".weight" in placeholders:
             bias = lin.bias[...] if lin.bias is not None else None
             new = QuantizedLinear(
-                info.fmt, files.get(info.module + ".weight"), files.get(info.module + ".weight_scale"),
+                info.fmt, files.get(info.module + ".weight"),
+                fp8_scales[mod] if info.fmt == "fp8" else files.get(info.module + ".weight_scale"),
                 files.get(info.module + ".weight_scale_2") if info.fmt == "nvfp4" else None, bias,
                 in_features=lin.in_features, out_features=lin.out_features, dtype=dtype, precision=lin.precision,
             )
