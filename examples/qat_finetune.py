@@ -37,14 +37,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="general/ptq/nvfp4_default-kv_fp8", help="ModelOpt recipe (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=4, help="rows per step (default: %(default)s)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per training row (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=2, help="rows per step (default: %(default)s)")
+    p.add_argument("--seq", type=int, default=64, help="tokens per training row (default: %(default)s)")
     p.add_argument("--microbatches", type=int, default=1, help="gradient accumulation: microbatches per step")
     p.add_argument("--remat", action="store_true", help="recompute the forward pass in the backward pass")
     p.add_argument("--loss", choices=("kd", "ce"), default="kd",
                    help="kd: distillation from the unquantized model (KL of its next-token distribution, the "
                         "target is the original model itself); ce: next-token cross-entropy on the text (default: kd)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=4e-5, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     p.add_argument("--calib-size", type=int, default=32, help="calibration rows (default: %(default)s)")
     p.add_argument("--calib-seq", type=int, default=128, help="calibration tokens per row (default: %(default)s)")

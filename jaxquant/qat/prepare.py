@@ -43,13 +43,11 @@ LearnAmax = bool | Literal["all", "weights", "activations"]
 def _learns(site, learn_amax: LearnAmax) -> bool:
     if not learn_amax or not site.has_state:
         return False
-    if learn_amax in (True, "all"):
-        return True
     if learn_amax == "weights":
         return site.role == "weight"
     if learn_amax == "activations":
         return site.is_activation
-    raise ValueError(f"learn_amax must be a bool, 'all', 'weights' or 'activations', got {learn_amax!r}")
+    return True
 
 
 def prepare_qat(
@@ -91,6 +89,8 @@ def prepare_qat(
         activation_amax = "static" if calibration_data is not None else "dynamic"
     if activation_amax not in ("static", "dynamic"):
         raise ValueError(f"activation_amax must be 'static' or 'dynamic', got {activation_amax!r}")
+    if learn_amax not in (False, True, "all", "weights", "activations"):
+        raise ValueError(f"learn_amax must be a bool, 'all', 'weights' or 'activations', got {learn_amax!r}")
     if activation_amax == "static" and calibration_data is None:
         raise DataError("activation_amax='static' needs calibration_data (batches or a forward_loop); pass it, "
                         "or use activation_amax='dynamic' (amax = max|x| of every tensor, every step).")
