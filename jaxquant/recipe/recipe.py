@@ -17,13 +17,13 @@ full recipe mapping with ``metadata`` / ``quantize``). ``load_recipe`` (``loader
 from __future__ import annotations
 
 import copy
-import re
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
+from jaxquant.quantizer.config import _loc, _sub  # the one key-path formatter for error messages
 
 RECIPE_TYPES = ("ptq", "auto_quantize", "speculative_eagle", "speculative_dflash", "speculative_medusa")
 SUPPORTED_RECIPE_TYPES = ("ptq",)
@@ -245,20 +245,13 @@ def _where(node: Any, fallback: str) -> str:
 
 def loc(where: str) -> str:
     """``where`` for a message: a file root (``"f.yaml: "``) prints as ``"f.yaml"``."""
-    return where[:-2] if where.endswith(": ") else where
+    return _loc(where)
 
 
 def child_where(where: str, key: Any) -> str:
     """``"f.yaml: quantize"`` + ``"algorithm"`` -> ``"f.yaml: quantize.algorithm"``; an int key
     gives ``[i]``; the root (``"f.yaml: "``) takes the key without a dot."""
-    if isinstance(key, int) and not isinstance(key, bool) and not str(key).startswith("-"):
-        return f"{where}[{key}]"
-    key = str(key)
-    if not re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$-]*|-?\d+", key):
-        return f"{where}[{key!r}]"
-    if not where or where.endswith(": "):
-        return f"{where}{key}"
-    return f"{where}.{key}"
+    return _sub(where, key)
 
 
 def parse_entry(raw: Any, where: str) -> QuantCfgEntry:
