@@ -84,6 +84,19 @@ _NP_OF_TAG = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": 
               "F64": np.dtype(np.float64)}
 
 
+
+def _is_loaded(obj) -> bool:
+    """True for a ``LoadedModel`` (a CausalLM also has a ``.model`` attribute: its decoder)."""
+    from jaxquant.converters.hf import LoadedModel
+
+    return isinstance(obj, LoadedModel)
+
+
+def _unwrap(obj):
+    """The NNX model of a ``LoadedModel``, or ``obj`` itself."""
+    return obj.model if _is_loaded(obj) else obj
+
+
 def _val(v) -> Any:
     """The array held by an NNX variable (or the array itself)."""
     if v is None:
@@ -354,7 +367,7 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
     Raises:
       UnsupportedError / ExportError with the layer name and what to change.
     """
-    model = getattr(model_or_loaded, "model", model_or_loaded)
+    model = _unwrap(model_or_loaded)
     nm = name_map or getattr(model_or_loaded, "name_map", None) or _name_map(model)
     warnings: list[str] = []
     items = _collect_linears(model, nm, need_amax=False)
@@ -564,7 +577,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     """
     from jaxquant.converters.names import dotted
 
-    model = getattr(model_or_loaded, "model", model_or_loaded)
+    model = _unwrap(model_or_loaded)
     nm = name_map or getattr(model_or_loaded, "name_map", None) or _name_map(model)
     if source_dir is None:
         source_dir = getattr(model_or_loaded, "source_dir", None)
@@ -713,7 +726,7 @@ def export_hf(
       ExportError / UnsupportedError / NonFiniteError naming the layer. On any failure (also
       Ctrl-C, disk full) ``export_dir`` is left untouched and no partial directory remains.
     """
-    loaded = model_or_loaded if hasattr(model_or_loaded, "model") else None
+    loaded = model_or_loaded if _is_loaded(model_or_loaded) else None
     cfg = dict(hf_config if hf_config is not None else (getattr(loaded, "hf_config", None) or {}))
     if not cfg:
         raise ExportError("export_hf needs the HF config.json contents: pass a LoadedModel or hf_config=.")
