@@ -6,6 +6,10 @@ compares directly with the device's memory bandwidth (an H100 SXM copy reaches a
 
     python benchmarks/bench_numerics.py                       # 8192x8192 bf16 on GPU, 2048x2048 on CPU
     python benchmarks/bench_numerics.py --size 4096 16384 --out bench.json
+    python benchmarks/bench_numerics.py --division hardware   # what the exact division costs
+
+``--division hardware`` swaps the kernels' exactly rounded division (``_exact.div``) for the
+backend's own (``_exact.hardware_div``: approximate on GPUs and TPUs), to measure its cost.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxquant.numerics import fp8, nvfp4
+from jaxquant.numerics import _exact, fp8, nvfp4
 
 
 def _time(fn, args, iters: int, warmup: int) -> float:
@@ -40,8 +44,12 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--division", default="exact", choices=["exact", "hardware"],
+                   help="exact: the kernels as shipped; hardware: the backend's own division (not bit-exact off CPU)")
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
     args = p.parse_args(argv)
+    if args.division == "hardware":
+        fp8.div = nvfp4.div = _exact.hardware_div
 
     backend = jax.default_backend()
     rows, cols = args.size or ((8192, 8192) if backend != "cpu" else (2048, 2048))
@@ -59,7 +67,8 @@ def main(argv=None) -> dict:
         ("nvfp4.quantize", lambda a, g: nvfp4.quantize(a, global_amax=g), (x, amax), n * item + n // 2 + n // 16),
     ]
     results = []
-    print(f"backend={backend} device={jax.devices()[0].device_kind} shape={rows}x{cols} dtype={args.dtype}")
+    print(f"backend={backend} device={jax.devices()[0].device_kind} shape={rows}x{cols} dtype={args.dtype} "
+          f"division={args.division}")
     print(f"{'kernel':28s} {'time (ms)':>10s} {'GB/s':>10s} {'Gelem/s':>10s}")
     for name, fn, fargs, nbytes in cases:
         t = _time(jax.jit(fn), fargs, args.iters, args.warmup)
@@ -74,6 +83,7 @@ def main(argv=None) -> dict:
         "python": platform.python_version(),
         "shape": [rows, cols],
         "dtype": args.dtype,
+        "division": args.division,
         "iters": args.iters,
         "timing": "median wall time of jitted calls, blocking on the result",
         "results": results,

@@ -13,6 +13,14 @@ selects that do not change any result but hide the patterns: the divisor becomes
 ``d = where(isnan(a), 1, b)`` (a NaN dividend gives NaN whatever the divisor) and the dividend
 ``where(isnan(d), nan, a)``. Neither is a constant, a broadcast or a quotient any more, so XLA
 emits a plain elementwise divide. The selects are elementwise and fuse; they cost no memory traffic.
+
+The hardware division itself is only IEEE on the CPU. XLA's GPU backend compiles it to the
+approximate ``div.full.f32`` (up to 2 ulp, openxla/xla#37181) and TPUs divide through a reciprocal
+approximation. So on every platform but the CPU, :func:`div` takes the hardware quotient as a first
+guess and rounds it exactly with integer arithmetic (:func:`round_quotient`): the remainder
+``a - q*b`` is computed exactly in 32-bit integers and the quotient moved to the correctly rounded
+value. The result is the IEEE quotient bit for bit on any backend, whatever its division does
+(within 7 ulp), with no flag to set.
 """
 
 from __future__ import annotations
@@ -28,12 +36,124 @@ def opaque(x: jax.Array) -> jax.Array:
 
 
 def div(a, b) -> jax.Array:
-    """IEEE float32 ``a / b`` exactly as written (no reciprocal or reassociation rewrites)."""
+    """IEEE float32 ``a / b`` (round to nearest even) exactly as written, on every backend.
+
+    ``a`` and ``b`` broadcast against each other. On the CPU this is :func:`hardware_div`; elsewhere
+    its quotient is rounded exactly by :func:`round_quotient` (XLA picks the branch when it compiles
+    for a platform).
+    """
+    dividend, divisor = _unrewritable(a, b)
+    return lax.platform_dependent(
+        dividend, divisor,
+        cpu=lambda x, y: x / y,
+        default=lambda x, y: round_quotient(x, y, x / y),
+    )
+
+
+def hardware_div(a, b) -> jax.Array:
+    """The backend's own float32 ``a / b``, safe from XLA's rewrites but not rounded exactly.
+
+    IEEE on the CPU; up to 2 ulp off on NVIDIA GPUs (``div.full.f32``) unless XLA runs with
+    ``--xla_backend_extra_options=-nvptx-prec-divf32=2``. For benchmarks of what :func:`div` costs.
+    """
+    dividend, divisor = _unrewritable(a, b)
+    return dividend / divisor
+
+
+def _unrewritable(a, b) -> tuple[jax.Array, jax.Array]:
+    """``(a, b)`` as float32 of one shape, behind selects that keep XLA from rewriting ``a / b``."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     divisor = jnp.where(jnp.isnan(a), jnp.float32(1.0), b)
     dividend = jnp.where(jnp.isnan(divisor), jnp.float32(jnp.nan), a)  # depends on a: never folded
-    return dividend / divisor
+    return tuple(jnp.broadcast_arrays(dividend, divisor))
+
+
+# ----------------------------------------------------------------------------- exact quotient rounding
+_SIGN = 0x80000000
+_INF_BITS = 0x7F800000
+
+
+def _unpack(mag_bits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """|x| bits (finite, uint32) -> (significand in [2^23, 2^24) as uint32, unbiased exponent as int32).
+
+    ``|x| = sig * 2^(exp - 23)``; subnormals are normalised (zero gives sig 0).
+    """
+    biased = (mag_bits >> 23).astype(jnp.int32)
+    frac = mag_bits & jnp.uint32(0x7FFFFF)
+    lz = jnp.clip(lax.clz(frac).astype(jnp.int32) - 8, 0, 24)  # shift that puts the top bit at bit 23
+    sub = biased == 0
+    sig = jnp.where(sub, frac << lz.astype(jnp.uint32), frac | jnp.uint32(0x800000))
+    exp = jnp.where(sub, -126 - lz, biased - 127)
+    return sig, exp
+
+
+def _shift(x: jax.Array, d: jax.Array) -> jax.Array:
+    """uint32 ``x * 2^d`` for a small int32 ``d`` (truncating when ``d < 0``)."""
+    left = jnp.clip(d, 0, 31).astype(jnp.uint32)
+    right = jnp.clip(-d, 0, 31).astype(jnp.uint32)
+    return jnp.where(d >= 0, x << left, x >> right)
+
+
+def _floor_div_small(num: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(floor(num / den), num % den == 0)`` for int32 ``num`` and ``0 < den < 2^30`` whose quotient is small.
+
+    A float estimate (off by at most one: the operands are rounded to 24 bits) made exact with
+    the integer remainder; cheaper than an integer division on GPUs. Exact for ``|num / den| < 2^20``.
+    """
+    k = jnp.floor(num.astype(jnp.float32) / den.astype(jnp.float32)).astype(jnp.int32)
+    rem = num - k * den
+    fix = jnp.where(rem < 0, -1, jnp.where(rem >= den, 1, 0))
+    return k + fix, rem - fix * den == 0
+
+
+def round_quotient(a: jax.Array, b: jax.Array, q: jax.Array) -> jax.Array:
+    """The IEEE float32 quotient ``a / b`` (round to nearest even), given an approximation ``q``.
+
+    ``q`` must be within 7 ulp of ``a / b`` (any hardware division is; a wrong zero or infinity
+    from a flushing or overflowing division is tolerated where the exact quotient is within 7 ulp
+    of it). Works on the 24-bit significands in 32-bit integer arithmetic: with ``T`` the exact
+    quotient in units of the result's last place, the remainder ``R = T*mb - Q*mb`` of the guess
+    ``Q`` is small, so it is exact modulo 2^32 even though ``T*mb`` is not, and
+    ``Q + floor((2R + mb) / 2mb)`` is ``T`` rounded to nearest (ties to even). Subnormal inputs and
+    results, overflow to infinity, zeros, infinities and NaN follow IEEE 754. Same shape as the inputs.
+    """
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    q = jnp.asarray(q, jnp.float32)
+    a_bits = lax.bitcast_convert_type(a, jnp.uint32)
+    b_bits = lax.bitcast_convert_type(b, jnp.uint32)
+    q_bits = lax.bitcast_convert_type(q, jnp.uint32)
+    sign = (a_bits ^ b_bits) & jnp.uint32(_SIGN)
+    ma, ea = _unpack(a_bits & jnp.uint32(0x7FFFFFFF))
+    mb, eb = _unpack(b_bits & jnp.uint32(0x7FFFFFFF))
+    mq, eq = _unpack(jnp.minimum(q_bits & jnp.uint32(0x7FFFFFFF), jnp.uint32(_INF_BITS)))  # inf ~ 2^128
+
+    e_star = ea - eb - (ma < mb).astype(jnp.int32)      # exponent of the exact quotient
+    qe = jnp.maximum(e_star - 23, -149)                 # exponent of its last place (subnormal floor)
+    # T = ma * 2^(ea - eb - qe) / mb = N / mb4 with N = ma * 2^s and mb4 = 4 mb (so that s >= 0)
+    s = ea - eb - qe + 2
+    n = _shift(ma, s)                                   # modulo 2^32: only R = N - Q*mb4 must be exact
+    mb4 = mb << 2
+    q0 = _shift(mq, eq - 23 - qe)                       # the guess in units of the last place
+    r = lax.bitcast_convert_type(n - q0 * mb4, jnp.int32)
+    k, tie = _floor_div_small(2 * r + mb4.astype(jnp.int32), 2 * mb4.astype(jnp.int32))  # round(R / mb4)
+    qi = q0.astype(jnp.int32) + k
+    qi = jnp.where(tie & ((qi & 1) == 1), qi - 1, qi)  # a tie rounds to the even neighbour
+    bits = ((qe + 149) << 23).astype(jnp.uint32) + jnp.maximum(qi, 0).astype(jnp.uint32)  # carries into the exponent
+    bits = jnp.where(e_star >= 128, jnp.uint32(_INF_BITS), bits)
+    bits = jnp.where(e_star < -151, jnp.uint32(0), bits)  # below half the smallest subnormal
+
+    # IEEE special cases, built here rather than trusted to the hardware division; tested on the
+    # bits, since float comparisons treat subnormals as zero where the backend flushes them (XLA:CPU).
+    a_mag, b_mag = a_bits & jnp.uint32(0x7FFFFFFF), b_bits & jnp.uint32(0x7FFFFFFF)
+    a_zero, b_zero = a_mag == 0, b_mag == 0
+    a_inf, b_inf = a_mag == _INF_BITS, b_mag == _INF_BITS
+    bits = jnp.where(a_zero | b_inf, sign, bits | sign)
+    bits = jnp.where(a_inf | b_zero, sign | jnp.uint32(_INF_BITS), bits)
+    nan = (a_mag > _INF_BITS) | (b_mag > _INF_BITS) | (a_zero & b_zero) | (a_inf & b_inf)
+    bits = jnp.where(nan, jnp.uint32(0x7FC00000), bits)
+    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 # ----------------------------------------------------------------------------- narrow float values

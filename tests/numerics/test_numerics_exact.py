@@ -6,7 +6,9 @@ import ml_dtypes
 import numpy as np
 from _numerics_ref import F32, assert_bits_equal
 
-from jaxquant.numerics._exact import decode_e4m3, decode_f16, div, round_to_dtype, round_to_e4m3
+import pytest
+
+from jaxquant.numerics._exact import _floor_div_small, decode_e4m3, decode_f16, div, round_quotient, round_to_dtype, round_to_e4m3
 
 
 def test_div_is_ieee_for_every_divisor_shape():
@@ -23,6 +25,70 @@ def test_div_is_ieee_for_every_divisor_shape():
     assert_bits_equal(jax.jit(lambda a, b: div(a, div(b, 3.0)))(a, rows), a / (rows / F32(3)), "a/(b/c)")
     nan = jax.jit(lambda a, b: div(a, b))(np.float32([np.nan, 1, 0]), np.float32([1, np.nan, 0]))
     assert np.isnan(np.asarray(nan)).all()
+
+
+def _ieee_quotients(n: int, seed: int):
+    """Random float32 pairs over every bit pattern (subnormals, inf, NaN, zeros) and over a realistic
+    range, with numpy's IEEE quotient (numpy does not flush subnormals)."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 2**32, (2, n), dtype=np.uint64).astype(np.uint32).view(F32)
+    real = (rng.standard_normal((2, n)) * np.exp(rng.uniform(-25, 25, (2, n)))).astype(F32)
+    a, b = np.concatenate([raw, real], axis=1)
+    tiny = np.float32(2.0**-149)
+    special_a = np.array([3 * tiny, tiny, 5 * tiny, 2.0**-126, 2.0**127, 3.0, 0.0, -0.0, np.inf, np.inf, 1.0,
+                          np.float32(3.4028235e38), 1.0, 2.0**-126], F32)
+    special_b = np.array([2.0, 2.0, 2.0, 2.0**24, 2.0**-1, 3.0, 0.0, 5.0, np.inf, -2.0, -0.0,
+                          np.float32(0.99999994), np.float32(3.4028235e38), 2.0**25], F32)
+    a, b = np.concatenate([a, special_a]), np.concatenate([b, special_b])
+    with np.errstate(all="ignore"):
+        return a, b, a / b
+
+
+@pytest.mark.parametrize("ulps", [0, 1, -1, 2, -2, 7, -7])
+def test_round_quotient_is_ieee_from_a_guess_off_by_ulps(ulps):
+    """Any guess within 7 ulp (hardware division is within 2) becomes the IEEE quotient, bit for bit,
+    including subnormal results with their ties (3 * 2^-149 / 2 -> 2 * 2^-149), overflow and specials."""
+    a, b, want = _ieee_quotients(300_000, seed=51 + ulps)
+    finite = np.isfinite(want)
+    step = np.where(np.signbit(want), -1, 1) * ulps
+    guess_bits = want.view(np.uint32).astype(np.int64) + np.where(finite, step, 0)
+    guess = np.clip(guess_bits, 0, 2**32 - 1).astype(np.uint32).view(F32)
+    guess = np.where(finite & ~np.isfinite(guess), want, guess)  # stepped past the largest float
+    got = np.asarray(jax.jit(round_quotient)(a, b, guess))
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert_bits_equal(got[~nan], want[~nan], f"round_quotient, guess {ulps:+d} ulp")
+
+
+def test_floor_div_small_is_exact_next_to_multiples():
+    """The correction step's integer division, where its float estimate is off by one: numerators
+    one either side of a multiple of a divisor with 25-27 significant bits (float32 keeps 24)."""
+    rng = np.random.default_rng(52)
+    den = rng.integers(2**24, 2**27, 200_000).astype(np.int64)
+    k = rng.integers(-16, 17, den.size)
+    num = np.clip(k * den + rng.integers(-2, 3, den.size), -(2**31), 2**31 - 1)
+    got_k, got_tie = jax.jit(_floor_div_small)(num.astype(np.int32), den.astype(np.int32))
+    np.testing.assert_array_equal(np.asarray(got_k), np.floor_divide(num, den))
+    np.testing.assert_array_equal(np.asarray(got_tie), num % den == 0)
+
+
+def test_round_quotient_tolerates_flushed_and_overflowed_guesses():
+    tiny = np.float32(2.0**-149)
+    a = np.array([3 * tiny, 7 * tiny, np.float32(3.4028235e38)], F32)
+    b = np.array([2.0, 2.0, np.float32(0.99999997)], F32)
+    guess = np.array([0.0, 0.0, np.inf], F32)  # what a flushing (FTZ) or sloppy division returns
+    with np.errstate(all="ignore"):
+        want = a / b
+    assert_bits_equal(np.asarray(round_quotient(a, b, guess)), want, "flushed / overflowed guess")
+
+
+def test_div_takes_the_exact_rounding_off_the_cpu():
+    """On GPUs and TPUs (whose division is approximate) div lowers with the integer rounding; on
+    the CPU it is the hardware division alone."""
+    a = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    lowered = {p: jax.jit(div).trace(a, a).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
+    assert "count_leading_zeros" not in lowered["cpu"]
+    assert "count_leading_zeros" in lowered["cuda"] and "count_leading_zeros" in lowered["tpu"]
 
 
 def test_decode_e4m3_all_codes():

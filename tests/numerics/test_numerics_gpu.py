@@ -1,10 +1,9 @@
 """On a CUDA machine: our kernels (JAX on the GPU) against ModelOpt's real GPU kernels, bitwise.
 
 Skipped where there is no CUDA GPU (CI). On a GPU machine it needs torch with CUDA, triton and
-nvidia-modelopt, and ``XLA_FLAGS=--xla_backend_extra_options=-nvptx-prec-divf32=2`` (XLA's GPU
-backend otherwise lowers float32 division to the approximate ``div.full``); run the whole
-``tests/numerics`` folder there the same way, which then checks the JAX GPU backend against the
-CPU oracles.
+nvidia-modelopt; run the whole ``tests/numerics`` folder there, which then checks the JAX GPU
+backend against the CPU oracles. No XLA flag is needed: XLA's approximate GPU division
+(``div.full``) is rounded exactly by ``jaxquant.numerics._exact.div``.
 
 * ``fp4_fake_quant_block`` (Triton, dynamic NVFP4) with the global amax on the CPU, so that the
   kernel's ``global_amax / 2688`` is an IEEE division as in our port (see docs/numerics.md);
@@ -13,15 +12,12 @@ CPU oracles.
 * the FP8 CUDA extension ``fake_e4m3fy`` when it builds.
 """
 
-import os
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-IEEE_DIV_FLAG = "--xla_backend_extra_options=-nvptx-prec-divf32=2"
 
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
@@ -31,9 +27,6 @@ try:
     GPU = jax.devices("gpu")[0]
 except RuntimeError:
     pytest.skip("JAX has no GPU backend here", allow_module_level=True)
-if IEEE_DIV_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    pytest.skip(f"XLA's GPU f32 division is div.full (not IEEE) unless XLA_FLAGS={IEEE_DIV_FLAG}; "
-                "see docs/numerics.md", allow_module_level=True)
 
 from _numerics_ref import DTYPES, F32, TORCH, assert_bits_equal, mixed_data  # noqa: E402
 

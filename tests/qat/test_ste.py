@@ -162,9 +162,13 @@ def test_zero_amax_gives_finite_gradients():
 
 
 def test_amax_tangent_is_not_computed_when_amax_is_not_differentiated():
-    """A frozen amax costs nothing in the backward pass (symbolic zero): no sign/division ops."""
+    """A frozen amax costs nothing in the backward pass (symbolic zero): no float sign op (the amax
+    tangent's ``sign(x)`` outside the range; the exact division's integer ``sign`` does not count)."""
+    import re
+
+    float_sign = re.compile(r"f32\[[\d,]*\] = sign")
     x = jnp.asarray(_rand((4, 32), 7))
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(fake_quant("fp8", 16, v, 2.0))))(x))
-    assert "sign" not in jaxpr
+    assert not float_sign.search(jaxpr)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: jnp.sum(fake_quant("fp8", 16, x, a))))(2.0))
-    assert "sign" in jaxpr
+    assert float_sign.search(jaxpr)

@@ -1,12 +1,11 @@
 """Golden bytes of jaxquant's quantization functions, for the cross-backend bit-identity test.
 
-    XLA_FLAGS=--xla_backend_extra_options=-nvptx-prec-divf32=2 \
-        python tests/numerics/golden/make_golden.py --out tests/numerics/golden/gpu.npz   # on a CUDA GPU
+    python tests/numerics/golden/make_golden.py --out tests/numerics/golden/gpu.npz   # on a CUDA GPU
     JAX_PLATFORMS=cpu python tests/numerics/golden/make_golden.py --out tests/numerics/golden/cpu.npz
 
-On NVIDIA GPUs XLA compiles float32 division to the approximate ``div.full.f32`` unless that flag asks for
-IEEE ``div.rn`` (docs/numerics.md, "XLA pitfalls"); without it some scales differ from the CPU in the last
-bit (measured on an H100: 43 of the 279 outputs), so the GPU file is made with it.
+No XLA flag is needed: on NVIDIA GPUs XLA compiles float32 division to the approximate
+``div.full.f32``, and ``jaxquant.numerics._exact.div`` rounds its quotient exactly in integer
+arithmetic (docs/numerics.md, "XLA pitfalls"). The flags the file was made under are recorded in it.
 
 For fixed inputs (a seeded random draw and hand-picked edge values, in float32, bfloat16 and float16,
 of shapes with batch axes and a last axis that is not a multiple of 16) it computes, on JAX's default
@@ -37,7 +36,6 @@ import numpy as np
 SEED = 20260
 DTYPES = ("float32", "bfloat16", "float16")
 FORMAT_VERSION = 1
-IEEE_DIV_FLAG = "--xla_backend_extra_options=-nvptx-prec-divf32=2"
 
 
 def _edges() -> np.ndarray:
@@ -160,9 +158,6 @@ def main(argv=None) -> int:
     import jax
 
     device = jax.devices(args.platform)[0] if args.platform else jax.devices()[0]
-    if device.platform == "gpu" and IEEE_DIV_FLAG not in os.environ.get("XLA_FLAGS", ""):
-        print(f"warning: XLA_FLAGS lacks {IEEE_DIV_FLAG}: float32 division on the GPU is approximate, and the "
-              "file will not match the CPU", file=sys.stderr)
     inputs = build_inputs()
     with jax.default_device(device):
         outputs = {k: jax.device_get(v) for k, v in compute(inputs).items()}
