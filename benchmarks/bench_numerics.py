@@ -9,7 +9,9 @@ compares directly with the device's memory bandwidth (an H100 SXM copy reaches a
     python benchmarks/bench_numerics.py --division hardware   # what the exact division costs
 
 ``--division hardware`` swaps the kernels' exactly rounded division (``_exact.div``) for the
-backend's own (``_exact.hardware_div``: approximate on GPUs and TPUs), to measure its cost.
+backend's own (``_exact.hardware_div``: approximate on GPUs and TPUs), to measure its cost. On a
+CUDA GPU ``_exact.div`` is the hardware division already when ``XLA_FLAGS`` has
+``--xla_backend_extra_options=-nvptx-prec-divf32=2`` (IEEE ``div.rn``; the report says which).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def main(argv=None) -> dict:
     ]
     results = []
     print(f"backend={backend} device={jax.devices()[0].device_kind} shape={rows}x{cols} dtype={args.dtype} "
-          f"division={args.division}")
+          f"division={args.division} ieee_gpu_division_flag={_exact.gpu_division_is_ieee()}")
     print(f"{'kernel':28s} {'time (ms)':>10s} {'GB/s':>10s} {'Gelem/s':>10s}")
     for name, fn, fargs, nbytes in cases:
         t = _time(jax.jit(fn), fargs, args.iters, args.warmup)
@@ -84,6 +86,7 @@ def main(argv=None) -> dict:
         "shape": [rows, cols],
         "dtype": args.dtype,
         "division": args.division,
+        "gpu_division_is_ieee": _exact.gpu_division_is_ieee(),
         "iters": args.iters,
         "timing": "median wall time of jitted calls, blocking on the result",
         "results": results,

@@ -14,16 +14,20 @@ selects that do not change any result but hide the patterns: the divisor becomes
 ``where(isnan(d), nan, a)``. Neither is a constant, a broadcast or a quotient any more, so XLA
 emits a plain elementwise divide. The selects are elementwise and fuse; they cost no memory traffic.
 
-The hardware division itself is only IEEE on the CPU. XLA's GPU backend compiles it to the
-approximate ``div.full.f32`` (up to 2 ulp, openxla/xla#37181) and TPUs divide through a reciprocal
-approximation. So on every platform but the CPU, :func:`div` takes the hardware quotient as a first
-guess and rounds it exactly with integer arithmetic (:func:`round_quotient`): the remainder
-``a - q*b`` is computed exactly in 32-bit integers and the quotient moved to the correctly rounded
-value. The result is the IEEE quotient bit for bit on any backend, whatever its division does
-(within 7 ulp), with no flag to set.
+The hardware division itself is IEEE on the CPU only. XLA's GPU backend compiles it to the
+approximate ``div.full.f32`` (up to 2 ulp, openxla/xla#37181) unless the process started with
+:data:`IEEE_GPU_DIVISION_FLAG` in ``XLA_FLAGS``, and TPUs divide through a reciprocal approximation.
+Where the division is not IEEE, :func:`div` takes the hardware quotient as a first guess and rounds
+it exactly with integer arithmetic (:func:`round_quotient`): the remainder ``a - q*b`` is computed
+exactly in 32-bit integers and the quotient moved to the correctly rounded value. The result is the
+IEEE quotient bit for bit on any backend, whatever its division does (within 7 ulp). The flag only
+buys speed (on an H100 the integer rounding makes the NVFP4 kernels about 2x slower); the ``jaxquant``
+command sets it for its own process (:func:`with_ieee_gpu_division`).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +39,52 @@ def opaque(x: jax.Array) -> jax.Array:
     return lax.optimization_barrier(x)
 
 
+IEEE_GPU_DIVISION_FLAG = "--xla_backend_extra_options=-nvptx-prec-divf32=2"
+"""``XLA_FLAGS`` entry that makes XLA's NVIDIA GPU backend divide float32 with IEEE ``div.rn``."""
+
+
 def div(a, b) -> jax.Array:
     """IEEE float32 ``a / b`` (round to nearest even) exactly as written, on every backend.
 
-    ``a`` and ``b`` broadcast against each other. On the CPU this is :func:`hardware_div`; elsewhere
-    its quotient is rounded exactly by :func:`round_quotient` (XLA picks the branch when it compiles
-    for a platform).
+    ``a`` and ``b`` broadcast against each other. Where the backend divides exactly (the CPU; a CUDA
+    GPU under :data:`IEEE_GPU_DIVISION_FLAG`) this is :func:`hardware_div`; elsewhere its quotient is
+    rounded exactly by :func:`round_quotient`. XLA picks the branch when it compiles for a platform.
     """
     dividend, divisor = _unrewritable(a, b)
+    exact = lambda x, y: round_quotient(x, y, x / y)  # noqa: E731
     return lax.platform_dependent(
         dividend, divisor,
         cpu=lambda x, y: x / y,
-        default=lambda x, y: round_quotient(x, y, x / y),
+        cuda=lambda x, y: x / y if gpu_division_is_ieee() else exact(x, y),
+        default=exact,
     )
+
+
+def gpu_division_is_ieee() -> bool:
+    """True when this process's ``XLA_FLAGS`` asks XLA's NVIDIA GPU backend for IEEE float32 division.
+
+    XLA reads the flags when the GPU backend starts, so the flag must be in the environment before
+    the first JAX computation (:func:`with_ieee_gpu_division`).
+    """
+    return "-nvptx-prec-divf32=2" in os.environ.get("XLA_FLAGS", "")
+
+
+def with_ieee_gpu_division(xla_flags: str) -> str:
+    """``xla_flags`` (an ``XLA_FLAGS`` value) with :data:`IEEE_GPU_DIVISION_FLAG` added.
+
+    Merges into an existing ``--xla_backend_extra_options=...`` (a comma-separated list) instead of
+    adding a second one; returns the value unchanged if it already asks for IEEE division (or for
+    another ``-nvptx-prec-divf32`` level, which is the user's choice).
+    """
+    if "-nvptx-prec-divf32=" in xla_flags:
+        return xla_flags
+    option = IEEE_GPU_DIVISION_FLAG.split("=", 1)[1]
+    parts = xla_flags.split()
+    for i, part in enumerate(parts):
+        if part.startswith("--xla_backend_extra_options="):
+            parts[i] = f"{part},{option}" if not part.endswith("=") else part + option
+            return " ".join(parts)
+    return " ".join(parts + [IEEE_GPU_DIVISION_FLAG])
 
 
 def hardware_div(a, b) -> jax.Array:

@@ -251,3 +251,12 @@ def test_default_demo_runs_with_no_arguments(capsys):
     assert "SmolLM2-135M" in out and "embedded default" in out
     ppl = [float(line.split()[1]) for line in out.splitlines() if line.startswith(("original ", "quantized "))]
     assert len(ppl) == 2 and 1 < ppl[0] < 100 and ppl[1] < ppl[0] * 1.5
+
+
+def test_cli_asks_xla_for_ieee_gpu_division(monkeypatch):
+    """The command's own process gets IEEE float32 division on NVIDIA GPUs (speed only: the numerics
+    are exact without it), merged into the user's XLA_FLAGS before JAX starts a backend."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/nowhere")
+    with pytest.raises(SystemExit):
+        main(["ptq", "--help"])
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/nowhere --xla_backend_extra_options=-nvptx-prec-divf32=2"

@@ -8,7 +8,17 @@ from _numerics_ref import F32, assert_bits_equal
 
 import pytest
 
-from jaxquant.numerics._exact import _floor_div_small, decode_e4m3, decode_f16, div, round_quotient, round_to_dtype, round_to_e4m3
+from jaxquant.numerics._exact import (
+    IEEE_GPU_DIVISION_FLAG,
+    _floor_div_small,
+    decode_e4m3,
+    decode_f16,
+    div,
+    round_quotient,
+    round_to_dtype,
+    round_to_e4m3,
+    with_ieee_gpu_division,
+)
 
 
 def test_div_is_ieee_for_every_divisor_shape():
@@ -82,13 +92,32 @@ def test_round_quotient_tolerates_flushed_and_overflowed_guesses():
     assert_bits_equal(np.asarray(round_quotient(a, b, guess)), want, "flushed / overflowed guess")
 
 
-def test_div_takes_the_exact_rounding_off_the_cpu():
-    """On GPUs and TPUs (whose division is approximate) div lowers with the integer rounding; on
-    the CPU it is the hardware division alone."""
+def _lowered_div(platform: str) -> str:
     a = jax.ShapeDtypeStruct((8, 16), jnp.float32)
-    lowered = {p: jax.jit(div).trace(a, a).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu")}
-    assert "count_leading_zeros" not in lowered["cpu"]
-    assert "count_leading_zeros" in lowered["cuda"] and "count_leading_zeros" in lowered["tpu"]
+    return jax.jit(lambda x, y: div(x, y)).trace(a, a).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_div_rounds_exactly_where_the_hardware_does_not(monkeypatch):
+    """TPUs and CUDA GPUs without the IEEE-division flag get the integer rounding (clz is its
+    fingerprint); the CPU, and a CUDA GPU under the flag, divide in hardware alone."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert "count_leading_zeros" not in _lowered_div("cpu")
+    assert "count_leading_zeros" in _lowered_div("cuda")
+    assert "count_leading_zeros" in _lowered_div("tpu")
+    monkeypatch.setenv("XLA_FLAGS", with_ieee_gpu_division("--xla_force_host_platform_device_count=1"))
+    assert "count_leading_zeros" not in _lowered_div("cuda")
+    assert "count_leading_zeros" in _lowered_div("tpu")
+
+
+def test_with_ieee_gpu_division_merges_flags():
+    flag = IEEE_GPU_DIVISION_FLAG
+    assert with_ieee_gpu_division("") == flag
+    assert with_ieee_gpu_division("--xla_dump_to=/tmp/x") == f"--xla_dump_to=/tmp/x {flag}"
+    assert (with_ieee_gpu_division("--xla_backend_extra_options=-foo=1 --a=b")
+            == "--xla_backend_extra_options=-foo=1,-nvptx-prec-divf32=2 --a=b")
+    assert with_ieee_gpu_division(f"--a=b {flag}") == f"--a=b {flag}"
+    keep = "--xla_backend_extra_options=-nvptx-prec-divf32=1"  # the user's explicit choice stays
+    assert with_ieee_gpu_division(keep) == keep
 
 
 def test_decode_e4m3_all_codes():
