@@ -88,8 +88,8 @@ def test_cpu_matches_committed_gpu_golden(cpu_device):
     meta, _, _ = mg.read_npz(path)
     assert meta["backend"] == "gpu", f"{path.name} was made on {meta['backend']}, not a GPU"
     assert "nvptx-prec-divf32" not in meta.get("xla_flags", ""), (
-        f"{path.name} was made with XLA's IEEE-division flag; the GPU default (approximate division) is what "
-        f"users run, so remake it without: {GPU_COMMAND}")
+        f"{path.name} was made with XLA's IEEE-division flag; without it the GPU divides approximately and "
+        f"jaxquant rounds exactly in integers, the path this file must cover: remake it without: {GPU_COMMAND}")
     _check_file(path, cpu_device)
 
 
