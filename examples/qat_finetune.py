@@ -60,6 +60,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import os
+
+    from jaxquant.numerics import with_ieee_gpu_division
+
+    os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))  # GPU speed; exact either way
     import jax
     import jax.numpy as jnp
     import numpy as np
