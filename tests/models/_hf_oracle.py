@@ -46,3 +46,23 @@ def rel_diff(ours: np.ndarray, ref: np.ndarray, mask) -> tuple[float, float]:
     """(max |diff| over unmasked positions, max |logit| of the reference there)."""
     m = mask.numpy().astype(bool)
     return float(np.abs(ours - ref)[m].max()), float(np.abs(ref[m]).max())
+
+
+PARITY_TOL = 1e-4
+"""Largest max|logit diff| allowed, relative to the reference's max|logit| (fp32, unmasked positions)."""
+
+
+def check_parity(ref_model, directory, *, seq: int = 24, logits_fn=torch_logits):
+    """Load ``directory`` with jaxquant (fp32) and compare its logits with ``ref_model``'s on a
+    left-padded batch; returns ``(loaded, max_diff, max_logit)``."""
+    import jax.numpy as jnp
+
+    from jaxquant.converters import load_hf
+
+    loaded = load_hf(directory, dtype=jnp.float32)
+    ids, mask, pos = inputs(loaded.config.vocab_size, seq=seq)
+    ref = logits_fn(ref_model, ids, mask, pos)
+    ours = jax_logits(loaded.model, ids, mask)
+    diff, top = rel_diff(ours, ref, mask)
+    assert diff <= PARITY_TOL * top, f"max diff {diff:.3g} vs max logit {top:.3g}"
+    return loaded, diff, top

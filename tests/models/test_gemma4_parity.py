@@ -16,19 +16,16 @@ import json
 
 import pytest
 
-from _hf_oracle import inputs, jax_logits, rel_diff
+from _hf_oracle import check_parity
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-import jax.numpy as jnp  # noqa: E402
 
-from jaxquant.converters import load_hf  # noqa: E402
 from jaxquant.converters.names import iter_quantizers  # noqa: E402
 from jaxquant.models import ModelConfig  # noqa: E402
 from jaxquant.models.gemma4 import kv_sharing_modes  # noqa: E402
 
-TOL = 1e-4
 PATTERN = ["sliding_attention"] * 5 + ["full_attention"]
 
 # Gemma-4-31B text config (hub): hidden 5376, 60 layers, 32 heads, 16 KV heads x 256 (sliding), 4 global KV heads
@@ -88,13 +85,7 @@ def torch_logits(model, ids, mask, pos):
 
 
 def check(ref_model, directory, *, seq=24):
-    loaded = load_hf(directory, dtype=jnp.float32)
-    ids, mask, pos = inputs(loaded.config.vocab_size, seq=seq)
-    ref = torch_logits(ref_model, ids, mask, pos)
-    ours = jax_logits(loaded.model, ids, mask)
-    diff, top = rel_diff(ours, ref, mask)
-    assert diff <= TOL * top, f"max diff {diff:.3g} vs max logit {top:.3g}"
-    return loaded, diff, top
+    return check_parity(ref_model, directory, seq=seq, logits_fn=torch_logits)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

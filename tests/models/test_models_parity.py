@@ -5,28 +5,18 @@ Criterion (issue 3): max |diff| <= 1e-4 * max |logit| over the unmasked position
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import pytest
 
-from _hf_oracle import inputs, jax_logits, make_tiny, rel_diff, torch_logits
-from jaxquant.converters import load_hf
+from _hf_oracle import check_parity, make_tiny
 
 transformers = pytest.importorskip("transformers")
 
-TOL = 1e-4
 BASE = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 
 
 def _check(model_cls, config, tmp_path, *, seq=24):
-    ref_model = make_tiny(model_cls, config, tmp_path)
-    loaded = load_hf(tmp_path, dtype=jnp.float32)
-    ids, mask, pos = inputs(loaded.config.vocab_size, seq=seq)
-    ref = torch_logits(ref_model, ids, mask, pos)
-    ours = jax_logits(loaded.model, ids, mask)
-    diff, top = rel_diff(ours, ref, mask)
-    assert diff <= TOL * top, f"max diff {diff:.3g} vs max logit {top:.3g}"
-    return loaded, diff, top
+    return check_parity(make_tiny(model_cls, config, tmp_path), tmp_path, seq=seq)
 
 
 LLAMA_CASES = {

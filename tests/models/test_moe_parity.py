@@ -12,7 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from _hf_oracle import inputs, jax_logits, make_tiny, rel_diff, torch_logits
+from _hf_oracle import check_parity as check
+from _hf_oracle import inputs, make_tiny
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -23,7 +24,6 @@ from jaxquant.converters import load_hf  # noqa: E402
 from jaxquant.converters.names import iter_quantizers  # noqa: E402
 from jaxquant.models.moe import MoeExperts, SparseMoeBlock  # noqa: E402
 
-TOL = 1e-4
 BASE = dict(vocab_size=211, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=128)
 
@@ -52,16 +52,6 @@ def save_fused(model, directory):
         idx.unlink()
     save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return sd
-
-
-def check(ref_model, directory, *, seq=24):
-    loaded = load_hf(directory, dtype=jnp.float32)
-    ids, mask, pos = inputs(loaded.config.vocab_size, seq=seq)
-    ref = torch_logits(ref_model, ids, mask, pos)
-    ours = jax_logits(loaded.model, ids, mask)
-    diff, top = rel_diff(ours, ref, mask)
-    assert diff <= TOL * top, f"max diff {diff:.3g} vs max logit {top:.3g}"
-    return loaded, diff, top
 
 
 @pytest.mark.parametrize("layout", ["hub", "fused"])
@@ -158,7 +148,7 @@ def test_quantizer_names_follow_modelopt(tmp_path):
     assert ex.modelopt_class == "nn.Linear"
     del ref
 
-    ref = make_tiny(transformers.Qwen3MoeForCausalLM, qwen3_moe_config(num_hidden_layers=1), tmp_path / "q")
+    make_tiny(transformers.Qwen3MoeForCausalLM, qwen3_moe_config(num_hidden_layers=1), tmp_path / "q")
     qm = load_hf(tmp_path / "q", dtype=jnp.float32).model
     names = _quantizer_names(qm)
     base = "model.layers.0.mlp.experts"
