@@ -125,13 +125,6 @@ def _unpack(mag_bits: jax.Array) -> tuple[jax.Array, jax.Array]:
     return sig, exp
 
 
-def _shift(x: jax.Array, d: jax.Array) -> jax.Array:
-    """uint32 ``x * 2^d`` for a small int32 ``d`` (truncating when ``d < 0``)."""
-    left = jnp.clip(d, 0, 31).astype(jnp.uint32)
-    right = jnp.clip(-d, 0, 31).astype(jnp.uint32)
-    return jnp.where(d >= 0, x << left, x >> right)
-
-
 def _floor_div_small(num: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(floor(num / den), num % den == 0)`` for int32 ``num`` and ``0 < den < 2^30`` whose quotient is small.
 
@@ -164,20 +157,24 @@ def round_quotient(a: jax.Array, b: jax.Array, q: jax.Array) -> jax.Array:
     sign = (a_bits ^ b_bits) & jnp.uint32(_SIGN)
     ma, ea = _unpack(a_bits & jnp.uint32(0x7FFFFFFF))
     mb, eb = _unpack(b_bits & jnp.uint32(0x7FFFFFFF))
-    mq, eq = _unpack(jnp.minimum(q_bits & jnp.uint32(0x7FFFFFFF), jnp.uint32(_INF_BITS)))  # inf ~ 2^128
 
     e_star = ea - eb - (ma < mb).astype(jnp.int32)      # exponent of the exact quotient
     qe = jnp.maximum(e_star - 23, -149)                 # exponent of its last place (subnormal floor)
-    # T = ma * 2^(ea - eb - qe) / mb = N / mb4 with N = ma * 2^s and mb4 = 4 mb (so that s >= 0)
-    s = ea - eb - qe + 2
-    n = _shift(ma, s)                                   # modulo 2^32: only R = N - Q*mb4 must be exact
+    # In T's binade the float bits are linear in the value: bits(v) = base + v / 2^qe. So the guess
+    # in units of the last place is its bits minus base (exact inside the binade, off by at most the
+    # guess's own ulp distance across its edges), and the result's bits are base + the rounded T.
+    base = (qe + 149) << 23
+    q0 = jnp.minimum(q_bits & jnp.uint32(0x7FFFFFFF), jnp.uint32(_INF_BITS)).astype(jnp.int32) - base  # inf ~ 2^128
+    # T = ma * 2^(ea - eb - qe) / mb = N / mb4 with N = ma * 2^s and mb4 = 4 mb; s is in [0, 26]
+    # wherever the result is not forced to 0 or inf below.
+    s = jnp.clip(ea - eb - qe + 2, 0, 31).astype(jnp.uint32)
+    n = ma << s                                         # modulo 2^32: only R = N - Q*mb4 must be exact
     mb4 = mb << 2
-    q0 = _shift(mq, eq - 23 - qe)                       # the guess in units of the last place
-    r = lax.bitcast_convert_type(n - q0 * mb4, jnp.int32)
+    r = lax.bitcast_convert_type(n - q0.astype(jnp.uint32) * mb4, jnp.int32)
     k, tie = _floor_div_small(2 * r + mb4.astype(jnp.int32), 2 * mb4.astype(jnp.int32))  # round(R / mb4)
-    qi = q0.astype(jnp.int32) + k
+    qi = q0 + k
     qi = jnp.where(tie & ((qi & 1) == 1), qi - 1, qi)  # a tie rounds to the even neighbour
-    bits = ((qe + 149) << 23).astype(jnp.uint32) + jnp.maximum(qi, 0).astype(jnp.uint32)  # carries into the exponent
+    bits = (base + jnp.maximum(qi, 0)).astype(jnp.uint32)  # carries into the exponent
     bits = jnp.where(e_star >= 128, jnp.uint32(_INF_BITS), bits)
     bits = jnp.where(e_star < -151, jnp.uint32(0), bits)  # below half the smallest subnormal
 
