@@ -183,9 +183,11 @@ def quantize(
       DataError: no or malformed data, sequences longer than the model allows.
       NonFiniteError: NaN / Inf activations or weights (names the batch and quantizers).
     """
+    from jaxquant.numerics._exact import warn_if_gpu_division_flag_ignored
     from jaxquant.recipe import apply_recipe
     from jaxquant.recipe.matcher import Resolution
 
+    warn_if_gpu_division_flag_ignored()
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 

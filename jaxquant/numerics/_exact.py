@@ -27,6 +27,7 @@ command sets it for its own process (:func:`with_ieee_gpu_division`).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -67,6 +68,38 @@ def gpu_division_is_ieee() -> bool:
     the first JAX computation (:func:`with_ieee_gpu_division`).
     """
     return "-nvptx-prec-divf32=2" in os.environ.get("XLA_FLAGS", "")
+
+
+def warn_if_gpu_division_flag_ignored() -> bool:
+    """Warn when ``XLA_FLAGS`` asks for IEEE GPU division but the GPU does not do it (probed once).
+
+    That happens when the flag was put into the environment after JAX had started its GPU backend:
+    :func:`div` then trusts a division that is approximate, and some scales can differ from
+    ModelOpt's in the last bit. Returns True when all is well (also without a GPU or the flag).
+    """
+    if not gpu_division_is_ieee():
+        return True
+    ok = _gpu_divides_exactly()
+    if not ok:
+        import warnings
+
+        warnings.warn(
+            f"XLA_FLAGS contains {IEEE_GPU_DIVISION_FLAG}, but the GPU still divides approximately: the flag was "
+            "set after JAX started its GPU backend. jaxquant's scales may differ from ModelOpt's in the last bit. "
+            "Set XLA_FLAGS before the first JAX computation (or remove the flag: the numerics are then rounded "
+            "exactly in integer arithmetic).", RuntimeWarning, stacklevel=3)
+    return ok
+
+
+@functools.cache
+def _gpu_divides_exactly() -> bool:
+    """True unless a CUDA GPU returns XLA's approximate ``div.full.f32`` quotient for a witness value."""
+    try:
+        gpu = jax.devices("cuda")[0]
+    except RuntimeError:
+        return True
+    witness = jax.device_put(jnp.float32(3163.328613), gpu)  # div.full.f32 gives 0.99999994 for w / w
+    return float(jax.jit(lambda w: w / w)(witness)) == 1.0
 
 
 def with_ieee_gpu_division(xla_flags: str) -> str:

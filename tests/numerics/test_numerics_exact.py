@@ -168,3 +168,19 @@ def test_to_e4m3_bits():
         assert ours.dtype == jnp.float8_e4m3fn
         assert_bits_equal(ours, x.astype(ml_dtypes.float8_e4m3fn), fn.__name__)
         assert np.isnan(np.asarray(fn(np.float32([np.nan])).astype(jnp.float32))).all()
+
+
+def test_warns_when_the_gpu_division_flag_came_too_late(monkeypatch):
+    """A flag set after JAX started its GPU backend is ignored by XLA; quantize() says so."""
+    from jaxquant.numerics import _exact
+
+    assert _exact._gpu_divides_exactly()  # no CUDA GPU here: nothing to probe
+    monkeypatch.setenv("XLA_FLAGS", IEEE_GPU_DIVISION_FLAG)
+    monkeypatch.setattr(_exact, "_gpu_divides_exactly", lambda: False)
+    with pytest.warns(RuntimeWarning, match="set after JAX started its GPU backend"):
+        assert not _exact.warn_if_gpu_division_flag_ignored()
+    monkeypatch.setattr(_exact, "_gpu_divides_exactly", lambda: True)
+    assert _exact.warn_if_gpu_division_flag_ignored()
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(_exact, "_gpu_divides_exactly", lambda: False)
+    assert _exact.warn_if_gpu_division_flag_ignored()  # no flag: the integer rounding is exact anyway
