@@ -17,26 +17,14 @@ CUDA GPU ``_exact.div`` is the hardware division already when ``XLA_FLAGS`` has
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 
+from _timing import median_seconds, write_report
+
 from jaxquant.numerics import _exact, fp8, nvfp4
-
-
-def _time(fn, args, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]  # median
 
 
 def main(argv=None) -> dict:
@@ -73,7 +61,8 @@ def main(argv=None) -> dict:
           f"division={args.division} ieee_gpu_division_flag={_exact.gpu_division_is_ieee()}")
     print(f"{'kernel':28s} {'time (ms)':>10s} {'GB/s':>10s} {'Gelem/s':>10s}")
     for name, fn, fargs, nbytes in cases:
-        t = _time(jax.jit(fn), fargs, args.iters, args.warmup)
+        jitted = jax.jit(fn)
+        t = median_seconds(lambda: jitted(*fargs), jax.block_until_ready, args.iters, args.warmup)
         row = {"kernel": name, "seconds": t, "bytes": nbytes, "gb_per_s": nbytes / t / 1e9, "gelem_per_s": n / t / 1e9}
         results.append(row)
         print(f"{name:28s} {t * 1e3:10.3f} {row['gb_per_s']:10.1f} {row['gelem_per_s']:10.2f}")
@@ -91,10 +80,7 @@ def main(argv=None) -> dict:
         "timing": "median wall time of jitted calls, blocking on the result",
         "results": results,
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

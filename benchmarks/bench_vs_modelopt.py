@@ -19,22 +19,10 @@ docs/numerics.md).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import time
 
-
-def _median_time(fn, sync, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        sync(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+from _timing import median_seconds, write_report
 
 
 def _jax_bytes(a) -> bytes:
@@ -131,8 +119,8 @@ def main(argv=None) -> dict:
     for name, ours, theirs, ours_bytes, theirs_bytes, nbytes in cases:
         a, b = np.frombuffer(ours_bytes(ours()), np.uint8), np.frombuffer(theirs_bytes(theirs()), np.uint8)
         diff = int((a != b).sum()) if a.size == b.size else -1  # -1: different layouts
-        t_ours = _median_time(ours, jsync, args.iters, args.warmup)
-        t_theirs = _median_time(theirs, tsync, args.iters, args.warmup)
+        t_ours = median_seconds(ours, jsync, args.iters, args.warmup)
+        t_theirs = median_seconds(theirs, tsync, args.iters, args.warmup)
         row = {"kernel": name, "jaxquant_s": t_ours, "modelopt_s": t_theirs, "bytes": nbytes,
                "jaxquant_gb_per_s": nbytes / t_ours / 1e9, "modelopt_gb_per_s": nbytes / t_theirs / 1e9,
                "output_bytes": int(a.size), "differing_bytes": diff}
@@ -143,10 +131,7 @@ def main(argv=None) -> dict:
               "python": platform.python_version(), "shape": [rows, cols], "dtype": args.dtype,
               "xla_ieee_division": gpu_division_is_ieee(), "iters": args.iters,
               "timing": "median wall time per call, synchronized", "results": results}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 
