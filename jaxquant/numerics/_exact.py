@@ -51,14 +51,27 @@ def div(a, b) -> jax.Array:
     GPU under :data:`IEEE_GPU_DIVISION_FLAG`) this is :func:`hardware_div`; elsewhere its quotient is
     rounded exactly by :func:`round_quotient`. XLA picks the branch when it compiles for a platform.
     """
-    dividend, divisor = _unrewritable(a, b)
+    return _platform_div(*_unrewritable(a, b))
+
+
+@jax.custom_jvp
+def _platform_div(a: jax.Array, b: jax.Array) -> jax.Array:
     exact = lambda x, y: round_quotient(x, y, x / y)  # noqa: E731
     return lax.platform_dependent(
-        dividend, divisor,
+        a, b,
         cpu=lambda x, y: x / y,
         cuda=lambda x, y: x / y if gpu_division_is_ieee() else exact(x, y),
         default=exact,
     )
+
+
+@_platform_div.defjvp
+def _platform_div_jvp(primals, tangents):
+    """The quotient rule on every platform (the integer rounding itself has no derivative)."""
+    a, b = primals
+    da, db = tangents
+    q = _platform_div(a, b)
+    return q, (da - q * db) / b
 
 
 def gpu_division_is_ieee() -> bool:

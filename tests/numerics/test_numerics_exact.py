@@ -184,3 +184,12 @@ def test_warns_when_the_gpu_division_flag_came_too_late(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setattr(_exact, "_gpu_divides_exactly", lambda: False)
     assert _exact.warn_if_gpu_division_flag_ignored()  # no flag: the integer rounding is exact anyway
+
+
+def test_div_has_the_quotient_rule_derivative_on_every_platform():
+    """The integer rounding has no derivative of its own (its bit operations give zero), so div
+    carries the quotient rule: the same gradient whichever branch XLA compiles."""
+    a, b = np.float32(1.5), np.float32(-0.75)
+    ga, gb = jax.grad(lambda a, b: div(a, b), argnums=(0, 1))(a, b)
+    np.testing.assert_allclose([ga, gb], [1 / b, -a / b**2], rtol=1e-6)
+    assert float(jax.grad(lambda a: round_quotient(a, b, a / b))(a)) == 0.0  # why div needs the rule
