@@ -78,8 +78,7 @@ def main(argv=None) -> dict:
 
     def raw(t) -> bytes:
         """A torch tensor's bytes, whatever its dtype (numpy has no bfloat16 / float8)."""
-        t = t.detach().contiguous().cpu()
-        return t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes()
+        return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
     def jsync(out):
         jax.block_until_ready(out)

@@ -66,22 +66,27 @@ def _sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=None)
 def smollm2_hf_dir() -> Path:
     """HF safetensors directory (fp32) of SmolLM2-135M-Instruct, converted from the GGUF once and cached."""
-    gguf = smollm2_gguf_path()
-    out = test_cache_dir() / "smollm2-hf"
+    return _cached_hf_dir(smollm2_gguf_path(), "smollm2-hf", sha256=SMOLLM2_GGUF_SHA256)
+
+
+def _cached_hf_dir(gguf: Path, name: str, *, sha256: str | None = None) -> Path:
+    """``test_cache_dir() / name``, converted from ``gguf`` by :func:`convert_gguf_to_hf` on first use.
+
+    Skips without torch/transformers; fails (a missing test dependency) without accelerate; checks
+    ``sha256`` of the GGUF before converting when given.
+    """
+    out = test_cache_dir() / name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:  # pragma: no cover - torch/transformers are test dependencies
-        pytest.skip(f"converting the GGUF needs torch and transformers ({e})")
+    for module in ("torch", "transformers"):
+        if importlib.util.find_spec(module) is None:  # pragma: no cover - test dependencies
+            pytest.skip(f"converting {gguf.name} needs torch and transformers ({module} is not installed)")
     if importlib.util.find_spec("accelerate") is None:
         # transformers refuses to read GGUF files without accelerate: a missing test dependency, not a skip.
         pytest.fail("transformers needs `accelerate` to load GGUF files: `pip install accelerate` "
                     "(it belongs in the [test] extra of pyproject.toml).")
-    if _sha256(gguf) != SMOLLM2_GGUF_SHA256:
+    if sha256 is not None and _sha256(gguf) != sha256:
         raise RuntimeError(f"{gguf}: unexpected sha256; reinstall with `{_INSTALL_HINT}`")
-
     return convert_gguf_to_hf(gguf, out)
 
 
@@ -144,8 +149,4 @@ def gemma3_gguf_path() -> Path:
 @functools.lru_cache(maxsize=None)
 def gemma3_hf_dir() -> Path:
     """HF safetensors directory (fp32) of Gemma-3-270M converted from the GGUF once and cached."""
-    gguf = gemma3_gguf_path()
-    out = test_cache_dir() / "gemma3-270m-hf"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    return convert_gguf_to_hf(gguf, out)
+    return _cached_hf_dir(gemma3_gguf_path(), "gemma3-270m-hf")

@@ -84,7 +84,6 @@ _NP_OF_TAG = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": 
               "F64": np.dtype(np.float64)}
 
 
-
 def _is_loaded(obj) -> bool:
     """True for a ``LoadedModel`` (a CausalLM also has a ``.model`` attribute: its decoder)."""
     from jaxquant.converters.hf import LoadedModel
