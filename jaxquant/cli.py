@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipes and checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"jaxquant {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{ptq,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{ptq,eval,check}")
     sub.required = True
 
     p = sub.add_parser(
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(e, model_help="HF checkpoint directory or .gguf file (default: the embedded SmolLM2-135M)")
     e.set_defaults(func=_run_eval)
+    from jaxquant.cli_check import add_check_parser
+
+    add_check_parser(sub)
     return parser
 
 
