@@ -165,10 +165,17 @@ def _embedding_class():
     return Embedding
 
 
-def _attention_class():
-    from jaxquant.models.layers import Attention
+def _is_attention(node) -> bool:
+    """A module that owns a KV cache's quantizers: ``k_bmm_quantizer`` and ``v_bmm_quantizer``.
 
-    return Attention
+    Like ModelOpt (``hasattr(module, "k_bmm_quantizer")``), any module qualifies, not only
+    ``layers.Attention``: Gemma 4's ``Gemma4Attention`` (k=v layers without ``v_proj``, KV-shared
+    layers without ``k_proj``/``v_proj``) and user-defined attention modules are found too.
+    """
+    from jaxquant.quantizer import TensorQuantizer
+
+    return isinstance(getattr(node, "k_bmm_quantizer", None), TensorQuantizer) and isinstance(
+        getattr(node, "v_bmm_quantizer", None), TensorQuantizer)
 
 
 def _config_of(q):
@@ -187,14 +194,14 @@ def _walk(model, name_map) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]
     """``(linears, experts, attentions)`` as ``(hf module name, module)`` lists, model order."""
     from jaxquant.converters.names import dotted
 
-    Linear, Experts, Attention = _linear_class(), _experts_class(), _attention_class()
+    Linear, Experts = _linear_class(), _experts_class()
     lin, exp, att = [], [], []
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Linear):
             lin.append((name_map.hf_name(dotted(path)), node))
         elif Experts is not None and isinstance(node, Experts):
             exp.append((name_map.hf_name(dotted(path)), node))
-        elif isinstance(node, Attention):
+        elif _is_attention(node):
             att.append((name_map.hf_name(dotted(path)), node))
     return lin, exp, att
 
@@ -652,10 +659,12 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         entries = [dataclasses.replace(e, name=src.rename(e.name)) for e in entries]
     entries.sort(key=lambda e: _natural_key(e.name))
     layers: dict[str, tuple[str | None, int]] = {}
-    # ModelOpt attaches (disabled) quantizers to embeddings too, so they are listed as unquantized.
+    # ModelOpt attaches (disabled) quantizers to embeddings too, so they are listed as unquantized; but
+    # not to Gemma's scaled embeddings (``Gemma3/4TextScaledWordEmbedding`` subclass nn.Embedding, and
+    # ModelOpt's registry quantizes exact classes only), which therefore stay out of exclude_modules.
     Embedding = _embedding_class()
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, Embedding):
+        if isinstance(node, Embedding) and node.scale is None:
             layers[nm.hf_name(dotted(path))] = (None, 0)
     for it in items:
         layers[it.hf] = (it.fmt, 16 if (it.fmt or "").find("nvfp4") >= 0 else 0)
