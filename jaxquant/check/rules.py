@@ -466,7 +466,10 @@ def check_fused(v: View) -> list[Finding]:
                 names = [f"{lin.module}.{s}" for lin in members]
                 if not all(v.has(n) and v.tag(n) == "F32" for n in names):
                     continue
-                vals = [np.asarray(v.ck.get(n)).reshape(-1).tobytes() for n in names]
+                arrs = [np.asarray(v.ck.get(n), np.float32).reshape(-1) for n in names]
+                if not all(a.size == 1 and np.isfinite(a[0]) and a[0] > 0 for a in arrs):
+                    continue  # reported by the value rules
+                vals = [a.tobytes() for a in arrs]
                 for n, val in zip(names[1:], vals[1:]):
                     if val != vals[0]:
                         out.append(Finding(n, "fused-scale-mismatch",
