@@ -21,32 +21,42 @@ Typical use::
 """
 
 from jaxquant._version import __version__
-from jaxquant.calibration import (
-    QuantizeResult,
-    calibration_state,
-    load_calibration_state,
-    quantize,
-    read_calibration_state,
-    save_calibration_state,
-    set_quant_mode,
-)
-from jaxquant.converters import LoadedModel, load_gguf, load_hf, load_tokenizer
-from jaxquant.errors import (
-    CheckpointError,
-    DataError,
-    ExportError,
-    JaxquantError,
-    NonFiniteError,
-    RecipeError,
-    UnsupportedError,
-)
-from jaxquant.eval import PerplexityResult, perplexity
-from jaxquant.export import check_exportable, export_hf, load_quantized, restore_orbax, save_orbax
-from jaxquant.models import CausalLM, ModelConfig, generate
-from jaxquant.numerics import e2m1, fp8, nvfp4
-from jaxquant.qat import finish_qat, prepare_qat
-from jaxquant.quantizer import QuantizerConfig, TensorQuantizer
-from jaxquant.recipe import Recipe, Resolution, apply_recipe, list_recipes, load_recipe, preset_recipe, recipe_from_dict
+
+# Public names, imported on first use (PEP 562) so that ``import jaxquant`` and the ``jaxquant``
+# command start without importing JAX: a Ctrl-C or ``--help`` in the first second is handled by the
+# command, not lost in an import.
+_LAZY = {
+    "jaxquant.calibration": ("QuantizeResult", "calibration_state", "load_calibration_state", "quantize",
+                             "read_calibration_state", "save_calibration_state", "set_quant_mode"),
+    "jaxquant.converters": ("LoadedModel", "load_gguf", "load_hf", "load_tokenizer"),
+    "jaxquant.errors": ("CheckpointError", "DataError", "ExportError", "JaxquantError", "NonFiniteError",
+                        "RecipeError", "UnsupportedError"),
+    "jaxquant.eval": ("PerplexityResult", "perplexity"),
+    "jaxquant.export": ("check_exportable", "export_hf", "load_quantized", "restore_orbax", "save_orbax"),
+    "jaxquant.models": ("CausalLM", "ModelConfig", "generate"),
+    "jaxquant.numerics": ("e2m1", "fp8", "nvfp4"),
+    "jaxquant.qat": ("finish_qat", "prepare_qat"),
+    "jaxquant.quantizer": ("QuantizerConfig", "TensorQuantizer"),
+    "jaxquant.recipe": ("Recipe", "Resolution", "apply_recipe", "list_recipes", "load_recipe", "preset_recipe",
+                        "recipe_from_dict"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_MODULE_OF))
+
 
 __all__ = [
     "__version__",

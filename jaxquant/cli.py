@@ -42,8 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser, *, model_help: str):
                         "local .txt/.jsonl/.json/.parquet file")
     p.add_argument(*_opt("--eval-windows"), dest="eval_windows", type=int, default=None, metavar="N",
                    help="number of perplexity windows (0 skips the evaluation; default 16, 8 for the embedded demo)")
-    p.add_argument(*_opt("--eval-seq"), dest="eval_seq", type=int, default=512, metavar="N",
-                   help="tokens per perplexity window (default 512)")
+    p.add_argument(*_opt("--eval-seq"), dest="eval_seq", type=int, default=None, metavar="N",
+                   help="tokens per perplexity window (default 512, or what max_position_embeddings allows)")
     p.add_argument(*_opt("--eval-batch-size"), dest="eval_batch_size", type=int, default=4, metavar="N",
                    help="windows per perplexity batch (default 4)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_opt("--calib-size"), dest="calib_size", default=None, metavar="N[,N...]",
                    help="calibration samples, one count per dataset (default 1024 like hf_ptq; 128 for the "
                         "embedded demo)")
-    p.add_argument(*_opt("--calib-seq"), dest="calib_seq", type=int, default=512, metavar="N",
-                   help="max tokens per calibration sample (default 512)")
+    p.add_argument(*_opt("--calib-seq"), dest="calib_seq", type=int, default=None, metavar="N",
+                   help="max tokens per calibration sample (default 512, or max_position_embeddings if smaller)")
     p.add_argument(*_opt("--batch-size"), dest="batch_size", type=int, default=0, metavar="N",
                    help="calibration batch size; 0 = auto from device memory (8 on CPU) (default 0)")
     p.add_argument("--pack", action="store_true",
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_opt("--export-format"), dest="export_format", choices=("hf", "orbax", "both"), default="hf",
                    help="hf: ModelOpt unified HF checkpoint; orbax: Flax/orbax checkpoint; both (default hf)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --export-path")
+    p.add_argument("--allow-unquantized", dest="allow_unquantized", action="store_true",
+                   help="run even when the recipe enables no quantizer on this model (default: an error)")
     p.add_argument(*_opt("--save-calib-state"), dest="save_calib_state", default=None, metavar="FILE",
                    help="also write the calibration state (amax of every quantizer) to this .safetensors file")
     p.add_argument(*_opt("--load-calib-state"), dest="load_calib_state", default=None, metavar="FILE",
@@ -147,34 +149,69 @@ def _ieee_gpu_division() -> None:
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
 
 
+def _import_runtime() -> None:
+    """Import the heavy runtime (JAX, Flax, transformers' tokenizers, the commands) in one place."""
+    import jax  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+    import jaxquant.calibration  # noqa: F401
+    import jaxquant.cli_ptq  # noqa: F401
+    import jaxquant.converters  # noqa: F401
+    import jaxquant.data  # noqa: F401
+    import jaxquant.eval  # noqa: F401
+    import jaxquant.export  # noqa: F401
+    import jaxquant.recipe  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxquant`` console script and of ``python -m jaxquant``."""
-    _ieee_gpu_division()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LowerLevelFormatter())
-    root = logging.getLogger()
-    if not root.handlers:
-        root.addHandler(handler)
-        root.setLevel(logging.WARNING)
-    old = warnings.showwarning
-    warnings.showwarning = _showwarning
-    from jaxquant.errors import JaxquantError
+    from jaxquant import interrupt
 
+    interrupt.install()  # first: a Ctrl-C from here on always ends with status 130
+    old = warnings.showwarning
     try:
-        return args.func(args)
+        with interrupt.deferred():  # a Ctrl-C while an extension initializes could abort the interpreter
+            _ieee_gpu_division()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        with interrupt.deferred():
+            _import_runtime()
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LowerLevelFormatter())
+        root = logging.getLogger()
+        if not root.handlers:
+            root.addHandler(handler)
+            root.setLevel(logging.WARNING)
+        warnings.showwarning = _showwarning
+        from jaxquant.errors import JaxquantError
+
+        try:
+            rc = args.func(args)
+            interrupt.raise_if_interrupted()  # a Ctrl-C swallowed by a GC callback still counts
+            return rc
+        except JaxquantError as e:
+            if interrupt.interrupted():
+                raise KeyboardInterrupt from None
+            sys.stdout.flush()
+            print(f"error: {_paragraph(e)}", file=sys.stderr)
+            return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        sys.stdout.flush()
-        print("\nerror: interrupted (Ctrl-C). Nothing was left half-written: exports and state files are "
-              "written to a temporary name and renamed only when complete.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except JaxquantError as e:
-        sys.stdout.flush()
-        print(f"error: {_paragraph(e)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _interrupted()
+    except Exception:
+        # A Ctrl-C that surfaced as another exception (an extension module converts it while importing)
+        if interrupt.interrupted():
+            return _interrupted()
+        raise
     finally:
         warnings.showwarning = old
+
+
+def _interrupted() -> int:
+    sys.stdout.flush()
+    print("\nerror: interrupted (Ctrl-C). Nothing was left half-written: exports and state files are "
+          "written to a temporary name and renamed only when complete.", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 class _LowerLevelFormatter(logging.Formatter):

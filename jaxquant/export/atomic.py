@@ -19,10 +19,11 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jaxquant.errors import ExportError
+from jaxquant.interrupt import raise_if_interrupted
 
 INCOMPLETE_MARKER = ".jaxquant-export-incomplete"
 TMP_INFIX = ".jaxquant-tmp-"
@@ -51,6 +52,13 @@ def check_target(target: str | os.PathLike, *, overwrite: bool = False) -> Path:
     return t
 
 
+def _umask() -> int:
+    """The process umask (read without changing it for longer than two calls)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -76,8 +84,14 @@ def _fsync_dir(d: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
+                     validate: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Context manager yielding a temporary directory that becomes ``target`` on success.
+
+    ``validate(tmp)``, when given, runs on the complete temporary directory before the rename; an
+    exception it raises discards the directory like any other failure. The published directory has
+    the mode of a freshly made one (``0o777 & ~umask``), not ``mkdtemp``'s private 0o700, so a
+    serving engine running under another user can read it.
 
     Example::
 
@@ -90,9 +104,13 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{t.name}{TMP_INFIX}", dir=t.parent))
     old: Path | None = None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         (tmp / INCOMPLETE_MARKER).write_text("jaxquant export in progress; this directory is not a checkpoint\n")
         yield tmp
         (tmp / INCOMPLETE_MARKER).unlink()
+        if validate is not None:
+            validate(tmp)
+        raise_if_interrupted()  # a Ctrl-C swallowed while writing must not publish the directory
         _fsync_tree(tmp)
         if t.exists():
             # Re-check: the target may have been filled while we were writing.

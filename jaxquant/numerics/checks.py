@@ -32,3 +32,35 @@ def assert_finite(x, name: str) -> None:
             "quantizing it would write NaN or saturated scales. Fix the model or data that produced "
             "it (check the checkpoint, the calibration data, or a diverged training step)."
         )
+
+
+@jax.jit
+def _all_finite(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
+def nonfinite_params(model) -> list[str]:
+    """Dotted NNX paths of the model's floating-point parameters that hold NaN or Inf (model order).
+
+    Uses ``isfinite`` on every element (one jitted reduction per tensor, read back together): a
+    ``max``-based test is not enough because XLA:CPU's max can drop NaN.
+    """
+    from flax import nnx
+
+    flat = [(".".join(str(k) for k in path), v.get_value() if hasattr(v, "get_value") else v.value)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    flat = [(p, a) for p, a in flat if jnp.issubdtype(a.dtype, jnp.inexact)]
+    ok = jax.device_get(_all_finite([a for _, a in flat]))
+    return [p for (p, _), good in zip(flat, ok) if not bool(good)]
+
+
+def check_params_finite(model, *, name_map=None, source: str = "the model") -> None:
+    """``NonFiniteError`` naming the first parameters that hold NaN/Inf (HF names when ``name_map``
+    is given). Run once after loading, before any forward: a NaN anywhere (a norm weight included)
+    makes every calibration statistic and perplexity meaningless."""
+    bad = nonfinite_params(model)
+    if bad:
+        names = [name_map.hf_name(p) if name_map is not None else p for p in bad]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise NonFiniteError(f"{source}: the parameters {shown} hold NaN or Inf; every forward pass would be NaN. "
+                             "The checkpoint is corrupt or was converted to a dtype that overflows.")

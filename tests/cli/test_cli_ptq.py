@@ -151,7 +151,8 @@ def test_non_finite_weights(files, capsys, tmp_path):
     argv = _ptq(files, "--eval-windows", "0")
     argv[argv.index("--model") + 1] = str(d)
     rc, out, err = _run(argv, capsys)
-    assert rc == 2 and "NaN or Inf" in err and "model.layers.1.mlp.up_proj.weight_quantizer" in err
+    assert rc == 2 and "NaN or Inf" in err and "model.layers.1.mlp.up_proj.weight " in err
+    assert "calibration (max)" not in out  # refused right after loading, before any forward
 
 
 def test_existing_export_path_fails_before_calibration(files, capsys, tmp_path):
