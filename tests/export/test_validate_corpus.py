@@ -73,6 +73,34 @@ def _make_qwen3_moe(root: Path):
     export_hf(loaded, root / "jq_moe")
 
 
+# Gemma 4 with both attention variants that lack projections (tests/export/test_export_gemma4_kv.py): layers 0-2
+# own their KV cache (2 = full attention with k=v: no v_proj), layers 3-5 reuse the caches of layers 1 and 2.
+GEMMA4 = dict(
+    vocab_size=211, hidden_size=64, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2, sliding_window=7,
+    final_logit_softcapping=30.0, hidden_size_per_layer_input=0, num_kv_shared_layers=3, tie_word_embeddings=True,
+    max_position_embeddings=128,
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                        "rope_theta": 1000000.0}},
+)
+
+
+def _make_gemma4(root: Path):
+    """nvidia-modelopt's NVFP4 + FP8 KV export of a tiny Gemma 4 (it writes k/v scales for every layer)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma4TextConfig(**GEMMA4)
+    config._attn_implementation = "eager"
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    model.save_pretrained(str(root / "src_gemma4"))
+    R.modelopt_quantize(model, R.modelopt_cfg("nvfp4", True))
+    R.modelopt_export(model, root / "mo_gemma4", "float32")
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """``{"jq_fp8": dir, "mo_fp8": dir, ..., "src": an unquantized HF checkpoint}``."""
@@ -92,8 +120,9 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     amax = R.modelopt_quantize(model, R.modelopt_cfg("nvfp4", True))
     R.modelopt_export(model, root / "mo_tied_bf16", "bfloat16")
     _make_qwen3_moe(root)
+    _make_gemma4(root)
     out.update(mo_tied_bf16=root / "mo_tied_bf16", mo_moe=root / "mo_moe", jq_moe=root / "jq_moe",
-               src=root / "src_fp8")
+               mo_gemma4=root / "mo_gemma4", src=root / "src_fp8")
     return out
 
 
@@ -330,6 +359,16 @@ BREAKS = [
      {(f"{L1}.mlp.experts.3.down_proj.input_scale", "expert-input-scale")}),
     ("expert-input-scale-missing", "mo_moe", (_drop(f"{L0}.mlp.experts.1.down_proj.input_scale"), None, None),
      {(f"{L0}.mlp.experts.1.down_proj.input_scale", "expert-input-scale")}),
+    ("gemma4-drop-k-scale-of-a-cache-owner", "mo_gemma4", (_drop("model.layers.1.self_attn.k_proj.k_scale"), None,
+                                                            None),
+     {("model.layers.1.self_attn.k_proj.k_scale", "kv-scale-missing")}),
+    ("gemma4-drop-v-scale-of-a-k-eq-v-layer", "mo_gemma4", (_drop("model.layers.2.self_attn.v_proj.v_scale"), None,
+                                                             None),
+     {("model.layers.2.self_attn.v_proj.v_scale", "kv-scale-missing")}),
+    ("gemma4-kv-shared-layers-need-no-scales", "mo_gemma4",
+     (_drop(*(f"model.layers.{i}.self_attn.{p}" for i in (3, 4, 5) for p in ("k_proj.k_scale", "v_proj.v_scale"))),
+      None, None),
+     set()),
     ("router-not-excluded", "mo_moe", (None, *_exclude_remove(f"{L1}.mlp.gate")),
      {(f"{L1}.mlp.gate.weight", "exclude-missing")}),
 ]
