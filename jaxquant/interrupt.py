@@ -42,6 +42,8 @@ def install() -> None:
     global _installed, _hit
     _hit = False
     try:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return  # started with SIGINT ignored (nohup, a background job): keep it that way
         signal.signal(signal.SIGINT, _handler)
     except ValueError:  # not the main thread: keep Python's default
         return

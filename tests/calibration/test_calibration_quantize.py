@@ -104,10 +104,20 @@ def test_activation_amax_matches_a_plain_reference_forward():
     finally:
         Linear.__call__ = orig
     r = quantize(m, FP8_RECIPE, _batches(ids, mask), progress=False)
+    # The max is exact, but the activations it reads are not bit-equal between this eager forward and
+    # the jitted one: XLA fuses and vectorizes the float32 reductions (RMSNorm mean, matmuls over
+    # K <= 64 terms, softmax sums) differently per machine. Reassociating a K-term float32 sum moves it
+    # by at most K * 2^-24 of the sum of |terms| (Higham); through the two layers of this model that is
+    # well under 32 ulp of the activation max (seen: 0 here, 1 ulp on another CI machine). A wrong statistic (a padded token
+    # counted, a missed batch, the wrong tensor) moves it by far more.
+    checked = 0
     for path, mod in nnx.iter_graph(m):
         if isinstance(mod, Linear) and mod.input_quantizer.enabled:
             name = ".".join(str(p) for p in path) + ".input_quantizer._amax"
-            assert r.calibration_state[name] == np.float32(seen[id(mod)]), name
+            got, ref = np.float32(r.calibration_state[name]), np.float32(seen[id(mod)])
+            assert abs(got - ref) <= 32 * np.spacing(ref), (name, got, ref)
+            checked += 1
+    assert checked > 0
 
 
 def test_padding_never_raises_amax():

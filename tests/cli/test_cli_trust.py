@@ -185,7 +185,8 @@ def test_ctrl_c_at_any_moment_exits_130_with_nothing_written(files, tmp_path, de
     target = tmp_path / "export"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     p = subprocess.Popen([sys.executable, "-m", "jaxquant", *_ptq(files, "--export-path", str(target))],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited SIG_IGN
     try:
         p.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -193,7 +194,8 @@ def test_ctrl_c_at_any_moment_exits_130_with_nothing_written(files, tmp_path, de
     out, err = p.communicate(timeout=120)
     if p.returncode == 0:
         pytest.skip(f"the run finished within {delay} s on this machine")
-    assert p.returncode == 130, (p.returncode, err[-2000:])
+    # -SIGINT: killed by the default action before Python set up its handlers (a shell shows 130 too)
+    assert p.returncode in (130, -signal.SIGINT), (p.returncode, err[-2000:])
     assert "Traceback" not in err and not target.exists()
     assert not list(tmp_path.iterdir())
 
