@@ -28,6 +28,7 @@ from jaxquant._version import __version__
 _LAZY = {
     "jaxquant.calibration": ("QuantizeResult", "calibration_state", "load_calibration_state", "quantize",
                              "read_calibration_state", "save_calibration_state", "set_quant_mode"),
+    "jaxquant.check": ("Report", "validate_checkpoint"),
     "jaxquant.converters": ("LoadedModel", "load_gguf", "load_hf", "load_tokenizer"),
     "jaxquant.errors": ("CheckpointError", "DataError", "ExportError", "JaxquantError", "NonFiniteError",
                         "RecipeError", "UnsupportedError"),
@@ -98,6 +99,8 @@ __all__ = [
     "export_hf",
     "check_exportable",
     "save_orbax",
+    "validate_checkpoint",
+    "Report",
     "restore_orbax",
     # QAT
     "prepare_qat",
