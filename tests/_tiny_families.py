@@ -112,22 +112,35 @@ def write_tiny_family(family: str, directory: str | os.PathLike, *, seed: int = 
                 b.copy_(0.5 + torch.rand_like(b))
     model.save_pretrained(d, safe_serialization=True)
     byte_level_tokenizer().save_pretrained(d)
+    # transformers 5 overrides the saved tokenizer class for some model types (qwen2 -> Qwen2Tokenizer, whose
+    # defaults add "<|endoftext|>" as EOS/PAD/UNK); explicit nulls keep every family's tokenizer special-free.
+    tc = d / "tokenizer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), **{k: None for k in _SPECIAL_KEYS}}, indent=2) + "\n")
     _check_written(d, family)
     return d
 
 
+_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
 def _check_written(d: Path, family: str) -> None:
-    """The checkpoint is what the tests claim: max_position_embeddings 512 and a tokenizer without specials."""
+    """The checkpoint is what the tests claim: max_position_embeddings 512 and a tokenizer without specials, as
+    ``AutoTokenizer`` (what jaxquant uses) loads it."""
+    from transformers import AutoTokenizer
+
     cfg = json.loads((d / "config.json").read_text())
     text = cfg.get("text_config", cfg)
     assert text["max_position_embeddings"] == MAX_POS, (family, text.get("max_position_embeddings"))
     assert cfg["architectures"] == [ARCHITECTURES[family]], cfg["architectures"]
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+    for key in _SPECIAL_KEYS:
         assert tok_cfg.get(key) is None, (family, key, tok_cfg.get(key))
     tok = json.loads((d / "tokenizer.json").read_text())
     assert not tok.get("added_tokens"), tok.get("added_tokens")
     assert len(tok["model"]["vocab"]) == 256 and text["vocab_size"] >= 256
+    loaded = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False, local_files_only=True)
+    assert len(loaded) == 256 and not loaded.all_special_ids, (family, type(loaded).__name__, loaded.all_special_ids)
+    assert loaded.decode(loaded("a\nb", add_special_tokens=False)["input_ids"]) == "a\nb"
 
 
 __all__ = ["ARCHITECTURES", "EOS_ID", "FAMILIES", "MAX_POS", "PAD_IN_CONFIG", "VOCAB", "byte_level_tokenizer",
