@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxquant.check import rules as R
 from jaxquant.check.reader import Unreadable, open_checkpoint
 from jaxquant.check.report import RULES, Finding, Report
-from jaxquant.check import rules as R
 
 __all__ = ["RULES", "Finding", "Report", "validate_checkpoint"]
 

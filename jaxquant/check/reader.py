@@ -87,7 +87,7 @@ def open_checkpoint(directory) -> Checkpoint:
         files = CheckpointFiles.open(d)
     except CheckpointError as e:
         raise Unreadable("model.safetensors", str(e)) from None
-    infos = {name: files.tensor_info(name) for name in files.keys()}
+    infos = {name: files.tensor_info(name) for name in files}
     return Checkpoint(d, config, hf_quant, files, infos)
 
 

@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("modelopt.torch.export")
 
-import _export_modelopt_ref as R  # noqa: E402
+import _export_modelopt_ref as R
 
-from jaxquant.check import RULES, validate_checkpoint  # noqa: E402
-from jaxquant.errors import CheckpointError  # noqa: E402
-from jaxquant.io.safetensors import SafetensorsFile, save_file  # noqa: E402
+from jaxquant.check import RULES, validate_checkpoint
+from jaxquant.errors import CheckpointError
+from jaxquant.io.safetensors import SafetensorsFile, save_file
 
 CASES = {  # name -> (weight format, FP8 KV, mlp format)
     "fp8": ("fp8", False, None),
@@ -75,7 +75,7 @@ def _make_qwen3_moe(root: Path):
 
 # Gemma 4 with both attention variants that lack projections (tests/export/test_export_gemma4_kv.py): layers 0-2
 # own their KV cache (2 = full attention with k=v: no v_proj), layers 3-5 reuse the caches of layers 1 and 2.
-GEMMA4 = dict(
+GEMMA4 = dict(  # noqa: C408 - the kwargs of Gemma4TextConfig
     vocab_size=211, hidden_size=64, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
     layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2, sliding_window=7,
@@ -101,6 +101,31 @@ def _make_gemma4(root: Path):
     R.modelopt_export(model, root / "mo_gemma4", "float32")
 
 
+def _make_calibrated(root: Path):
+    """jaxquant's own calibration (quantize) and export: Mixtral NVFP4 + FP8 KV (w1/w3 experts) and Llama
+    W4A16_NVFP4 with the fp8_cast KV preset (no KV scales)."""
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.recipe import load_recipe, preset_recipe
+
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+    )).eval().save_pretrained(str(root / "src_mixtral"))
+    ids = np.random.default_rng(0).integers(0, 96, (4, 16)).astype(np.int32)
+    for src, recipe, out in [("src_mixtral", load_recipe("general/ptq/nvfp4_default-kv_fp8"), "jq_mixtral"),
+                             ("src_fp8", preset_recipe("w4a16_nvfp4"), "jq_w4a16_kv_cast")]:
+        loaded = load_hf(root / src, dtype=jnp.float32)
+        quantize(loaded.model, recipe, (ids, np.ones_like(ids)), batch_size=2, progress=False)
+        export_hf(loaded, root / out)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     """``{"jq_fp8": dir, "mo_fp8": dir, ..., "src": an unquantized HF checkpoint}``."""
@@ -121,7 +146,9 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     R.modelopt_export(model, root / "mo_tied_bf16", "bfloat16")
     _make_qwen3_moe(root)
     _make_gemma4(root)
-    out.update(mo_tied_bf16=root / "mo_tied_bf16", mo_moe=root / "mo_moe", jq_moe=root / "jq_moe",
+    _make_calibrated(root)
+    out.update(jq_mixtral=root / "jq_mixtral", jq_w4a16_kv_cast=root / "jq_w4a16_kv_cast",
+               mo_tied_bf16=root / "mo_tied_bf16", mo_moe=root / "mo_moe", jq_moe=root / "jq_moe",
                mo_gemma4=root / "mo_gemma4", src=root / "src_fp8")
     return out
 
@@ -135,7 +162,7 @@ def _copy(corpus, base: str, tmp_path: Path) -> Path:
 
 def _tensors(d: Path) -> dict[str, np.ndarray]:
     f = SafetensorsFile(d / "model.safetensors")
-    return {k: np.array(f.get(k)) for k in f.keys()}
+    return {k: np.array(f.get(k)) for k in f.tensors}
 
 
 def _write(d: Path, tensors: dict[str, np.ndarray]):
@@ -369,6 +396,16 @@ BREAKS = [
      (_drop(*(f"model.layers.{i}.self_attn.{p}" for i in (3, 4, 5) for p in ("k_proj.k_scale", "v_proj.v_scale"))),
       None, None),
      set()),
+    ("mixtral-w1-w3-weight-scale-2-differ", "jq_mixtral",
+     (lambda t: t.update({f"{L1}.block_sparse_moe.experts.0.w3.weight_scale_2":
+                          t[f"{L1}.block_sparse_moe.experts.0.w3.weight_scale_2"] * 3}), None, None),
+     {(f"{L1}.block_sparse_moe.experts.0.w3.weight_scale_2", "fused-scale-mismatch")}),
+    ("mixtral-expert-input-scale-nan", "jq_mixtral",
+     (_set(f"{L0}.block_sparse_moe.experts.2.w2.input_scale", np.nan), None, None),
+     {(f"{L0}.block_sparse_moe.experts.2.w2.input_scale", "expert-input-scale")}),
+    ("input-scale-on-weight-only-nvfp4", "jq_w4a16_kv_cast",
+     (lambda t: t.update({f"{L0}.self_attn.o_proj.input_scale": _f32(0.02)}), None, None),
+     {(f"{L0}.self_attn.o_proj.input_scale", "scale-unexpected")}),
     ("router-not-excluded", "mo_moe", (None, *_exclude_remove(f"{L1}.mlp.gate")),
      {(f"{L1}.mlp.gate.weight", "exclude-missing")}),
 ]
@@ -391,6 +428,13 @@ def test_each_break_is_caught_by_its_rule(corpus, tmp_path, case):
         assert not r.ok and not r.unreadable
         with pytest.raises(CheckpointError, match="fails validation"):
             r.raise_if_findings()
+
+
+def test_every_rule_has_a_break():
+    """Each rule id is caught by some test in this file (BREAKS or the dedicated tests below)."""
+    covered = {rule for case in BREAKS for _, rule in case[3]}
+    covered |= {"unreadable", "not-quantized", "quant-config-missing", "weight-nonfinite"}  # tests below / above
+    assert covered == set(RULES)
 
 
 def test_no_quantization_config_is_caught(corpus, tmp_path):
