@@ -8,11 +8,12 @@ docs/export.md ("Checking a checkpoint") lists every rule id with the vLLM sourc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
 from collections.abc import Iterable
-from fnmatch import fnmatch
+from fnmatch import translate as fnmatch_translate
 from typing import Any
 
 import numpy as np
@@ -163,8 +164,27 @@ def build_view(ck: Checkpoint) -> View:
 
 def vllm_excluded(prefix: str, patterns: Iterable[str]) -> bool:
     """vLLM's ``is_layer_excluded``: exact name, substring (ModelOpt < 0.39 lists), or fnmatch wildcard."""
-    patterns = list(patterns)
-    return any(p == prefix or p in prefix or fnmatch(prefix, p) for p in patterns)
+    return _matcher(tuple(patterns))(prefix)
+
+
+@functools.lru_cache(maxsize=8)
+def _matcher(patterns: tuple[str, ...]):
+    """``vllm_excluded`` for a fixed pattern list: substrings plus one compiled regex of all wildcards
+    (a 30B MoE has ~20k linears and ~100 entries)."""
+    subs = tuple(p for p in patterns if isinstance(p, str))
+    if not subs:
+        return lambda prefix: False
+    sub_rx = re.compile("|".join(re.escape(p) for p in subs))
+    wild_rx = re.compile("|".join(f"(?:{fnmatch_translate(p)})" for p in subs))
+    cache: dict[str, bool] = {}
+
+    def match(prefix: str) -> bool:
+        hit = cache.get(prefix)
+        if hit is None:
+            hit = cache[prefix] = sub_rx.search(prefix) is not None or wild_rx.match(prefix) is not None
+        return hit
+
+    return match
 
 
 def _vllm_rewritten(patterns: Iterable[str]) -> list[str]:
@@ -291,7 +311,7 @@ def _value_findings(v: View, name: str, *, per_tensor: bool, expert_input: bool)
     except Exception as e:  # noqa: BLE001 - a byte range that does not match its header
         return [Finding(name, "unreadable", f"cannot read this tensor ({e}). Re-download or re-export.")]
     out = []
-    n = int(np.prod(v.shape(name), dtype=np.int64))
+    n = math.prod(v.shape(name))
     if nonfinite:
         out.append(Finding(name, "expert-input-scale" if expert_input else "scale-nonfinite",
                            f"{nonfinite} of {n} value(s) are NaN/Inf: the layer computes NaN. Recalibrate (a NaN "
@@ -538,6 +558,10 @@ def check_exclude_entries(v: View) -> list[Finding]:
     """Every exclude_modules entry matches some module (an entry matching nothing is a stale/misspelt name)."""
     out = []
     for p in v.exclude:
+        if isinstance(p, str) and (p in v.modules or (p.endswith("*") and "*" not in p[:-1] and "?" not in p
+                                                      and "[" not in p and any(m.startswith(p[:-1])
+                                                                               for m in v.modules))):
+            continue  # the common ModelOpt entries: an exact module name or ``prefix*``
         if not isinstance(p, str) or not any(vllm_excluded(m, [p]) for m in v.modules):
             out.append(Finding(f"{HQ if v.ck.hf_quant is not None else CQ}:exclude_modules[{p!r}]",
                                "exclude-unmatched",
