@@ -50,7 +50,8 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'jaxquant' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    mod = importlib.import_module(module)
+    value = getattr(mod, name) if hasattr(mod, name) else importlib.import_module(f"{module}.{name}")
     globals()[name] = value
     return value
 
