@@ -17,9 +17,9 @@ from pathlib import Path
 
 from jaxquant.check import rules as R
 from jaxquant.check.reader import Unreadable, open_checkpoint
-from jaxquant.check.report import RULES, Finding, Report
+from jaxquant.check.report import INTEGRITY_RULES, RULES, Finding, Report
 
-__all__ = ["RULES", "Finding", "Report", "validate_checkpoint"]
+__all__ = ["INTEGRITY_RULES", "RULES", "Finding", "Report", "validate_checkpoint"]
 
 
 def validate_checkpoint(directory: str | os.PathLike, *, deep: bool = False) -> Report:

@@ -45,6 +45,15 @@ RULES: dict[str, str] = {
     "weight-nonfinite": "(--deep) no NaN/Inf in FP8 or unquantized weights",
 }
 
+#: Rules whose findings mean the stored numbers themselves are wrong or missing (values, dtypes,
+#: shapes, scales): no loader can compute the intended model from such a checkpoint, so
+#: ``load_quantized`` refuses it. The other rules are about what serving engines accept (configs,
+#: exclusions, fused-sibling agreement); a loader only warns about those, the exporter refuses all.
+INTEGRITY_RULES: frozenset[str] = frozenset({
+    "unreadable", "format-mismatch", "scale-missing", "scale-dtype", "scale-shape", "scale-nonfinite",
+    "scale-nonpositive", "expert-input-scale", "kv-scale-missing", "weight-nonfinite",
+})
+
 
 @dataclasses.dataclass(frozen=True)
 class Finding:

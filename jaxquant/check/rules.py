@@ -37,6 +37,7 @@ _FAMILY = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "FP8_PB_WO": "fp8",
 _STATIC_INPUT = {"FP8": "optional", "NVFP4": "required"}  # the others take no input_scale
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _VISION = ("vision_tower", "vision_model", "vit_large_projector")  # vLLM never quantizes these
+_ENCODERS = _VISION + ("visual.", "audio_tower", "audio_model", "audio_encoder")  # no KV cache
 _FLOAT = ("BF16", "F16", "F32", "F64")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -511,6 +512,8 @@ def _kv_owners(v: View) -> list[str]:
         if not m.endswith(".k_proj"):
             continue
         attn = m[: -len(".k_proj")]
+        if any(p in attn + "." for p in _ENCODERS):
+            continue  # vision/audio encoders attend bidirectionally and keep no KV cache
         mm = _LAYER.search(attn + ".")
         if first_shared is not None and mm and int(mm.group(1)) >= first_shared:
             continue

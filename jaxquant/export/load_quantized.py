@@ -300,14 +300,38 @@ def _fake_quant_input(q: TensorQuantizer, cfg: QuantizerConfig, amax: float):
     q.set_mode("fake_quant")
 
 
+def _validate_for_loading(d: Path) -> None:
+    """Refuse a checkpoint whose numbers are wrong (``INTEGRITY_RULES``); warn about the rest."""
+    import logging
+
+    from jaxquant.check import INTEGRITY_RULES, validate_checkpoint
+
+    report = validate_checkpoint(d)
+    blocking = [f for f in report.findings if f.rule in INTEGRITY_RULES]
+    if blocking:
+        shown = "; ".join(f.format() for f in blocking[:5])
+        more = f"; and {len(blocking) - 5} more" if len(blocking) > 5 else ""
+        raise CheckpointError(f"{d} is not a loadable quantized checkpoint: {shown}{more}. Run `jaxquant check {d}` "
+                              "for every finding; re-export it from the original model.")
+    for f in report.findings:
+        if f.rule != "quant-config-missing":  # detected from the tensors themselves (module docstring)
+            logging.getLogger(__name__).warning("%s (a serving engine may reject this checkpoint)", f.format())
+
+
 def load_quantized(
     path: str | os.PathLike,
     dtype=jnp.bfloat16,
     *,
     weights: Literal["packed", "dequantize"] = "packed",
     activations: Literal["fake_quant", "off"] = "fake_quant",
+    validate: bool = True,
 ):
     """Load a ModelOpt FP8 / NVFP4 / mixed checkpoint directory as a ``LoadedModel``.
+
+    The directory is first checked with ``validate_checkpoint`` (headers and scale tensors, seconds):
+    findings of ``INTEGRITY_RULES`` (NaN/zero/negative or missing scales, wrong dtypes or shapes,
+    missing KV scales) refuse the load with the finding; the other findings (what serving engines
+    would reject: configs, exclusions, fused-sibling scales) are logged as warnings.
 
     Args:
       path: checkpoint directory (``config.json`` + safetensors, as ``export_hf`` writes it).
@@ -316,6 +340,7 @@ def load_quantized(
         ``"dequantize"`` dequantizes once on load into ordinary ``Linear`` modules.
       activations: ``"fake_quant"`` emulates the checkpoint's activation and KV quantization from
         ``input_scale`` / ``k_scale`` / ``v_scale``; ``"off"`` runs activations unquantized.
+      validate: run the checkpoint validator first (default); False skips it.
 
     Raises:
       CheckpointError: an interrupted export, missing files, or tensors that do not match the config.
@@ -338,6 +363,8 @@ def load_quantized(
         raise CheckpointError(f"{d} is an interrupted jaxquant export (incomplete); export again.")
     if weights not in ("packed", "dequantize"):
         raise ValueError(f"weights={weights!r}: use 'packed' or 'dequantize'")
+    if validate:
+        _validate_for_loading(d)
     dtype = resolve_dtype(dtype)
     hf_config = read_hf_config(d)
     plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
