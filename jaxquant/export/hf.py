@@ -26,7 +26,10 @@ TensorRT-LLM, SGLang) load the directory as-is.
 * Atomic (``atomic.py``): written into a temporary directory beside the target, renamed at the end.
 
 ``check_exportable(model)`` runs the same validation on a configured (not yet calibrated) model, so
-a recipe that cannot be exported fails before calibration, not after it.
+a recipe that cannot be exported fails before calibration, not after it. The export itself also
+refuses a model whose quantizers were configured but never calibrated (``check_calibrated``: the
+scales would be placeholders) and, when a ``resolution`` is passed, a model whose quantizers are not
+configured as it says (``check_resolution``).
 """
 
 from __future__ import annotations
@@ -354,13 +357,112 @@ def _kv_algo(attentions) -> str | None:
     return algos.pop() if algos else None
 
 
+def uncalibrated_quantizers(model_or_loaded) -> list[str]:
+    """ModelOpt names of the enabled quantizers (per expert for stacked ones) that hold no calibrated
+    amax: configured by a recipe, but neither calibrated (``quantize``, ``finish_qat``) nor given a
+    value (``load_calibration_state``, the loaders). Dynamic and constant-amax quantizers need none.
+
+    This is read from the quantizer state (``TensorQuantizer.UNCALIBRATED``), not guessed from the
+    values: an amax of 0 calibrated on all-zero activations counts as calibrated.
+    """
+    from jaxquant.calibration.sites import quantizer_sites
+
+    out: list[str] = []
+    for s in quantizer_sites(_unwrap(model_or_loaded)):
+        if not s.has_state:
+            continue
+        for e in s.quantizer.uncalibrated_instances():
+            out.append(s.names[e] if s.stacked else s.names[0])
+    return out
+
+
+def check_calibrated(model_or_loaded) -> None:
+    """``ExportError`` naming the first uncalibrated quantizer (``uncalibrated_quantizers``).
+
+    Without it an export of a model that was configured (``apply_recipe``) but not calibrated would
+    carry placeholder input / KV scales and look valid.
+    """
+    bad = uncalibrated_quantizers(model_or_loaded)
+    if not bad:
+        return
+    more = f" (and {len(bad) - 1} more quantizer(s))" if len(bad) > 1 else ""
+    raise ExportError(
+        f"{bad[0]} has no calibrated amax{more}: the model was configured with a recipe but not calibrated, "
+        "and an export would carry placeholder scales. Run jaxquant.quantize(...) or load a calibration state "
+        "first (jaxquant.load_calibration_state(model, state), or jaxquant ptq --load-calib-state); after QAT "
+        "training, run jaxquant.finish_qat(model, ...)."
+    )
+
+
+def _resolution_of(resolution):
+    """A ``Resolution``, also from a ``QuantizeResult`` (``.resolution``); None when absent."""
+    from jaxquant.recipe.matcher import Resolution
+
+    if resolution is None or isinstance(resolution, Resolution):
+        return resolution
+    inner = getattr(resolution, "resolution", "absent")
+    if inner is None or isinstance(inner, Resolution):
+        return inner
+    raise ExportError(f"resolution= must be the Resolution returned by apply_recipe (or a QuantizeResult), "
+                      f"not {type(resolution).__name__}.")
+
+
+def check_resolution(model_or_loaded, resolution) -> None:
+    """``ExportError`` unless the model's quantizers are configured as ``resolution`` says: the same
+    quantizers, enabled or disabled alike, with the same format. Names the first mismatch.
+
+    A mismatch means the resolution is another model's, or the model was re-configured after
+    ``apply_recipe`` (another recipe applied, quantizers configured by hand): what the caller believes
+    is being exported is not what the quantizers hold.
+    """
+    from jaxquant.calibration.sites import quantizer_sites
+    from jaxquant.recipe.matcher import format_name
+
+    res = _resolution_of(resolution)
+    if res is None:
+        return
+    sites = quantizer_sites(_unwrap(model_or_loaded))
+    if res.quantizers:  # apply_recipe: keyed by the quantizers' NNX paths
+        expected = dict(res.quantizers)
+        found = [(s.path, s.quantizer) for s in sites]
+    else:  # recipe.resolve() alone: keyed by ModelOpt names (per expert)
+        expected = dict(res.configs)
+        found = [(n, s.quantizer) for s in sites for n in s.names]
+    seen = set()
+
+    def _fmt(c):
+        if c is None or (not isinstance(c, tuple) and not c.enable):
+            return None
+        return format_name(c)
+
+    for path, q in found:
+        seen.add(path)
+        if path not in expected:
+            raise ExportError(f"resolution mismatch: the model's quantizer {path} is not in the resolution; "
+                              "the resolution belongs to another model. Pass the Resolution that apply_recipe "
+                              "returned for this model, or none.")
+        want, have = _fmt(expected[path]), (q.format if q.enabled else None)
+        if want != have:
+            raise ExportError(
+                f"resolution mismatch at {path}: the resolution says {want or 'disabled'}, the model's quantizer "
+                f"is {have or 'disabled'}. The model was configured differently after this resolution was made "
+                "(another recipe, or quantizers configured by hand); pass the Resolution of the recipe the model "
+                "was calibrated with, or none.")
+    extra = [p for p in expected if p not in seen]
+    if extra:
+        raise ExportError(f"resolution mismatch: the resolution names quantizer {extra[0]}, which the model does "
+                          "not have; the resolution belongs to another model.")
+
+
 def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overwrite: bool = False,
                      name_map=None) -> list[str]:
     """Validate, before calibration, that the configured model can be exported.
 
     ``model_or_loaded``'s quantizers must already carry their configs (after applying the recipe);
-    amax values are not needed. ``resolution`` is accepted for symmetry with ``export_hf`` and not
-    required. Checks: every layer's (weight, input) format pair is exportable; NVFP4 weights have
+    amax values are not needed (``export_hf`` checks them: ``check_calibrated``). ``resolution``
+    (optional): the ``Resolution`` of ``apply_recipe`` (or a ``QuantizeResult``); when given, the
+    quantizers must be configured as it says (``check_resolution``). Checks: every layer's (weight,
+    input) format pair is exportable; NVFP4 weights have
     input dims divisible by 16; fused siblings (q/k/v, gate/up, w1/w3) share one format (serving
     engines fuse them into one GEMM); one KV-cache format; no enabled output quantizer (ModelOpt
     has no export for them); the export target is usable.
@@ -374,6 +476,7 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
       UnsupportedError / ExportError with the layer name and what to change.
     """
     model = _unwrap(model_or_loaded)
+    check_resolution(model, resolution)
     nm = name_map or getattr(model_or_loaded, "name_map", None) or _name_map(model)
     warnings: list[str] = []
     items = _collect_linears(model, nm, need_amax=False)
@@ -580,10 +683,14 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     ``input_scale`` / ``k_scale`` / ``v_scale`` (dense linears and attention; by quantizer name).
 
     Returns ``(entries, layers, kv_algo)`` where ``layers`` is ``{hf module: (format, block)}``.
+
+    Raises:
+      ExportError: a quantizer holds no calibrated amax (``check_calibrated``).
     """
     from jaxquant.converters.names import dotted
 
     model = _unwrap(model_or_loaded)
+    check_calibrated(model)
     nm = name_map or getattr(model_or_loaded, "name_map", None) or _name_map(model)
     if source_dir is None:
         source_dir = getattr(model_or_loaded, "source_dir", None)
@@ -721,7 +828,11 @@ def export_hf(
         for tokenizer files and dtypes, and the non-text tensors), or a bare model together with
         ``hf_config=``.
       export_dir: target directory; must be absent or empty unless ``overwrite``.
-      resolution: the recipe resolution (optional; the quantizers in the model are authoritative).
+      resolution: optional: the ``Resolution`` that ``apply_recipe`` returned for this model (or the
+        ``QuantizeResult`` of ``quantize``). The quantizers in the model are what is exported; a
+        resolution given here is checked against them (the same quantizers, each enabled or disabled
+        and of the same format), and any mismatch is an ``ExportError`` naming the first quantizer
+        that differs. Use it to make sure the model exported is the one the recipe configured.
       max_shard_size: split the safetensors above this size ("10GB" = 10**10 bytes, like ModelOpt).
       overwrite: replace a non-empty ``export_dir`` (the old one is removed only after success).
       dtype: dtype of unquantized tensors and of ModelOpt's export arithmetic; default: each tensor's
@@ -731,8 +842,10 @@ def export_hf(
       An ``ExportSummary`` (files, bytes, bits per parameter, dtype table).
 
     Raises:
-      ExportError / UnsupportedError / NonFiniteError naming the layer. On any failure (also
-      Ctrl-C, disk full) ``export_dir`` is left untouched and no partial directory remains.
+      ExportError / UnsupportedError / NonFiniteError naming the layer; ExportError when a quantizer
+      was never calibrated (``apply_recipe`` without ``quantize``: the export would carry placeholder
+      scales) or ``resolution`` does not match the model. On any failure (also Ctrl-C, disk full)
+      ``export_dir`` is left untouched and no partial directory remains.
     """
     loaded = model_or_loaded if _is_loaded(model_or_loaded) else None
     cfg = dict(hf_config if hf_config is not None else (getattr(loaded, "hf_config", None) or {}))

@@ -8,7 +8,12 @@ it unchanged. It holds:
   in the compiled graph);
 * ``mode``: static, one of ``"off"`` | ``"calibrate"`` | ``"fake_quant"``;
 * ``amax``: a ``QuantAmax`` variable (float32), the calibrated statistic — explicit state that
-  ``nnx.state(model, QuantAmax)`` collects as a pytree.
+  ``nnx.state(model, QuantAmax)`` collects as a pytree. ``configure`` fills it with ``UNCALIBRATED``
+  (-1, which no ``max|x|`` can be) when the config needs calibrated state, so "configured but never
+  calibrated" is recorded in the state itself and travels with it (calibration state files, orbax
+  checkpoints): calibration (a running max from -1), ``calibrate_weights``,
+  ``load_calibration_state`` and the loaders replace it; ``is_calibrated`` tells, and the exporters
+  refuse a model that still holds it instead of writing placeholder scales.
 
 Modes:
 * ``off``: identity.
@@ -30,12 +35,17 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxquant.errors import UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
 
 Mode = Literal["off", "calibrate", "fake_quant"]
+
+
+#: amax (and static-NVFP4 global amax) of a quantizer that is configured but holds no calibrated value yet.
+UNCALIBRATED = -1.0
 
 
 class QuantAmax(nnx.Variable):
@@ -113,7 +123,8 @@ class TensorQuantizer(nnx.Module):
         return bs.size if bs is not None and bs.size else 16
 
     def configure(self, config: QuantizerConfig | None, *, tensor_shape: tuple[int, ...] | None = None):
-        """Set the static config and (re)create zeroed amax state.
+        """Set the static config and (re)create its amax state: the constant amax of a constant-amax
+        config, ``UNCALIBRATED`` for one that needs calibrated state, 0 for a dynamic one (unused).
 
         Args:
           config: the resolved config, or None / ``enable=False`` to disable.
@@ -134,11 +145,38 @@ class TensorQuantizer(nnx.Module):
             return
         fixed = config.fixed_amax
         shape = self.amax_shape(tensor_shape)
-        init = jnp.full(shape, fixed if fixed is not None else 0.0, jnp.float32)
+        placeholder = 0.0 if config.is_dynamic else UNCALIBRATED  # a dynamic quantizer has no state
+        init = jnp.full(shape, fixed if fixed is not None else placeholder, jnp.float32)
         self.amax = QuantAmax(init)
         if config.format == "nvfp4_static":
             lead = (self.instances,) + (1,) * (len(shape) - 1) if self.instances else ()
-            self.global_amax = QuantGlobalAmax(jnp.zeros(lead, jnp.float32))
+            self.global_amax = QuantGlobalAmax(jnp.full(lead, UNCALIBRATED, jnp.float32))
+
+    def uncalibrated_instances(self) -> list[int]:
+        """Instances (``[0]`` for a plain quantizer) whose amax still holds ``UNCALIBRATED``.
+
+        Empty for a disabled, dynamic or constant-amax quantizer (nothing to calibrate). Reads the
+        amax back to the host.
+        """
+        if not self.enabled or self.amax is None or self.config.fixed_amax is not None:
+            return []
+        bad = None
+        for var in (self.amax, self.global_amax):
+            if var is None:
+                continue
+            a = np.asarray(var.value, np.float32)
+            neg = a < 0
+            if self.instances:
+                neg = neg.reshape(neg.shape[0], -1).any(axis=1)
+            else:
+                neg = np.asarray([neg.any()])
+            bad = neg if bad is None else (bad | neg)
+        return [] if bad is None else [int(i) for i in np.flatnonzero(bad)]
+
+    @property
+    def is_calibrated(self) -> bool:
+        """False while an enabled quantizer that needs state still holds ``UNCALIBRATED``."""
+        return not self.uncalibrated_instances()
 
     def amax_shape(self, tensor_shape: tuple[int, ...] | None) -> tuple[int, ...]:
         """Broadcastable shape of ``amax`` for a tensor of ``tensor_shape``."""
