@@ -237,7 +237,8 @@ def gguf_tokenizer(path: str | os.PathLike):
     if _torch_available():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False,
+                                             local_files_only=True)
     return _tokenizer_without_torch(path)
 
 
@@ -263,7 +264,8 @@ def _tokenizer_without_torch(path: Path):
             cls_name = cls_name[-1] or cls_name[0]
         cls = tokenizer_class_from_name(cls_name) if cls_name else None
         cls = cls or TokenizersBackend
-        return cls.from_pretrained(str(path.parent), gguf_file=path.name)
+        return cls.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False,
+                                   local_files_only=True)
     finally:
         if saved is None:
             sys.modules.pop(name, None)

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.converters.names import NameMap, dotted
-from jaxquant.errors import CheckpointError
+from jaxquant.errors import CheckpointError, UnsupportedError
 from jaxquant.io.safetensors import CheckpointFiles, SafetensorsFile
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.decoder import abstract_model
@@ -40,15 +40,27 @@ DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16
           "float32": jnp.float32, "fp32": jnp.float32}
 
 
+class UnsupportedDtypeError(UnsupportedError, ValueError):
+    """A model dtype jaxquant does not load (an ``UnsupportedError``; also a ``ValueError``, which it used to be)."""
+
+
 def resolve_dtype(dtype) -> jnp.dtype:
-    """``"bf16"`` / ``"float32"`` / ``jnp.bfloat16`` ... -> a jnp dtype (bf16, fp16 or fp32)."""
+    """``"bf16"`` / ``"float32"`` / ``jnp.bfloat16`` ... -> a jnp dtype (bf16, fp16 or fp32).
+
+    Raises ``UnsupportedDtypeError`` (an ``UnsupportedError`` and a ``ValueError``, so ``except ValueError``
+    callers keep working) for anything else.
+    """
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
-            raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+            raise UnsupportedDtypeError(f"dtype {dtype!r}: models load as one of {', '.join(DTYPES)}.")
         return jnp.dtype(DTYPES[dtype.lower()])
-    d = jnp.dtype(dtype)
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        raise UnsupportedDtypeError(f"dtype {dtype!r}: models load as bfloat16, float16 or float32 "
+                               f"(or one of {', '.join(DTYPES)}).") from None
     if d not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
-        raise ValueError(f"dtype {d}: models load as bfloat16, float16 or float32")
+        raise UnsupportedDtypeError(f"dtype {d}: models load as bfloat16, float16 or float32.")
     return d
 
 
@@ -271,15 +283,25 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
       UnsupportedError: unknown architecture (the message lists the supported ones).
       CheckpointError: missing / truncated shard, missing tensor, shape mismatch, unloadable dtype.
     """
+    dtype = resolve_dtype(dtype)
     d = Path(path)
     if d.is_file() and d.suffix == ".gguf":
         from jaxquant.converters.gguf import load_gguf
 
         return load_gguf(d, dtype=dtype, sharding=sharding)
     hf_config = read_hf_config(d)
+    files = CheckpointFiles.open(d)
+    reason = quantized_checkpoint_reason(d, hf_config, files)
+    if reason is not None:
+        raise CheckpointError(
+            f"{d}: this is a quantized checkpoint ({reason}); load_hf and `jaxquant ptq` start from the original "
+            "unquantized (bf16/fp16/fp32) model. Evaluate it with `jaxquant eval` or "
+            "`jaxquant.export.load_quantized(dir)`, or quantize the original model."
+            + ("" if (d / "hf_quant_config.json").is_file() else
+               " Its hf_quant_config.json is missing: copy it from the export next to config.json.")
+        )
     config = ModelConfig.from_hf_config(hf_config, source=str(d / "config.json"))
     nm = NameMap.for_config(config)
-    files = CheckpointFiles.open(d)
     source = SafetensorsSource(files, nm)
     if config.spec.tensor_adapter:  # MoE families: stacked experts from per-expert / fused checkpoint tensors
         from jaxquant.models.config import import_object
@@ -288,6 +310,45 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
     model = materialize(config, source, dtype=dtype, name_map=nm, sharding=sharding)
     extra = collect_extra_tensors(files, nm, config, consumes=getattr(source, "consumes", None))
     return LoadedModel(model, config, extra, hf_config, d, nm)
+
+
+QUANTIZED_DTYPES = ("U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "U4", "I4")
+_SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")
+
+
+def quantized_checkpoint_reason(path: str | os.PathLike, hf_config: Mapping[str, Any] | None = None,
+                                files: CheckpointFiles | None = None) -> str | None:
+    """Why the checkpoint directory ``path`` is a quantized (ModelOpt-style) one, or None for an unquantized one.
+
+    Looks at ``hf_quant_config.json``, ``config.json["quantization_config"]`` and the tensors' dtypes and names
+    (``U8`` / ``F8_E4M3`` ... weights, ``weight_scale`` / ``input_scale`` / ``k_scale`` tensors), so a quantized
+    checkpoint whose JSON files were lost is recognized too. Reads headers only.
+    """
+    d = Path(path)
+    if (d / "hf_quant_config.json").is_file():
+        return "it has hf_quant_config.json"
+    if hf_config is None:
+        try:
+            hf_config = read_hf_config(d)
+        except CheckpointError:
+            hf_config = {}
+    qc = hf_config.get("quantization_config")
+    if isinstance(qc, Mapping) and qc:
+        return f"config.json has a quantization_config (quant_method {qc.get('quant_method')!r})"
+    if files is None:
+        try:
+            files = CheckpointFiles.open(d)
+        except CheckpointError:
+            return None
+    for suffix in (".weight", "_scale"):  # a packed / FP8 weight names the format best; then a scale
+        for k in files.keys():
+            tag = files.tensor_info(k).dtype
+            if tag in QUANTIZED_DTYPES and k.endswith(suffix):
+                return f"tensor {k!r} is {tag}"
+    for k in files.keys():
+        if k.endswith(_SCALE_SUFFIXES):
+            return f"it holds the quantization scale {k!r}"
+    return None
 
 
 def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConfig,
@@ -345,9 +406,45 @@ def load_tokenizer(path: str | os.PathLike, *, gguf_file: str | None = None):
         from jaxquant.converters.gguf import gguf_tokenizer
 
         return gguf_tokenizer(p / gguf_file)
+    refuse_tokenizer_code(p)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(p))
+    return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False, local_files_only=True)
+
+
+def refuse_tokenizer_code(path: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` when the checkpoint at ``path`` asks for its own Python tokenizer class.
+
+    ``auto_map`` in ``tokenizer_config.json`` (a legacy ``[slow, fast]`` list or an ``AutoTokenizer`` entry) or an
+    ``AutoTokenizer`` entry of ``config.json``'s ``auto_map`` names a ``.py`` file of the checkpoint that
+    transformers would import (it prompts for it, runs it on "y", and tracebacks without a terminal). jaxquant
+    never runs checkpoint code, so it refuses such a checkpoint before transformers sees it.
+    """
+    d = Path(path)
+    for name in ("tokenizer_config.json", "config.json"):
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue  # transformers reports an unreadable file itself
+        amap = cfg.get("auto_map") if isinstance(cfg, dict) else None
+        if isinstance(amap, (list, tuple)) and name == "tokenizer_config.json":
+            ref = amap
+        elif isinstance(amap, dict):
+            ref = amap.get("AutoTokenizer")
+        else:
+            ref = None
+        if not ref:
+            continue
+        refs = [r for r in (ref if isinstance(ref, (list, tuple)) else [ref]) if r]
+        raise CheckpointError(
+            f"{f}: \"auto_map\" asks for the tokenizer class {', '.join(map(str, refs)) or ref!r}, Python code "
+            "shipped with the checkpoint; jaxquant never runs checkpoint code. Use a tokenizer class transformers "
+            f"ships: delete \"auto_map\" from {name} and set \"tokenizer_class\" in tokenizer_config.json to "
+            "\"PreTrainedTokenizerFast\" (needs tokenizer.json) or to the model's transformers tokenizer class."
+        )
 
 
 def model_state_dict(loaded: LoadedModel, *, include_extra: bool = False) -> Mapping[str, Any]:

@@ -17,7 +17,12 @@ with fully-masked rows), so a jitted ``logits_fn`` compiles once.
 ``eval_windows`` reproduces the protocol of the project's offline-asset measurements: the text is tokenized once
 without special tokens, ``n_windows`` non-overlapping windows of ``seq_len`` text tokens are taken starting
 ``start_frac`` (5%) into the token stream, and BOS is prepended to each window (so ``seq_len`` tokens per window are
-scored, the first one predicted from BOS).
+scored, the first one predicted from BOS). A tokenizer without a BOS token uses ``bos_id`` (the model's
+``config.json`` ``bos_token_id``) when given.
+
+Token ids: ``eval_windows(..., vocab_size=)`` and ``perplexity(..., vocab_size=)`` raise ``DataError`` for an id
+outside ``[0, vocab_size)`` before any forward (``jaxquant.data.check_token_ids``): XLA's gathers clamp such ids
+silently, so a tokenizer bigger than the model's embedding would otherwise give a finite, wrong perplexity.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.data.batching import check_token_ids
 from jaxquant.errors import DataError
 
 log = logging.getLogger("jaxquant.eval")
@@ -131,12 +137,14 @@ def perplexity(
     attention_mask=None,
     loss_fn: Callable[[Any, Any], tuple[Any, Any]] | None = None,
     pad_id: int = 0,
+    vocab_size: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``token_windows`` (``[N, L]`` ints, or a list of equal-length windows).
 
     ``attention_mask`` (``[N, L]``) defaults to all ones. Exactly one of ``logits_fn`` / ``loss_fn`` is used
     (``loss_fn`` wins): ``logits_fn(ids, mask) -> [B, L, V]`` logits, or ``loss_fn(ids, mask) -> (nll_sum,
-    n_tokens)``. Each call gets int32 numpy arrays of the fixed shape ``[batch_size, L]``.
+    n_tokens)``. Each call gets int32 numpy arrays of the fixed shape ``[batch_size, L]``. ``vocab_size`` (the
+    model's) makes a real token id outside ``[0, vocab_size)`` a ``DataError`` before the first forward.
     """
     if logits_fn is None and loss_fn is None:
         raise ValueError("perplexity() needs a logits_fn or a loss_fn.")
@@ -148,6 +156,9 @@ def perplexity(
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int32)
     if mask.shape != ids.shape:
         raise DataError(f"attention_mask shape {mask.shape} does not match token_windows {ids.shape}.")
+    check_token_ids(ids, vocab_size, mask=mask, what="evaluation windows")
+    if vocab_size is not None and not 0 <= pad_id < vocab_size:
+        pad_id = 0  # filler rows are fully masked; keep their ids in range too
     n, L = ids.shape
     b = min(batch_size, n)
     extra = -n % b
@@ -179,14 +190,19 @@ def eval_windows(
     stride: int | None = None,
     start_frac: float = 0.05,
     add_bos: bool = True,
+    *,
+    bos_id: int | None = None,
+    vocab_size: int | None = None,
 ) -> np.ndarray:
     """``[n, seq_len + 1]`` int32 windows (``[n, seq_len]`` without BOS) cut from ``text``.
 
     The text is tokenized once without special tokens; window ``i`` holds the ``seq_len`` tokens starting at
     ``int(start_frac * n_tokens) + i * stride`` (``stride`` defaults to ``seq_len``: consecutive, non-overlapping;
     a larger stride spreads the windows out; overlapping windows are refused because they would score tokens twice)
-    and gets the tokenizer's BOS prepended when ``add_bos`` (skipped with a warning if it has none). Fewer windows
-    than asked are returned, with a warning, when the text runs out; none is a DataError.
+    and gets the tokenizer's BOS prepended when ``add_bos`` (else ``bos_id``, the model's config.json
+    ``bos_token_id``; skipped with a warning when neither exists). Fewer windows than asked are returned, with a
+    warning, when the text runs out; none is a DataError. With ``vocab_size`` (the model's), an id outside
+    ``[0, vocab_size)`` is a DataError naming the max id (``jaxquant.data.check_token_ids``).
     """
     if seq_len <= 0 or n_windows <= 0:
         raise DataError(f"seq_len and n_windows must be positive, got {seq_len} and {n_windows}.")
@@ -197,8 +213,11 @@ def eval_windows(
         raise DataError(f"start_frac must be in [0, 1), got {start_frac}.")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
+    if add_bos and bos is None and bos_id is not None:
+        bos = int(bos_id)
     if add_bos and bos is None:
-        log.warning("the tokenizer has no BOS token; evaluation windows start without one.")
+        log.warning("neither the tokenizer nor the model's config names a BOS token; evaluation windows start "
+                    "without one.")
     start = int(start_frac * len(ids))
     windows = []
     for i in range(n_windows):
@@ -215,4 +234,6 @@ def eval_windows(
     if len(windows) < n_windows:
         log.warning("the evaluation text gives %d windows of %d tokens, fewer than the %d requested.",
                     len(windows), seq_len, n_windows)
-    return np.asarray(windows, dtype=np.int32)
+    out = np.asarray(windows, dtype=np.int32)
+    check_token_ids(out, vocab_size, what="evaluation windows")
+    return out

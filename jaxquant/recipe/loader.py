@@ -402,6 +402,8 @@ def _schema_node(schema: str | None) -> str | None:
 def _schema_child(node: str | None, key: Any) -> str | None:
     if node == "recipe" and key in ("quantize", "ptq_cfg"):
         return "quantize"
+    if node == "recipe" and key == "quant_cfg":  # an mtq-style {algorithm, quant_cfg} file loaded as a recipe
+        return "entries"
     if node == "quantize" and key == "quant_cfg":
         return "entries"
     if node == "entry" and key == "cfg":
@@ -534,11 +536,20 @@ def load_recipe(name_or_path: str | os.PathLike, *, roots: Sequence[str | os.Pat
 
 
 def _load_recipe_file(path: Path, resolver: _Resolver) -> Recipe:
+    """A recipe file: ``metadata`` + ``quantize`` (ModelOpt's form) or + the legacy ``ptq_cfg``; or, as
+    ``recipe_from_dict`` takes it, an mtq-style ``{algorithm, quant_cfg}`` mapping (a ``QuantizeConfig``: no
+    ``quantize:`` wrapper and no metadata, like ``mtq.FP8_DEFAULT_CFG`` written to YAML)."""
     disp = _display(path)
-    _, body = resolver.load_file(path.resolve(), (), "recipe")
+    schema, body = resolver.load_file(path.resolve(), (), "recipe")
     if not isinstance(body, Mapping):
-        raise RecipeError(f"{disp}: a recipe must be a mapping with metadata and quantize")
+        raise RecipeError(f"{disp}: a recipe must be a mapping with metadata and quantize (or an mtq-style "
+                          "mapping with quant_cfg and algorithm)")
+    if schema == "QuantizeConfig" or ("quant_cfg" in body and not any(k in body for k in _WRAPPER_KEYS)):
+        return parse_quantize(body, f"{disp}: ", source=str(path))
     return parse_recipe_mapping(body, str(path), f"{disp}: ")
+
+
+_WRAPPER_KEYS = ("metadata", "quantize", "ptq_cfg")
 
 
 def _load_recipe_dir(path: Path, resolver: _Resolver) -> Recipe:
