@@ -3,7 +3,8 @@
 The column detection follows hf_ptq's ``_auto_preprocess_sample`` order, with its chat template left off (hf_ptq's
 default): ``messages`` / ``conversations`` -> the turns' ``content`` (or ``value``) joined with "\\n";
 ``prompt`` (+ ``completion`` / ``response`` / ``output``) joined with "\\n"; ``text``; ``input`` (+ ``output``).
-An explicit ``field`` (``--dataset-field``) overrides the detection; it may name a string column or a message list.
+An explicit ``field`` (``--dataset-field`` for ``--dataset``, ``--eval-dataset-field`` for ``--eval-dataset``) overrides
+the detection; it may name a string column or a message list.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from jaxquant.errors import DataError
 
 AUTO_FIELDS = ("messages", "conversations", "prompt", "text", "input")
+FIELD_ADVICE = ("Name the text column with --dataset-field NAME (--eval-dataset-field NAME for --eval-dataset; "
+                "field= in the Python API).")
 
 
 def join_turns(turns: Any) -> str:
@@ -53,8 +56,7 @@ def record_text(record: Any, field: str | None = None, *, where: str = "") -> st
     if field is not None:
         if field not in record:
             raise DataError(
-                f"{where}: field {field!r} not found (the record has {sorted(record)}). "
-                "Pass the name of the text column with --dataset-field."
+                f"{where}: field {field!r} not found (the record has {sorted(record)}). " + FIELD_ADVICE
             )
         return _value_text(record[field])
 
@@ -77,5 +79,5 @@ def record_text(record: Any, field: str | None = None, *, where: str = "") -> st
         return "\n".join(parts)
     raise DataError(
         f"{where}: no text column found (the record has {sorted(record)}; looked for "
-        f"{', '.join(AUTO_FIELDS)}). Pass the name of the text column with --dataset-field."
+        f"{', '.join(AUTO_FIELDS)}). " + FIELD_ADVICE
     )
