@@ -4,8 +4,10 @@ EOS, PAD or UNK) and ``max_position_embeddings`` 512. Test-only (needs torch + t
 
 Every family has 2 layers and dimensions that are multiples of 16 (NVFP4 blocks run along input features), the
 vocabulary (272) covers the tokenizer's 256 byte tokens, and every parameter is perturbed so no norm is trivial.
-``config.json`` names ``eos_token_id`` 10 (``"\\n"``) everywhere and ``pad_token_id`` 0 on some families, None on
-the others (``PAD_IN_CONFIG``), while the tokenizer itself names neither.
+``config.json`` names ``eos_token_id`` 10 (``"\\n"``) everywhere, ``pad_token_id`` 0 on some families and None on
+the others (``PAD_IN_CONFIG``), ``bos_token_id`` 2 on some families and None on the others (``BOS_IN_CONFIG``),
+while the tokenizer itself names none of them. A BOS named by the config is prepended to perplexity windows, so
+those families need the default 512-token window clamped to 511.
 
 Import it from a test module (pytest's rootless "prepend" import mode puts only the test file's own folder on
 sys.path, so add tests/ first)::
@@ -24,20 +26,22 @@ MAX_POS = 512
 VOCAB = 272  # >= the tokenizer's 256 byte tokens; a multiple of 16
 EOS_ID = 10  # "\n" in the byte vocabulary (id == byte value)
 PAD_ID = 0
+BOS_ID = 2  # "\x02"
 
-_DENSE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=MAX_POS, bos_token_id=None, eos_token_id=EOS_ID,
-              tie_word_embeddings=False)
+_DENSE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # noqa: C408
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS, bos_token_id=None,
+              eos_token_id=EOS_ID, tie_word_embeddings=False)
 
 # family -> (transformers config class, model class, config kwargs). The pad id in config.json alternates.
 _SPECS: dict[str, tuple[str, str, dict]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_DENSE, pad_token_id=PAD_ID)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_DENSE, pad_token_id=PAD_ID, bos_token_id=BOS_ID)),
     # a window shorter than the 512-token eval window, so the sliding path is exercised
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DENSE, pad_token_id=None, sliding_window=128)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DENSE, pad_token_id=PAD_ID, tie_word_embeddings=True)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DENSE, pad_token_id=None, head_dim=16)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DENSE, pad_token_id=None, bos_token_id=BOS_ID, head_dim=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
-               dict(_DENSE, pad_token_id=PAD_ID, head_dim=16, query_pre_attn_scalar=16, sliding_window=128,
+               dict(_DENSE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, head_dim=16, query_pre_attn_scalar=16,
+                    sliding_window=128,
                     layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
                     tie_word_embeddings=True)),
     # the Gemma-4-31B layout: sliding layer of 2 KV heads x 16, full layer of 1 KV head x 32 with
@@ -51,7 +55,8 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
                                      "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                         "rope_theta": 1000000.0}})),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                dict(_DENSE, pad_token_id=PAD_ID, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)),
+                dict(_DENSE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, intermediate_size=48, num_local_experts=4,
+                     num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(_DENSE, pad_token_id=None, intermediate_size=96, moe_intermediate_size=32, head_dim=16,
                        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
@@ -63,6 +68,7 @@ FAMILIES: tuple[str, ...] = tuple(_SPECS)
 
 ARCHITECTURES: dict[str, str] = {f: spec[1] for f, spec in _SPECS.items()}
 PAD_IN_CONFIG: dict[str, int | None] = {f: spec[2]["pad_token_id"] for f, spec in _SPECS.items()}
+BOS_IN_CONFIG: dict[str, int | None] = {f: spec[2]["bos_token_id"] for f, spec in _SPECS.items()}
 
 
 def byte_level_tokenizer():
@@ -132,6 +138,9 @@ def _check_written(d: Path, family: str) -> None:
     text = cfg.get("text_config", cfg)
     assert text["max_position_embeddings"] == MAX_POS, (family, text.get("max_position_embeddings"))
     assert cfg["architectures"] == [ARCHITECTURES[family]], cfg["architectures"]
+    for key, want in (("bos_token_id", BOS_IN_CONFIG[family]), ("pad_token_id", PAD_IN_CONFIG[family]),
+                      ("eos_token_id", EOS_ID)):
+        assert text.get(key) == want, (family, key, text.get(key))
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
     for key in _SPECIAL_KEYS:
         assert tok_cfg.get(key) is None, (family, key, tok_cfg.get(key))
@@ -143,5 +152,5 @@ def _check_written(d: Path, family: str) -> None:
     assert loaded.decode(loaded("a\nb", add_special_tokens=False)["input_ids"]) == "a\nb"
 
 
-__all__ = ["ARCHITECTURES", "EOS_ID", "FAMILIES", "MAX_POS", "PAD_IN_CONFIG", "VOCAB", "byte_level_tokenizer",
-           "write_tiny_family"]
+__all__ = ["ARCHITECTURES", "BOS_ID", "BOS_IN_CONFIG", "EOS_ID", "FAMILIES", "MAX_POS", "PAD_IN_CONFIG", "VOCAB",
+           "byte_level_tokenizer", "write_tiny_family"]

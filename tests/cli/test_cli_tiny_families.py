@@ -1,20 +1,27 @@
 """``jaxquant ptq --pack`` with the *default* evaluation on tiny random checkpoints of every supported family, as a
 new user gets them: saved by transformers, a byte-level tokenizer with no special tokens (no BOS/EOS/PAD/UNK, so
-``--pack`` must fall back to ``config.json``'s ids and the eval windows have no BOS) and ``max_position_embeddings``
-512 (shorter than the default perplexity window of 512 tokens + BOS, which the CLI must clamp). Issue 10.
+``--pack`` must do without a pad id, falling back to ``config.json``'s ids) and ``max_position_embeddings`` 512.
+Half of the families name a ``bos_token_id`` in ``config.json``, which is prepended to each perplexity window: the
+default window of 512 tokens + BOS does not fit them and the CLI must clamp it to 511 (issue 10); the other half
+get windows without BOS, for which 512 tokens fit.
 
 Each family's checkpoint is written and quantized once per module (``_runs``); the tests then check the run's
 exit status and perplexities, the export's ``hf_quant_config.json``, ``load_quantized`` of the export, ``jaxquant
 eval`` of the export (default settings again) and, for the FP8-KV recipe, ``k_scale``/``v_scale`` of every
 attention layer.
+
+Slow (marked): about 6 minutes for the 8 families on 2 busy CPU cores (~10-20 s per ptq run, ~10 s per eval; each
+run compiles the forward for 512-token windows twice, and the eval of the export once more).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import math
+import re
 import struct
 import sys
 import time
@@ -24,19 +31,21 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
-from _tiny_families import FAMILIES, write_tiny_family  # noqa: E402
+from _tiny_families import BOS_IN_CONFIG, FAMILIES, MAX_POS, write_tiny_family
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from jaxquant.cli import main  # noqa: E402
+from jaxquant.cli import main
 
 MIXED = "general/ptq/fp8_qkvo-nvfp4_mlp"
 KV_FP8 = "general/ptq/nvfp4_default-kv_fp8"
 KV_FAMILIES = ("gemma4", "llama")  # Gemma 4 (the seed's family) and one dense family get the FP8 KV recipe
 RECIPES = {f: (KV_FP8 if f in KV_FAMILIES else MIXED) for f in FAMILIES}
 N_LAYERS = 2
+
+pytestmark = pytest.mark.slow
 
 
 def _ptq_argv(model: Path, export: Path, recipe: str) -> list[str]:
@@ -45,12 +54,23 @@ def _ptq_argv(model: Path, export: Path, recipe: str) -> list[str]:
             "--export-path", str(export), "--quiet"]
 
 
-def _main(argv: list[str]) -> tuple[int, str, str, float]:
+def _main(argv: list[str]) -> tuple[int, str, str, float, list[tuple[int, ...]]]:
+    """``main(argv)`` in-process: (exit status, stdout, stderr, seconds, shapes of the perplexity windows)."""
+    import jaxquant.eval
+
+    shapes: list[tuple[int, ...]] = []
+    orig = jaxquant.eval.perplexity
+
+    def recording(*a, **kw):  # the CLI imports jaxquant.eval.perplexity when it evaluates
+        shapes.append(np.asarray(inspect.signature(orig).bind(*a, **kw).arguments["token_windows"]).shape)
+        return orig(*a, **kw)
+
     out, err = io.StringIO(), io.StringIO()
     t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(jaxquant.eval, "perplexity", recording)
         rc = main(argv)
-    return rc, out.getvalue(), err.getvalue(), time.perf_counter() - t0
+    return rc, out.getvalue(), err.getvalue(), time.perf_counter() - t0, shapes
 
 
 class _Runs:
@@ -64,8 +84,9 @@ class _Runs:
         if family not in self.cache:
             src = write_tiny_family(family, self.root / family / "src")
             export = self.root / family / "export"
-            rc, out, err, dt = _main(_ptq_argv(src, export, RECIPES[family]))
-            self.cache[family] = dict(src=src, export=export, rc=rc, out=out, err=err, seconds=dt)
+            rc, out, err, dt, shapes = _main(_ptq_argv(src, export, RECIPES[family]))
+            self.cache[family] = {"src": src, "export": export, "rc": rc, "out": out, "err": err, "seconds": dt,
+                                  "windows": shapes}
         return self.cache[family]
 
 
@@ -85,6 +106,19 @@ def _perplexities(out: str) -> list[float]:
     return [float(line.split()[1]) for line in out.splitlines() if line.startswith(("original ", "quantized "))]
 
 
+def _check_windows(out: str, shapes: list[tuple[int, ...]], family: str) -> None:
+    """The default 16 windows, each (text tokens + BOS, if one is prepended) within ``max_position_embeddings``, and
+    the default 512 shortened by at most the one BOS position."""
+    m = re.search(r"perplexity on .*: (\d+) windows x (\d+) tokens", out)
+    assert m, out
+    n, seq = int(m[1]), int(m[2])
+    assert shapes and all(s == shapes[0] for s in shapes), shapes
+    rows, width = shapes[0]
+    assert n == rows == 16, (family, n, shapes)
+    assert width <= MAX_POS, f"{family}: perplexity windows of {width} positions > max_position_embeddings {MAX_POS}"
+    assert seq in (width, width - 1) and seq >= MAX_POS - 1, (family, seq, width, BOS_IN_CONFIG[family])
+
+
 def _safetensors_keys(d: Path) -> set[str]:
     keys: set[str] = set()
     for f in sorted(d.glob("*.safetensors")):
@@ -97,10 +131,12 @@ def _safetensors_keys(d: Path) -> set[str]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ptq_pack_with_default_eval(family, runs):
     run = _ok(runs(family))
-    print(f"{family}: ptq {run['seconds']:.1f} s")
-    ppl = _perplexities(run["out"])
-    assert len(ppl) == 2, run["out"]
+    out = run["out"]
+    print(f"{family}: ptq {run['seconds']:.1f} s\n{out[out.find('time per phase'):]}")
+    ppl = _perplexities(out)
+    assert len(ppl) == 2, out
     assert all(math.isfinite(p) and p > 1.0 for p in ppl), ppl
+    _check_windows(out, run["windows"], family)
     assert "packed" in run["out"]
     assert (run["export"] / "hf_quant_config.json").is_file()
     assert (run["export"] / "config.json").is_file()
@@ -122,11 +158,12 @@ def test_export_loads_back(family, runs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eval_of_export_with_defaults(family, runs):
     run = _ok(runs(family))
-    rc, out, err, dt = _main(["eval", "--model", str(run["export"]), "--quiet"])
+    rc, out, err, dt, shapes = _main(["eval", "--model", str(run["export"]), "--quiet"])
     print(f"{family}: eval {dt:.1f} s")
     assert rc == 0, err
     line = [x for x in out.splitlines() if x.startswith("perplexity:")]
     assert len(line) == 1 and math.isfinite(float(line[0].split()[1])), out
+    _check_windows(out, shapes, family)
 
 
 @pytest.mark.parametrize("family", KV_FAMILIES)
