@@ -36,6 +36,7 @@ from jaxquant.models.decoder import CausalLM, positions_from_mask
 from jaxquant.models.layers import (
     ACTIVATIONS,
     MLP,
+    Attention,
     Embedding,
     Linear,
     RMSNorm,
@@ -180,8 +181,12 @@ def _norm(dim: int, config: ModelConfig, dtype, with_scale: bool = True) -> Gemm
     return Gemma4RMSNorm(dim, eps=config.rms_norm_eps, offset=0.0, with_scale=with_scale, dtype=dtype)
 
 
-class Gemma4Attention(nnx.Module):
+class Gemma4Attention(Attention):
     """``Gemma4TextAttention`` with ModelOpt's quantizer sites (projections + ``{q,k,v}_bmm_quantizer``).
+
+    An ``Attention`` for everything that looks for attention modules (the loaders configure its KV
+    fake quant from ``k_proj.k_scale`` / ``v_proj.v_scale``), with its own geometry and forward; it
+    does not run ``Attention.__init__``.
 
     KV-shared layers (``mode == "reuse"``) have no ``k_proj`` / ``v_proj`` / ``k_norm`` / ``v_norm`` and attend to
     the post-norm, post-RoPE keys and values stored by the producing layer; their own ``k_bmm_quantizer`` /

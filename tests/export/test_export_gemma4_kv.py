@@ -128,3 +128,16 @@ def test_whole_export_byte_identical_to_modelopt(exports):
     ca, cb = R.json_of(mo / "config.json")["quantization_config"], R.json_of(jq / "config.json")["quantization_config"]
     ca.pop("producer"), cb.pop("producer")
     assert ca == cb
+
+
+def test_load_quantized_restores_the_kv_fake_quant_of_every_layer(exports):
+    """The loader configures K/V fake quant from the scales for Gemma 4's attention too (k=v and KV-shared layers)."""
+    from jaxquant.export import load_quantized
+
+    _, jq, amax = exports
+    loaded = load_quantized(jq)
+    for i, layer in enumerate(loaded.model.model.layers):
+        for role in ("k_bmm_quantizer", "v_bmm_quantizer"):
+            q = getattr(layer.self_attn, role)
+            assert q.enabled and q.mode == "fake_quant", (i, role)
+            assert np.float32(q.amax.value) == np.float32(amax[f"model.layers.{i}.self_attn.{role}"].reshape(()))
