@@ -32,7 +32,17 @@ _DENSE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS, bos_token_id=None,
               eos_token_id=EOS_ID, tie_word_embeddings=False)
 
-# family -> (transformers config class, model class, config kwargs). The pad id in config.json alternates.
+# the Gemma-4-31B layout: sliding layer of 2 KV heads x 16, full layer of 1 KV head x 32 with attention_k_eq_v (no
+# v_proj), proportional RoPE on the full layer; no PLE, no KV sharing
+_GEMMA4 = dict(_DENSE, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+               attention_k_eq_v=True, layer_types=["sliding_attention", "full_attention"], sliding_window=128,
+               final_logit_softcapping=30.0, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+               tie_word_embeddings=True,
+               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                   "rope_theta": 1000000.0}})
+
+# family -> (transformers config class, model class, config kwargs). The pad and BOS ids of config.json alternate.
 _SPECS: dict[str, tuple[str, str, dict]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_DENSE, pad_token_id=PAD_ID, bos_token_id=BOS_ID)),
     # a window shorter than the 512-token eval window, so the sliding path is exercised
@@ -41,19 +51,13 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DENSE, pad_token_id=None, bos_token_id=BOS_ID, head_dim=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_DENSE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, head_dim=16, query_pre_attn_scalar=16,
-                    sliding_window=128,
-                    layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
-                    tie_word_embeddings=True)),
-    # the Gemma-4-31B layout: sliding layer of 2 KV heads x 16, full layer of 1 KV head x 32 with
-    # attention_k_eq_v (no v_proj), proportional RoPE on the full layer; no PLE, no KV sharing
-    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
-               dict(_DENSE, pad_token_id=None, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
-                    attention_k_eq_v=True, layer_types=["sliding_attention", "full_attention"], sliding_window=128,
-                    final_logit_softcapping=30.0, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
-                    tie_word_embeddings=True,
-                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                                        "rope_theta": 1000000.0}})),
+                    sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+                    final_logit_softcapping=30.0, tie_word_embeddings=True)),
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(_GEMMA4, pad_token_id=None)),
+    # the Gemma-4-26B-A4B layout: a dense MLP plus router + experts in every layer
+    "gemma4_moe": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+                   dict(_GEMMA4, pad_token_id=PAD_ID, bos_token_id=BOS_ID, intermediate_size=64,
+                        enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(_DENSE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, intermediate_size=48, num_local_experts=4,
                      num_experts_per_tok=2)),
@@ -64,7 +68,7 @@ _SPECS: dict[str, tuple[str, str, dict]] = {
 }
 
 FAMILIES: tuple[str, ...] = tuple(_SPECS)
-"""Every family jaxquant supports (docs/models.md), one CausalLM checkpoint each."""
+"""Every family jaxquant supports (docs/models.md), one CausalLM checkpoint each, plus Gemma 4's MoE layout."""
 
 ARCHITECTURES: dict[str, str] = {f: spec[1] for f, spec in _SPECS.items()}
 PAD_IN_CONFIG: dict[str, int | None] = {f: spec[2]["pad_token_id"] for f, spec in _SPECS.items()}

@@ -10,7 +10,7 @@ exit status and perplexities, the export's ``hf_quant_config.json``, ``load_quan
 eval`` of the export (default settings again) and, for the FP8-KV recipe, ``k_scale``/``v_scale`` of every
 attention layer.
 
-Slow (marked): about 6 minutes for the 8 families on 2 busy CPU cores (~10-20 s per ptq run, ~10 s per eval; each
+Slow (marked): about 6-7 minutes for the 9 checkpoints on 2 busy CPU cores (~10-20 s per ptq run, ~10 s per eval; each
 run compiles the forward for 512-token windows twice, and the eval of the export once more).
 """
 
