@@ -6,8 +6,8 @@ Every family has 2 layers and dimensions that are multiples of 16 (NVFP4 blocks 
 vocabulary (272) covers the tokenizer's 256 byte tokens, and every parameter is perturbed so no norm is trivial.
 ``config.json`` names ``eos_token_id`` 10 (``"\\n"``) everywhere, ``pad_token_id`` 0 on some families and None on
 the others (``PAD_IN_CONFIG``), ``bos_token_id`` 2 on some families and None on the others (``BOS_IN_CONFIG``),
-while the tokenizer itself names none of them. A BOS named by the config is prepended to perplexity windows, so
-those families need the default 512-token window clamped to 511.
+while the tokenizer itself names none of them. Where the config's BOS is prepended to perplexity windows, the
+default 512-token window must be clamped to 511.
 
 Import it from a test module (pytest's rootless "prepend" import mode puts only the test file's own folder on
 sys.path, so add tests/ first)::

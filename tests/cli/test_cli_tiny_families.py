@@ -1,17 +1,17 @@
 """``jaxquant ptq --pack`` with the *default* evaluation on tiny random checkpoints of every supported family, as a
 new user gets them: saved by transformers, a byte-level tokenizer with no special tokens (no BOS/EOS/PAD/UNK, so
-``--pack`` must do without a pad id, falling back to ``config.json``'s ids) and ``max_position_embeddings`` 512.
-Half of the families name a ``bos_token_id`` in ``config.json``, which is prepended to each perplexity window: the
-default window of 512 tokens + BOS does not fit them and the CLI must clamp it to 511 (issue 10); the other half
-get windows without BOS, for which 512 tokens fit.
+``--pack`` must do without the tokenizer's pad id, falling back to ``config.json``'s ids) and
+``max_position_embeddings`` 512 (issue 10). Half of the families name a ``bos_token_id`` in ``config.json``: where a
+BOS is prepended to the perplexity windows, the default 512 tokens + BOS do not fit and must be clamped to 511. The
+windows the CLI actually evaluates are recorded (at ``jaxquant.eval.perplexity``) and must fit.
 
-Each family's checkpoint is written and quantized once per module (``_runs``); the tests then check the run's
-exit status and perplexities, the export's ``hf_quant_config.json``, ``load_quantized`` of the export, ``jaxquant
-eval`` of the export (default settings again) and, for the FP8-KV recipe, ``k_scale``/``v_scale`` of every
-attention layer.
+Each family's checkpoint is written and quantized once per module (``_runs``); the tests then check the run's exit
+status and perplexities, the export's ``hf_quant_config.json``, ``load_quantized`` of the export, ``jaxquant eval``
+of the export (default settings again), ``jaxquant check`` of the export and, for the FP8-KV recipe, ``k_scale`` /
+``v_scale`` of every attention layer.
 
-Slow (marked): about 6-7 minutes for the 9 checkpoints on 2 busy CPU cores (~10-20 s per ptq run, ~10 s per eval; each
-run compiles the forward for 512-token windows twice, and the eval of the export once more).
+Slow (marked): about 6-7 minutes for the 9 checkpoints on 2 busy CPU cores (~10-30 s per ptq run, ~10 s per eval;
+each run compiles the forward for 512-token windows twice, and the eval of the export once more).
 """
 
 from __future__ import annotations
@@ -164,6 +164,14 @@ def test_eval_of_export_with_defaults(family, runs):
     line = [x for x in out.splitlines() if x.startswith("perplexity:")]
     assert len(line) == 1 and math.isfinite(float(line[0].split()[1])), out
     _check_windows(out, shapes, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_passes_on_export(family, runs):
+    """``jaxquant check`` (the validator of issue 10) finds nothing in the export."""
+    run = _ok(runs(family))
+    rc, out, err, _, _ = _main(["check", str(run["export"])])
+    assert rc == 0, out + err
 
 
 @pytest.mark.parametrize("family", KV_FAMILIES)
