@@ -40,6 +40,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, model_help: str):
     p.add_argument(*_opt("--eval-dataset"), dest="eval_dataset", default=None, metavar="SPEC",
                    help="perplexity text: a built-in dataset (default: the held-out 'wikipedia' test articles), a "
                         "local .txt/.jsonl/.json/.parquet file")
+    p.add_argument(*_opt("--eval-dataset-field"), dest="eval_dataset_field", default=None, metavar="NAME",
+                   help="the text column of --eval-dataset's .jsonl/.json/.parquet records (default: detected: "
+                        "messages, conversations, prompt, text, input)")
     p.add_argument(*_opt("--eval-windows"), dest="eval_windows", type=int, default=None, metavar="N",
                    help="number of perplexity windows (0 skips the evaluation; default 16, 8 for the embedded demo)")
     p.add_argument(*_opt("--eval-seq"), dest="eval_seq", type=int, default=None, metavar="N",
@@ -80,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, metavar="SPEC",
                    help="calibration data: comma list of built-in datasets (lee_news, wikipedia), local files, "
                         "or hf_ptq's hub names (default: lee_news)")
+    p.add_argument(*_opt("--dataset-field"), dest="dataset_field", default=None, metavar="NAME",
+                   help="the text column of --dataset's .jsonl/.json/.parquet/hub records (default: detected: "
+                        "messages, conversations, prompt, text, input)")
     p.add_argument(*_opt("--calib-size"), dest="calib_size", default=None, metavar="N[,N...]",
                    help="calibration samples, one count per dataset (default 1024 like hf_ptq; 128 for the "
                         "embedded demo)")

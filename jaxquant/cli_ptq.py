@@ -165,11 +165,12 @@ def nll_fn(model):
     return lambda ids, mask: f(state, ids, mask)
 
 
-def eval_seq_for(args, tokenizer, model) -> int:
+def eval_seq_for(args, tokenizer, model, bos_id=None) -> int:
     """Tokens per perplexity window: ``--eval-seq``, or the default clamped to the model's
-    ``max_position_embeddings`` (a window is ``seq`` tokens plus the tokenizer's BOS, if it has one)."""
+    ``max_position_embeddings`` (a window is ``seq`` tokens plus the BOS -- the tokenizer's, else config.json's
+    ``bos_id`` -- if there is one)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
+    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None or bos_id is not None else 0
     plus = " plus the BOS token" if bos else ""
     if args.eval_seq is not None:
         if args.eval_seq <= 1:
@@ -186,9 +187,9 @@ def eval_seq_for(args, tokenizer, model) -> int:
     return seq
 
 
-def eval_setup(args, tokenizer, model, demo: bool):
+def eval_setup(args, tokenizer, model, demo: bool, hf_config=None):
     """``(windows, label, seq)``: token windows for perplexity (``None`` when --eval-windows is 0)."""
-    from jaxquant.data import load_eval_text
+    from jaxquant.data import config_token_ids, load_eval_text
     from jaxquant.eval import eval_windows
 
     n = args.eval_windows if args.eval_windows is not None else (DEMO_EVAL_WINDOWS if demo else DEFAULT_EVAL_WINDOWS)
@@ -196,9 +197,11 @@ def eval_setup(args, tokenizer, model, demo: bool):
         raise DataError(f"--eval-windows must be 0 or more, got {n}.")
     if n == 0:
         return None, None, None
-    seq = eval_seq_for(args, tokenizer, model)
-    text = load_eval_text(args.eval_dataset)
-    windows = eval_windows(tokenizer, text, seq_len=seq, n_windows=n)
+    bos_id = config_token_ids(hf_config)["bos_id"]  # used only when the tokenizer has no BOS
+    seq = eval_seq_for(args, tokenizer, model, bos_id)
+    text = load_eval_text(args.eval_dataset, field=args.eval_dataset_field)
+    windows = eval_windows(tokenizer, text, seq_len=seq, n_windows=n, bos_id=bos_id,
+                           vocab_size=getattr(getattr(model, "config", None), "vocab_size", None))
     label = args.eval_dataset or "wikipedia (held-out test articles)"
     return windows, label, seq
 
@@ -352,7 +355,7 @@ def run_ptq(args) -> int:
         save_calibration_state,
         set_quant_mode,
     )
-    from jaxquant.data import build_calib_batches, parse_calib_sizes
+    from jaxquant.data import build_calib_batches, config_token_ids, parse_calib_sizes
     from jaxquant.recipe import apply_recipe
 
     timer = Timer()
@@ -403,7 +406,7 @@ def run_ptq(args) -> int:
     _out()
 
     # ---- evaluation text
-    windows, eval_label, eval_seq = eval_setup(args, tokenizer, model, demo)
+    windows, eval_label, eval_seq = eval_setup(args, tokenizer, model, demo, loaded.hf_config)
 
     # ---- calibration data
     batches = None
@@ -411,7 +414,10 @@ def run_ptq(args) -> int:
         t0 = time.perf_counter()
         n_rows = sum(sizes)
         bs = args.batch_size or auto_batch_size(model, calib_seq, n_rows)
-        batches = build_calib_batches(args.dataset, tokenizer, calib_size, calib_seq, bs, pack=args.pack)
+        special = config_token_ids(loaded.hf_config)
+        batches = build_calib_batches(args.dataset, tokenizer, calib_size, calib_seq, bs, pack=args.pack,
+                                      field=args.dataset_field, pad_id=special["pad_id"], eos_id=special["eos_id"],
+                                      vocab_size=loaded.config.vocab_size)
         timer.add("load calibration data", time.perf_counter() - t0)
         note = (f" (embedded demo: {DEMO_CALIB_SIZE} samples so it runs in minutes on a CPU; hf_ptq uses 1024)"
                 if demo and args.calib_size is None else "")
@@ -507,6 +513,7 @@ def _save_state_after_failure(args, state, recipe_desc, model_desc) -> Path | No
 # ----------------------------------------------------------------------------------------------- eval
 def run_eval(args) -> int:
     from jaxquant._version import __version__
+    from jaxquant.converters.hf import quantized_checkpoint_reason
 
     timer = Timer()
     demo = args.model is None
@@ -517,7 +524,7 @@ def run_eval(args) -> int:
     d = Path(args.model).expanduser() if args.model is not None else None
     if d is not None and d.is_dir() and (d / "jaxquant_orbax.json").is_file():
         loaded, what = _load_orbax(d, dtype)
-    elif d is not None and d.is_dir() and (d / "hf_quant_config.json").is_file():
+    elif d is not None and d.is_dir() and quantized_checkpoint_reason(d) is not None:
         loaded, what = _load_quantized(d, dtype)
     else:
         loaded, what = load_model(args.model, dtype)
@@ -532,7 +539,7 @@ def run_eval(args) -> int:
     check_params_finite(loaded.model, name_map=loaded.name_map, source=str(what))
     if args.eval_windows == 0:
         raise DataError("--eval-windows 0 leaves nothing to evaluate.")
-    windows, label, eval_seq = eval_setup(args, tokenizer, loaded.model, demo)
+    windows, label, eval_seq = eval_setup(args, tokenizer, loaded.model, demo, loaded.hf_config)
     r, dt = perplexity_of(loaded.model, windows, args.eval_batch_size)
     _check_ppl(r, "")
     timer.add("perplexity", dt)

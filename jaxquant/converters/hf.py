@@ -290,6 +290,8 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
 
         return load_gguf(d, dtype=dtype, sharding=sharding)
     hf_config = read_hf_config(d)
+    plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    ModelConfig.from_hf_config(plain, source=str(d / "config.json"))  # an unknown architecture first
     files = CheckpointFiles.open(d)
     reason = quantized_checkpoint_reason(d, hf_config, files)
     if reason is not None:
