@@ -11,8 +11,8 @@ Steps (``finalize``), in ModelOpt's order:
 2. **MoE input sync** (``layer_sync_moe_local_experts_amax``, spec §3 step 4): for every layer, the
    data-calibrated ``input_quantizer`` amax of each projection becomes the max over that layer's
    experts (``...experts.{e}.gate_proj.input_quantizer`` for all ``e``). Experts that received no
-   token (amax 0) thereby get the sibling max (ModelOpt's export-time ``set_expert_quantizer_amax``,
-   spec §5.1). If no expert of the layer saw a token, every expert gets ModelOpt's fallback
+   token (amax still ``UNCALIBRATED``, or 0) thereby get the sibling max (ModelOpt's export-time
+   ``set_expert_quantizer_amax``, spec §5.1). If no expert of the layer saw a token, every expert gets ModelOpt's fallback
    ``0.5``. Never a zero or NaN scale: serving engines reject those (vLLM #45320).
    Weight amax of uncalibrated experts needs nothing: it comes from the weights.
    With ``sync_expert_weight_amax`` the weight amax is synchronised the same way.
@@ -73,7 +73,8 @@ class FinalizeReport:
       fused_groups: the unified sibling groups (module names).
       fused_conflicts: ``(module names, formats)`` of sibling groups with mixed formats (not
         unified; an export of them would fail in ModelOpt).
-      zero_amax: activation quantizers (not experts) that never saw a value (amax 0).
+      zero_amax: activation quantizers (not experts) that saw no non-zero value (amax 0, or still the
+        ``UNCALIBRATED`` placeholder when they saw no token at all: ``export_hf`` refuses those).
     """
 
     moe_groups: int = 0
@@ -100,7 +101,7 @@ class FinalizeReport:
             lines.append("fused siblings with different formats (not unified; ModelOpt's export rejects "
                          "them): " + ", ".join(f"{n} ({f})" for n, f in zip(names, fmts)))
         if self.zero_amax:
-            lines.append(f"{len(self.zero_amax)} activation quantizer(s) never saw a value (amax 0), e.g. "
+            lines.append(f"{len(self.zero_amax)} activation quantizer(s) saw no non-zero value, e.g. "
                          f"{self.zero_amax[0]}")
         return "\n".join(lines)
 
