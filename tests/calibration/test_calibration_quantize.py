@@ -140,23 +140,35 @@ def test_padding_never_raises_amax():
 
 
 def test_nan_activation_names_the_batch():
+    """Finite parameters whose forward overflows for one token: token 7's embedding is the unit vector e_0
+    and q_proj/k_proj read e_0 with weight 1e19, so its attention score q.k overflows to Inf and the
+    softmax gives NaN (o_proj's input) only in the row holding token 7 (its last position: causal)."""
     m = _model()
     emb = m.model.embed_tokens.weight
-    emb[...] = emb[...].at[7].set(jnp.nan)
+    emb[...] = emb[...].at[:, 0].set(0.0).at[7].set(jnp.zeros(emb.shape[1]).at[0].set(1.0))
+    attn = m.model.layers[0].self_attn
+    for proj in (attn.q_proj, attn.k_proj):
+        proj.weight[...] = proj.weight[...].at[:, 0].set(1e19)
     ids, mask = _rows(n=6, seed=2)
     ids[ids == 7] = 8
     ids[4, -1] = 7  # batch 1 (rows 3..5)
-    with pytest.raises(NonFiniteError, match=r"batch 1\b.*model\.layers\.0\.self_attn\.[qkv]_proj\.input_quantizer"):
+    with pytest.raises(NonFiniteError, match=r"batch 1\b.*model\.layers\.0\.self_attn\.o_proj\.input_quantizer"):
         quantize(m, FP8_RECIPE, _batches(ids, mask), progress=False)
 
 
 def test_nan_weight_is_an_error():
+    """Refused before any forward, naming the parameter (a NaN norm weight would be missed by a max)."""
     m = _model()
     w = m.model.layers[1].mlp.up_proj.weight
     w[...] = w[...].at[0, 0].set(jnp.inf)
     ids, mask = _rows()
-    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj\.weight_quantizer"):
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj\.weight\b"):
         quantize(m, "general/ptq/fp8_default-kv_fp8_cast", _batches(ids, mask), progress=False)
+    n = _model()
+    g = n.model.layers[0].input_layernorm.weight
+    g[...] = g[...].at[3].set(jnp.nan)
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.0\.input_layernorm\.weight"):
+        quantize(n, "general/ptq/fp8_default-kv_fp8_cast", _batches(ids, mask), progress=False)
 
 
 def test_state_save_load_roundtrip(tmp_path):
