@@ -284,7 +284,8 @@ def _export(args, loaded, result) -> list[str]:
         hf_dir = target if args.export_format == "hf" else target / "hf"
         if args.export_format == "both":
             target.mkdir(parents=True, exist_ok=True)
-        summary = export_hf(loaded, hf_dir, resolution=result.resolution, overwrite=args.overwrite)
+        summary = export_hf(loaded, hf_dir, resolution=result.resolution, overwrite=args.overwrite,
+                            allow_unquantized=args.allow_unquantized)
         describe = getattr(summary, "describe", None)
         lines.append(describe() if callable(describe) else f"exported {hf_dir}")
     if args.export_format in ("orbax", "both"):

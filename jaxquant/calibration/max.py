@@ -241,8 +241,12 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
 
     Raises:
       NonFiniteError: a batch produced NaN/Inf activations (names the batch and quantizers).
-      DataError: malformed batches, no batch at all, sequences too long.
+      DataError: malformed batches, no batch at all, sequences too long, token ids outside the
+        model's vocabulary.
     """
+    from jaxquant.data.batching import check_token_ids
+
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # XLA gathers clamp silently
     stats = CalibrationStats()
     graphdef, amax_state, rest = nnx.split(model, QuantAmax, ...)
     amax, amax_def = jax.tree_util.tree_flatten(amax_state)
@@ -275,6 +279,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
                     f"calibration batch {i} has sequences of {ids.shape[1]} tokens, more than the model's "
                     f"max_position_embeddings ({max_seq_len}); use a shorter --calib-seq."
                 )
+            check_token_ids(ids, vocab_size, mask=mask, what=f"calibration batch {i}")
             n_tok = batch_tokens(ids, mask)
             yield i, jax.device_put(ids), None if mask is None else jax.device_put(mask), n_tok
 

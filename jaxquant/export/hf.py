@@ -810,6 +810,20 @@ def _write_aux(export_dir: Path, source_dir: Path | None, loaded, hf_config: dic
             (export_dir / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
 
 
+def _refuse_invalid(tmp: Path) -> None:
+    """The exporter's last step before publishing: every ``jaxquant check`` rule must pass."""
+    from jaxquant.check import validate_checkpoint
+
+    report = validate_checkpoint(tmp)
+    if report.findings:
+        shown = "; ".join(f.format() for f in report.findings[:5])
+        more = f"; and {len(report.findings) - 5} more" if len(report.findings) > 5 else ""
+        raise ExportError(f"the export was not published because it fails the checkpoint validator (the rules of "
+                          f"`jaxquant check`, docs/export.md): {shown}{more}. A serving engine would reject or "
+                          "mis-serve it; change the recipe accordingly (or report a jaxquant bug if the recipe is "
+                          "a standard one).")
+
+
 def export_hf(
     model_or_loaded,
     export_dir: str | os.PathLike,
@@ -820,8 +834,13 @@ def export_hf(
     dtype=None,
     hf_config: Mapping[str, Any] | None = None,
     source_dir: str | os.PathLike | None = None,
+    allow_unquantized: bool = False,
 ) -> ExportSummary:
     """Write a ModelOpt unified HF checkpoint of a calibrated model into ``export_dir``.
+
+    The written directory is validated with ``jaxquant.check.validate_checkpoint`` (the rules of
+    ``jaxquant check``) before it is renamed into place: a checkpoint with any finding is never
+    published.
 
     Args:
       model_or_loaded: a ``LoadedModel`` (preferred: it carries the HF config, the source directory
@@ -837,6 +856,9 @@ def export_hf(
       overwrite: replace a non-empty ``export_dir`` (the old one is removed only after success).
       dtype: dtype of unquantized tensors and of ModelOpt's export arithmetic; default: each tensor's
         dtype in the source checkpoint (the model's dtype for GGUF sources).
+      allow_unquantized: write a checkpoint even when no quantizer is enabled (a plain HF checkpoint,
+        no ``hf_quant_config.json``); by default that is an error, since it is almost always a recipe
+        whose patterns matched nothing.
 
     Returns:
       An ``ExportSummary`` (files, bytes, bits per parameter, dtype table).
@@ -860,6 +882,11 @@ def export_hf(
     amax: dict[str, float] = {}
     entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src, amax_out=amax)
     hfq = qc.build_hf_quant_config(layers, kv)
+    if not qc.is_quantized_export(hfq) and not allow_unquantized:
+        raise ExportError("nothing in this model is quantized (no enabled weight, input or KV quantizer), so the "
+                          "export would be a plain copy of the source that looks like a quantized checkpoint's "
+                          "output. Check the recipe's patterns, or pass allow_unquantized=True "
+                          "(--allow-unquantized).")
     n_params = sum(_logical_params(e) for e in entries)
     total_parameters = sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries if not e.name.endswith(SCALE_SUFFIXES))
     dtypes: dict[str, dict[str, int]] = {}
@@ -876,7 +903,8 @@ def export_hf(
     if qc.is_quantized_export(hfq):
         cfg["quantization_config"] = qc.convert_hf_quant_config_format(hfq)
     try:
-        with atomic_directory(target, overwrite=overwrite) as tmp:
+        validate = None if not qc.is_quantized_export(hfq) else _refuse_invalid
+        with atomic_directory(target, overwrite=overwrite, validate=validate) as tmp:
             files = write_sharded(entries, tmp, max_shard_size=max_shard_size, total_parameters=total_parameters)
             if qc.is_quantized_export(hfq):
                 (tmp / "hf_quant_config.json").write_text(json.dumps(hfq, indent=4))

@@ -23,19 +23,13 @@ import pytest
 from jaxquant.cli import main
 from jaxquant.io.safetensors import SafetensorsFile, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_cli_ptq import _text, write_tiny_checkpoint  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+from _tiny_cli import cli_files, write_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    ckpt = write_tiny_checkpoint(root / "tiny")
-    calib = root / "calib.txt"
-    calib.write_text(_text(0, 40, 30))
-    ev = root / "eval.txt"
-    ev.write_text(_text(1, 60, 60))
-    return {"root": root, "model": str(ckpt), "calib": str(calib), "eval": str(ev)}
+    return cli_files(tmp_path_factory.mktemp("trust"))
 
 
 def _ptq(files, *extra, model=None):
@@ -242,3 +236,14 @@ def test_eval_counts_packed_parameters(files, capsys, tmp_path):
     assert float(out.split(" M parameters")[0].split()[-1]) == n_src
     cfg = json.loads((tmp_path / "q" / "hf_quant_config.json").read_text())
     assert cfg["quantization"]["quant_algo"] == "NVFP4"
+
+
+def test_quantize_api_refuses_token_ids_outside_the_vocabulary(files):
+    """XLA's gather clamps (or NaN-fills) an out-of-range id: calibration would read the wrong embedding row."""
+    import jaxquant as jq
+
+    loaded = jq.load_hf(files["model"], dtype="float32")
+    ids = np.ones((2, 8), np.int32)
+    ids[1, 3] = loaded.config.vocab_size
+    with pytest.raises(jq.DataError, match=r"calibration batch 0.*token id 64.*vocab_size 64"):
+        jq.quantize(loaded.model, jq.load_recipe("general/ptq/fp8_default-kv_fp8"), [ids])

@@ -126,3 +126,48 @@ def tensors_of(d: Path) -> dict:
 
 def json_of(p: Path) -> dict:
     return json.loads(p.read_text())
+
+
+def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: int = 4) -> None:
+    """A tiny Qwen3-MoE saved by transformers at ``src``, NVFP4 + FP8 KV: exported by nvidia-modelopt
+    (transformers-5 fused experts) to ``mo_out`` and by jaxquant, given ModelOpt's amax, to ``jq_out``."""
+    import re
+
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    from jaxquant.converters import iter_quantizers, load_hf
+    from jaxquant.export import export_hf
+
+    torch.manual_seed(0)
+    E = num_experts
+    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64, intermediate_size=80,
+                                      moe_intermediate_size=32, head_dim=16, num_experts=E, num_experts_per_tok=2,
+                                      norm_topk_prob=True)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    model.save_pretrained(str(src))
+    mo_cfg = modelopt_cfg("nvfp4", True)
+    mo_cfg["quant_cfg"] += [{"quantizer_name": "*mlp.gate.*", "enable": False}]
+    amax = modelopt_quantize(model, mo_cfg)
+    modelopt_export(model, mo_out, "float32")
+
+    def mo_amax(name):
+        m = re.match(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)_(weight|input)_quantizer$", name)
+        if not m:
+            return amax.get(name)
+        p, proj, role = m.groups()
+        base = "down_proj" if proj == "down_proj" else "gate_up_proj"
+        if role == "input":
+            return np.full(E, float(amax[f"{p}.{base}_input_quantizer"].reshape(())), np.float32)
+        return np.array([float(amax[f"{p}.{base}_weight_quantizers.{e}"].reshape(())) for e in range(E)], np.float32)
+
+    loaded = load_hf(src, dtype=jnp.float32)
+    resolve = jaxquant_configs("nvfp4", True)
+    for name, q in iter_quantizers(loaded.model, loaded.name_map):
+        c = None if ".mlp.gate." in name + "." else resolve(name)
+        q.configure(c)
+        if c is not None:
+            q.amax.value = jnp.asarray(mo_amax(name), jnp.float32).reshape(q.amax.value.shape)
+    export_hf(loaded, jq_out)

@@ -5,7 +5,6 @@ the right rule id on the right key, and with no other rule."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -33,44 +32,7 @@ L1 = "model.layers.1"
 
 def _make_qwen3_moe(root: Path):
     """Qwen3-MoE NVFP4 + FP8 KV, exported by ModelOpt (fused experts) and by jaxquant with ModelOpt's amax."""
-    import jax.numpy as jnp
-    import torch
-    import transformers
-
-    from jaxquant.converters import iter_quantizers, load_hf
-    from jaxquant.export import export_hf
-
-    torch.manual_seed(0)
-    E = 4
-    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64, intermediate_size=80,
-                                      moe_intermediate_size=32, head_dim=16, num_experts=E, num_experts_per_tok=2,
-                                      norm_topk_prob=True)
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    model.save_pretrained(str(root / "src_moe"))
-    mo_cfg = R.modelopt_cfg("nvfp4", True)
-    mo_cfg["quant_cfg"] += [{"quantizer_name": "*mlp.gate.*", "enable": False}]
-    amax = R.modelopt_quantize(model, mo_cfg)
-    R.modelopt_export(model, root / "mo_moe", "float32")
-
-    def mo_amax(name):
-        m = re.match(r"(.*\.experts)\.(gate_proj|up_proj|down_proj)_(weight|input)_quantizer$", name)
-        if not m:
-            return amax.get(name)
-        p, proj, role = m.groups()
-        base = "down_proj" if proj == "down_proj" else "gate_up_proj"
-        if role == "input":
-            return np.full(E, float(amax[f"{p}.{base}_input_quantizer"].reshape(())), np.float32)
-        return np.array([float(amax[f"{p}.{base}_weight_quantizers.{e}"].reshape(())) for e in range(E)], np.float32)
-
-    loaded = load_hf(root / "src_moe", dtype=jnp.float32)
-    resolve = R.jaxquant_configs("nvfp4", True)
-    for name, q in iter_quantizers(loaded.model, loaded.name_map):
-        c = None if ".mlp.gate." in name + "." else resolve(name)
-        q.configure(c)
-        if c is not None:
-            q.amax.value = jnp.asarray(mo_amax(name), jnp.float32).reshape(q.amax.value.shape)
-    export_hf(loaded, root / "jq_moe")
+    R.export_qwen3_moe_pair(root / "src_moe", root / "mo_moe", root / "jq_moe")
 
 
 # Gemma 4 with both attention variants that lack projections (tests/export/test_export_gemma4_kv.py): layers 0-2
