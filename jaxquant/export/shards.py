@@ -10,27 +10,45 @@
   "weight_map": {...}}`` (``json.dumps(indent=2, sort_keys=True)`` and a newline).
 * Every file carries ``__metadata__ = {"format": "pt"}``, which transformers requires to load it.
 
-Tensors are produced lazily (one shard in memory at a time): each entry gives its shape and dtype
-up front, plus a callable returning the array.
+Tensors are produced lazily and streamed: each entry gives its shape and dtype up front, plus a
+callable returning the array (numpy, or a ``jax.Array`` still being computed on an accelerator).
+Because every shape and dtype is known before anything is produced, each file's header and every
+tensor's byte offset are fixed up front. ``write_sharded`` then calls ``produce()`` in entry order
+on the caller's thread (for JAX that only enqueues device work and returns at once) and hands each
+result to a small pool of writer threads, which copy it to host and ``os.pwrite`` its bytes at its
+offset, while the next tensors are being computed. At most ``max_inflight_bytes`` of produced but
+not yet written tensors (or ``min_inflight_tensors`` tensors, whichever admits more) are alive at
+any time, so host memory never holds a second copy of the model. The bytes are identical to a
+plain one-tensor-at-a-time write (within a file, tensors sorted by name, 8-byte padded JSON header).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import json
 import os
+import struct
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxquant.errors import ExportError
-from jaxquant.io.safetensors import TAGS, save_file
+from jaxquant.io.safetensors import TAGS
 
 _UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}
+DEFAULT_WORKERS = 4
+DEFAULT_MAX_INFLIGHT_BYTES = 2 * 10**9
+DEFAULT_MIN_INFLIGHT_TENSORS = 4
+_CHUNK = 256 * 2**20  # one pwrite call at most (Linux writes at most ~2 GiB per call anyway)
+_THREAD_PREFIX = "jaxquant-export-writer"
 
 
 def parse_size(size: int | str) -> int:
@@ -60,7 +78,7 @@ class Entry:
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    produce: Callable[[], np.ndarray]
+    produce: Callable[[], Any]  # -> np.ndarray or jax.Array of exactly ``shape`` / ``dtype``
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +112,75 @@ def shard_filenames(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def shard_layout(shard: Sequence[Entry], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int], int]:
+    """Header bytes of one safetensors file, each tensor's absolute byte offset, and the file size.
+
+    Same bytes as ``jaxquant.io.safetensors.save_file``: ``__metadata__`` first, then the tensors
+    sorted by name with back-to-back ``data_offsets``; compact JSON padded with spaces so that the
+    data section starts 8-byte aligned.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    rel: dict[str, int] = {}
+    offset = 0
+    for e in sorted(shard, key=lambda e: e.name):
+        n = e.nbytes
+        header[e.name] = {"dtype": TAGS[np.dtype(e.dtype)], "shape": [int(d) for d in e.shape],
+                          "data_offsets": [offset, offset + n]}
+        rel[e.name] = offset
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(len(blob) + 8) % 8)
+    blob = struct.pack("<Q", len(blob)) + blob
+    return blob, {k: len(blob) + v for k, v in rel.items()}, len(blob) + offset
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int, stop: threading.Event) -> None:
+    pos = 0
+    while pos < len(buf):
+        if stop.is_set():
+            return
+        pos += os.pwrite(fd, buf[pos:pos + _CHUNK], offset + pos)
+
+
+def _write_tensor(fd: int, offset: int, arr: Any, stop: threading.Event) -> None:
+    """Worker: copy ``arr`` to host (blocks until a device computation is done) and write its bytes."""
+    if stop.is_set():
+        return
+    a = np.asarray(arr)
+    del arr
+    flat = np.ascontiguousarray(a.reshape(-1))  # C order; a copy only for a non-contiguous producer
+    del a
+    _pwrite_all(fd, memoryview(flat.view(np.uint8)), offset, stop)
+
+
+def _check_produced(e: Entry, a: Any) -> Any:
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        a = np.asarray(a)
+    try:
+        dtype = np.dtype(a.dtype)
+    except TypeError:
+        dtype = a.dtype
+    if tuple(a.shape) != tuple(e.shape) or dtype != np.dtype(e.dtype):
+        raise ExportError(
+            f"internal error: tensor {e.name!r} was planned as {e.shape} {np.dtype(e.dtype)} "
+            f"but produced {tuple(a.shape)} {a.dtype}"
+        )
+    return a
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or not getattr(sys.stderr, "isatty", lambda: False)():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="writing", file=sys.stderr,
+                dynamic_ncols=True, leave=True)
+
+
 def write_sharded(
     entries: Sequence[Entry],
     directory: str | os.PathLike,
@@ -101,11 +188,26 @@ def write_sharded(
     max_shard_size: int | str = "10GB",
     total_parameters: int | None = None,
     on_shard: Callable[[str, int], None] | None = None,
+    progress: bool = False,
+    workers: int = DEFAULT_WORKERS,
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+    min_inflight_tensors: int = DEFAULT_MIN_INFLIGHT_TENSORS,
 ) -> list[str]:
-    """Write ``entries`` as one or more safetensors files (+ index) into ``directory``.
+    """Write ``entries`` as one or more safetensors files (+ index) into ``directory``, streamed.
 
-    Each produced array must match its entry's shape and dtype (checked: a mismatch is a bug in
-    the producer, reported with the tensor name). Returns the shard file names.
+    ``produce()`` is called once per entry, in order, on the calling thread; the arrays are copied
+    to host and written by ``workers`` threads while the next ones are produced. A new entry is
+    produced only while fewer than ``min_inflight_tensors`` are produced-but-unwritten or the
+    produced-but-unwritten bytes stay within ``max_inflight_bytes``.
+
+    Each produced array must match its entry's shape and dtype (checked as soon as it is produced:
+    a mismatch is a bug in the producer, an ExportError naming the tensor). Any error (a producer
+    raising, a failed write such as ENOSPC, KeyboardInterrupt) stops the writers — queued writes are
+    cancelled, running ones stop at their next chunk, every writer thread has exited and every file
+    is closed before it propagates. Partial files are left behind: removing them is the caller's job
+    (``export.atomic``). ``on_shard(file name, tensor bytes)`` is called in shard order as each file
+    is complete. ``progress`` shows a tqdm bar of bytes written on stderr when it is a terminal.
+    Returns the shard file names.
     """
     d = Path(directory)
     names = [e.name for e in entries]
@@ -115,29 +217,92 @@ def write_sharded(
     for e in entries:
         if np.dtype(e.dtype) not in TAGS:
             raise ExportError(f"tensor {e.name!r}: dtype {e.dtype} cannot be stored in safetensors")
+    if workers < 1 or min_inflight_tensors < 1 or max_inflight_bytes < 0:
+        raise ValueError("workers and min_inflight_tensors must be >= 1, max_inflight_bytes >= 0")
     shards = plan_shards(entries, max_shard_size) or [[]]
     files = shard_filenames(len(shards))
-    weight_map: dict[str, str] = {}
-    for fname, shard in zip(files, shards, strict=True):
-        arrays = {}
-        for e in shard:
-            a = e.produce()
-            if tuple(a.shape) != tuple(e.shape) or a.dtype != np.dtype(e.dtype):
-                raise ExportError(
-                    f"internal error: tensor {e.name!r} was planned as {e.shape} {np.dtype(e.dtype)} "
-                    f"but produced {tuple(a.shape)} {a.dtype}"
-                )
-            arrays[e.name] = a
-            weight_map[e.name] = fname
-        save_file(arrays, d / fname, metadata=SAFETENSORS_METADATA)
-        del arrays
-        if on_shard is not None:
-            on_shard(fname, sum(e.nbytes for e in shard))
+    weight_map = {e.name: fname for fname, shard in zip(files, shards, strict=True) for e in shard}
+    total = sum(e.nbytes for e in entries)
+
+    stop = threading.Event()
+    fds: dict[int, int] = {}
+    remaining = [len(s) for s in shards]
+    pending: dict[cf.Future, tuple[int, str, int]] = {}  # future -> (shard index, tensor name, bytes)
+    inflight = 0
+    reported = 0
+    bar = _progress_bar(total, progress)
+
+    def close_shard(si: int) -> None:
+        os.close(fds.pop(si))
+
+    def report() -> None:
+        nonlocal reported
+        while reported < len(shards) and remaining[reported] == 0 and reported not in fds:
+            if on_shard is not None:
+                on_shard(files[reported], sum(e.nbytes for e in shards[reported]))
+            reported += 1
+
+    def reap(block: bool) -> None:
+        nonlocal inflight
+        if not pending:
+            return
+        done, _ = cf.wait(list(pending), timeout=None if block else 0, return_when=cf.FIRST_COMPLETED)
+        for f in done:
+            si, name, n = pending.pop(f)
+            exc = f.exception()
+            if exc is not None:
+                if isinstance(exc, Exception) and not isinstance(exc, ExportError):
+                    exc.add_note(f"while writing tensor {name!r} to {files[si]}")
+                raise exc
+            inflight -= n
+            remaining[si] -= 1
+            if remaining[si] == 0:
+                close_shard(si)
+            if bar is not None:
+                bar.update(n)
+
+    pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=_THREAD_PREFIX)
+    try:
+        for si, shard in enumerate(shards):
+            blob, offsets, size = shard_layout(shard, SAFETENSORS_METADATA)
+            fd = os.open(d / files[si], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            fds[si] = fd
+            _pwrite_all(fd, memoryview(blob), 0, stop)
+            os.ftruncate(fd, size)
+            if not shard:
+                close_shard(si)
+            for e in shard:
+                n = e.nbytes
+                while pending and not (len(pending) < min_inflight_tensors or inflight + n <= max_inflight_bytes):
+                    reap(block=True)
+                reap(block=False)  # a failed write surfaces before more work is dispatched
+                a = _check_produced(e, e.produce())
+                if hasattr(a, "copy_to_host_async"):  # jax.Array: start the device->host copy now
+                    a.copy_to_host_async()
+                f = pool.submit(_write_tensor, fd, offsets[e.name], a, stop)
+                del a
+                pending[f] = (si, e.name, n)
+                inflight += n
+            report()
+        while pending:
+            reap(block=True)
+        report()
+    except BaseException:
+        stop.set()
+        for f in pending:
+            f.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for si in list(fds):
+            close_shard(si)
+        if bar is not None:
+            bar.close()
     if len(files) > 1:
         meta: dict[str, int] = {}
         if total_parameters is not None:
             meta["total_parameters"] = int(total_parameters)
-        meta["total_size"] = sum(e.nbytes for e in entries)
+        meta["total_size"] = total
         index = {"metadata": meta, "weight_map": weight_map}
         (d / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return files

@@ -77,15 +77,15 @@ def test_refuses_non_empty_target_and_overwrites(calibrated, tmp_path):
 @pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
 def test_failure_mid_write_leaves_nothing(calibrated, tmp_path, monkeypatch, exc):
     calls = []
-    real = shards_mod.save_file
+    real = shards_mod._write_tensor
 
-    def failing(tensors, path, metadata=None):
-        calls.append(path)
-        if len(calls) == 2:  # the second shard hits the disk-full / Ctrl-C
+    def failing(fd, offset, arr, stop):
+        calls.append(offset)
+        if len(calls) == 6:  # a later tensor's write (a writer thread) hits the disk-full / Ctrl-C
             raise exc
-        return real(tensors, path, metadata=metadata)
+        return real(fd, offset, arr, stop)
 
-    monkeypatch.setattr(shards_mod, "save_file", failing)
+    monkeypatch.setattr(shards_mod, "_write_tensor", failing)
     expected = ExportError if isinstance(exc, OSError) else KeyboardInterrupt
     with pytest.raises(expected):
         export_hf(calibrated, tmp_path / "out", max_shard_size="20KB")
@@ -95,7 +95,7 @@ def test_failure_mid_write_leaves_nothing(calibrated, tmp_path, monkeypatch, exc
 def test_failure_keeps_previous_export(calibrated, tmp_path, monkeypatch):
     export_hf(calibrated, tmp_path / "out")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    monkeypatch.setattr(shards_mod, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(shards_mod, "_write_tensor", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         export_hf(calibrated, tmp_path / "out", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
