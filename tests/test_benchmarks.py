@@ -34,3 +34,30 @@ def test_bench_vs_modelopt_needs_a_gpu():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_CPU_ENV)
     assert proc.returncode != 0
     assert "error: needs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_e2e_vs_modelopt_on_cpu(tmp_path):
+    """A tiny Llama through both tools on CPU (ModelOpt's max calibration and export need no CUDA) in float32:
+    the report has every phase, and the two exports agree (weights byte for byte, activation scales to float32
+    rounding, the same hf_quant_config.json)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("modelopt.torch.quantization")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_e2e_vs_modelopt.py"), "--shape", "tiny", "--calib-size",
+           "8", "--calib-seq", "32", "--batch-size", "4", "--dtype", "float32", "--out", str(tmp_path),
+           "--work", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_CPU_ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "bench_e2e_tiny.json").read_text())
+    (run,) = report["runs"]
+    assert run["recipe"] == "general/ptq/fp8_qkvo-nvfp4_mlp"
+    for tool in ("modelopt", "jaxquant"):
+        r = run[tool]
+        assert r["ok"], r.get("log_tail")
+        assert {"import", "load model", "export"} <= set(r["phases"]) and r["process_wall_s"] > 0
+        assert r["export_bytes"] > 0 and r["calib_tokens_per_s"] > 0
+    cmp_ = run["compare"]
+    assert cmp_["n_only_in_modelopt"] == cmp_["n_only_in_jaxquant"] == 0
+    assert cmp_["weight_side"]["identical_bytes_fraction"] == 1.0
+    assert cmp_["activation_scales"]["input_scale"]["max_rel_diff"] < 1e-5
+    assert cmp_["hf_quant_config_equal"]
+    assert "process wall" in proc.stdout
