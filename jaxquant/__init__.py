@@ -2,6 +2,7 @@
 
 Where things live:
   numerics/     FP8 e4m3 and NVFP4 e2m1 quantization (pure jitted functions)
+  formats/      one object per ModelOpt format (export tensors, dequantize, hf_quant_config names), a registry
   quantizer/    QuantizerConfig (a format) and TensorQuantizer (a site with calibrated amax)
   recipe/       ModelOpt YAML recipes and the quantizer-name matcher (YAML files: recipes/)
   models/       Flax NNX decoders (Llama, Mistral, Qwen2/3, Gemma 3/4, Mixtral, Qwen3-MoE)

@@ -5,8 +5,9 @@ model, weights and amax (spec modelopt.md §5): serving engines with a ModelOpt 
 TensorRT-LLM, SGLang) load the directory as-is.
 
 * Per quantized linear (HF module name ``…q_proj``): ``weight`` packed/cast, ``weight_scale``,
-  ``weight_scale_2`` (NVFP4), ``input_scale`` (when the activations are quantized) — see
-  ``tensors.py`` for formulas and dtypes. Calibrated KV: ``self_attn.k_proj.k_scale`` /
+  ``weight_scale_2`` (NVFP4), ``input_scale`` (when the activations are quantized) — computed by
+  the layer's format object (``jaxquant.formats``: the jitted numerics of ``jaxquant.numerics``,
+  where the weight lives; formulas and dtypes in docs/export.md). Calibrated KV: ``self_attn.k_proj.k_scale`` /
   ``v_proj.v_scale``; ``*_cast`` KV (constant amax) writes no scale.
 * Stacked MoE experts are written per expert with ModelOpt's names
   (``mlp.experts.{e}.gate_proj/up_proj/down_proj`` for Qwen-MoE, ``block_sparse_moe.experts.{e}.w1/w2/w3``
@@ -41,19 +42,27 @@ import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxquant.errors import CheckpointError, ExportError, JaxquantError, UnsupportedError
+from jaxquant import formats
+from jaxquant.errors import (
+    CheckpointError,
+    ExportError,
+    JaxquantError,
+    UnsupportedError,
+)
 from jaxquant.export import quant_config as qc
-from jaxquant.export import tensors as T
 from jaxquant.export.atomic import atomic_directory, check_target
 from jaxquant.export.shards import Entry, parse_size, write_sharded
+from jaxquant.formats.base import check_amax
 
 log = logging.getLogger(__name__)
 
@@ -228,17 +237,15 @@ def _collect_linears(model, name_map, *, need_amax: bool) -> list[_Linear]:
         fmt = _layer_format(hf, wcfg, icfg)
         item = _Linear(hf, m.weight, m.bias, m.weight_quantizer, m.input_quantizer, fmt, src_weight_name=hf + ".weight")
         if need_amax and fmt is not None:
+            qf = formats.get(fmt)
             wq, iq = m.weight_quantizer, m.input_quantizer
-            if fmt == "nvfp4_static":
+            if qf.static_blocks:
                 item.w_amax = _np(_val(wq.global_amax)).astype(np.float32).reshape(())
                 item.w_block_amax = _np(_val(wq.amax)).astype(np.float32)
             else:
                 item.w_amax = _np(_val(wq.amax)).astype(np.float32)
-                if fmt != "fp8_pc_pt":
-                    item.w_amax = item.w_amax.reshape(())
-                else:
-                    item.w_amax = item.w_amax.reshape(-1)
-            if icfg is not None and fmt in ("fp8", "nvfp4", "nvfp4_static") and not icfg.is_dynamic:
+                item.w_amax = item.w_amax.reshape(-1) if qf.per_channel else item.w_amax.reshape(())
+            if icfg is not None and qf.static_input_scale and not icfg.is_dynamic:
                 fixed = icfg.fixed_amax
                 item.in_amax = np.float32(fixed) if fixed is not None else _np(_val(iq.amax)).astype(np.float32).reshape(())
         out.append(item)
@@ -253,13 +260,14 @@ def _collect_linears(model, name_map, *, need_amax: bool) -> list[_Linear]:
             stacked = _val(getattr(ex, proj))
             w_amax = blk = in_amax = None
             if need_amax and fmt is not None:
-                if fmt == "nvfp4_static":
+                qf = formats.get(fmt)
+                if qf.static_blocks:
                     w_amax = _np(_val(wq.global_amax)).astype(np.float32).reshape(E)
                     blk = _np(_val(wq.amax)).astype(np.float32)
                 else:
                     w_amax = _np(_val(wq.amax)).astype(np.float32).reshape(E, -1)
-                    w_amax = w_amax.reshape(E) if fmt != "fp8_pc_pt" else w_amax
-                if icfg is not None and fmt in ("fp8", "nvfp4", "nvfp4_static") and not icfg.is_dynamic:
+                    w_amax = w_amax if qf.per_channel else w_amax.reshape(E)
+                if icfg is not None and qf.static_input_scale and not icfg.is_dynamic:
                     fixed = icfg.fixed_amax
                     in_amax = (np.full(E, fixed, np.float32) if fixed is not None
                                else _np(_val(iq.amax)).astype(np.float32).reshape(E))
@@ -291,6 +299,17 @@ class _Stacked:
         a = np.asarray(self.stacked[self.e])
         return a if dtype is None else a.astype(dtype)
 
+    def on_device(self):
+        """Expert ``e``'s weight, sliced where the stacked parameter lives (no host copy)."""
+        return self.stacked[self.e]
+
+
+def _device_weight(w):
+    """A linear's weight as a jax array where it lives (a ``Param``'s value or an expert slice)."""
+    if isinstance(w, _Stacked):
+        return w.on_device()
+    return jnp.asarray(_val(w))
+
 
 def _unify(items: list[_Linear]) -> None:
     """Serving-engine fusion: shared weight_scale_2 / input_scale across fused siblings (NVFP4),
@@ -304,7 +323,7 @@ def _unify(items: list[_Linear]) -> None:
             if leaf in group:
                 by_parent[(parent, group)].append(it)
     for members in by_parent.values():
-        if len(members) < 2 or members[0].fmt in (None, "fp8", "fp8_pc_pt"):
+        if len(members) < 2 or members[0].fmt is None or not formats.get(members[0].fmt).shares_fused_scales:
             continue
         if members[0].w_amax is not None:
             m = np.max([np.asarray(x.w_amax) for x in members])
@@ -335,7 +354,7 @@ def _unify(items: list[_Linear]) -> None:
         for x in gu:
             by_e[x.expert[1]].append(x)
         for pair in by_e.values():
-            if len(pair) == 2 and pair[0].fmt == pair[1].fmt and pair[0].fmt != "fp8_pc_pt":
+            if len(pair) == 2 and pair[0].fmt == pair[1].fmt and not formats.get(pair[0].fmt).per_channel:
                 m = np.float32(max(float(np.asarray(p.w_amax)) for p in pair))
                 for p in pair:
                     p.w_amax = m
@@ -483,13 +502,15 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
     fmts: dict[str, str | None] = {}
     for it in items:
         fmts[it.hf] = it.fmt
-        if it.fmt in ("nvfp4", "nvfp4_static", "w4a16_nvfp4"):
+        qf = formats.get(it.fmt) if it.fmt is not None else None
+        if qf is not None and qf.block_size:
             k = it.weight.shape[-1]
             bs = it.wq.block_size
-            if bs != 16 or k % 16:
+            if bs != qf.block_size or k % qf.block_size:
                 raise ExportError(
-                    f"{it.hf}: NVFP4 export needs blocks of 16 along an input dimension divisible by 16 "
-                    f"(in={k}, block={bs}). Exclude this layer from NVFP4 in the recipe."
+                    f"{it.hf}: {qf.quant_algo} export needs blocks of {qf.block_size} along an input dimension "
+                    f"divisible by {qf.block_size} (in={k}, block={bs}). Exclude this layer from "
+                    f"{qf.quant_algo} in the recipe."
                 )
         if it.fmt is None and _config_of(it.iq) is not None and it.expert is None:
             warnings.append(f"{it.hf}: only the input quantizer is enabled; ModelOpt exports such a layer "
@@ -586,57 +607,41 @@ class _SourceDtypes:
 
 # ----------------------------------------------------------------------------------------------- entries
 class _Once:
-    """Compute a layer's export tensors once, hand them out by key, free them when all are taken."""
+    """Compute a layer's export tensors once, hand them out by key, free them when all are taken.
+
+    Thread-safe: the shard writer may call the entries of one layer from several threads."""
 
     def __init__(self, fn, keys):
         self.fn, self.left, self.out = fn, set(keys), None
+        self.lock = threading.Lock()
 
     def get(self, key):
-        if self.out is None:
-            self.out = self.fn()
-        a = self.out[key]
-        self.left.discard(key)
-        if not self.left:
-            self.out = None
-        return a
+        with self.lock:
+            if self.out is None:
+                self.out = self.fn()
+            a = self.out[key]
+            self.left.discard(key)
+            if not self.left:
+                self.out = None
+            return a
 
 
 def _linear_entries(it: _Linear, export_dtype: np.dtype) -> list[Entry]:
-    """Export entries of one quantized linear (weight + scales; bias handled with the params)."""
-    shape = tuple(it.weight.shape)
-    out_dim, in_dim = shape
-    what = it.hf + ".weight"
-    fmt = it.fmt
-    ents: list[tuple[str, tuple, np.dtype]] = []
-    if fmt in ("fp8", "fp8_pc_pt"):
-        ents.append(("weight", shape, T.F8))
-        ents.append(("weight_scale", () if fmt == "fp8" else (out_dim,), np.dtype(np.float32)))
-        if it.in_amax is not None:
-            ents.append(("input_scale", (), np.dtype(np.float32)))
+    """Export entries of one quantized linear (weight + scales; bias handled with the params).
 
-        def compute():
-            q, s = T.fp8_weight(np.asarray(it.weight), it.w_amax, compute_dtype=export_dtype, what=what)
-            r = {"weight": q, "weight_scale": s.reshape(ents[1][1])}
-            if it.in_amax is not None:
-                r["input_scale"] = T.fp8_input_scale(it.in_amax, what=it.hf + ".input_quantizer amax").reshape(())
-            return r
-    else:
-        ents.append(("weight", (out_dim, in_dim // 2), np.dtype(np.uint8)))
-        ents.append(("weight_scale", (out_dim, in_dim // 16), T.F8))
-        if it.in_amax is not None:
-            ents.append(("input_scale", (), np.dtype(np.float32)))
-        ents.append(("weight_scale_2", (), np.dtype(np.float32)))
+    Shapes and dtypes come from the format's ``export_specs``; the values from its jitted
+    ``export_tensors``, computed where the weight lives on the first ``produce()`` of the layer
+    (they are jax arrays: the shard writer copies them to the host)."""
+    qf = formats.get(it.fmt)
+    out_dim, in_dim = tuple(it.weight.shape)
+    specs = qf.export_specs(out_dim, in_dim, input_scale=it.in_amax is not None)
 
-        def compute():
-            p, s, s2 = T.nvfp4_weight(np.asarray(it.weight), it.w_amax, block_amax=it.w_block_amax,
-                                      compute_dtype=export_dtype, what=what)
-            r = {"weight": p, "weight_scale": s, "weight_scale_2": np.asarray(s2, np.float32).reshape(())}
-            if it.in_amax is not None:
-                r["input_scale"] = T.nvfp4_input_scale(it.in_amax, what=it.hf + ".input_quantizer amax").reshape(())
-            return r
+    def compute():
+        return qf.export_tensors(_device_weight(it.weight), it.w_amax, block_amax=it.w_block_amax,
+                                 in_amax=it.in_amax, compute_dtype=export_dtype, what=it.hf + ".weight")
 
-    once = _Once(compute, [k for k, _, _ in ents])
-    return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k))) for k, s, d in ents]
+    once = _Once(compute, [k for k, _, _ in specs])
+    return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k))) for k, s, d in specs]
 
 
 def _cast_entry(name: str, arr, dtype: np.dtype) -> Entry:
@@ -729,7 +734,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         for it in items:
             if it.expert is None and it.fmt is not None and it.in_amax is not None:
                 amax_out[src.rename(it.hf + ".input_quantizer")] = float(np.float32(it.in_amax))
-            if it.expert is None and it.fmt == "fp8":
+            if it.expert is None and it.fmt is not None and formats.get(it.fmt).sidecar_weight_amax:
                 amax_out[src.rename(it.hf + ".weight_quantizer")] = float(np.float32(it.w_amax))
     for it in items:
         if it.expert is None:
@@ -747,7 +752,8 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
             if cfg is None or cfg.fixed_amax is not None or cfg.is_dynamic:
                 continue
             amax = _np(_val(q.amax)).astype(np.float32)
-            val = T.kv_scale(np.max(amax), what=f"{hf}.{role} amax").reshape(())
+            check_amax(np.max(amax), f"{hf}.{role} amax")
+            val = formats.kv_scale(np.max(amax)).reshape(())
             if amax_out is not None:
                 amax_out[src.rename(f"{hf}.{role}")] = float(np.max(amax))
             entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), lambda v=val: v))
@@ -774,7 +780,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         if isinstance(node, Embedding) and node.scale is None:
             layers[nm.hf_name(dotted(path))] = (None, 0)
     for it in items:
-        layers[it.hf] = (it.fmt, 16 if (it.fmt or "").find("nvfp4") >= 0 else 0)
+        layers[it.hf] = (it.fmt, formats.get(it.fmt).block_size if it.fmt is not None else 0)
     if getattr(model, "lm_head", "absent") is None:
         layers.setdefault("lm_head", (None, 0))  # tied: ModelOpt still lists the (tied) lm_head Linear
     layers = {src.rename(k + ".")[:-1]: layers[k] for k in sorted(layers, key=_hf_order_key)}

@@ -33,16 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant import formats
 from jaxquant.errors import CheckpointError, UnsupportedError
-from jaxquant.export import tensors as T
 from jaxquant.export.atomic import is_incomplete
 from jaxquant.quantizer import TensorQuantizer
-from jaxquant.quantizer.config import BlockSizes, QuantizerConfig
+from jaxquant.quantizer.config import QuantizerConfig
 
-FP8_CONFIG = QuantizerConfig(num_bits=(4, 3))
-NVFP4_CONFIG = QuantizerConfig(num_bits=(2, 1), block_sizes=BlockSizes(size=16, type="dynamic", scale_bits=(4, 3)))
+FP8_CONFIG = formats.get("fp8").activation_config()  # KV caches: FP8 K/V fake quant
 _SCALE_RE = re.compile(r"\.(weight_scale|weight_scale_2|input_scale|k_scale|v_scale|pre_quant_scale)$")
-_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
 class PackedWeight(nnx.Variable):
@@ -54,25 +52,11 @@ class WeightScale(nnx.Variable):
 
 
 # ----------------------------------------------------------------------------------------------- dequantization
-def dequantize_fp8(weight: jax.Array, weight_scale: jax.Array, dtype) -> jax.Array:
-    """``float32(weight) * weight_scale`` (per tensor, or per output channel), cast to ``dtype``."""
-    s = weight_scale.astype(jnp.float32)
-    if s.ndim == 1:
-        s = s[:, None]
-    return (weight.astype(jnp.float32) * s).astype(dtype)
-
-
-def dequantize_nvfp4(packed: jax.Array, weight_scale: jax.Array, weight_scale_2: jax.Array, dtype,
-                     block_size: int = 16) -> jax.Array:
-    """E2M1 value of each nibble (even element = low nibble) times ``weight_scale * weight_scale_2``
-    per 16-block, like ModelOpt's ``NVFP4QTensor.dequantize``; then cast to ``dtype``."""
-    lo = packed & jnp.uint8(0x0F)
-    hi = packed >> jnp.uint8(4)
-    codes = jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    vals = jnp.asarray(_E2M1)[codes.astype(jnp.int32)]
-    per_block = weight_scale.astype(jnp.float32) * weight_scale_2.astype(jnp.float32)
-    out = vals.reshape(*vals.shape[:-1], -1, block_size) * per_block[..., None]
-    return out.reshape(vals.shape).astype(dtype)
+def _tensors(weight, weight_scale, weight_scale_2=None) -> dict:
+    t = {"weight": weight, "weight_scale": weight_scale}
+    if weight_scale_2 is not None:
+        t["weight_scale_2"] = weight_scale_2
+    return t
 
 
 class QuantizedLinear(nnx.Module):
@@ -87,8 +71,7 @@ class QuantizedLinear(nnx.Module):
 
     def __init__(self, fmt: str, weight, weight_scale, weight_scale_2=None, bias=None, *, in_features: int,
                  out_features: int, dtype=jnp.bfloat16, precision=None):
-        if fmt not in ("fp8", "nvfp4"):
-            raise UnsupportedError(f"QuantizedLinear: format {fmt!r}")
+        formats.get(fmt)  # UnsupportedError for an unknown format
         self.fmt = fmt
         self.in_features = in_features
         self.out_features = out_features
@@ -103,10 +86,8 @@ class QuantizedLinear(nnx.Module):
         self.output_quantizer = TensorQuantizer()
 
     def dequantized_weight(self) -> jax.Array:
-        w = self.weight[...]
-        if self.fmt == "fp8":
-            return dequantize_fp8(w, self.weight_scale[...], self.dtype)
-        return dequantize_nvfp4(w, self.weight_scale[...], self.weight_scale_2[...], self.dtype)
+        s2 = self.weight_scale_2[...] if self.weight_scale_2 is not None else None
+        return formats.get(self.fmt).dequantize(_tensors(self.weight[...], self.weight_scale[...], s2), self.dtype)
 
     def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None, preferred_element_type=None):
         x = self.input_quantizer(x, token_mask=token_mask)
@@ -126,8 +107,13 @@ class QuantizedTensorInfo:
     """One quantized linear found in a checkpoint (HF module name ``module``)."""
 
     module: str
-    fmt: str  # "fp8" | "nvfp4"
+    fmt: str  # a jaxquant.formats name: "fp8" (per tensor or per channel) | "nvfp4"
     has_input_scale: bool
+
+    @property
+    def format(self):
+        """The ``QuantFormat`` that dequantizes this layer."""
+        return formats.get(self.fmt)
 
 
 def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
@@ -170,12 +156,12 @@ def fp8_dequant_scale(weight_scale, amax=None) -> np.ndarray:
     return np.float32(np.float32(1.0) / scale)
 
 
-def _dequant_np(files, mod: str, fmt: str, fp8_scale=None) -> np.ndarray:
-    if fmt == "fp8":
-        scale = fp8_scale if fp8_scale is not None else files.get(mod + ".weight_scale")
-        return T.fp8_dequantize(files.get(mod + ".weight"), scale)
-    return T.nvfp4_dequantize(files.get(mod + ".weight"), files.get(mod + ".weight_scale"),
-                              files.get(mod + ".weight_scale_2"))
+def _dequant(files, info: QuantizedTensorInfo, fp8_scale=None) -> np.ndarray:
+    """The float32 weight of one quantized linear, dequantized by its format (jitted, on the device)."""
+    mod = info.module
+    scale = fp8_scale if fp8_scale is not None else files.get(mod + ".weight_scale")
+    s2 = files.get(mod + ".weight_scale_2") if f"{mod}.weight_scale_2" in files else None
+    return np.asarray(info.format.dequantize(_tensors(files.get(mod + ".weight"), scale, s2), jnp.float32))
 
 
 class DequantizingSource:
@@ -201,8 +187,8 @@ class DequantizingSource:
     def shape(self, name):
         q = self._q(name)
         s = tuple(self.base.shape(name))
-        if q is not None and q.fmt == "nvfp4":
-            return s[:-1] + (s[-1] * 2,)
+        if q is not None and np.dtype(q.format.export_specs(1, 2)[0][2]) == np.dtype(np.uint8):
+            return s[:-1] + (s[-1] * 2,)  # two elements per byte
         return s
 
     def dtype(self, name):
@@ -215,7 +201,7 @@ class DequantizingSource:
         if name in self.placeholders:
             return np.broadcast_to(np.zeros((), np.float32), self.shape(name))
         # q.module: the name inside the files
-        return _dequant_np(self.files, q.module, q.fmt, self.fp8_scales.get(name[: -len(".weight")]))
+        return _dequant(self.files, q, self.fp8_scales.get(name[: -len(".weight")]))
 
     def where(self, name):
         return self.base.where(name)
@@ -385,7 +371,7 @@ def load_quantized(
             if p is not None and ".experts." not in mod:
                 placeholders.add(mod + ".weight")
     fp8_scales = {mod: fp8_dequant_scale(files.get(i.module + ".weight_scale"), known.get(mod + ".weight_quantizer"))
-                  for mod, i in quantized.items() if i.fmt == "fp8"}
+                  for mod, i in quantized.items() if i.format.sidecar_weight_amax}
     source = DequantizingSource(base, files, quantized, frozenset(placeholders), fp8_scales)
     if adapter is not None:
         source = adapter(config, source)
@@ -409,8 +395,8 @@ def load_quantized(
             bias = lin.bias[...] if lin.bias is not None else None
             new = QuantizedLinear(
                 info.fmt, files.get(info.module + ".weight"),
-                fp8_scales[mod] if info.fmt == "fp8" else files.get(info.module + ".weight_scale"),
-                files.get(info.module + ".weight_scale_2") if info.fmt == "nvfp4" else None, bias,
+                fp8_scales.get(mod, files.get(info.module + ".weight_scale")),
+                files.get(info.module + ".weight_scale_2") if f"{info.module}.weight_scale_2" in files else None, bias,
                 in_features=lin.in_features, out_features=lin.out_features, dtype=dtype, precision=lin.precision,
             )
             setattr(parent, attr, new)
@@ -418,10 +404,8 @@ def load_quantized(
         if activations == "fake_quant" and info.has_input_scale:
             s = np.asarray(files.get(info.module + ".input_scale")).reshape(())
             qname = mod + ".input_quantizer"
-            if info.fmt == "fp8":
-                _fake_quant_input(lin.input_quantizer, FP8_CONFIG, _exact_amax(known, qname, s, 448.0))
-            else:
-                _fake_quant_input(lin.input_quantizer, NVFP4_CONFIG, _exact_amax(known, qname, s, 2688.0))
+            _fake_quant_input(lin.input_quantizer, info.format.activation_config(),
+                              _exact_amax(known, qname, s, info.format.input_divisor))
     _configure_experts_inputs(model, nm, base, quantized, activations)
     if activations == "fake_quant":
         _configure_kv(model, nm, base, kv_cache_algo(d, hf_config), known)
@@ -492,11 +476,10 @@ def _configure_experts_inputs(model, nm, files, quantized, activations) -> None:
             if len(fmts) != 1:
                 continue
             fmt = fmts.pop()
-            mult = 448.0 if fmt == "fp8" else 2688.0
+            mult = formats.get(fmt).input_divisor
             amax = np.array([amax_from_scale(np.asarray(files.get(f"{hf}.{e}.{name}.input_scale")).reshape(()), mult)
                              for e in range(node.num_experts)], np.float32)
             q = getattr(node, f"{proj}_input_quantizer")
-            q.configure(FP8_CONFIG if fmt == "fp8" else NVFP4_CONFIG,
-                        tensor_shape=node.quantizer_tensor_shape(f"{proj}_input_quantizer"))
+            q.configure(formats.get(fmt).activation_config(), tensor_shape=node.quantizer_tensor_shape(f"{proj}_input_quantizer"))
             q.amax.value = jnp.asarray(amax).reshape(q.amax.value.shape)
             q.set_mode("fake_quant")

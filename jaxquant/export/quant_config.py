@@ -8,8 +8,9 @@ module produces exactly the dicts ModelOpt 0.47 writes (``get_quant_config`` +
 ``producer``, which names jaxquant. Tests compare them with ModelOpt's own functions.
 
 Format strings are ModelOpt's (``modelopt.torch.export.model_config.QUANTIZATION_*``):
-``"fp8"``, ``"fp8_pc_pt"``, ``"nvfp4"``, ``"nvfp4_static"``, ``"w4a16_nvfp4"``. The mapping from a
-layer's (weight, input) ``QuantizerConfig`` pair to one of them is :func:`modelopt_format`.
+``"fp8"``, ``"fp8_pc_pt"``, ``"nvfp4"``, ``"nvfp4_static"``, ``"w4a16_nvfp4"``, each a
+``jaxquant.formats`` object that knows its ``quant_algo`` and ``config_groups`` entry. The mapping
+from a layer's (weight, input) ``QuantizerConfig`` pair to one of them is :func:`modelopt_format`.
 """
 
 from __future__ import annotations
@@ -17,21 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from jaxquant import formats
 from jaxquant._version import __version__
-from jaxquant.errors import UnsupportedError
+from jaxquant.errors import UnsupportedError  # noqa: F401  (raised through formats.for_quantizers; callers catch qc.UnsupportedError)
 from jaxquant.quantizer.config import QuantizerConfig
 
 PRODUCER = {"name": "jaxquant", "version": __version__}
 
-# ModelOpt format string -> (hf_quant_config quant_algo, whether the entry carries group_size)
-_ALGOS: dict[str, tuple[str, bool]] = {
-    "fp8": ("FP8", False),
-    "fp8_pc_pt": ("FP8_PER_CHANNEL_PER_TOKEN", False),
-    "nvfp4": ("NVFP4", True),
-    "nvfp4_static": ("NVFP4", True),
-    "w4a16_nvfp4": ("W4A16_NVFP4", True),
-}
-EXPORTABLE_FORMATS = tuple(_ALGOS)
+#: ModelOpt format strings jaxquant exports (the ``jaxquant.formats`` registry).
+EXPORTABLE_FORMATS = tuple(formats.FORMATS)
 
 
 def _enabled(cfg: QuantizerConfig | None) -> bool:
@@ -43,45 +38,14 @@ def modelopt_format(weight: QuantizerConfig | None, input: QuantizerConfig | Non
 
     Mirrors ``get_quantization_format``: the weight quantizer decides; a layer whose weight
     quantizer is disabled counts as unquantized (``None``) even if its input quantizer is enabled.
+    Each registered format says which configs it takes (``QuantFormat.match``).
 
     Raises:
       UnsupportedError: for combinations ModelOpt would export in a format jaxquant does not
         write (e.g. NVFP4 weights with FP8 activations = ``w4a8_nvfp4_fp8``).
     """
-    if not _enabled(weight):
-        return None
-    wf = weight.format
-    inf = input.format if _enabled(input) else None
-    if wf == "fp8":
-        if inf not in (None, "fp8"):
-            raise UnsupportedError(
-                f"FP8 weights with {inf} activations cannot be exported as a ModelOpt checkpoint "
-                "(serving engines expect FP8 activations or none)."
-            )
-        return "fp8"
-    if wf == "fp8_per_channel":
-        if weight.axis not in (0, -2) and weight.axis != (0,):
-            raise UnsupportedError(
-                f"FP8 per-channel weights along axis {weight.axis} cannot be exported; ModelOpt's "
-                "FP8_PER_CHANNEL_PER_TOKEN wants one scale per output channel (axis 0)."
-            )
-        if inf is not None and not input.is_dynamic:
-            raise UnsupportedError(
-                "FP8 per-channel weights export as FP8_PER_CHANNEL_PER_TOKEN, whose activations are "
-                "quantized dynamically per token; a static activation quantizer cannot be exported "
-                "with them. Use `type: dynamic` on the input quantizer or per-tensor FP8 weights."
-            )
-        return "fp8_pc_pt"
-    if wf in ("nvfp4", "nvfp4_static"):
-        if inf is None:
-            return "w4a16_nvfp4"
-        if inf != "nvfp4":
-            raise UnsupportedError(
-                f"NVFP4 weights with {inf} activations (ModelOpt's W4A8_NVFP4_FP8) cannot be "
-                "exported by jaxquant; use NVFP4 activations or weight-only NVFP4."
-            )
-        return wf
-    raise UnsupportedError(f"weight format {wf!r} cannot be exported; exportable: fp8, fp8_per_channel, nvfp4")
+    f = formats.for_quantizers(weight, input)
+    return None if f is None else f.name
 
 
 def kv_cache_algo(config: QuantizerConfig | None) -> str | None:
@@ -114,10 +78,9 @@ def layer_config_dict(layers: Mapping[str, tuple[str | None, int]]) -> dict[str,
 
 
 def _layer_entry(fmt: str, block: int) -> dict[str, Any]:
-    if fmt not in _ALGOS:
+    if fmt not in formats.FORMATS:
         return {"quant_algo": fmt}
-    algo, grouped = _ALGOS[fmt]
-    return {"quant_algo": algo, "group_size": block} if grouped else {"quant_algo": algo}
+    return formats.get(fmt).hf_layer_entry(block)
 
 
 def _prefix_wildcards(name: str) -> set[str]:
@@ -223,17 +186,8 @@ def is_quantized_export(hf_quant_config: Mapping[str, Any]) -> bool:
 
 def _group(algo: str, group_size: int | None) -> dict[str, Any]:
     """compressed-tensors ``config_groups`` entry for one algo; ``group_size`` already resolved."""
-    fp8 = {"dynamic": False, "num_bits": 8, "type": "float"}
-    if algo == "FP8":
-        return {"input_activations": dict(fp8), "weights": dict(fp8)}
-    if algo == "FP8_PER_CHANNEL_PER_TOKEN":
-        return {"input_activations": dict(fp8), "weights": {**fp8, "strategy": "channel"}}
-    if algo == "NVFP4":
-        fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}
-        return {"input_activations": dict(fp4), "weights": dict(fp4)}
-    if algo == "W4A16_NVFP4":
-        return {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}}
-    return {"quant_algo": algo}
+    f = formats.by_quant_algo(algo)
+    return f.config_group(group_size) if f is not None else {"quant_algo": algo}
 
 
 def convert_hf_quant_config_format(hf_quant_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,7 +196,8 @@ def convert_hf_quant_config_format(hf_quant_config: Mapping[str, Any]) -> dict[s
     details = hf_quant_config.get("quantization", {})
     algo = details.get("quant_algo")
     out: dict[str, Any] = {}
-    if algo in ("FP8", "NVFP4", "W4A16_NVFP4"):
+    uniform = formats.by_quant_algo(algo) if algo else None
+    if uniform is not None and uniform.config_groups_when_uniform:
         group = _group(algo, details.get("group_size", 16))
         group["targets"] = ["Linear"]
         out["config_groups"] = {"group_0": group}

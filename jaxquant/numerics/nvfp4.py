@@ -203,8 +203,9 @@ def _export_block_scale_static(block_amax, global_amax) -> jax.Array:
     return to_e4m3(jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",))
-def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int = 16) -> NVFP4Tensor:
+@functools.partial(jax.jit, static_argnames=("block_size", "compute_dtype"))
+def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int = 16,
+             compute_dtype=None) -> NVFP4Tensor:
     """Real NVFP4 quantization for export (ModelOpt ``NVFP4QTensor.quantize``).
 
     Args:
@@ -214,6 +215,9 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
       block_amax: calibrated per-block amax of a static quantizer (``[..., ceil(K/bs)]``): the block
         scales then come from it, not from ``x`` (``get_weights_scaling_factor_from_quantizer``);
         ``global_amax`` then defaults to ``max(block_amax)``.
+      compute_dtype: ModelOpt packs ``weight.to(dtype)`` (the export dtype) while the block scales
+        come from the weight as it is; with a ``compute_dtype`` other than ``x``'s, the elements are
+        cast to it before the division (default: none, the elements are ``x``'s).
 
     A ``global_amax`` of 0 (an all-zero tensor) is replaced by 6, the quantizer's maxbound, as
     ModelOpt's ``export_amax`` does for activation scales: the result is zero codes, block scales 1.0
@@ -231,6 +235,8 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
     else:
         scale = _export_block_scale_static(_as_block_shape(block_amax, x.shape, block_size), global_amax)
     denom = opaque(decode_e4m3(scale) * wsf2)
+    if compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype:
+        xb = _blocks(x.astype(compute_dtype), block_size).astype(jnp.float32)
     codes = e2m1.to_codes(div(xb, denom[..., None]))
     codes = codes.reshape(*codes.shape[:-2], -1)
     return NVFP4Tensor(e2m1.pack(codes), scale, wsf2)

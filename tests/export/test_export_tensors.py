@@ -1,11 +1,11 @@
 """Export tensors byte-for-byte against nvidia-modelopt's own export functions (CPU)."""
 
+import _numpy_export_ref as T  # the numpy oracle (formerly jaxquant/export/tensors.py)
 import ml_dtypes
 import numpy as np
 import pytest
 
 from jaxquant.errors import ExportError, NonFiniteError
-from jaxquant.export import tensors as T
 
 torch = pytest.importorskip("torch")
 nvfp4_mod = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")

@@ -1,4 +1,8 @@
-"""The tensors a ModelOpt unified checkpoint stores per quantized linear, computed on the host.
+"""Test oracle: the tensors a ModelOpt unified checkpoint stores per quantized linear, in numpy.
+
+(This was ``jaxquant/export/tensors.py``; the exporter now computes these tensors with the jitted
+JAX numerics through ``jaxquant.formats``, and this independent numpy re-implementation is kept
+only to check them: tests/formats/test_registry.py, tests/export/test_export_tensors.py.)
 
 These are ModelOpt 0.47's *export* formulas (``export/quant_utils.py::to_quantized_weight``,
 ``qtensor/nvfp4_tensor.py``; spec modelopt.md §2.5, §5.2), reproduced operation by operation in
@@ -107,7 +111,10 @@ def fp8_weight(w, amax, *, compute_dtype=None, what: str = "weight") -> tuple[np
     if w_np.dtype != compute_dtype:  # ModelOpt: weight.to(dtype) / scale
         w_np = w_np.astype(compute_dtype)
     q = _f32(w_np) / s
-    if compute_dtype != np.float32:
+    if compute_dtype != np.float32 and s.ndim == 0:
+        # torch keeps ``bf16_tensor / f32_0d_tensor`` in bfloat16; a dimensioned (per-channel or
+        # per-expert) float32 scale promotes the quotient to float32 (checked against ModelOpt's
+        # to_quantized_weight(..., "fp8_pc_pt") in tests/formats/test_registry.py)
         q = q.astype(compute_dtype)
     return q.astype(F8), scale
 

@@ -1,0 +1,168 @@
+"""The ``QuantFormat`` protocol: everything jaxquant knows about one ModelOpt weight format.
+
+A format object answers every question the exporter, the loader and ``hf_quant_config.json``
+ask about a format, so no caller compares format strings:
+
+* identity: ``name`` (ModelOpt's format string, ``"fp8"``, ``"nvfp4"``, ...), ``quant_algo``
+  (its ``hf_quant_config.json`` name), ``block_size`` (0 when unblocked);
+* its tensors: ``export_specs(out, in_)`` (names, shapes, dtypes, without computing anything)
+  and ``export_tensors(weight, w_amax, ...)`` (the values, computed by the jitted JAX numerics of
+  ``jaxquant.numerics`` where the weight lives), ``input_scale(amax)``, and the inverse
+  ``dequantize(tensors, dtype)`` used by ``load_quantized``;
+* the export rules that depend on it (``static_input_scale``, ``shares_fused_scales``,
+  ``per_channel``, ``static_blocks``, ...) and its ``hf_quant_config`` entries.
+
+Adding a format is one module that defines a class satisfying this protocol plus one line in
+``registry.py`` (docs/numerics.md, "Formats").
+
+Non-finite values: ``export_tensors`` reduces ``isfinite`` over the weight and the amaxes on the
+device inside the same jitted computation and reads back one small vector per tensor; NaN/Inf
+raises ``NonFiniteError`` naming the tensor, a negative amax ``ExportError`` (docs/export.md,
+"Non-finite values and zero amax").
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxquant.errors import ExportError, NonFiniteError
+
+TensorSpec = tuple[str, tuple[int, ...], np.dtype]
+F8 = np.dtype(ml_dtypes.float8_e4m3fn)
+F32 = np.dtype(np.float32)
+U8 = np.dtype(np.uint8)
+
+
+@runtime_checkable
+class QuantFormat(Protocol):
+    """One ModelOpt weight format (see the module docstring)."""
+
+    name: str  # ModelOpt format string: "fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4"
+    quant_algo: str  # hf_quant_config.json quant_algo: "FP8", "NVFP4", ...
+    block_size: int  # elements per weight block (0: per tensor / per channel)
+    weight_config_formats: tuple[str, ...]  # QuantizerConfig.format values whose weights export as this
+    static_input_scale: bool  # a calibrated (static) input quantizer is exported as ``input_scale``
+    shares_fused_scales: bool  # fused siblings (q/k/v, gate/up) share weight_scale_2 / input_scale
+    per_channel: bool  # the weight amax is per output channel ([out]), not one number
+    static_blocks: bool  # the block scales come from the quantizer's calibrated per-block amax
+    sidecar_weight_amax: bool  # the exact weight amax goes into the export's sidecar (loader bit-exactness)
+    input_divisor: float  # input_scale = amax / input_divisor (the loader inverts it)
+
+    def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
+        """``[(suffix, shape, numpy dtype)]`` of the tensors of one ``[out, in_]`` linear, file order."""
+        ...
+
+    def export_tensors(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
+                       what: str = "weight") -> dict[str, jax.Array]:
+        """The tensors of one linear as the checkpoint stores them (keys: the ``export_specs`` suffixes)."""
+        ...
+
+    def input_scale(self, amax) -> jax.Array:
+        """``input_scale`` (float32, amax's shape) for an activation amax (0 -> the maxbound)."""
+        ...
+
+    def dequantize(self, tensors: dict[str, Any], dtype=jnp.float32) -> jax.Array:
+        """The weight ``[out, in]`` in ``dtype`` from its checkpoint tensors (``weight``, scales)."""
+        ...
+
+    def activation_config(self):
+        """The ``QuantizerConfig`` of the activations a checkpoint ``input_scale`` of this format
+        implies (``load_quantized`` fake-quantizes inputs with it)."""
+        ...
+
+    def hf_layer_entry(self, block: int) -> dict[str, Any]:
+        """The per-layer entry of ``hf_quant_config.json`` (``quant_algo`` and, blocked, ``group_size``)."""
+        ...
+
+    def config_group(self, group_size: int | None) -> dict[str, Any]:
+        """The compressed-tensors ``config_groups`` entry of ``config.json["quantization_config"]``."""
+        ...
+
+
+class FormatBase:
+    """Shared defaults and helpers of the concrete formats (not part of the protocol)."""
+
+    name: ClassVar[str]
+    quant_algo: ClassVar[str]
+    block_size: ClassVar[int] = 0
+    weight_config_formats: ClassVar[tuple[str, ...]] = ()
+    static_input_scale: ClassVar[bool] = False
+    shares_fused_scales: ClassVar[bool] = False
+    per_channel: ClassVar[bool] = False
+    static_blocks: ClassVar[bool] = False
+    sidecar_weight_amax: ClassVar[bool] = False
+    #: whether ``convert_hf_quant_config_format`` writes ``config_groups`` when every layer has this format
+    config_groups_when_uniform: ClassVar[bool] = True
+    input_divisor: ClassVar[float] = 1.0
+
+    def __repr__(self) -> str:
+        return f"<QuantFormat {self.name} ({self.quant_algo})>"
+
+    def hf_layer_entry(self, block: int) -> dict[str, Any]:
+        if self.block_size:
+            return {"quant_algo": self.quant_algo, "group_size": block}
+        return {"quant_algo": self.quant_algo}
+
+    def match(self, weight, input) -> bool:
+        """True when a linear with these enabled weight / input ``QuantizerConfig`` exports as this
+        format; raises ``UnsupportedError`` for a weight format of this family with activations that
+        cannot be exported with it."""
+        return weight.format in self.weight_config_formats
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def finite_stats(x) -> tuple[jax.Array, jax.Array]:
+    """``(count of NaN/Inf, min)`` of ``x`` in float32, traced (call inside a jitted function)."""
+    x = jnp.asarray(x)
+    x32 = x.astype(jnp.float32)
+    bad = jnp.sum(~jnp.isfinite(x32), dtype=jnp.int32)
+    lo = jnp.min(x32) if x32.size else jnp.float32(0)
+    return bad, lo
+
+
+def raise_on_bad(stats: dict[str, tuple[Any, Any]], sizes: dict[str, int], what: dict[str, str],
+                 amax_keys=()) -> None:
+    """Read the device-side ``(bad count, min)`` pairs back once and raise like the documented checks.
+
+    Checked in ``what``'s order: the first offending tensor is reported. Keys in ``amax_keys`` must also be >= 0.
+    """
+    host = jax.device_get(stats)
+    for key, name in what.items():  # ``what``'s order: the first offending tensor is reported
+        if key not in host:
+            continue
+        bad, lo = host[key]
+        n = int(bad)
+        if n:
+            raise NonFiniteError(
+                f"{name}: {n} of {sizes[key]} values are NaN or Inf; a quantized checkpoint cannot be "
+                "exported. Check the source weights / calibration data of this layer."
+            )
+        if key in amax_keys and float(lo) < 0:
+            raise ExportError(f"{name}: negative amax {float(lo)}; amax must be max|x| >= 0.")
+
+
+def raise_on_bad_export(stats, what: str, weight, w_amax, block_amax=None, in_amax=None) -> None:
+    """``raise_on_bad`` for the stats of an ``export_tensors`` kernel (keys ``w``, ``amax``, ``blk``, ``in``):
+    the weight is ``what``, its amaxes ``what amax`` / ``what block amax``, the input
+    ``<module>.input_quantizer amax``."""
+    names = {"w": what, "amax": what + " amax", "blk": what + " block amax",
+             "in": what.rsplit(".", 1)[0] + ".input_quantizer amax"}
+    sizes = {k: (0 if a is None else int(a.size))
+             for k, a in (("w", weight), ("amax", w_amax), ("blk", block_amax), ("in", in_amax))}
+    raise_on_bad(stats, sizes, names, amax_keys=("amax", "in"))
+
+
+def check_amax(amax, what: str) -> None:
+    """``NonFiniteError`` / ``ExportError`` unless the (small) ``amax`` is finite and >= 0."""
+    a = jnp.asarray(amax, jnp.float32)
+    raise_on_bad({"a": _stats(a)}, {"a": int(a.size)}, {"a": what}, amax_keys=("a",))
+
+
+@jax.jit
+def _stats(x):
+    return finite_stats(x)

@@ -1,0 +1,152 @@
+"""NVFP4 weights: E2M1 codes in blocks of 16 with E4M3 block scales and a float32 global scale.
+
+Three ModelOpt formats, one family:
+
+* ``nvfp4`` (W4A4, ``quant_algo`` NVFP4): dynamic block scales (from the weight), NVFP4 activations
+  with a calibrated ``input_scale``;
+* ``nvfp4_static`` (``quant_algo`` NVFP4 too): block scales from the weight quantizer's calibrated
+  per-block amax (``get_weights_scaling_factor_from_quantizer``);
+* ``w4a16_nvfp4`` (``quant_algo`` W4A16_NVFP4): NVFP4 weights, activations unquantized.
+
+Tensors (docs/export.md): ``weight`` U8 ``[out, in/2]`` (even element in the low nibble),
+``weight_scale`` F8_E4M3 ``[out, in/16]``, ``weight_scale_2`` F32 ``[]`` = ``amax / 2688``,
+``input_scale`` F32 ``[]`` = ``amax / 2688``. A zero amax becomes 6 (the maxbound).
+The numerics are ``jaxquant.numerics.nvfp4`` (``quantize``, ``dequantize``, ``global_scale``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.errors import ExportError, UnsupportedError
+from jaxquant.formats.base import (
+    F8,
+    F32,
+    U8,
+    FormatBase,
+    TensorSpec,
+    check_amax,
+    finite_stats,
+    raise_on_bad_export,
+)
+from jaxquant.numerics import nvfp4 as nvfp4_num
+
+
+def _input_scale(amax) -> jax.Array:
+    a = jnp.asarray(amax, jnp.float32)
+    return nvfp4_num.global_scale(jnp.where(a == 0, jnp.float32(nvfp4_num.E2M1_MAX), a))
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "block_size"))
+def _export(w, amax, block_amax, in_amax, *, compute_dtype, block_size: int):
+    stats = {"w": finite_stats(w), "amax": finite_stats(amax)}
+    if block_amax is not None:
+        stats["blk"] = finite_stats(block_amax)
+    t = nvfp4_num.quantize(w, global_amax=jnp.asarray(amax, jnp.float32).reshape(()), block_amax=block_amax,
+                           block_size=block_size, compute_dtype=compute_dtype)
+    out = {"weight": t.packed, "weight_scale": t.block_scale, "weight_scale_2": t.global_scale.reshape(())}
+    if in_amax is not None:
+        stats["in"] = finite_stats(in_amax)
+        out["input_scale"] = _input_scale(in_amax).reshape(())
+    return out, stats
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(packed, scale, scale_2, dtype):
+    return nvfp4_num.dequantize(nvfp4_num.NVFP4Tensor(packed, scale, jnp.asarray(scale_2, jnp.float32)), dtype)
+
+
+class NVFP4(FormatBase):
+    """NVFP4 weights with dynamic block scales and NVFP4 activations (ModelOpt ``nvfp4``)."""
+
+    name = "nvfp4"
+    quant_algo = "NVFP4"
+    block_size = 16
+    weight_config_formats = ("nvfp4",)
+    static_input_scale = True
+    shares_fused_scales = True
+    input_divisor = nvfp4_num.GLOBAL_SCALE_DIVISOR
+
+    def match(self, weight, input) -> bool:
+        if weight.format not in self.weight_config_formats:
+            return False
+        inf = input.format if input is not None else None
+        if inf is None:
+            return False  # weight-only: w4a16_nvfp4
+        if inf != "nvfp4":
+            raise UnsupportedError(
+                f"NVFP4 weights with {inf} activations (ModelOpt's W4A8_NVFP4_FP8) cannot be "
+                "exported by jaxquant; use NVFP4 activations or weight-only NVFP4."
+            )
+        return True
+
+    def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
+        specs = [("weight", (out, in_ // 2), U8), ("weight_scale", (out, in_ // self.block_size), F8)]
+        if input_scale:
+            specs.append(("input_scale", (), F32))
+        specs.append(("weight_scale_2", (), F32))
+        return specs
+
+    def export_tensors(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
+                       what: str = "weight") -> dict[str, jax.Array]:
+        w = jnp.asarray(weight)
+        if w.shape[-1] % self.block_size:
+            raise ExportError(
+                f"{what}: input dimension {w.shape[-1]} is not a multiple of the NVFP4 block size "
+                f"{self.block_size}; exclude this layer from NVFP4 in the recipe."
+            )
+        cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
+        amax = jnp.asarray(w_amax, jnp.float32)
+        blk = None
+        if self.static_blocks:
+            if block_amax is None:
+                raise ExportError(f"{what}: {self.name} needs the weight quantizer's per-block amax.")
+            blk = jnp.asarray(block_amax, jnp.float32)
+        ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
+        out, stats = _export(w, amax, blk, ia, compute_dtype=cd, block_size=self.block_size)
+        raise_on_bad_export(stats, what, w, amax, blk, ia)
+        return out
+
+    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
+        check_amax(amax, what)
+        return _input_scale(amax)
+
+    def activation_config(self):
+        from jaxquant.quantizer.config import BlockSizes, QuantizerConfig
+
+        return QuantizerConfig(num_bits=(2, 1), block_sizes=BlockSizes(size=self.block_size, type="dynamic",
+                                                                        scale_bits=(4, 3)))
+
+    def dequantize(self, tensors, dtype=jnp.float32) -> jax.Array:
+        return _dequantize(jnp.asarray(tensors["weight"]), jnp.asarray(tensors["weight_scale"]),
+                           jnp.asarray(tensors["weight_scale_2"]), jnp.dtype(dtype))
+
+    def config_group(self, group_size=None) -> dict:
+        fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}
+        return {"input_activations": dict(fp4), "weights": dict(fp4)}
+
+
+class NVFP4Static(NVFP4):
+    """NVFP4 with calibrated per-block weight amax (ModelOpt ``nvfp4_static``, ``quant_algo`` NVFP4)."""
+
+    name = "nvfp4_static"
+    weight_config_formats = ("nvfp4_static",)
+    static_blocks = True
+
+
+class W4A16NVFP4(NVFP4):
+    """NVFP4 weights, unquantized activations (ModelOpt ``w4a16_nvfp4``, ``quant_algo`` W4A16_NVFP4)."""
+
+    name = "w4a16_nvfp4"
+    quant_algo = "W4A16_NVFP4"
+    weight_config_formats = ("nvfp4", "nvfp4_static")
+    static_input_scale = False
+
+    def match(self, weight, input) -> bool:
+        return weight.format in self.weight_config_formats and input is None
+
+    def config_group(self, group_size=None) -> dict:
+        return {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}}

@@ -1,0 +1,55 @@
+"""The registry of quantization formats: ModelOpt format string -> ``QuantFormat`` object.
+
+Adding a format: write its module (a class satisfying ``jaxquant.formats.base.QuantFormat``) and
+add one line to ``FORMATS`` below. Nothing else in jaxquant compares format strings.
+"""
+
+from __future__ import annotations
+
+from jaxquant.errors import UnsupportedError
+from jaxquant.formats.base import QuantFormat
+from jaxquant.formats.fp8 import FP8, FP8PerChannel
+from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4, NVFP4Static
+
+#: Every exportable format, by ModelOpt format string (also the order ``for_quantizers`` tries them).
+FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
+    FP8(),
+    FP8PerChannel(),
+    NVFP4(),
+    NVFP4Static(),
+    W4A16NVFP4(),
+)}
+
+
+def get(name: str) -> QuantFormat:
+    """The format called ``name`` (ModelOpt's format string); ``UnsupportedError`` listing the known ones."""
+    try:
+        return FORMATS[name]
+    except (KeyError, TypeError):
+        raise UnsupportedError(f"quantization format {name!r} is not supported; supported formats: "
+                               f"{', '.join(FORMATS)}.") from None
+
+
+def by_quant_algo(algo: str) -> QuantFormat | None:
+    """The first registered format whose ``hf_quant_config`` ``quant_algo`` is ``algo`` (None if none)."""
+    for f in FORMATS.values():
+        if f.quant_algo == algo:
+            return f
+    return None
+
+
+def for_quantizers(weight, input) -> QuantFormat | None:
+    """The format a linear with these weight / input ``QuantizerConfig`` exports as (ModelOpt's
+    ``get_quantization_format``): None when the weight quantizer is disabled.
+
+    Raises:
+      UnsupportedError: a combination ModelOpt would export in a format jaxquant does not write.
+    """
+    if weight is None or not weight.enable:
+        return None
+    inp = input if (input is not None and input.enable) else None
+    for f in FORMATS.values():
+        if f.match(weight, inp):
+            return f
+    known = sorted({w for f in FORMATS.values() for w in f.weight_config_formats})
+    raise UnsupportedError(f"weight format {weight.format!r} cannot be exported; exportable: {', '.join(known)}")

@@ -1,0 +1,206 @@
+"""Every registered format: export_tensors (jitted JAX) equals the independent numpy oracle byte for
+byte, its specs describe what it computes, dequantize inverts it, and unknown names are refused."""
+
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+import _numpy_export_ref as T
+
+from jaxquant import formats
+from jaxquant.errors import ExportError, NonFiniteError, UnsupportedError
+from jaxquant.formats.base import QuantFormat
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = (np.dtype(np.float32), BF16)
+
+
+def _weight(seed, shape=(48, 96), dtype=np.float32, kind="normal"):
+    rng = np.random.default_rng(seed)
+    if kind == "zero":
+        return np.zeros(shape, dtype)
+    if kind == "tails":  # heavy tails: Student-t, outliers, tiny and all-zero blocks
+        w = rng.standard_t(2.0, size=shape).astype(np.float32) * 0.02
+        w[0, :16] = 0.0
+        w[1, 16:32] *= 1e-5
+        w[2, 7] = 3.0
+        w[3, 40] = -5.0
+    else:
+        w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    return w.astype(dtype)
+
+
+def _bytes(a):
+    a = np.asarray(a)
+    return a.dtype, a.shape, a.tobytes()
+
+
+def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
+    if fmt.block_size == 0:
+        q, s = T.fp8_weight(w, w_amax, compute_dtype=compute_dtype)
+        out = {"weight": q, "weight_scale": s}
+        if in_amax is not None:
+            out["input_scale"] = T.fp8_input_scale(in_amax).reshape(())
+    else:
+        p, s, s2 = T.nvfp4_weight(w, w_amax, block_amax=block_amax, compute_dtype=compute_dtype)
+        out = {"weight": p, "weight_scale": s, "weight_scale_2": np.asarray(s2, np.float32).reshape(())}
+        if in_amax is not None:
+            out["input_scale"] = T.nvfp4_input_scale(in_amax).reshape(())
+    return out
+
+
+def _amaxes(fmt, w, mult):
+    w32 = np.abs(np.asarray(w, np.float32))
+    blk = None
+    if fmt.per_channel:
+        w_amax = (w32.max(axis=1) * mult).astype(np.float32)
+    elif fmt.static_blocks:
+        blk = (w32.reshape(w.shape[0], -1, fmt.block_size).max(-1) * np.float32(0.9)).astype(np.float32)
+        w_amax = np.float32(blk.max())
+    else:
+        w_amax = np.float32(w32.max() * mult)
+    in_amax = np.float32(3.7 * mult) if fmt.static_input_scale else None
+    return w_amax, blk, in_amax
+
+
+def test_every_format_satisfies_the_protocol():
+    assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4"}
+    for name, fmt in formats.FORMATS.items():
+        assert isinstance(fmt, QuantFormat), name
+        assert fmt.name == name and formats.get(name) is fmt
+
+
+@pytest.mark.parametrize("name", sorted(formats.FORMATS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,mult", [("normal", 1.0), ("normal", 1.5), ("tails", 1.0), ("zero", 1.0)])
+def test_export_tensors_equal_numpy_oracle(name, dtype, kind, mult):
+    fmt = formats.get(name)
+    for seed in range(2):
+        w = _weight(seed, dtype=dtype, kind=kind)
+        w_amax, blk, in_amax = _amaxes(fmt, w, mult)
+        if kind == "zero" and in_amax is not None:
+            in_amax = np.float32(0.0)  # an activation calibration never reached
+        ours = fmt.export_tensors(jnp.asarray(w), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=dtype)
+        ref = _oracle(fmt, w, w_amax, blk, in_amax, dtype)
+        assert sorted(ours) == sorted(ref)
+        for k in ref:
+            assert _bytes(ours[k]) == _bytes(ref[k]), f"{name} {dtype} {kind} x{mult} seed {seed}: {k}"
+        specs = fmt.export_specs(*w.shape, input_scale=in_amax is not None)
+        assert sorted(s[0] for s in specs) == sorted(ours)
+        for suffix, shape, dt in specs:
+            assert tuple(ours[suffix].shape) == shape and np.dtype(ours[suffix].dtype) == dt, suffix
+        for k, v in ours.items():
+            if k != "weight":
+                assert np.isfinite(np.asarray(v, np.float32)).all() and (np.asarray(v, np.float32) > 0).all(), k
+
+
+@pytest.mark.parametrize("name", sorted(formats.FORMATS))
+def test_compute_dtype_other_than_the_weights(name):
+    """A float32 model exported in bfloat16 (ModelOpt packs ``weight.to(dtype)``), and the reverse."""
+    fmt = formats.get(name)
+    for w, cd in ((_weight(3, kind="tails"), BF16), (_weight(4, dtype=BF16), np.dtype(np.float32))):
+        w_amax, blk, in_amax = _amaxes(fmt, w, 1.0)
+        ours = fmt.export_tensors(jnp.asarray(w), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=cd)
+        ref = _oracle(fmt, w, w_amax, blk, in_amax, cd)
+        for k in ref:
+            assert _bytes(ours[k]) == _bytes(ref[k]), f"{name} {k}"
+
+
+@pytest.mark.parametrize("name", sorted(formats.FORMATS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dequantize_inverts(name, dtype):
+    fmt = formats.get(name)
+    w = _weight(5, dtype=dtype, kind="tails")
+    w_amax, blk, in_amax = _amaxes(fmt, w, 1.0)
+    t = fmt.export_tensors(jnp.asarray(w), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=dtype)
+    deq = np.asarray(fmt.dequantize(t, jnp.float32))
+    assert deq.shape == w.shape and deq.dtype == np.float32
+    if fmt.block_size == 0:
+        ref = T.fp8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
+    else:
+        ref = T.nvfp4_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]),
+                                 np.asarray(t["weight_scale_2"]))
+    assert deq.tobytes() == ref.astype(np.float32).tobytes()
+    # FP8: re-quantizing the dequantized weight with the same amax gives the same codes (a fixed point)
+    if fmt.block_size == 0:
+        t2 = fmt.export_tensors(jnp.asarray(deq), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=np.float32)
+        assert _bytes(t2["weight"]) == _bytes(t["weight"])
+    # and the error is within half a quantization step of the largest element of each row
+    err = np.abs(deq - np.asarray(w, np.float32)).max(axis=1)
+    assert (err <= np.abs(np.asarray(w, np.float32)).max(axis=1) * 0.5 + 1e-6).all()
+    lo = np.asarray(fmt.dequantize(t, jnp.bfloat16))
+    assert lo.dtype == BF16 and lo.tobytes() == deq.astype(BF16).tobytes()
+
+
+def test_input_and_kv_scales_equal_oracle():
+    for amax in (0.0, 0.37, 5.0, 1234.5):
+        a = np.float32(amax)
+        for name, ref in (("fp8", T.fp8_input_scale), ("nvfp4", T.nvfp4_input_scale),
+                          ("nvfp4_static", T.nvfp4_input_scale)):
+            assert _bytes(formats.get(name).input_scale(a)) == _bytes(ref(a)), (name, amax)
+        assert _bytes(formats.kv_scale(a)) == _bytes(T.kv_scale(a))
+
+
+def test_unknown_format_name():
+    with pytest.raises(UnsupportedError, match=r"'int4_awq'.*fp8, fp8_pc_pt, nvfp4, nvfp4_static, w4a16_nvfp4"):
+        formats.get("int4_awq")
+    with pytest.raises(UnsupportedError):
+        formats.get(None)
+
+
+def test_non_finite_and_bad_shapes_named():
+    w = np.ones((4, 32), np.float32)
+    w[1, 3] = np.nan
+    for name in formats.FORMATS:
+        fmt = formats.get(name)
+        blk = np.ones((4, 2), np.float32) if fmt.static_blocks else None
+        amax = np.ones(4, np.float32) if fmt.per_channel else np.float32(1)
+        with pytest.raises(NonFiniteError, match=r"layers\.3\.mlp\.up_proj\.weight: 1 of 128"):
+            fmt.export_tensors(w, amax, block_amax=blk, what="layers.3.mlp.up_proj.weight")
+        bad_amax = np.full(4, np.inf, np.float32) if fmt.per_channel else np.float32(np.inf)
+        with pytest.raises(NonFiniteError, match=r"up_proj\.weight amax"):
+            fmt.export_tensors(np.ones((4, 32), np.float32), bad_amax, block_amax=blk, what="x.up_proj.weight")
+        with pytest.raises(ExportError, match="negative amax"):
+            fmt.export_tensors(np.ones((4, 32), np.float32), -amax, block_amax=blk, what="x.up_proj.weight")
+        if fmt.static_input_scale:
+            with pytest.raises(NonFiniteError, match=r"x\.up_proj\.input_quantizer amax"):
+                fmt.export_tensors(np.ones((4, 32), np.float32), amax, block_amax=blk, in_amax=np.float32(np.nan),
+                                   what="x.up_proj.weight")
+            with pytest.raises(NonFiniteError, match="q_proj input amax"):
+                fmt.input_scale(np.inf, what="q_proj input amax")
+        if fmt.block_size:
+            with pytest.raises(ExportError, match="multiple of the NVFP4 block"):
+                fmt.export_tensors(np.ones((2, 24), np.float32), np.float32(1), block_amax=blk)
+        if fmt.static_blocks:
+            b = np.ones((4, 2), np.float32)
+            b[0, 1] = np.nan
+            with pytest.raises(NonFiniteError, match="block amax"):
+                fmt.export_tensors(np.ones((4, 32), np.float32), np.float32(1), block_amax=b)
+
+
+def test_fp8_per_channel_bf16_matches_modelopt():
+    """ModelOpt divides a bf16 weight by a dimensioned float32 scale in float32 (no bf16 rounding)."""
+    torch = pytest.importorskip("torch")
+    qu = pytest.importorskip("modelopt.torch.export.quant_utils")
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 128, generator=g) * 0.05).to(torch.bfloat16)
+    amax = w.float().abs().amax(dim=1)
+    q_ref = qu.to_quantized_weight(w, amax / 448.0, "fp8_pc_pt").view(torch.uint8).numpy()
+    wn = w.view(torch.int16).numpy().view(BF16)
+    out = formats.get("fp8_pc_pt").export_tensors(jnp.asarray(wn), amax.numpy(), compute_dtype=BF16)
+    assert np.asarray(out["weight"]).view(np.uint8).tobytes() == q_ref.tobytes()
+    assert np.asarray(out["weight_scale"]).tobytes() == (amax / 448.0).numpy().tobytes()
+    q, _ = T.fp8_weight(wn, amax.numpy(), compute_dtype=BF16)
+    assert q.view(np.uint8).tobytes() == q_ref.tobytes()
+
+
+def test_format_attributes_drive_quant_config():
+    assert formats.get("nvfp4").hf_layer_entry(16) == {"quant_algo": "NVFP4", "group_size": 16}
+    assert formats.get("fp8_pc_pt").hf_layer_entry(0) == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}
+    assert formats.by_quant_algo("NVFP4") is formats.get("nvfp4")
+    assert formats.by_quant_algo("INT4_AWQ") is None
