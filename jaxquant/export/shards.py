@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import json
+import logging
 import os
 import struct
 import sys
@@ -40,12 +41,14 @@ import numpy as np
 from jaxquant.errors import ExportError
 from jaxquant.io.safetensors import TAGS
 
+log = logging.getLogger(__name__)
+
 _UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SAFETENSORS_METADATA = {"format": "pt"}
 DEFAULT_WORKERS = 4
-DEFAULT_MAX_INFLIGHT_BYTES = 2 * 10**9
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 10**6  # more was slower on an H200 host: benchmarks/results/README.md
 DEFAULT_MIN_INFLIGHT_TENSORS = 4
 _CHUNK = 256 * 2**20  # one pwrite call at most (Linux writes at most ~2 GiB per call anyway)
 _THREAD_PREFIX = "jaxquant-export-writer"
@@ -153,6 +156,31 @@ def _write_tensor(fd: int, offset: int, arr: Any, stop: threading.Event) -> None
     flat = np.ascontiguousarray(a.reshape(-1))  # C order; a copy only for a non-contiguous producer
     del a
     _pwrite_all(fd, memoryview(flat.view(np.uint8)), offset, stop)
+
+
+def _start_host_copy(a: Any) -> Any:
+    """Dispatch the device->host copy of a ``jax.Array`` now (asynchronous; the worker's ``np.asarray`` waits).
+
+    Where the device has pinned host memory (GPU, TPU) the copy goes there: ``jax.device_put`` to the
+    ``pinned_host`` memory kind runs at interconnect speed from XLA's pooled pinned buffers, and
+    ``np.asarray`` of the result is a zero-copy view, whereas a plain copy to pageable memory ran at about
+    1.1 GB/s per thread on an H200 (benchmarks/results/README.md). Anything else (numpy, the CPU backend,
+    a platform without that memory kind) keeps ``copy_to_host_async`` or nothing.
+    """
+    sharding = getattr(a, "sharding", None)
+    if sharding is None or not hasattr(a, "copy_to_host_async"):
+        return a
+    try:
+        devices = list(sharding.device_set)
+        if (getattr(sharding, "memory_kind", None) == "device" and devices[0].platform != "cpu"
+                and all("pinned_host" in {m.kind for m in d.addressable_memories()} for d in devices)):
+            import jax
+
+            return jax.device_put(a, sharding.with_memory_kind("pinned_host"))
+    except Exception as e:  # noqa: BLE001 - an optimisation only: fall back to the plain copy
+        log.debug("pinned host copy unavailable (%s); using copy_to_host_async", e)
+    a.copy_to_host_async()
+    return a
 
 
 def _check_produced(e: Entry, a: Any) -> Any:
@@ -277,8 +305,7 @@ def write_sharded(
                     reap(block=True)
                 reap(block=False)  # a failed write surfaces before more work is dispatched
                 a = _check_produced(e, e.produce())
-                if hasattr(a, "copy_to_host_async"):  # jax.Array: start the device->host copy now
-                    a.copy_to_host_async()
+                a = _start_host_copy(a)  # jax.Array: start the device->host copy now
                 f = pool.submit(_write_tensor, fd, offsets[e.name], a, stop)
                 del a
                 pending[f] = (si, e.name, n)
