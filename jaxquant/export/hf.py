@@ -626,19 +626,56 @@ class _Once:
             return a
 
 
-def _linear_entries(it: _Linear, export_dtype: np.dtype) -> list[Entry]:
+class DeferredChecks:
+    """The finiteness checks of the layers produced so far, run without stalling the device.
+
+    ``poll()`` runs the checks whose results the device has finished (``NonFiniteError`` naming the
+    first bad tensor), ``finish()`` all of them (blocking): ``export_hf`` calls it after the last
+    tensor is written and before the directory is published, so a NaN weight never reaches a
+    published checkpoint, while producing the next layer never waits for a read-back."""
+
+    def __init__(self):
+        self.pending: list = []
+        self.lock = threading.Lock()
+
+    def add(self, check) -> None:
+        with self.lock:
+            self.pending.append(check)
+
+    def poll(self) -> None:
+        with self.lock:
+            done = [c for c in self.pending if c.ready()]
+            self.pending = [c for c in self.pending if c not in done]
+        for c in done:
+            c()
+
+    def finish(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for c in pending:
+            c()
+
+
+def _linear_entries(it: _Linear, export_dtype: np.dtype, checks: DeferredChecks | None = None) -> list[Entry]:
     """Export entries of one quantized linear (weight + scales; bias handled with the params).
 
     Shapes and dtypes come from the format's ``export_specs``; the values from its jitted
     ``export_tensors``, computed where the weight lives on the first ``produce()`` of the layer
-    (they are jax arrays: the shard writer copies them to the host)."""
+    (they are jax arrays: the shard writer copies them to the host). With ``checks`` the
+    finiteness check is deferred to it (no read-back in ``produce()``); without, it runs at once."""
     qf = formats.get(it.fmt)
     out_dim, in_dim = tuple(it.weight.shape)
     specs = qf.export_specs(out_dim, in_dim, input_scale=it.in_amax is not None)
 
     def compute():
-        return qf.export_tensors(_device_weight(it.weight), it.w_amax, block_amax=it.w_block_amax,
-                                 in_amax=it.in_amax, compute_dtype=export_dtype, what=it.hf + ".weight")
+        kw = {"block_amax": it.w_block_amax, "in_amax": it.in_amax, "compute_dtype": export_dtype,
+              "what": it.hf + ".weight"}
+        if checks is None:
+            return qf.export_tensors(_device_weight(it.weight), it.w_amax, **kw)
+        checks.poll()
+        out, check = qf.export_tensors_deferred(_device_weight(it.weight), it.w_amax, **kw)
+        checks.add(check)
+        return out
 
     once = _Once(compute, [k for k, _, _ in specs])
     return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k))) for k, s, d in specs]
@@ -681,9 +718,12 @@ class ExportSummary:
 
 def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None, gguf: bool | None = None,
                  extra_tensors: Mapping[str, Any] | None = None,
-                 amax_out: dict[str, float] | None = None) -> tuple[list[Entry], dict[str, Any], str | None]:
+                 amax_out: dict[str, float] | None = None,
+                 checks: DeferredChecks | None = None) -> tuple[list[Entry], dict[str, Any], str | None]:
     """The exported tensors (lazy) plus the per-layer formats and KV algo, without writing anything.
 
+    ``checks`` (a ``DeferredChecks``), when given, collects the quantized layers' finiteness checks
+    instead of each ``produce()`` waiting for its own; call ``checks.finish()`` after writing.
     ``amax_out``, when given, receives the exact activation / KV amax behind each exported
     ``input_scale`` / ``k_scale`` / ``v_scale`` (dense linears and attention; by quantizer name).
 
@@ -726,7 +766,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         target = fixed_dtype or src.dtype(name, _np_dtype(arr))
         it = by_weight.get(name)
         if it is not None and it.fmt is not None:
-            entries.extend(_linear_entries(it, target))
+            entries.extend(_linear_entries(it, target, checks))
         else:
             entries.append(_cast_entry(name, arr, target))
     # ---- experts, per expert
@@ -741,7 +781,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
             continue
         target = fixed_dtype or src.dtype(it.src_weight_name, _np_dtype(it.weight))
         if it.fmt is not None:
-            entries.extend(_linear_entries(it, target))
+            entries.extend(_linear_entries(it, target, checks))
         else:
             entries.append(_cast_entry(it.hf + ".weight", it.weight, target))
     # ---- KV scales
@@ -886,7 +926,8 @@ def export_hf(
     parse_size(max_shard_size)
     warnings = check_exportable(model_or_loaded, resolution)
     amax: dict[str, float] = {}
-    entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src, amax_out=amax)
+    checks = DeferredChecks()
+    entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src, amax_out=amax, checks=checks)
     hfq = qc.build_hf_quant_config(layers, kv)
     if not qc.is_quantized_export(hfq) and not allow_unquantized:
         raise ExportError("nothing in this model is quantized (no enabled weight, input or KV quantizer), so the "
@@ -912,6 +953,7 @@ def export_hf(
         validate = None if not qc.is_quantized_export(hfq) else _refuse_invalid
         with atomic_directory(target, overwrite=overwrite, validate=validate) as tmp:
             files = write_sharded(entries, tmp, max_shard_size=max_shard_size, total_parameters=total_parameters)
+            checks.finish()  # NaN/Inf in any quantized weight or amax: NonFiniteError, nothing published
             if qc.is_quantized_export(hfq):
                 (tmp / "hf_quant_config.json").write_text(json.dumps(hfq, indent=4))
             (tmp / "config.json").write_text(json.dumps(cfg, indent=4))

@@ -62,6 +62,12 @@ class QuantFormat(Protocol):
         """The tensors of one linear as the checkpoint stores them (keys: the ``export_specs`` suffixes)."""
         ...
 
+    def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
+                                what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
+        """``export_tensors`` without waiting for the device: the tensors (still being computed) and the
+        finiteness check, to be called once they are (``check.ready()``; calling it blocks)."""
+        ...
+
     def input_scale(self, amax) -> jax.Array:
         """``input_scale`` (float32, amax's shape) for an activation amax (0 -> the maxbound)."""
         ...
@@ -108,6 +114,13 @@ class FormatBase:
             return {"quant_algo": self.quant_algo, "group_size": block}
         return {"quant_algo": self.quant_algo}
 
+    def export_tensors(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
+                       what: str = "weight") -> dict[str, jax.Array]:
+        out, check = self.export_tensors_deferred(weight, w_amax, block_amax=block_amax, in_amax=in_amax,
+                                                  compute_dtype=compute_dtype, what=what)
+        check()
+        return out
+
     def match(self, weight, input) -> bool:
         """True when a linear with these enabled weight / input ``QuantizerConfig`` exports as this
         format; raises ``UnsupportedError`` for a weight format of this family with activations that
@@ -146,15 +159,27 @@ def raise_on_bad(stats: dict[str, tuple[Any, Any]], sizes: dict[str, int], what:
             raise ExportError(f"{name}: negative amax {float(lo)}; amax must be max|x| >= 0.")
 
 
-def raise_on_bad_export(stats, what: str, weight, w_amax, block_amax=None, in_amax=None) -> None:
-    """``raise_on_bad`` for the stats of an ``export_tensors`` kernel (keys ``w``, ``amax``, ``blk``, ``in``):
+class DeferredCheck:
+    """The finiteness check of one ``export_tensors`` computation, read back when called.
+
+    ``ready()`` says (without blocking) whether the device has computed it; calling it reads the
+    stats back (blocking if needed) and raises ``NonFiniteError`` / ``ExportError`` naming the tensor:
     the weight is ``what``, its amaxes ``what amax`` / ``what block amax``, the input
-    ``<module>.input_quantizer amax``."""
-    names = {"w": what, "amax": what + " amax", "blk": what + " block amax",
-             "in": what.rsplit(".", 1)[0] + ".input_quantizer amax"}
-    sizes = {k: (0 if a is None else int(a.size))
-             for k, a in (("w", weight), ("amax", w_amax), ("blk", block_amax), ("in", in_amax))}
-    raise_on_bad(stats, sizes, names, amax_keys=("amax", "in"))
+    ``<module>.input_quantizer amax``.
+    """
+
+    def __init__(self, stats, what: str, weight, w_amax, block_amax=None, in_amax=None):
+        self.stats = stats
+        self.names = {"w": what, "amax": what + " amax", "blk": what + " block amax",
+                      "in": what.rsplit(".", 1)[0] + ".input_quantizer amax"}
+        self.sizes = {k: (0 if a is None else int(a.size))
+                      for k, a in (("w", weight), ("amax", w_amax), ("blk", block_amax), ("in", in_amax))}
+
+    def ready(self) -> bool:
+        return all(getattr(x, "is_ready", lambda: True)() for x in jax.tree_util.tree_leaves(self.stats))
+
+    def __call__(self) -> None:
+        raise_on_bad(self.stats, self.sizes, self.names, amax_keys=("amax", "in"))
 
 
 def check_amax(amax, what: str) -> None:

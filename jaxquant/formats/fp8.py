@@ -18,21 +18,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 
 from jaxquant.errors import UnsupportedError
 from jaxquant.formats.base import (
+    F8,
+    F32,
+    DeferredCheck,
     FormatBase,
     TensorSpec,
     check_amax,
     finite_stats,
-    raise_on_bad,
 )
 from jaxquant.numerics import fp8 as fp8_num
 
-F8 = np.dtype(ml_dtypes.float8_e4m3fn)
-F32 = np.dtype(np.float32)
 _FP8_GROUP = {"dynamic": False, "num_bits": 8, "type": "float"}
 
 
@@ -92,17 +90,14 @@ class FP8(FormatBase):
             specs.append(("input_scale", (), F32))
         return specs
 
-    def export_tensors(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
-                       what: str = "weight") -> dict[str, jax.Array]:
+    def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
+                                what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
         w = jnp.asarray(weight)
         cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
         amax = jnp.asarray(w_amax, jnp.float32)
         ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
         out, stats = _export(w, amax, ia, compute_dtype=cd, per_channel=self.per_channel)
-        names = {"w": what, "amax": what + " amax", "in": what.rsplit(".", 1)[0] + ".input_quantizer amax"}
-        sizes = {"w": int(w.size), "amax": int(amax.size), "in": 1 if ia is None else int(ia.size)}
-        raise_on_bad(stats, sizes, names, amax_keys=("amax", "in"))
-        return out
+        return out, DeferredCheck(stats, what, w, amax, None, ia)
 
     def input_scale(self, amax, what: str = "input amax") -> jax.Array:
         check_amax(amax, what)

@@ -26,11 +26,11 @@ from jaxquant.formats.base import (
     F8,
     F32,
     U8,
+    DeferredCheck,
     FormatBase,
     TensorSpec,
     check_amax,
     finite_stats,
-    raise_on_bad_export,
 )
 from jaxquant.numerics import nvfp4 as nvfp4_num
 
@@ -90,8 +90,8 @@ class NVFP4(FormatBase):
         specs.append(("weight_scale_2", (), F32))
         return specs
 
-    def export_tensors(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
-                       what: str = "weight") -> dict[str, jax.Array]:
+    def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
+                                what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
         w = jnp.asarray(weight)
         if w.shape[-1] % self.block_size:
             raise ExportError(
@@ -107,8 +107,7 @@ class NVFP4(FormatBase):
             blk = jnp.asarray(block_amax, jnp.float32)
         ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
         out, stats = _export(w, amax, blk, ia, compute_dtype=cd, block_size=self.block_size)
-        raise_on_bad_export(stats, what, w, amax, blk, ia)
-        return out
+        return out, DeferredCheck(stats, what, w, amax, blk, ia)
 
     def input_scale(self, amax, what: str = "input amax") -> jax.Array:
         check_amax(amax, what)

@@ -204,3 +204,19 @@ def test_format_attributes_drive_quant_config():
     assert formats.get("fp8_pc_pt").hf_layer_entry(0) == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}
     assert formats.by_quant_algo("NVFP4") is formats.get("nvfp4")
     assert formats.by_quant_algo("INT4_AWQ") is None
+
+
+def test_deferred_check_raises_only_when_called():
+    """``export_tensors_deferred`` never reads back: the caller (the exporter) runs the check later."""
+    w = np.ones((4, 32), np.float32)
+    w[2, 2] = np.inf
+    for name in formats.FORMATS:
+        fmt = formats.get(name)
+        blk = np.ones((4, 2), np.float32) if fmt.static_blocks else None
+        amax = np.ones(4, np.float32) if fmt.per_channel else np.float32(1)
+        out, check = fmt.export_tensors_deferred(jnp.asarray(w), amax, block_amax=blk, what="m.o_proj.weight")
+        assert set(out) >= {"weight", "weight_scale"}
+        with pytest.raises(NonFiniteError, match=r"m\.o_proj\.weight: 1 of 128"):
+            check()
+        _, ok = fmt.export_tensors_deferred(jnp.ones((4, 32)), amax, block_amax=blk)
+        ok()  # finite: no error
