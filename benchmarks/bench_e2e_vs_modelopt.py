@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -370,6 +371,7 @@ def compare_exports(mo_dir: Path, jq_dir: Path) -> dict:
     tensors_identical = weight_tensors = 0
     mismatched = []
     worst_scale = {}
+    by_kind: dict[str, dict] = {}
     for k in common:
         ea, eb = a[k], b[k]
         if k.endswith(ACT_SCALES):
@@ -397,6 +399,12 @@ def compare_exports(mo_dir: Path, jq_dir: Path) -> dict:
         weight_bytes += ra.size
         weight_same += same
         tensors_identical += same == ra.size
+        kind = by_kind.setdefault(re.sub(r"\.\d+\.", ".*.", k), {"tensors": 0, "tensors_identical": 0, "bytes": 0,
+                                                                 "differing_bytes": 0})
+        kind["tensors"] += 1
+        kind["tensors_identical"] += same == ra.size
+        kind["bytes"] += int(ra.size)
+        kind["differing_bytes"] += int(ra.size - same)
     qa, qb = _json(mo_dir / "hf_quant_config.json"), _json(jq_dir / "hf_quant_config.json")
     for q in (qa, qb):
         if isinstance(q, dict):
@@ -407,7 +415,8 @@ def compare_exports(mo_dir: Path, jq_dir: Path) -> dict:
         "n_only_in_modelopt": len(set(a) - set(b)), "n_only_in_jaxquant": len(set(b) - set(a)),
         "dtype_or_shape_mismatch": mismatched[:20],
         "weight_side": {"tensors": weight_tensors, "tensors_identical": tensors_identical, "bytes": int(weight_bytes),
-                        "identical_bytes_fraction": weight_same / weight_bytes if weight_bytes else None},
+                        "identical_bytes_fraction": weight_same / weight_bytes if weight_bytes else None,
+                        "by_name": by_kind},
         "activation_scales": worst_scale,
         "hf_quant_config_equal": qa == qb and qa is not None,
         "hf_quant_config": {"modelopt": qa, "jaxquant": qb} if qa != qb else qa,
@@ -509,6 +518,10 @@ def table(entry: dict) -> str:
         frac = ws.get("identical_bytes_fraction")
         rows.append(("weight side identical bytes", "", f"{100 * frac:.4f} %" if frac is not None else "-",
                      f"{ws['tensors_identical']}/{ws['tensors']} tensors"))
+        for name, v in sorted(ws.get("by_name", {}).items()):
+            if v["differing_bytes"]:
+                rows.append((f"  differing: {name}", "", f"{100 * v['differing_bytes'] / v['bytes']:.4f} % of bytes",
+                             f"{v['tensors'] - v['tensors_identical']}/{v['tensors']} tensors"))
     for kind, v in sorted(cmp_.get("activation_scales", {}).items()):
         rows.append((f"{kind} max rel diff", "", f"{v['max_rel_diff']:.3g}", f"{v['count']} tensors"))
     if cmp_:
