@@ -187,8 +187,8 @@ class DequantizingSource:
     def shape(self, name):
         q = self._q(name)
         s = tuple(self.base.shape(name))
-        if q is not None and np.dtype(q.format.export_specs(1, 2)[0][2]) == np.dtype(np.uint8):
-            return s[:-1] + (s[-1] * 2,)  # two elements per byte
+        if q is not None:
+            return s[:-1] + (s[-1] * q.format.elements_per_byte,)  # e.g. two NVFP4 elements per byte
         return s
 
     def dtype(self, name):

@@ -52,6 +52,7 @@ class QuantFormat(Protocol):
     static_blocks: bool  # the block scales come from the quantizer's calibrated per-block amax
     sidecar_weight_amax: bool  # the exact weight amax goes into the export's sidecar (loader bit-exactness)
     input_divisor: float  # input_scale = amax / input_divisor (the loader inverts it)
+    elements_per_byte: int  # weight elements per stored element along the input axis (2 for packed E2M1)
 
     def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
         """``[(suffix, shape, numpy dtype)]`` of the tensors of one ``[out, in_]`` linear, file order."""
@@ -105,6 +106,7 @@ class FormatBase:
     #: whether ``convert_hf_quant_config_format`` writes ``config_groups`` when every layer has this format
     config_groups_when_uniform: ClassVar[bool] = True
     input_divisor: ClassVar[float] = 1.0
+    elements_per_byte: ClassVar[int] = 1
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name} ({self.quant_algo})>"

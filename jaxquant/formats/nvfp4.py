@@ -69,6 +69,7 @@ class NVFP4(FormatBase):
     static_input_scale = True
     shares_fused_scales = True
     input_divisor = nvfp4_num.GLOBAL_SCALE_DIVISOR
+    elements_per_byte = 2  # two E2M1 codes per uint8
 
     def match(self, weight, input) -> bool:
         if weight.format not in self.weight_config_formats:

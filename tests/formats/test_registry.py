@@ -220,3 +220,9 @@ def test_deferred_check_raises_only_when_called():
             check()
         _, ok = fmt.export_tensors_deferred(jnp.ones((4, 32)), amax, block_amax=blk)
         ok()  # finite: no error
+
+
+def test_elements_per_byte_matches_the_stored_weight():
+    for name, fmt in formats.FORMATS.items():
+        (suffix, shape, _), *_ = fmt.export_specs(8, 64)
+        assert suffix == "weight" and shape == (8, 64 // fmt.elements_per_byte), name
