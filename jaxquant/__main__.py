@@ -2,6 +2,14 @@
 
 import sys
 
-from jaxquant.cli import main
+from jaxquant import interrupt
+
+interrupt.install()  # before the command's own imports: a Ctrl-C from here on ends with status 130
+try:
+    with interrupt.deferred():
+        from jaxquant.cli import main
+except KeyboardInterrupt:
+    print("\nerror: interrupted (Ctrl-C) while starting; nothing was written.", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -285,7 +285,7 @@ def _export(args, loaded, result) -> list[str]:
         if args.export_format == "both":
             target.mkdir(parents=True, exist_ok=True)
         summary = export_hf(loaded, hf_dir, resolution=result.resolution, overwrite=args.overwrite,
-                            allow_unquantized=args.allow_unquantized)
+                            allow_unquantized=args.allow_unquantized, progress=not args.quiet)
         describe = getattr(summary, "describe", None)
         lines.append(describe() if callable(describe) else f"exported {hf_dir}")
     if args.export_format in ("orbax", "both"):

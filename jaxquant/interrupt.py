@@ -40,10 +40,13 @@ def _unraisablehook(unraisable):
 def install() -> None:
     """Route SIGINT through a handler that records it (main thread only; idempotent)."""
     global _installed, _hit
-    _hit = False
     try:
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        current = signal.getsignal(signal.SIGINT)
+        if current is _handler:
+            return  # already active (``python -m jaxquant`` installs it before importing the command)
+        if current is signal.SIG_IGN:
             return  # started with SIGINT ignored (nohup, a background job): keep it that way
+        _hit = False
         signal.signal(signal.SIGINT, _handler)
     except ValueError:  # not the main thread: keep Python's default
         return

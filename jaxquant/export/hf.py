@@ -881,6 +881,7 @@ def export_hf(
     hf_config: Mapping[str, Any] | None = None,
     source_dir: str | os.PathLike | None = None,
     allow_unquantized: bool = False,
+    progress: bool = False,
 ) -> ExportSummary:
     """Write a ModelOpt unified HF checkpoint of a calibrated model into ``export_dir``.
 
@@ -905,6 +906,7 @@ def export_hf(
       allow_unquantized: write a checkpoint even when no quantizer is enabled (a plain HF checkpoint,
         no ``hf_quant_config.json``); by default that is an error, since it is almost always a recipe
         whose patterns matched nothing.
+      progress: a tqdm bar of bytes written on stderr (only when stderr is a terminal).
 
     Returns:
       An ``ExportSummary`` (files, bytes, bits per parameter, dtype table).
@@ -952,7 +954,8 @@ def export_hf(
     try:
         validate = None if not qc.is_quantized_export(hfq) else _refuse_invalid
         with atomic_directory(target, overwrite=overwrite, validate=validate) as tmp:
-            files = write_sharded(entries, tmp, max_shard_size=max_shard_size, total_parameters=total_parameters)
+            files = write_sharded(entries, tmp, max_shard_size=max_shard_size, total_parameters=total_parameters,
+                                  progress=progress)
             checks.finish()  # NaN/Inf in any quantized weight or amax: NonFiniteError, nothing published
             if qc.is_quantized_export(hfq):
                 (tmp / "hf_quant_config.json").write_text(json.dumps(hfq, indent=4))

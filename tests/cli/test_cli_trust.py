@@ -188,9 +188,12 @@ def test_ctrl_c_at_any_moment_exits_130_with_nothing_written(files, tmp_path, de
     out, err = p.communicate(timeout=120)
     if p.returncode == 0:
         pytest.skip(f"the run finished within {delay} s on this machine")
-    # -SIGINT: killed by the default action before Python set up its handlers (a shell shows 130 too)
+    # -SIGINT: the interrupt came before jaxquant's handler existed (interpreter start-up, the first
+    # imports); Python then dies of the signal itself, which a shell shows as 130 too.
     assert p.returncode in (130, -signal.SIGINT), (p.returncode, err[-2000:])
-    assert "Traceback" not in err and not target.exists()
+    if p.returncode == 130:
+        assert "Traceback" not in err
+    assert not target.exists()
     assert not list(tmp_path.iterdir())
 
 
