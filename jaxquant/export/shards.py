@@ -295,8 +295,12 @@ def write_sharded(
             blob, offsets, size = shard_layout(shard, SAFETENSORS_METADATA)
             fd = os.open(d / files[si], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             fds[si] = fd
-            _pwrite_all(fd, memoryview(blob), 0, stop)
-            os.ftruncate(fd, size)
+            try:
+                _pwrite_all(fd, memoryview(blob), 0, stop)
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                exc.add_note(f"while writing the header of {files[si]}")
+                raise
             if not shard:
                 close_shard(si)
             for e in shard:

@@ -289,8 +289,8 @@ def test_write_error_propagates_promptly(tmp_path, monkeypatch, exc):
     with pytest.raises(exc, match="disk on fire") as info:
         shards.write_sharded(ents, tmp_path, max_shard_size=1000, workers=2)
     assert len(produced) < 20  # stopped dispatching well before the end
-    if exc is OSError:
-        assert any("while writing tensor" in n for n in info.value.__notes__)
+    if exc is OSError:  # the 4th write is a tensor, or (when the workers lag) the next file's header
+        assert any(n.startswith("while writing") for n in info.value.__notes__)
     assert _writer_threads() == []
     assert _open_fds() == fds
 
