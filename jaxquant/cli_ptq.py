@@ -318,12 +318,10 @@ def _check_writable_file(path: str, flag: str) -> None:
     p = Path(path).expanduser().absolute()
     if p.is_dir():
         raise CheckpointError(f"{flag} {path} is a directory; give a file name (e.g. calib.safetensors).")
-    probe = p.parent
-    while not probe.exists():
-        probe = probe.parent
-    import os
+    from jaxquant.export.atomic import unwritable_ancestor
 
-    if not os.access(probe, os.W_OK | os.X_OK):
+    probe = unwritable_ancestor(p)
+    if probe is not None:
         raise CheckpointError(f"{flag} {path}: {probe} is not writable.")
 
 

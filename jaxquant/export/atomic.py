@@ -43,13 +43,19 @@ def check_target(target: str | os.PathLike, *, overwrite: bool = False) -> Path:
             f"export target {t} is not empty. Pass --overwrite (overwrite=True) to replace it, "
             "or choose another --export-path."
         )
-    parent = t.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
+    probe = unwritable_ancestor(t)
+    if probe is not None:
         raise ExportError(f"cannot write the export target {t}: {probe} is not writable.")
     return t
+
+
+def unwritable_ancestor(path: str | os.PathLike) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is not writable (so ``path`` cannot be
+    created there), else None."""
+    probe = Path(path).expanduser().absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    return None if os.access(probe, os.W_OK | os.X_OK) else probe
 
 
 def _umask() -> int:

@@ -834,7 +834,9 @@ def _logical_params(e: Entry) -> int:
     return n * 2 if np.dtype(e.dtype) == np.dtype(np.uint8) and e.name.endswith(".weight") else n
 
 
-def _write_aux(export_dir: Path, source_dir: Path | None, loaded, hf_config: dict) -> None:
+def copy_aux_files(export_dir: Path, source_dir: Path | None, loaded, hf_config: dict) -> None:
+    """Copy the source's tokenizer / chat template / generation config files into ``export_dir`` (a GGUF
+    source saves its embedded tokenizer); write ``generation_config.json`` from the config if absent."""
     copied = set()
     if source_dir is not None and source_dir.is_dir() and getattr(loaded, "gguf_file", None) is None:
         for name in AUX_FILES:
@@ -964,7 +966,7 @@ def export_hf(
                 (tmp / STATE_FILE).write_text(json.dumps(
                     {"producer": qc.PRODUCER, "note": "exact calibrated amax behind each input/k/v scale; "
                      "serving engines ignore this file", "amax": amax}, indent=1))
-            _write_aux(tmp, Path(src) if src is not None else None, loaded, cfg)
+            copy_aux_files(tmp, Path(src) if src is not None else None, loaded, cfg)
     except JaxquantError:
         raise
     except KeyboardInterrupt:

@@ -156,14 +156,14 @@ def save_orbax(
         "recipe_rules": rules,
         "export_tensor_names": export_names,
     }
-    from jaxquant.export.hf import _write_aux
+    from jaxquant.export.hf import copy_aux_files
 
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         meta["writer"] = _save_tree(tmp / STATE, tree)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
         # tokenizer, chat template and generation config, so `jaxquant eval` works on the directory
         src = getattr(loaded, "source_dir", None)
-        _write_aux(tmp, Path(src) if src is not None else None, loaded, cfg)
+        copy_aux_files(tmp, Path(src) if src is not None else None, loaded, cfg)
     return Path(directory)
 
 
