@@ -106,28 +106,32 @@ def _total_tokens(data: Any) -> int | None:
 
 
 def auto_batch_size(model: Any, seq_len: int, n_rows: int | None = None, *, device=None,
-                    memory_fraction: float = 0.8, sample_ratio: float = 1.1) -> int:
+                    memory_fraction: float = 0.8, sample_ratio: float = 1.1, free_bytes: int | None = None) -> int:
     """A calibration batch size that fits the device (hf_ptq's ``--batch_size 0``).
 
     CPU: ``CPU_BATCH_SIZE`` (8). Accelerators: the compiled memory need of one ``[1, seq_len]``
     forward (XLA's ``memory_analysis``, nothing is run) times ``sample_ratio`` (hf_ptq's 1.1) per
     row, into ``memory_fraction`` of the free device memory; regulated like hf_ptq to 1, 2 or a
-    multiple of 4, at most 512, and at most ``n_rows``.
+    multiple of 4, at most 512, and at most ``n_rows``. ``free_bytes`` replaces the device's free memory
+    (for a model whose weights are not loaded yet; see ``ahead.py``); ``model`` may be abstract.
     """
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         b = CPU_BATCH_SIZE
     else:
-        b = _probe_batch_size(model, seq_len, device, memory_fraction, sample_ratio)
+        b = _probe_batch_size(model, seq_len, device, memory_fraction, sample_ratio, free_bytes)
     if n_rows is not None:
         b = min(b, max(1, n_rows))
     return max(1, b)
 
 
-def _probe_batch_size(model, seq_len, device, memory_fraction, sample_ratio) -> int:
+def _probe_batch_size(model, seq_len, device, memory_fraction, sample_ratio, free_bytes=None) -> int:
     try:
-        stats = device.memory_stats() or {}
-        free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+        if free_bytes is None:
+            stats = device.memory_stats() or {}
+            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+        else:
+            free = free_bytes
         graphdef, state = nnx.split(model)
 
         def fwd(state, ids, mask):

@@ -95,10 +95,24 @@ def calibrate_weights(sites: list[Site], model: Any = None) -> int:
         for s in todo:
             s.quantizer.calibrate_weight(s.weight())
         return len(todo)
-    from jaxquant.calibration.sites import quantizer_sites
+    from jaxquant.calibration import ahead
     from jaxquant.quantizer.tensor_quantizer import QuantGlobalAmax
 
     graphdef, stats, rest = nnx.split(model, (QuantAmax, QuantGlobalAmax), ...)
+    key = weight_reducer_key(graphdef, stats, rest)
+    reduce = ahead.lookup(key)
+    if reduce is None:
+        reduce = weight_reducer(graphdef).lower(stats, rest).compile()
+        ahead.store(key, reduce)
+    nnx.update(model, reduce(stats, rest))
+    return len(todo)
+
+
+def weight_reducer(graphdef) -> Callable:
+    """The jitted ``(amax state, rest) -> amax state`` that sets every enabled weight quantizer's amax
+    (and NVFP4-static global amax) from its weight."""
+    from jaxquant.calibration.sites import quantizer_sites
+    from jaxquant.quantizer.tensor_quantizer import QuantGlobalAmax
 
     @jax.jit
     def reduce(stats, rest):
@@ -107,8 +121,24 @@ def calibrate_weights(sites: list[Site], model: Any = None) -> int:
             s.quantizer.calibrate_weight(s.weight())
         return nnx.state(m, (QuantAmax, QuantGlobalAmax))
 
-    nnx.update(model, reduce(stats, rest))
-    return len(todo)
+    return reduce
+
+
+def weight_reducer_key(graphdef, stats, rest):
+    """The ahead-of-time store key of ``weight_reducer(graphdef)`` for these states (None: not storable)."""
+    from jaxquant.calibration.ahead import leaf_signature
+
+    leaves, treedef = jax.tree_util.tree_flatten((stats, rest))
+    sig = leaf_signature(leaves)
+    return None if sig is None else ("weights", graphdef, treedef, sig)
+
+
+def step_key(graphdef, amax_def, rest_def, amax_leaves, rest_leaves, ids_shape, has_mask: bool, forward):
+    """The ahead-of-time store key of the calibration step (None: not storable)."""
+    from jaxquant.calibration.ahead import leaf_signature
+
+    sig = leaf_signature(list(amax_leaves) + list(rest_leaves))
+    return None if sig is None else ("step", graphdef, amax_def, rest_def, sig, tuple(ids_shape), has_mask, forward)
 
 
 def check_weights_finite(sites: list[Site]) -> None:
@@ -244,6 +274,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
       DataError: malformed batches, no batch at all, sequences too long, token ids outside the
         model's vocabulary.
     """
+    from jaxquant.calibration import ahead
     from jaxquant.data.batching import check_token_ids
 
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # XLA gathers clamp silently
@@ -291,8 +322,13 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
             key = (tuple(ids.shape), mask is None)
             if key not in compiled:
                 t0 = time.perf_counter()
-                m_arg = None if mask is None else jax.ShapeDtypeStruct(mask.shape, jnp.int32)
-                compiled[key] = step.lower(amax, rest, jax.ShapeDtypeStruct(ids.shape, jnp.int32), m_arg).compile()
+                skey = step_key(graphdef, amax_def, rest_def, amax, rest, ids.shape, mask is not None, forward)
+                compiled[key] = ahead.lookup(skey)
+                if compiled[key] is None:
+                    m_arg = None if mask is None else jax.ShapeDtypeStruct(mask.shape, jnp.int32)
+                    compiled[key] = step.lower(amax, rest, jax.ShapeDtypeStruct(ids.shape, jnp.int32),
+                                               m_arg).compile()
+                    ahead.store(skey, compiled[key])
                 dt = time.perf_counter() - t0
                 stats.compile_s += dt
                 if bar is not None:  # keep compilation out of the bar's tokens/s

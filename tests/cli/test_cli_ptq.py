@@ -210,3 +210,24 @@ def test_cli_asks_xla_for_ieee_gpu_division(monkeypatch):
     with pytest.raises(SystemExit):
         main(["ptq", "--help"])
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/nowhere --xla_backend_extra_options=-nvptx-prec-divf32=2"
+
+
+def test_compile_ahead_while_loading_gives_the_same_export(files, capsys, tmp_path, monkeypatch):
+    """cli_overlap: the tokenizer and the calibration's compilation on threads while the checkpoint loads
+    (forced on for the CPU backend here) leave every exported byte as it was."""
+    pytest.importorskip("jaxquant.export.hf")
+    from jaxquant import cli_overlap
+    from jaxquant.calibration import ahead
+
+    outs = {}
+    for on in (False, True):
+        ahead.clear()
+        monkeypatch.setattr(cli_overlap, "COMPILE_AHEAD_ON_CPU", on)
+        target = tmp_path / f"ahead-{on}"
+        argv = _ptq(files, "--export-path", str(target), "--eval-windows", "0", "--recipe",
+                    "general/ptq/nvfp4_default-kv_fp8", "--calib-seq", "16")
+        rc, out, err = _run(argv, capsys)
+        assert rc == 0, err
+        assert ("calibration compiled while the model loaded" in out) == on
+        outs[on] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
+    assert outs[True] and outs[True] == outs[False]

@@ -1,0 +1,165 @@
+"""Compile the calibration computations ahead of time, from the model's shapes alone.
+
+XLA compiles the whole-model calibration step from shapes and dtypes, not from values: it can
+start as soon as the config and the recipe are known, while the weights are still being read.
+``compile_calibration_ahead(config, dtype, recipe, batch_shape)`` builds the model abstractly
+(``nnx.eval_shape``, no memory), applies the recipe, and compiles the same two computations that
+``max_calibrate`` runs (the weight-amax reduction and the calibration step for one batch shape);
+the executables go into a process-wide store keyed by everything the compilation depends on
+(graph definition, tree structures, leaf shapes and dtypes, batch shape). ``calibrate_weights``
+and ``run_calibration`` look there first and compile themselves only on a miss, so a key that does
+not match (another batch shape, a model placed on several devices) costs nothing but the
+ahead-of-time work.
+
+``jaxquant ptq`` runs this on a thread while the checkpoint loads (``cli_ptq``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+log = logging.getLogger("jaxquant.calibration")
+
+#: Executables kept (least recently used dropped first): a run needs two; tests that build many models
+#: must not accumulate them.
+MAX_STORED = 8
+
+# (key, executable), most recently used last. A list compared with ``==``, not a dict: NNX graph definitions
+# compare equal across two builds of the same model but do not hash equal.
+_STORE: list[tuple[Any, Any]] = []
+_LOCK = threading.Lock()
+
+
+def leaf_signature(leaves: list[Any]) -> tuple | None:
+    """``((shape, dtype), ...)`` of arrays or ``ShapeDtypeStruct``s; None when an array is not on the default
+    device alone (an executable compiled for the default placement would not accept it)."""
+    default = None
+    out = []
+    for x in leaves:
+        if isinstance(x, jax.Array):
+            devs = x.sharding.device_set
+            if len(devs) != 1:
+                return None
+            default = default or jax.devices()[0]
+            if next(iter(devs)) != default:
+                return None
+        out.append((tuple(x.shape), str(x.dtype)))
+    return tuple(out)
+
+
+def lookup(key: Any) -> Any:
+    """The executable stored under a key equal to ``key`` (None for a miss or a None key)."""
+    if key is None:
+        return None
+    with _LOCK:
+        for i, (k, exe) in enumerate(_STORE):
+            if k == key:
+                _STORE.append(_STORE.pop(i))
+                return exe
+    return None
+
+
+def store(key: Any, executable: Any) -> None:
+    """Keep ``executable`` for ``key`` (a None key is ignored)."""
+    if key is None:
+        return
+    with _LOCK:
+        _STORE[:] = [(k, e) for k, e in _STORE if k != key]
+        _STORE.append((key, executable))
+        del _STORE[:-MAX_STORED]
+
+
+def clear() -> None:
+    """Forget every stored executable."""
+    with _LOCK:
+        _STORE.clear()
+
+
+@dataclasses.dataclass
+class AheadResult:
+    """What ``compile_calibration_ahead`` compiled: executables stored, seconds spent, the batch
+    size it chose (``auto_batch_size`` when asked for one, else the given one)."""
+
+    compiled: int
+    seconds: float
+    batch_size: int
+
+
+def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int, batch_size: int | None, *,
+                              n_rows: int | None = None, free_bytes_before_load: int | None = None,
+                              forward: Callable | None = None) -> AheadResult:
+    """Compile ``max`` calibration's computations for ``config`` + ``recipe`` from shapes alone.
+
+    Args:
+      config: the ``ModelConfig`` of the model that will be loaded.
+      dtype: its parameter dtype.
+      recipe: what ``apply_recipe`` accepts (a ``Recipe``, a name, a config dict).
+      seq_len: tokens per calibration row.
+      batch_size: rows per batch; None: ``auto_batch_size`` for ``n_rows`` rows, with the device memory
+        that will be free once the weights are loaded: ``free_bytes_before_load`` (bytes free before
+        loading started; None: what the device reports now) less the weights' bytes.
+      forward: the calibration forward (default ``model(ids, mask)``).
+
+    Returns:
+      An ``AheadResult``. Nothing is run and no weight memory is used; the executables wait in the
+      store for the real model's calibration.
+    """
+    from flax import nnx
+
+    from jaxquant.calibration.api import auto_batch_size
+    from jaxquant.calibration.max import (
+        default_forward,
+        make_step,
+        set_calibration_modes,
+        step_key,
+        weight_reducer,
+        weight_reducer_key,
+    )
+    from jaxquant.calibration.sites import quantizer_sites
+    from jaxquant.models.decoder import abstract_model
+    from jaxquant.quantizer.tensor_quantizer import QuantAmax, QuantGlobalAmax
+    from jaxquant.recipe import apply_recipe
+
+    t0 = time.perf_counter()
+    forward = forward or default_forward
+    model = abstract_model(config, dtype=dtype)
+    apply_recipe(model, recipe, warn=False)
+    sites = quantizer_sites(model)
+    for s in sites:
+        s.quantizer.set_mode("off")
+    n = 0
+    graphdef, stats, rest = nnx.split(model, (QuantAmax, QuantGlobalAmax), ...)
+    key = weight_reducer_key(graphdef, stats, rest)
+    if key is not None and lookup(key) is None:
+        store(key, weight_reducer(graphdef).lower(stats, rest).compile())
+        n += 1
+    if batch_size is None:
+        free = free_bytes_before_load
+        if free is not None:
+            params = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+            free -= sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in params)
+        batch_size = auto_batch_size(model, seq_len, n_rows, free_bytes=free)
+    if set_calibration_modes(sites):
+        graphdef, amax_state, rest = nnx.split(model, QuantAmax, ...)
+        amax, amax_def = jax.tree_util.tree_flatten(amax_state)
+        rest, rest_def = jax.tree_util.tree_flatten(rest)
+        ids = jax.ShapeDtypeStruct((batch_size, seq_len), jax.numpy.int32)
+        key = step_key(graphdef, amax_def, rest_def, amax, rest, ids.shape, True, forward)
+        if key is not None and lookup(key) is None:
+            step = make_step(graphdef, amax_def, rest_def, forward)
+            store(key, step.lower(amax, rest, ids, ids).compile())
+            n += 1
+    dt = time.perf_counter() - t0
+    log.info("compiled %d calibration computation(s) ahead in %.2f s", n, dt)
+    return AheadResult(n, dt, batch_size)
+
+
+__all__ = ["AheadResult", "clear", "compile_calibration_ahead", "leaf_signature", "lookup", "store"]

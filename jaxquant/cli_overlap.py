@@ -1,0 +1,128 @@
+"""Work ``jaxquant ptq`` starts on threads while the checkpoint loads.
+
+Loading a checkpoint is mostly waiting on the disk and the host-to-device link; two other slow
+steps need nothing from the weights:
+
+* the tokenizer (``AutoTokenizer`` imports a large part of transformers), and
+* XLA's compilation of the calibration computations (``calibration.ahead``: it needs the config,
+  the recipe and the batch shape only).
+
+``start(...)`` starts both on daemon threads for a Hugging Face checkpoint directory and returns an
+``Overlap`` whose ``tokenizer()`` / ``ahead()`` wait for them. Their exceptions surface when their
+result is asked for, that is at the point where the command would have done the work itself, so
+errors and their order do not change. Anything the threads cannot do (a GGUF file, a directory that
+is not a loadable checkpoint) is left to the main thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("jaxquant")
+
+#: Compile ahead on the CPU backend too (off: there the compilation competes with loading for the same
+#: cores, and a missed guess at the batch shape would cost a second compilation).
+COMPILE_AHEAD_ON_CPU = False
+
+
+def spawn(name: str, fn, *args, **kwargs) -> cf.Future:
+    """Run ``fn(*args, **kwargs)`` on a daemon thread; its result or exception lands in the returned future."""
+    fut: cf.Future = cf.Future()
+
+    def run():
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name=f"jaxquant-{name}", daemon=True).start()
+    return fut
+
+
+@dataclasses.dataclass
+class Overlap:
+    """Handles on the work started by ``start``."""
+
+    tokenizer_future: cf.Future | None = None
+    ahead_future: cf.Future | None = None
+
+    def tokenizer(self, loaded) -> Any:
+        """The tokenizer (from the thread when one was started, else loaded now)."""
+        if self.tokenizer_future is None:
+            return loaded.tokenizer()
+        return self.tokenizer_future.result()
+
+    def ahead(self):
+        """The ``AheadResult`` of the compilation, or None (not started, or it failed: then the calibration
+        compiles as usual)."""
+        if self.ahead_future is None:
+            return None
+        try:
+            return self.ahead_future.result()
+        except Exception as e:  # noqa: BLE001 - an optimisation only; the calibration compiles itself
+            log.warning("compiling the calibration ahead failed (%s: %s); it is compiled after loading instead.",
+                        type(e).__name__, e)
+            return None
+
+
+def _checkpoint_config(model_arg: str | None):
+    """The ``ModelConfig`` of an HF checkpoint directory, or None (anything the main thread should report)."""
+    if model_arg is None:
+        return None
+    d = Path(model_arg).expanduser()
+    if not d.is_dir() or not (d / "config.json").is_file() or (d / "hf_quant_config.json").is_file():
+        return None
+    try:
+        from jaxquant.converters.hf import read_hf_config
+        from jaxquant.models.config import ModelConfig
+
+        hf = read_hf_config(d)
+        if "quantization_config" in hf:
+            return None
+        return ModelConfig.from_hf_config(hf, source=str(d / "config.json"))
+    except Exception:  # noqa: BLE001 - load_model reports it
+        return None
+
+
+def _free_device_bytes() -> int | None:
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
+def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
+    """Start the tokenizer and (on an accelerator, when calibrating) the ahead-of-time compilation for
+    ``args.model``. Returns at once."""
+    import jax
+
+    config = _checkpoint_config(args.model)
+    if config is None:
+        return Overlap()
+    from jaxquant.converters.hf import load_tokenizer
+
+    out = Overlap(tokenizer_future=spawn("tokenizer", load_tokenizer, Path(args.model).expanduser()))
+    if args.load_calib_state is not None or (jax.default_backend() == "cpu" and not COMPILE_AHEAD_ON_CPU):
+        return out
+    limit = config.max_position_embeddings
+    seq = args.calib_seq or (default_calib_seq if limit is None else min(default_calib_seq, limit))
+    from jaxquant.calibration.ahead import compile_calibration_ahead
+
+    out.ahead_future = spawn("compile", compile_calibration_ahead, config, dtype, recipe, seq, args.batch_size or None,
+                             n_rows=n_rows, free_bytes_before_load=None if args.batch_size else _free_device_bytes())
+    return out
+
+
+__all__ = ["COMPILE_AHEAD_ON_CPU", "Overlap", "spawn", "start"]

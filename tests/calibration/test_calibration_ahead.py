@@ -1,0 +1,68 @@
+"""Ahead-of-time compilation of the calibration (``calibration/ahead.py``): the executables compiled from the
+config alone are the ones the real model's calibration runs, and the results are the same bits."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.calibration import ahead, quantize
+from jaxquant.calibration.ahead import compile_calibration_ahead
+from jaxquant.models import ModelConfig, build_model
+from jaxquant.recipe import load_recipe
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 101, "hidden_size": 32,
+         "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "tie_word_embeddings": False, "max_position_embeddings": 64}
+RECIPE = "general/ptq/nvfp4_default-kv_fp8"
+
+
+def _calibrate(config, rows, use_ahead: bool, monkeypatch):
+    ahead.clear()
+    recipe = load_recipe(RECIPE)
+    if use_ahead:
+        r = compile_calibration_ahead(config, jnp.float32, recipe, rows.shape[1], 4)
+        assert r.compiled == 2 and r.batch_size == 4
+    compiled = []
+    real_store = ahead.store
+    monkeypatch.setattr(ahead, "store", lambda k, e: (compiled.append(k[0]), real_store(k, e)))
+    m = build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    res = quantize(m, recipe, {"input_ids": rows, "attention_mask": np.ones_like(rows)}, batch_size=4,
+                   progress=False)
+    monkeypatch.undo()
+    return res.calibration_state, compiled
+
+
+def test_ahead_executables_are_used_and_give_the_same_bits(monkeypatch):
+    config = ModelConfig.from_hf_config(LLAMA)
+    rows = np.random.default_rng(0).integers(1, 101, (8, 16)).astype(np.int32)
+    plain, compiled_plain = _calibrate(config, rows, False, monkeypatch)
+    early, compiled_early = _calibrate(config, rows, True, monkeypatch)
+    assert sorted(compiled_plain) == ["step", "weights"]  # without: both compiled during quantize
+    assert compiled_early == []  # with: both found in the store
+    assert plain.keys() == early.keys()
+    for k in plain:
+        np.testing.assert_array_equal(np.asarray(plain[k]), np.asarray(early[k]), err_msg=k)
+
+
+def test_a_different_batch_shape_misses_and_compiles(monkeypatch):
+    config = ModelConfig.from_hf_config(LLAMA)
+    ahead.clear()
+    compile_calibration_ahead(config, jnp.float32, load_recipe(RECIPE), 32, 4)  # guessed 32 tokens per row
+    rows = np.random.default_rng(1).integers(1, 101, (8, 16)).astype(np.int32)
+    compiled = []
+    real_store = ahead.store
+    monkeypatch.setattr(ahead, "store", lambda k, e: (compiled.append(k[0]), real_store(k, e)))
+    m = build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    quantize(m, RECIPE, {"input_ids": rows, "attention_mask": np.ones_like(rows)}, batch_size=4, progress=False)
+    assert compiled == ["step"]  # the weight reduction still matched
+
+
+def test_store_is_bounded():
+    ahead.clear()
+    for i in range(ahead.MAX_STORED + 3):
+        ahead.store(("k", i), i)
+    assert ahead.lookup(("k", 0)) is None
+    assert ahead.lookup(("k", ahead.MAX_STORED + 2)) == ahead.MAX_STORED + 2
+    ahead.clear()
