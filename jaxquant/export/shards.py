@@ -20,6 +20,11 @@ offset, while the next tensors are being computed. At most ``max_inflight_bytes`
 not yet written tensors (or ``min_inflight_tensors`` tensors, whichever admits more) are alive at
 any time, so host memory never holds a second copy of the model. The bytes are identical to a
 plain one-tensor-at-a-time write (within a file, tensors sorted by name, 8-byte padded JSON header).
+
+Each written tensor's pages are handed to the disk at once (Linux ``sync_file_range(WRITE)``, which only
+starts the write-back): left alone, the kernel holds gigabytes of dirty pages until the final ``fsync``
+of the atomic publish, which then waits for all of them (3 s of a 10 s export of 6.6 GB on an H200 host),
+whereas started early the disk works while the rest is computed and the ``fsync`` finds little to do.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import logging
+import ctypes
+import ctypes.util
 import os
 import struct
 import sys
@@ -147,8 +154,34 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int, stop: threading.Event) ->
         pos += os.pwrite(fd, buf[pos:pos + _CHUNK], offset + pos)
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-back of the range's dirty pages, do not wait
+
+
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - a libc without it
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + nbytes)`` of ``fd`` to disk now (Linux; elsewhere, or
+    on a file system that refuses, nothing happens: durability still comes from the publish's ``fsync``)."""
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # best effort: errors surface at fsync
+
+
 def _write_tensor(fd: int, offset: int, arr: Any, stop: threading.Event) -> None:
-    """Worker: copy ``arr`` to host (blocks until a device computation is done) and write its bytes."""
+    """Worker: copy ``arr`` to host (blocks until a device computation is done), write its bytes and start
+    their write-back to disk."""
     if stop.is_set():
         return
     a = np.asarray(arr)
@@ -156,6 +189,7 @@ def _write_tensor(fd: int, offset: int, arr: Any, stop: threading.Event) -> None
     flat = np.ascontiguousarray(a.reshape(-1))  # C order; a copy only for a non-contiguous producer
     del a
     _pwrite_all(fd, memoryview(flat.view(np.uint8)), offset, stop)
+    start_writeback(fd, offset, flat.nbytes)
 
 
 def _start_host_copy(a: Any) -> Any:
