@@ -13,6 +13,8 @@ unchanged.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import dataclasses
 import json
 import logging
@@ -127,6 +129,13 @@ class TensorSource(Protocol):
 Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding.Sharding | None] | None
 
 
+#: Threads that copy tensors to the device (host reads, dtype casts and transfers overlap; one thread
+#: reached 2.6 GB/s on an H200 host, 8-16 about 3-3.4: benchmarks/results/README.md).
+LOAD_WORKERS = 8
+#: Bytes of tensors being copied at once (a bound on the host memory that dtype casts hold).
+LOAD_INFLIGHT_BYTES = 2 << 30
+
+
 def materialize(
     config: ModelConfig,
     source: TensorSource,
@@ -134,15 +143,20 @@ def materialize(
     dtype=jnp.bfloat16,
     name_map: NameMap | None = None,
     sharding: Sharding = None,
+    workers: int | None = None,
 ) -> nnx.Module:
     """Build ``config``'s model abstractly and fill every parameter from ``source``.
 
-    ``source`` is asked for HF names (after the family's text prefix). Raises ``CheckpointError``
-    naming the file and tensor for a missing tensor, a shape mismatch or an unloadable dtype.
+    ``source`` is asked for HF names (after the family's text prefix). Every tensor is checked (present,
+    shape, loadable dtype) before any is read; then ``workers`` threads (default ``LOAD_WORKERS`` for a
+    safetensors source, which is safe to read from several threads, else 1) cast and copy them to the
+    device, at most ``LOAD_INFLIGHT_BYTES`` at a time. Raises ``CheckpointError`` naming the file and
+    tensor for a missing tensor, a shape mismatch or an unloadable dtype.
     """
     dtype = resolve_dtype(dtype)
     nm = name_map or NameMap.for_config(config)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
+    plan = []
     for path, var in nnx.to_flat_state(state):
         path_s = dotted(path)
         if not isinstance(var, nnx.Param):
@@ -166,15 +180,44 @@ def materialize(
                 f"{source.where(hf)}: tensor {hf!r} has dtype {tag}; jaxquant loads unquantized checkpoints "
                 f"({', '.join(LOADABLE_DTYPES)}). Start from the original (bf16/fp16/fp32) model."
             )
-        release = getattr(source, "release", None)
-        arr = _host_cast(source.get(hf), np.dtype(dtype), None if release is None else (lambda lo, hi: release(hf, lo, hi)))
         shd = sharding(path_s, expected) if callable(sharding) else sharding
+        plan.append((var, hf, shd, int(np.prod(expected)) * np.dtype(dtype).itemsize))
+    release = getattr(source, "release", None)
+
+    def put(hf, shd):
+        rel = None if release is None else (lambda lo, hi: release(hf, lo, hi))
+        arr = _host_cast(source.get(hf), np.dtype(dtype), rel)
         x = jax.device_put(arr, shd) if shd is not None else jax.device_put(arr)
-        var.set_value(x)
         del arr
         if release is not None:
-            jax.block_until_ready(x)
+            jax.block_until_ready(x)  # the mapped pages are read: drop them from this process
             release(hf)
+        return x
+
+    if workers is None:
+        workers = LOAD_WORKERS if isinstance(source, SafetensorsSource) else 1
+    if workers <= 1:
+        for var, hf, shd, _ in plan:
+            var.set_value(put(hf, shd))
+        return nnx.merge(graphdef, state)
+    pending: collections.deque = collections.deque()
+    inflight = 0
+    with cf.ThreadPoolExecutor(workers, thread_name_prefix="jaxquant-load") as pool:
+        try:
+            for var, hf, shd, n in plan:
+                while pending and inflight + n > LOAD_INFLIGHT_BYTES:
+                    v, f, m = pending.popleft()
+                    v.set_value(f.result())
+                    inflight -= m
+                pending.append((var, pool.submit(put, hf, shd), n))
+                inflight += n
+            while pending:
+                v, f, _ = pending.popleft()
+                v.set_value(f.result())
+        except BaseException:
+            for _, f, _ in pending:
+                f.cancel()
+            raise
     return nnx.merge(graphdef, state)
 
 

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -108,6 +109,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: file not found.")
         self.tensors, self.metadata, self._data_start = read_header(self.path)
         self._mmap: mmap.mmap | None = None
+        self._lock = threading.Lock()  # get() is called from several loader threads
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -119,10 +121,11 @@ class SafetensorsFile:
         return self.tensors[name]
 
     def _buffer(self) -> mmap.mmap:
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mmap
+        with self._lock:
+            if self._mmap is None:
+                with open(self.path, "rb") as f:
+                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._mmap
 
     def get(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a read-only numpy array (zero-copy view of the file)."""
