@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxquant.calibration.state import AMAX, GLOBAL_AMAX
 from jaxquant.errors import NonFiniteError
+from jaxquant.formats.registry import QUANTIZER_FORMATS, quantizer_format
 from jaxquant.quantizer.config import QuantizerConfig
 
 #: ModelOpt's ``utils/shared_input.py::SHARED_PATTERNS``, full-matched on module names.
@@ -56,7 +57,7 @@ SHARED_PATTERNS: tuple[str, ...] = (
 #: ``set_expert_quantizer_amax``'s last-resort input amax (spec §5.1).
 MOE_FALLBACK_AMAX = 0.5
 #: Weight formats whose fused siblings are unified (ModelOpt excludes FP8 and unquantized).
-FUSED_WEIGHT_FORMATS = ("nvfp4", "nvfp4_static")
+FUSED_WEIGHT_FORMATS = tuple(n for n, q in QUANTIZER_FORMATS.items() if q.fused_weight_amax)
 
 _EXPERT_RE = re.compile(r"^(?P<pre>.*\.experts?)\.(?P<e>\d+)\.(?P<post>.+)$")
 
@@ -214,7 +215,7 @@ def unify_fused_siblings(state: dict[str, np.ndarray], configs: Mapping[str, Qua
                 for k in keys:
                     state[k] = np.asarray(top, np.float32).reshape(np.shape(state[k]))
         # weights: static blocks share the global amax; dynamic NVFP4 the per-tensor amax
-        if wf[0] == "nvfp4_static":
+        if quantizer_format(wf[0]).has_global_amax:
             keys = [f"{m}.weight_quantizer.{GLOBAL_AMAX}" for m in group]
         else:
             keys = [f"{m}.weight_quantizer.{AMAX}" for m in group]

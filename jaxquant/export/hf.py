@@ -45,7 +45,7 @@ import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -202,20 +202,30 @@ def _name_map(model, name_map=None):
     return NameMap.for_config(model.config)
 
 
-def _walk(model, name_map) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], list[tuple[str, Any]]]:
-    """``(linears, experts, attentions)`` as ``(hf module name, module)`` lists, model order."""
+class _Walked(NamedTuple):
+    """The modules export looks at, as ``(hf module name, module)`` lists in model order (one graph walk)."""
+
+    linears: list[tuple[str, Any]]
+    experts: list[tuple[str, Any]]
+    attentions: list[tuple[str, Any]]
+    embeddings: list[tuple[str, Any]]
+
+
+def _walk(model, name_map) -> _Walked:
     from jaxquant.converters.names import dotted
 
-    Linear, Experts = _linear_class(), _experts_class()
-    lin, exp, att = [], [], []
+    Linear, Experts, Embedding = _linear_class(), _experts_class(), _embedding_class()
+    out = _Walked([], [], [], [])
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Linear):
-            lin.append((name_map.hf_name(dotted(path)), node))
+            out.linears.append((name_map.hf_name(dotted(path)), node))
         elif Experts is not None and isinstance(node, Experts):
-            exp.append((name_map.hf_name(dotted(path)), node))
+            out.experts.append((name_map.hf_name(dotted(path)), node))
+        elif isinstance(node, Embedding):
+            out.embeddings.append((name_map.hf_name(dotted(path)), node))
         elif _is_attention(node):
-            att.append((name_map.hf_name(dotted(path)), node))
-    return lin, exp, att
+            out.attentions.append((name_map.hf_name(dotted(path)), node))
+    return out
 
 
 def _layer_format(hf: str, wcfg, icfg) -> str | None:
@@ -229,8 +239,8 @@ def _instance(a, e):
     return None if a is None else np.asarray(a)[e]
 
 
-def _collect_linears(model, name_map, *, need_amax: bool) -> list[_Linear]:
-    lins, exps, _ = _walk(model, name_map)
+def _collect_linears(model, name_map, *, need_amax: bool, walked: _Walked | None = None) -> list[_Linear]:
+    lins, exps = (walked or _walk(model, name_map))[:2]
     out: list[_Linear] = []
     for hf, m in lins:
         wcfg, icfg = _config_of(m.weight_quantizer), _config_of(m.input_quantizer)
@@ -498,7 +508,8 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
     check_resolution(model, resolution)
     nm = name_map or getattr(model_or_loaded, "name_map", None) or _name_map(model)
     warnings: list[str] = []
-    items = _collect_linears(model, nm, need_amax=False)
+    walked = _walk(model, nm)
+    items = _collect_linears(model, nm, need_amax=False, walked=walked)
     fmts: dict[str, str | None] = {}
     for it in items:
         fmts[it.hf] = it.fmt
@@ -524,7 +535,7 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
         raise UnsupportedError("this model was loaded from a quantized checkpoint (load_quantized): its weights "
                                "are already packed and cannot be exported again; copy the checkpoint directory "
                                "instead, or export from the original model.")
-    lins, exps, atts = _walk(model, nm)
+    lins, exps, atts, _ = walked
     for hf, m in lins:
         if _config_of(m.output_quantizer) is not None:
             raise UnsupportedError(f"{hf}: output quantizers cannot be exported to a ModelOpt checkpoint; "
@@ -746,10 +757,11 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     src = _SourceDtypes(Path(source_dir) if source_dir is not None else None, nm, gguf)
     fixed_dtype = np.dtype(dtype) if dtype is not None else None
 
-    items = _collect_linears(model, nm, need_amax=True)
+    walked = _walk(model, nm)
+    items = _collect_linears(model, nm, need_amax=True, walked=walked)
     _unify(items)
     by_weight = {it.hf + ".weight": it for it in items if it.expert is None}
-    lins, exps, atts = _walk(model, nm)
+    lins, exps, atts, embs = walked
     kv = _kv_algo(atts)
 
     entries: list[Entry] = []
@@ -815,10 +827,9 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     # ModelOpt attaches (disabled) quantizers to embeddings too, so they are listed as unquantized; but
     # not to Gemma's scaled embeddings (``Gemma3/4TextScaledWordEmbedding`` subclass nn.Embedding, and
     # ModelOpt's registry quantizes exact classes only), which therefore stay out of exclude_modules.
-    Embedding = _embedding_class()
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, Embedding) and node.scale is None:
-            layers[nm.hf_name(dotted(path))] = (None, 0)
+    for hf, node in embs:
+        if node.scale is None:
+            layers[hf] = (None, 0)
     for it in items:
         layers[it.hf] = (it.fmt, formats.get(it.fmt).block_size if it.fmt is not None else 0)
     if getattr(model, "lm_head", "absent") is None:

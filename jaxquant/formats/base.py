@@ -91,6 +91,62 @@ class QuantFormat(Protocol):
         ...
 
 
+@runtime_checkable
+class QuantizerFormat(Protocol):
+    """What one ``TensorQuantizer`` does for a ``QuantizerConfig.format`` (fake quant and its statistic).
+
+    The export side of a format is a ``QuantFormat``; this is its calibration / fake-quant side, keyed by
+    the quantizer's format string in ``registry.QUANTIZER_FORMATS``.
+    """
+
+    name: str  # QuantizerConfig.format: "fp8", "fp8_per_channel", "nvfp4", "nvfp4_static"
+    has_global_amax: bool  # keeps a per-tensor global amax next to its amax (static NVFP4)
+    per_tensor_amax: bool  # one amax per tensor (per instance): rows of a tensor can be quantized apart
+    fused_weight_amax: bool  # fused siblings (q/k/v, gate/up) share their weight (global) amax
+
+    def amax_shape(self, config, tensor_shape: tuple[int, ...] | None, instances: int | None) -> tuple[int, ...]:
+        """Shape of the amax (broadcastable to the tensor; ``instances`` stacked experts lead)."""
+        ...
+
+    def reduce_amax(self, a: jax.Array, amax_shape: tuple[int, ...], instances: int | None,
+                    block_size: int) -> jax.Array:
+        """``a`` (``|x|`` in float32, masked) reduced to ``amax_shape``."""
+        ...
+
+    def fake_quant(self, x: jax.Array, amax: jax.Array, global_amax: jax.Array | None, block_size: int) -> jax.Array:
+        """Quantize-dequantize ``x`` (bit-exact with ModelOpt); the output has ``x``'s dtype."""
+        ...
+
+    def amax_per_element(self, amax: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+        """The amax bounding each element of a tensor of ``shape`` (float32, broadcastable to it)."""
+        ...
+
+
+class PerTensorAmax:
+    """Quantizer-format helpers for one amax per tensor (per instance for stacked experts)."""
+
+    has_global_amax: ClassVar[bool] = False
+    per_tensor_amax: ClassVar[bool] = True
+    fused_weight_amax: ClassVar[bool] = False
+
+    def amax_shape(self, config, tensor_shape, instances):
+        if instances:
+            nd = len(tensor_shape) if tensor_shape is not None else 1
+            return (instances,) + (1,) * (nd - 1)
+        return ()
+
+    def reduce_amax(self, a, amax_shape, instances, block_size):
+        if instances:
+            return jnp.max(a.reshape(a.shape[0], -1), axis=1).reshape(amax_shape)
+        return jnp.max(a)
+
+    def amax_per_element(self, amax, shape, block_size):
+        return jnp.asarray(amax, jnp.float32)
+
+    def __repr__(self) -> str:
+        return f"<QuantizerFormat {self.name}>"
+
+
 class FormatBase:
     """Shared defaults and helpers of the concrete formats (not part of the protocol)."""
 

@@ -28,6 +28,7 @@ from jaxquant.formats.base import (
     U8,
     DeferredCheck,
     FormatBase,
+    PerTensorAmax,
     TensorSpec,
     check_amax,
     finite_stats,
@@ -150,3 +151,41 @@ class W4A16NVFP4(NVFP4):
 
     def config_group(self, group_size=None) -> dict:
         return {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}}
+
+
+# ----------------------------------------------------------------------------------------------- quantizers
+class NVFP4Quantizer(PerTensorAmax):
+    """A ``TensorQuantizer`` with NVFP4 and dynamic block scales (``QuantizerConfig.format`` ``nvfp4``): the
+    per-tensor amax gives the global scale, each block's scale comes from the tensor itself."""
+
+    name = "nvfp4"
+    fused_weight_amax = True
+
+    def fake_quant(self, x, amax, global_amax, block_size):
+        return nvfp4_num.fake_quant_dynamic(x, amax, block_size=block_size)
+
+
+class NVFP4StaticQuantizer(NVFP4Quantizer):
+    """NVFP4 with calibrated per-block amax ``[..., ceil(K / block)]`` and a global amax (``nvfp4_static``)."""
+
+    name = "nvfp4_static"
+    has_global_amax = True
+    per_tensor_amax = False
+
+    def amax_shape(self, config, tensor_shape, instances):
+        if tensor_shape is None:
+            raise ValueError("static-block quantizers need tensor_shape")
+        *lead, k = tensor_shape
+        bs = config.block_sizes.size if config.block_sizes is not None and config.block_sizes.size else 16
+        return (*lead, -(-k // bs))
+
+    def reduce_amax(self, a, amax_shape, instances, block_size):
+        return nvfp4_num.block_amax(a, block_size=block_size)
+
+    def fake_quant(self, x, amax, global_amax, block_size):
+        return nvfp4_num.fake_quant_static(x, amax, global_amax, block_size=block_size)
+
+    def amax_per_element(self, amax, shape, block_size):
+        k = shape[-1]
+        a = jnp.asarray(amax, jnp.float32).reshape(*shape[:-1], -1)
+        return jnp.repeat(a, block_size, axis=-1)[..., :k]

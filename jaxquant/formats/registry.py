@@ -1,15 +1,16 @@
 """The registry of quantization formats: ModelOpt format string -> ``QuantFormat`` object.
 
-Adding a format: write its module (a class satisfying ``jaxquant.formats.base.QuantFormat``) and
-add one line to ``FORMATS`` below. Nothing else in jaxquant compares format strings.
+Adding a format: write its module (a class satisfying ``jaxquant.formats.base.QuantFormat`` for export
+and loading, and one satisfying ``QuantizerFormat`` for fake quant and calibration) and add a line to
+``FORMATS`` / ``QUANTIZER_FORMATS`` below. Nothing else in jaxquant compares format strings.
 """
 
 from __future__ import annotations
 
 from jaxquant.errors import UnsupportedError
-from jaxquant.formats.base import QuantFormat
-from jaxquant.formats.fp8 import FP8, FP8PerChannel
-from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4, NVFP4Static
+from jaxquant.formats.base import QuantFormat, QuantizerFormat
+from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8Quantizer
+from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4, NVFP4Quantizer, NVFP4Static, NVFP4StaticQuantizer
 
 #: Every exportable format, by ModelOpt format string (also the order ``for_quantizers`` tries them).
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
@@ -19,6 +20,24 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     NVFP4Static(),
     W4A16NVFP4(),
 )}
+
+
+#: What a ``TensorQuantizer`` does, by ``QuantizerConfig.format``: the formats jaxquant can calibrate and fake-quantize.
+QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
+    FP8Quantizer(),
+    FP8PerChannelQuantizer(),
+    NVFP4Quantizer(),
+    NVFP4StaticQuantizer(),
+)}
+
+
+def quantizer_format(name: str) -> QuantizerFormat:
+    """The quantizer side of ``QuantizerConfig.format`` ``name``; ``UnsupportedError`` listing the known ones."""
+    try:
+        return QUANTIZER_FORMATS[name]
+    except (KeyError, TypeError):
+        raise UnsupportedError(f"quantizer format {name!r} is not supported yet; supported: "
+                               f"{', '.join(QUANTIZER_FORMATS)}") from None
 
 
 def get(name: str) -> QuantFormat:

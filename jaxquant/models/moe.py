@@ -113,12 +113,11 @@ def _is_active(q: TensorQuantizer) -> bool:
     return q.enabled and q.mode != "off"
 
 
-_ROW_FORMATS = ("fp8", "nvfp4")  # per-tensor amax, elementwise / per-token-block kernels
-
-
 def _row_quantizable(q: TensorQuantizer) -> bool:
     """Whether ``_quantize_rows`` can apply ``q`` to expert-sorted rows (inactive, or a per-tensor format)."""
-    return not _is_active(q) or q.config.format in _ROW_FORMATS
+    from jaxquant.formats.registry import quantizer_format
+
+    return not _is_active(q) or quantizer_format(q.config.format).per_tensor_amax
 
 
 def _quantize_rows(q: TensorQuantizer, x: jax.Array, rows_e: jax.Array, valid: jax.Array | None) -> jax.Array:

@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxquant.formats.registry import quantizer_format
 from jaxquant.quantizer.tensor_quantizer import fake_quant_ste
 
 _SymbolicZero = jax.custom_derivatives.SymbolicZero
@@ -46,14 +47,10 @@ def amax_per_element(fmt: str, block_size: int, amax, shape: tuple[int, ...]) ->
     """The amax that bounds each element of a tensor of ``shape`` (float32, broadcastable to it).
 
     Static NVFP4 stores one amax per block of the last axis (``[..., ceil(K/bs)]``); it is
-    repeated over its block. Every other format's amax already broadcasts.
+    repeated over its block. Every other format's amax already broadcasts
+    (``QuantizerFormat.amax_per_element``).
     """
-    amax = jnp.asarray(amax, jnp.float32)
-    if fmt != "nvfp4_static":
-        return amax
-    k = shape[-1]
-    a = amax.reshape(*shape[:-1], -1)
-    return jnp.repeat(a, block_size, axis=-1)[..., :k]
+    return quantizer_format(fmt).amax_per_element(amax, shape, block_size)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 5))

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from jaxquant.errors import RecipeError
+from jaxquant.formats.registry import QUANTIZER_FORMATS
 
 NumBits = int | tuple[int, int]
 
@@ -411,7 +412,8 @@ class QuantizerConfig:
         return self.constant_amax
 
 
-SUPPORTED_FORMATS = ("fp8", "fp8_per_channel", "nvfp4", "nvfp4_static")
+#: The ``format`` values jaxquant calibrates and fake-quantizes (``formats.registry.QUANTIZER_FORMATS``).
+SUPPORTED_FORMATS = tuple(QUANTIZER_FORMATS)
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(QuantizerConfig))
 

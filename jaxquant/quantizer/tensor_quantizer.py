@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant.errors import UnsupportedError
-from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
+from jaxquant.formats.registry import quantizer_format
+from jaxquant.quantizer.config import QuantizerConfig
 
 Mode = Literal["off", "calibrate", "fake_quant"]
 
@@ -58,15 +58,7 @@ class QuantGlobalAmax(nnx.Variable):
 
 def _qdq(fmt: str, block_size: int, x: jax.Array, amax: jax.Array, global_amax: jax.Array | None):
     """Quantize-dequantize ``x`` in format ``fmt``; the output has ``x``'s dtype."""
-    from jaxquant.numerics import fp8, nvfp4
-
-    if fmt in ("fp8", "fp8_per_channel"):
-        return fp8.fake_quant(x, amax)
-    if fmt == "nvfp4":
-        return nvfp4.fake_quant_dynamic(x, amax, block_size=block_size)
-    if fmt == "nvfp4_static":
-        return nvfp4.fake_quant_static(x, amax, global_amax, block_size=block_size)
-    raise UnsupportedError(f"format {fmt!r} has no fake-quant kernel; supported: {SUPPORTED_FORMATS}")
+    return quantizer_format(fmt).fake_quant(x, amax, global_amax, block_size)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -133,11 +125,7 @@ class TensorQuantizer(nnx.Module):
         """
         if config is not None and not config.enable:
             config = None
-        if config is not None and config.format not in SUPPORTED_FORMATS:
-            raise UnsupportedError(
-                f"quantizer format {config.format!r} is not supported yet; supported: "
-                f"{', '.join(SUPPORTED_FORMATS)}"
-            )
+        kind = quantizer_format(config.format) if config is not None else None  # UnsupportedError if unknown
         self.config = config
         self.amax = None
         self.global_amax = None
@@ -148,7 +136,7 @@ class TensorQuantizer(nnx.Module):
         placeholder = 0.0 if config.is_dynamic else UNCALIBRATED  # a dynamic quantizer has no state
         init = jnp.full(shape, fixed if fixed is not None else placeholder, jnp.float32)
         self.amax = QuantAmax(init)
-        if config.format == "nvfp4_static":
+        if kind.has_global_amax:
             lead = (self.instances,) + (1,) * (len(shape) - 1) if self.instances else ()
             self.global_amax = QuantGlobalAmax(jnp.full(lead, UNCALIBRATED, jnp.float32))
 
@@ -180,25 +168,7 @@ class TensorQuantizer(nnx.Module):
 
     def amax_shape(self, tensor_shape: tuple[int, ...] | None) -> tuple[int, ...]:
         """Broadcastable shape of ``amax`` for a tensor of ``tensor_shape``."""
-        cfg = self.config
-        fmt = cfg.format
-        if fmt == "nvfp4_static":
-            if tensor_shape is None:
-                raise ValueError("static-block quantizers need tensor_shape")
-            *lead, k = tensor_shape
-            return (*lead, -(-k // self.block_size))
-        if fmt == "fp8_per_channel":
-            if tensor_shape is None:
-                raise ValueError("per-channel quantizers need tensor_shape")
-            axes = cfg.axis if isinstance(cfg.axis, tuple) else (cfg.axis,)
-            off = 1 if self.instances else 0
-            axes = tuple((a % (len(tensor_shape) - off)) + off for a in axes)
-            keep = set(axes) | ({0} if self.instances else set())
-            return tuple(d if i in keep else 1 for i, d in enumerate(tensor_shape))
-        if self.instances:
-            nd = len(tensor_shape) if tensor_shape is not None else 1
-            return (self.instances,) + (1,) * (nd - 1)
-        return ()
+        return quantizer_format(self.config.format).amax_shape(self.config, tensor_shape, self.instances)
 
     def set_mode(self, mode: Mode):
         self.mode = mode
@@ -210,17 +180,8 @@ class TensorQuantizer(nnx.Module):
         m = _mask_like(token_mask, a)
         if m is not None:
             a = jnp.where(m, a, 0.0)
-        if self.config.format == "nvfp4_static":
-            from jaxquant.numerics import nvfp4
-
-            return nvfp4.block_amax(a, block_size=self.block_size)
-        target = self.amax.value.shape
-        if self.config.format == "fp8_per_channel":
-            axes = tuple(i for i, d in enumerate(target) if d == 1)
-            return jnp.max(a, axis=axes, keepdims=True)
-        if self.instances:
-            return jnp.max(a.reshape(a.shape[0], -1), axis=1).reshape(target)
-        return jnp.max(a)
+        kind = quantizer_format(self.config.format)
+        return kind.reduce_amax(a, self.amax.value.shape, self.instances, self.block_size)
 
     def calibrate_weight(self, w: jax.Array):
         """Max calibration of a weight quantizer: amax from the weight itself (no data)."""
