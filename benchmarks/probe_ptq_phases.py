@@ -92,6 +92,18 @@ def load_variant(src, variant):
     print(f"load {variant:<12} {dt:6.2f} s  {total / dt / 1e9:6.2f} GB/s", flush=True)
 
 
+def timed_compile(label, jitted, *args):
+    """Print the trace / lower / XLA compile seconds of ``jitted`` on ``args``."""
+    t0 = time.perf_counter()
+    tr = jitted.trace(*args)
+    t1 = time.perf_counter()
+    lo = tr.lower()
+    t2 = time.perf_counter()
+    lo.compile()
+    t3 = time.perf_counter()
+    print(f"{label}: trace {t1 - t0:6.2f} s, lower {t2 - t1:6.2f} s, compile {t3 - t2:6.2f} s", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
@@ -167,14 +179,7 @@ def main():
         rest_l, rest_def = jax.tree_util.tree_flatten(rest)
         step = make_step(graphdef, amax_def, rest_def)
         ids = jax.ShapeDtypeStruct((16, 512), jnp.int32)
-        t0 = time.perf_counter()
-        tr = step.trace(amax, rest_l, ids, None)
-        t1 = time.perf_counter()
-        lo = tr.lower()
-        t2 = time.perf_counter()
-        lo.compile()
-        t3 = time.perf_counter()
-        print(f"calib step: trace {t1 - t0:6.2f} s, lower {t2 - t1:6.2f} s, compile {t3 - t2:6.2f} s", flush=True)
+        timed_compile("calib step", step, amax, rest_l, ids, None)
         # one layer
         layer = model.model.layers[0]
         lg, lstate = nnx.split(layer)
@@ -188,14 +193,7 @@ def main():
             return y, nnx.state(m, QuantAmax)
 
         cos, sin = ropes[layer.layer_type]
-        t0 = time.perf_counter()
-        tr = jax.jit(one).trace(lstate, x, cos, sin, masks[layer.layer_type])
-        t1 = time.perf_counter()
-        lo = tr.lower()
-        t2 = time.perf_counter()
-        lo.compile()
-        t3 = time.perf_counter()
-        print(f"one layer: trace {t1 - t0:6.2f} s, lower {t2 - t1:6.2f} s, compile {t3 - t2:6.2f} s", flush=True)
+        timed_compile("one layer", jax.jit(one), lstate, x, cos, sin, masks[layer.layer_type])
         g0, g1 = nnx.graphdef(model.model.layers[0]), nnx.graphdef(model.model.layers[1])
         print("layer graphdefs equal:", g0 == g1, flush=True)
 

@@ -155,17 +155,14 @@ def _ieee_gpu_division() -> None:
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
 
 
-def _import_transformers() -> None:
-    from transformers import AutoTokenizer  # noqa: F401  (imports torch when it is installed)
-
-
 def _import_runtime() -> None:
     """Import the heavy runtime (JAX, Flax, the commands) in one place. transformers, which only the
     tokenizer needs and whose ``AutoTokenizer`` imports torch where torch is installed (seconds), is imported
     on a thread meanwhile; a failure there is reported by the import that needs it."""
     from jaxquant.cli_overlap import spawn
+    from jaxquant.transformers_import import auto_tokenizer
 
-    spawn("import-transformers", _import_transformers)
+    spawn("import-transformers", auto_tokenizer)
     import jax  # noqa: F401
 
     import jaxquant.calibration  # noqa: F401

@@ -96,7 +96,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def gguf_hf_config(path: str | os.PathLike, reader=None) -> dict[str, Any]:
     """The HF ``config.json`` dict transformers builds from a GGUF file's metadata."""
-    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+    from jaxquant.transformers_import import TRANSFORMERS_IMPORT
+
+    with TRANSFORMERS_IMPORT:
+        from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     path = Path(path)
     r = reader if reader is not None else _reader(path)
@@ -235,16 +238,19 @@ def gguf_tokenizer(path: str | os.PathLike):
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found.")
     if _torch_available():
-        from transformers import AutoTokenizer
+        from jaxquant.transformers_import import auto_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False,
+        return auto_tokenizer().from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False,
                                              local_files_only=True)
     return _tokenizer_without_torch(path)
 
 
 def _tokenizer_without_torch(path: Path):
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    from jaxquant.transformers_import import TRANSFORMERS_IMPORT
+
+    with TRANSFORMERS_IMPORT:
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES, tokenizer_class_from_name
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     r = _reader(path)
 

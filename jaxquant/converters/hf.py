@@ -452,9 +452,9 @@ def load_tokenizer(path: str | os.PathLike, *, gguf_file: str | None = None):
 
         return gguf_tokenizer(p / gguf_file)
     refuse_tokenizer_code(p)
-    from transformers import AutoTokenizer
+    from jaxquant.transformers_import import auto_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False, local_files_only=True)
+    return auto_tokenizer().from_pretrained(str(p), trust_remote_code=False, local_files_only=True)
 
 
 def refuse_tokenizer_code(path: str | os.PathLike) -> None:

@@ -31,22 +31,21 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
 )}
 
 
+def _lookup(table: dict, name: str, what: str):
+    try:
+        return table[name]
+    except (KeyError, TypeError):
+        raise UnsupportedError(f"{what} {name!r} is not supported yet; supported: {', '.join(table)}.") from None
+
+
 def quantizer_format(name: str) -> QuantizerFormat:
     """The quantizer side of ``QuantizerConfig.format`` ``name``; ``UnsupportedError`` listing the known ones."""
-    try:
-        return QUANTIZER_FORMATS[name]
-    except (KeyError, TypeError):
-        raise UnsupportedError(f"quantizer format {name!r} is not supported yet; supported: "
-                               f"{', '.join(QUANTIZER_FORMATS)}") from None
+    return _lookup(QUANTIZER_FORMATS, name, "quantizer format")
 
 
 def get(name: str) -> QuantFormat:
     """The format called ``name`` (ModelOpt's format string); ``UnsupportedError`` listing the known ones."""
-    try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
-        raise UnsupportedError(f"quantization format {name!r} is not supported; supported formats: "
-                               f"{', '.join(FORMATS)}.") from None
+    return _lookup(FORMATS, name, "quantization format")
 
 
 def by_quant_algo(algo: str) -> QuantFormat | None:
