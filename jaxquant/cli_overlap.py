@@ -103,6 +103,17 @@ def _free_device_bytes() -> int | None:
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
 
 
+def _stored_dtype(d: Path):
+    """The numpy dtype of the checkpoint's first tensor (what the export writes its weights in), or None."""
+    try:
+        from jaxquant.io.safetensors import DTYPES, CheckpointFiles
+
+        files = CheckpointFiles.open(d)
+        return DTYPES.get(files.tensor_info(files.keys()[0]).dtype)
+    except Exception:  # noqa: BLE001 - load_model reports a broken checkpoint
+        return None
+
+
 def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
     """Start the tokenizer and (on an accelerator, when calibrating) the ahead-of-time compilation for
     ``args.model``. Returns at once."""
@@ -120,8 +131,12 @@ def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
     seq = args.calib_seq or (default_calib_seq if limit is None else min(default_calib_seq, limit))
     from jaxquant.calibration.ahead import compile_calibration_ahead
 
+    export_dtype = None
+    if args.export_path is not None and args.export_format in ("hf", "both"):
+        export_dtype = _stored_dtype(Path(args.model).expanduser())
     out.ahead_future = spawn("compile", compile_calibration_ahead, config, dtype, recipe, seq, args.batch_size or None,
-                             n_rows=n_rows, free_bytes_before_load=None if args.batch_size else _free_device_bytes())
+                             n_rows=n_rows, free_bytes_before_load=None if args.batch_size else _free_device_bytes(),
+                             export_dtype=export_dtype)
     return out
 
 

@@ -95,7 +95,7 @@ class AheadResult:
 
 def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int, batch_size: int | None, *,
                               n_rows: int | None = None, free_bytes_before_load: int | None = None,
-                              forward: Callable | None = None) -> AheadResult:
+                              forward: Callable | None = None, export_dtype: Any = None) -> AheadResult:
     """Compile ``max`` calibration's computations for ``config`` + ``recipe`` from shapes alone.
 
     Args:
@@ -107,6 +107,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
         that will be free once the weights are loaded: ``free_bytes_before_load`` (bytes free before
         loading started; None: what the device reports now) less the weights' bytes.
       forward: the calibration forward (default ``model(ids, mask)``).
+      export_dtype: also compile the HF export's kernels for weights of this dtype (``warm_export_kernels``).
 
     Returns:
       An ``AheadResult``. Nothing is run and no weight memory is used; the executables wait in the
@@ -157,8 +158,12 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
             step = make_step(graphdef, amax_def, rest_def, forward)
             store(key, step.lower(amax, rest, ids, ids).compile())
             n += 1
+    if export_dtype is not None:
+        from jaxquant.export.hf import warm_export_kernels
+
+        n += warm_export_kernels(model, export_dtype)
     dt = time.perf_counter() - t0
-    log.info("compiled %d calibration computation(s) ahead in %.2f s", n, dt)
+    log.info("compiled %d calibration / export computation(s) ahead in %.2f s", n, dt)
     return AheadResult(n, dt, batch_size)
 
 

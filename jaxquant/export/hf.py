@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -690,6 +691,31 @@ def _linear_entries(it: _Linear, export_dtype: np.dtype, checks: DeferredChecks 
 
     once = _Once(compute, [k for k, _, _ in specs])
     return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k))) for k, s, d in specs]
+
+
+def warm_export_kernels(model, dtype, *, name_map=None) -> int:
+    """Compile the export kernels ``model``'s quantized linears will need, by running each distinct one once on
+    zeros (so JAX's own cache holds them when ``export_hf`` calls them). ``model`` may be abstract (built with
+    ``abstract_model``, the recipe applied, nothing calibrated): only shapes, dtypes and formats are read.
+    ``dtype`` is the export dtype of the weights. Returns how many kernels ran. Used by ``calibration.ahead``
+    while the checkpoint loads; a kernel that turns out different at export is simply compiled then.
+    """
+    nm = _name_map(model, name_map)
+    seen = set()
+    dtype = np.dtype(dtype)
+    for it in _collect_linears(model, nm, need_amax=True):
+        if it.fmt is None:
+            continue
+        key = (it.fmt, tuple(it.weight.shape), it.in_amax is None, it.w_block_amax is None,
+               np.shape(it.w_amax), np.shape(it.in_amax), np.shape(it.w_block_amax))
+        if key in seen:
+            continue
+        seen.add(key)
+        out, _ = formats.get(it.fmt).export_tensors_deferred(
+            jnp.zeros(tuple(it.weight.shape), dtype), it.w_amax, block_amax=it.w_block_amax, in_amax=it.in_amax,
+            compute_dtype=dtype, what=it.hf + ".weight")
+        jax.block_until_ready(out)
+    return len(seen)
 
 
 def _cast_entry(name: str, arr, dtype: np.dtype) -> Entry:

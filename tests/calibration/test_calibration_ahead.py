@@ -66,3 +66,24 @@ def test_store_is_bounded():
     assert ahead.lookup(("k", 0)) is None
     assert ahead.lookup(("k", ahead.MAX_STORED + 2)) == ahead.MAX_STORED + 2
     ahead.clear()
+
+
+def test_export_kernels_warmed_ahead_are_the_ones_export_calls(tmp_path):
+    """``export_dtype``: the export's jitted kernels, run once on zeros from the abstract model, are found in
+    JAX's cache by ``export_hf`` (no new compilation during the export)."""
+    from jaxquant.export import export_hf
+    from jaxquant.formats import fp8, nvfp4
+
+    config = ModelConfig.from_hf_config(LLAMA)
+    recipe = "general/ptq/fp8_qkvo-nvfp4_mlp"
+    fp8._export.clear_cache()
+    nvfp4._export.clear_cache()
+    r = compile_calibration_ahead(config, jnp.bfloat16, load_recipe(recipe), 16, 4, export_dtype=jnp.bfloat16)
+    assert r.compiled == 2 + 4  # FP8: q/o [32, 32], k/v [16, 32]; NVFP4: gate/up [64, 32], down [32, 64]
+    m = build_model(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    rows = np.random.default_rng(0).integers(1, 101, (8, 16)).astype(np.int32)
+    res = quantize(m, recipe, {"input_ids": rows, "attention_mask": np.ones_like(rows)}, batch_size=4,
+                   progress=False)
+    warmed = (fp8._export._cache_size(), nvfp4._export._cache_size())
+    export_hf(m, tmp_path / "x", resolution=res.resolution, progress=False, hf_config=LLAMA)
+    assert (fp8._export._cache_size(), nvfp4._export._cache_size()) == warmed
