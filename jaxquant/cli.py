@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the calibration state (amax of every quantizer) to this .safetensors file")
     p.add_argument(*_opt("--load-calib-state"), dest="load_calib_state", default=None, metavar="FILE",
                    help="skip calibration: load a state written by --save-calib-state (same model and recipe)")
+    p.add_argument(*_opt("--compile-cache"), dest="compile_cache", default=None, metavar="DIR",
+                   help="keep XLA's compiled programs in DIR so a rerun on the same model and recipe skips "
+                        "compilation; 'none' turns it off (default: ~/.cache/jaxquant/xla on GPU/TPU, none on CPU)")
     p.set_defaults(func=_run_ptq)
 
     e = sub.add_parser(

@@ -146,6 +146,41 @@ def _backend_line() -> str:
     return f"JAX {jax.__version__}, backend {jax.default_backend()}: {len(devs)} device(s) ({', '.join(kinds)})"
 
 
+def default_compile_cache() -> Path | None:
+    """``$XDG_CACHE_HOME/jaxquant/xla`` (``~/.cache/jaxquant/xla``) on an accelerator; None on the CPU backend."""
+    import os
+
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxquant" / "xla"
+
+
+def enable_compile_cache(arg: str | None) -> Path | None:
+    """Point JAX's persistent compilation cache at ``--compile-cache`` (default ``default_compile_cache()``;
+    ``none`` turns it off). Programs that took at least a second to compile are kept, so a rerun on the same
+    model, recipe and batch shape loads them instead of compiling. Returns the folder, or None (off, or not
+    writable: then a warning, and the run compiles as usual)."""
+    import jax
+
+    if arg is not None and arg.lower() in ("none", "off", ""):
+        return None
+    path = Path(arg).expanduser() if arg is not None else default_compile_cache()
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"warning: --compile-cache {path}: cannot create it ({e.strerror}); compiling without a cache.",
+              file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
 def nll_fn(model):
     """A jitted ``(ids, mask) -> (nll_sum, n_tokens)`` over the model's current state and modes."""
     import jax
@@ -362,6 +397,9 @@ def run_ptq(args) -> int:
     np.random.seed(args.seed)
     _out(f"jaxquant {__version__} ptq")
     _out(_backend_line())
+    cache = enable_compile_cache(getattr(args, "compile_cache", None))
+    if cache is not None:
+        _out(f"XLA compilation cache: {cache}")
 
     # ---- cheap argument checks first (before loading anything)
     if args.calib_seq is not None and args.calib_seq <= 0:

@@ -231,3 +231,24 @@ def test_compile_ahead_while_loading_gives_the_same_export(files, capsys, tmp_pa
         assert ("calibration compiled while the model loaded" in out) == on
         outs[on] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
     assert outs[True] and outs[True] == outs[False]
+
+
+def test_compile_cache_flag(tmp_path, capsys):
+    """--compile-cache: off by default on CPU; a folder given is created and announced; 'none' is off."""
+    import jax
+
+    from jaxquant.cli_ptq import enable_compile_cache
+
+    old = jax.config.jax_compilation_cache_dir
+    try:
+        assert enable_compile_cache(None) is None  # CPU backend: no default cache
+        assert enable_compile_cache("none") is None
+        d = tmp_path / "xla"
+        assert enable_compile_cache(str(d)) == d and d.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(d)
+        blocked = tmp_path / "file"
+        blocked.write_text("x")
+        assert enable_compile_cache(str(blocked / "sub")) is None
+        assert "cannot create it" in capsys.readouterr().err
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
