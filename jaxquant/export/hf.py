@@ -899,10 +899,18 @@ def _refuse_invalid(tmp: Path) -> None:
     """The exporter's last step before publishing: every ``jaxquant check`` rule must pass."""
     from jaxquant.check import validate_checkpoint
 
+    from jaxquant.check.rules import TRTLLM_ONLY_ALGOS
+
     report = validate_checkpoint(tmp)
-    if report.findings:
-        shown = "; ".join(f.format() for f in report.findings[:5])
-        more = f"; and {len(report.findings) - 5} more" if len(report.findings) > 5 else ""
+    findings = report.findings
+    algo = (json.loads((tmp / "hf_quant_config.json").read_text()).get("quantization") or {}).get("quant_algo")
+    if algo in TRTLLM_ONLY_ALGOS:  # a format jaxquant exports for TensorRT-LLM: publish, and say vLLM cannot serve it
+        findings = [f for f in findings if f.rule != "quant-algo-unsupported"]
+        log.warning("quant_algo %s: TensorRT-LLM serves this checkpoint; vLLM's ModelOpt loader does not (it "
+                    "accepts FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8).", algo)
+    if findings:
+        shown = "; ".join(f.format() for f in findings[:5])
+        more = f"; and {len(findings) - 5} more" if len(findings) > 5 else ""
         raise ExportError(f"the export was not published because it fails the checkpoint validator (the rules of "
                           f"`jaxquant check`, docs/export.md): {shown}{more}. A serving engine would reject or "
                           "mis-serve it; change the recipe accordingly (or report a jaxquant bug if the recipe is "

@@ -107,7 +107,7 @@ class QuantizedTensorInfo:
     """One quantized linear found in a checkpoint (HF module name ``module``)."""
 
     module: str
-    fmt: str  # a jaxquant.formats name: "fp8" (per tensor or per channel) | "nvfp4"
+    fmt: str  # a jaxquant.formats name: "fp8" (per tensor or per channel) | "nvfp4" | "int8_wo"
     has_input_scale: bool
 
     @property
@@ -131,6 +131,8 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
                 raise UnsupportedError(f"{mod}: FP8 weight with a {files.tensor_info(f'{mod}.weight_scale').dtype} "
                                        "scale (block-scaled FP8) is not supported by jaxquant's loader.")
             out[mod] = QuantizedTensorInfo(mod, "fp8", f"{mod}.input_scale" in files)
+        elif tag == "I8" and f"{mod}.weight_scale" in files and files.tensor_info(f"{mod}.weight_scale").dtype == "F32":
+            out[mod] = QuantizedTensorInfo(mod, "int8_wo", f"{mod}.input_scale" in files)
         elif tag in ("U8", "I8", "F8_E4M3", "F8_E5M2") and not mod.endswith(("embed_tokens",)):
             raise UnsupportedError(f"{files.directory}: {k} is {tag} without the scales of a ModelOpt FP8/NVFP4 "
                                    "layer; this quantization format is not supported by jaxquant's loader.")

@@ -147,6 +147,25 @@ class PerTensorAmax:
         return f"<QuantizerFormat {self.name}>"
 
 
+class PerChannelAmax:
+    """Quantizer-format helpers for one amax per channel along ``config.axis`` (and per stacked expert)."""
+
+    per_tensor_amax: ClassVar[bool] = False
+
+    def amax_shape(self, config, tensor_shape, instances):
+        if tensor_shape is None:
+            raise ValueError("per-channel quantizers need tensor_shape")
+        axes = config.axis if isinstance(config.axis, tuple) else (config.axis,)
+        off = 1 if instances else 0
+        axes = tuple((a % (len(tensor_shape) - off)) + off for a in axes)
+        keep = set(axes) | ({0} if instances else set())
+        return tuple(d if i in keep else 1 for i, d in enumerate(tensor_shape))
+
+    def reduce_amax(self, a, amax_shape, instances, block_size):
+        axes = tuple(i for i, d in enumerate(amax_shape) if d == 1)
+        return jnp.max(a, axis=axes, keepdims=True)
+
+
 class FormatBase:
     """Shared defaults and helpers of the concrete formats (not part of the protocol)."""
 

@@ -25,6 +25,7 @@ from jaxquant.formats.base import (
     F32,
     DeferredCheck,
     FormatBase,
+    PerChannelAmax,
     PerTensorAmax,
     TensorSpec,
     check_amax,
@@ -158,21 +159,7 @@ class FP8Quantizer(PerTensorAmax):
         return fp8_num.fake_quant(x, amax)
 
 
-class FP8PerChannelQuantizer(FP8Quantizer):
+class FP8PerChannelQuantizer(PerChannelAmax, FP8Quantizer):
     """FP8 E4M3 with one amax per channel along ``config.axis`` (``fp8_per_channel``)."""
 
     name = "fp8_per_channel"
-    per_tensor_amax = False
-
-    def amax_shape(self, config, tensor_shape, instances):
-        if tensor_shape is None:
-            raise ValueError("per-channel quantizers need tensor_shape")
-        axes = config.axis if isinstance(config.axis, tuple) else (config.axis,)
-        off = 1 if instances else 0
-        axes = tuple((a % (len(tensor_shape) - off)) + off for a in axes)
-        keep = set(axes) | ({0} if instances else set())
-        return tuple(d if i in keep else 1 for i, d in enumerate(tensor_shape))
-
-    def reduce_amax(self, a, amax_shape, instances, block_size):
-        axes = tuple(i for i, d in enumerate(amax_shape) if d == 1)
-        return jnp.max(a, axis=axes, keepdims=True)

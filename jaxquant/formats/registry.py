@@ -10,6 +10,7 @@ from __future__ import annotations
 from jaxquant.errors import UnsupportedError
 from jaxquant.formats.base import QuantFormat, QuantizerFormat
 from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8Quantizer
+from jaxquant.formats.int8 import INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
 from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4, NVFP4Quantizer, NVFP4Static, NVFP4StaticQuantizer
 
 #: Every exportable format, by ModelOpt format string (also the order ``for_quantizers`` tries them).
@@ -19,6 +20,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     NVFP4(),
     NVFP4Static(),
     W4A16NVFP4(),
+    INT8WeightOnly(),
 )}
 
 
@@ -28,6 +30,8 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     FP8PerChannelQuantizer(),
     NVFP4Quantizer(),
     NVFP4StaticQuantizer(),
+    INT8Quantizer(),
+    INT8PerChannelQuantizer(),
 )}
 
 

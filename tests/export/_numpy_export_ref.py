@@ -127,6 +127,18 @@ def fp8_dequantize(q, scale, dtype=np.float32) -> np.ndarray:
     return (np.asarray(q).astype(np.float32) * s).astype(dtype)
 
 
+# ----------------------------------------------------------------------------------------------- INT8
+def int8_weight(w, amax, *, compute_dtype=None, what: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+    """INT8 per-channel (W8A16) export: ``weight_scale = amax / 127`` (0 -> 1.0), ``q = clip(rint(w / s), -128, 127)``
+    with ``w`` in ``compute_dtype`` divided in float32 (ModelOpt ``to_quantized_weight``'s INT8 branch)."""
+    check_finite(w, what)
+    w_np = np.asarray(w)
+    compute_dtype = np.dtype(compute_dtype) if compute_dtype is not None else w_np.dtype
+    scale = (safe_amax(amax, 127.0, what + " amax").reshape(-1) / np.float32(127.0)).astype(np.float32)
+    q = np.rint(_f32(w_np.astype(compute_dtype)) / scale[:, None])
+    return np.clip(q, -128, 127).astype(np.int8), scale
+
+
 # ----------------------------------------------------------------------------------------------- NVFP4
 def e2m1_codes(x: np.ndarray) -> np.ndarray:
     """4-bit E2M1 codes (uint8, sign in bit 3) of float32 ``x``, ModelOpt ``_cast_fp4``:

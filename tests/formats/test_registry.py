@@ -41,6 +41,9 @@ def _bytes(a):
 
 
 def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
+    if fmt.quant_algo == "W8A16":
+        q, s = T.int8_weight(w, w_amax, compute_dtype=compute_dtype)
+        return {"weight": q, "weight_scale": s}
     if fmt.block_size == 0:
         q, s = T.fp8_weight(w, w_amax, compute_dtype=compute_dtype)
         out = {"weight": q, "weight_scale": s}
@@ -69,7 +72,7 @@ def _amaxes(fmt, w, mult):
 
 
 def test_every_format_satisfies_the_protocol():
-    assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4"}
+    assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -120,7 +123,7 @@ def test_dequantize_inverts(name, dtype):
     t = fmt.export_tensors(jnp.asarray(w), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=dtype)
     deq = np.asarray(fmt.dequantize(t, jnp.float32))
     assert deq.shape == w.shape and deq.dtype == np.float32
-    if fmt.block_size == 0:
+    if fmt.block_size == 0:  # FP8 and INT8: codes times the per-tensor / per-channel scale
         ref = T.fp8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
     else:
         ref = T.nvfp4_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]),

@@ -63,7 +63,7 @@ def test_enable_only_on_untouched_quantizer_gives_modelopt_defaults():
                    ("a.k_bmm_quantizer", "Attention")])
     assert res.formats == {"l.weight_quantizer": "int8_per_channel", "l.input_quantizer": "int8",
                            "l.output_quantizer": "int8", "a.k_bmm_quantizer": "int8"}
-    assert res.unsupported()
+    assert not res.unsupported()  # ModelOpt's default (INT8, per channel for weights) is fake-quantizable
 
 
 def test_cfg_with_enable_false_is_disabled_and_enable_true_brings_it_back():
@@ -294,8 +294,8 @@ def test_apply_recipe_rejects_differing_experts():
 
 def test_apply_recipe_unsupported_format_names_the_quantizer():
     r = rules({"quantizer_name": "*", "enable": False},
-              {"quantizer_name": "*lm_head.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}})
-    with pytest.raises(UnsupportedError, match=r"(?s)lm_head\.weight_quantizer: format 'int8_per_channel'.*"
+              {"quantizer_name": "*lm_head.weight_quantizer", "cfg": {"num_bits": 4, "block_sizes": {-1: 128}}})
+    with pytest.raises(UnsupportedError, match=r"(?s)lm_head\.weight_quantizer: format 'int4_block128'.*"
                                                 r"Supported formats: fp8, fp8_per_channel"):
         apply_recipe(CausalLM(), r)
 

@@ -1,0 +1,80 @@
+"""INT8 weight-only (W8A16, ``--qformat int8_weight_only``): the same tiny Llama and amax exported by
+nvidia-modelopt (CPU) and by jaxquant are byte-identical, and the export loads back."""
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("modelopt.torch.export")
+
+import _export_modelopt_ref as R  # noqa: E402
+import numpy as np  # noqa: E402
+
+INT8_WO = {"quant_cfg": [
+    {"quantizer_name": "*", "enable": False},
+    {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+    {"quantizer_name": "*input_quantizer", "enable": False},
+    {"quantizer_name": "*lm_head*", "enable": False},
+    {"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False},
+], "algorithm": "max"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_weight_only_byte_identical_to_modelopt(tmp_path, dtype):
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantizer_sites
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.recipe import apply_recipe
+
+    src = tmp_path / "src"
+    model = R.make_llama(src, tie=False, dtype=dtype)
+    amax = R.modelopt_quantize(model, INT8_WO)
+    R.modelopt_export(model, tmp_path / "mo", dtype)
+
+    loaded = load_hf(src, dtype=getattr(jnp, dtype))
+    res = apply_recipe(loaded.model, INT8_WO, warn=False)
+    n = 0
+    for s in quantizer_sites(loaded.model):
+        if s.quantizer.enabled:
+            s.quantizer.amax.value = jnp.asarray(amax[s.names[0]], jnp.float32).reshape(s.quantizer.amax.value.shape)
+            n += 1
+    assert n == 14  # 7 linears x 2 layers
+    export_hf(loaded, tmp_path / "jq", resolution=res)
+
+    ref, ours = R.tensors_of(tmp_path / "mo"), R.tensors_of(tmp_path / "jq")
+    assert sorted(ours) == sorted(ref)
+    assert ref["model.layers.0.self_attn.k_proj.weight"][:2] == ("I8", (32, 64))
+    assert ref["model.layers.0.self_attn.k_proj.weight_scale"][:2] == ("F32", (32,))
+    for k in ref:
+        assert ours[k] == ref[k], k
+    for f in ("hf_quant_config.json", "config.json"):
+        a, b = R.json_of(tmp_path / "mo" / f), R.json_of(tmp_path / "jq" / f)
+        assert (b.get("quantization_config") or b).pop("producer")["name"] == "jaxquant"
+        (a.get("quantization_config") or a).pop("producer")
+        assert a == b, f
+    assert R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]["quant_algo"] == "W8A16"
+
+
+def test_int8_weight_only_export_loads_back(tmp_path):
+    """load_quantized dequantizes the INT8 codes with their per-channel scales: ``q * scale`` in float32."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf, load_quantized
+    from jaxquant.io.safetensors import CheckpointFiles
+    from jaxquant.recipe import preset_recipe
+
+    src = tmp_path / "src"
+    R.make_llama(src, tie=False, dtype="float32")
+    loaded = load_hf(src, dtype=jnp.float32)
+    quantize(loaded.model, preset_recipe("int8_weight_only", "none"), None, progress=False)
+    export_hf(loaded, tmp_path / "jq")
+    files = CheckpointFiles.open(tmp_path / "jq")
+    back = load_quantized(tmp_path / "jq", dtype=jnp.float32)
+    q = np.asarray(files.get("model.layers.1.mlp.down_proj.weight"), np.float32)
+    s = np.asarray(files.get("model.layers.1.mlp.down_proj.weight_scale"), np.float32)
+    lin = back.model.model.layers[1].mlp.down_proj
+    assert type(lin).__name__ == "QuantizedLinear" and lin.fmt == "int8_wo"
+    np.testing.assert_array_equal(np.asarray(lin.dequantized_weight(), np.float32), q * s[:, None])
