@@ -147,6 +147,16 @@ class PerTensorAmax:
         return f"<QuantizerFormat {self.name}>"
 
 
+class ElementwiseQuantizer(PerTensorAmax):
+    """A quantizer format whose fake quant is one elementwise kernel ``kernel(x, amax)`` (FP8, INT8), with the
+    amax per tensor; mix in ``PerChannelAmax`` first for one amax per channel."""
+
+    kernel: ClassVar[Any]
+
+    def fake_quant(self, x, amax, global_amax, block_size):
+        return type(self).kernel(x, amax)
+
+
 class PerChannelAmax:
     """Quantizer-format helpers for one amax per channel along ``config.axis`` (and per stacked expert)."""
 

@@ -25,8 +25,8 @@ from jaxquant.formats.base import (
     F32,
     DeferredCheck,
     FormatBase,
+    ElementwiseQuantizer,
     PerChannelAmax,
-    PerTensorAmax,
     TensorSpec,
     check_amax,
     finite_stats,
@@ -150,13 +150,11 @@ class FP8PerChannel(FP8):
 
 
 # ----------------------------------------------------------------------------------------------- quantizers
-class FP8Quantizer(PerTensorAmax):
+class FP8Quantizer(ElementwiseQuantizer):
     """A ``TensorQuantizer`` with FP8 E4M3 and one amax per tensor (``QuantizerConfig.format`` ``fp8``)."""
 
     name = "fp8"
-
-    def fake_quant(self, x, amax, global_amax, block_size):
-        return fp8_num.fake_quant(x, amax)
+    kernel = fp8_num.fake_quant
 
 
 class FP8PerChannelQuantizer(PerChannelAmax, FP8Quantizer):

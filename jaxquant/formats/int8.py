@@ -20,8 +20,8 @@ from jaxquant.formats.base import (
     F32,
     DeferredCheck,
     FormatBase,
+    ElementwiseQuantizer,
     PerChannelAmax,
-    PerTensorAmax,
     TensorSpec,
     finite_stats,
 )
@@ -89,13 +89,11 @@ class INT8WeightOnly(FormatBase):
 
 
 # ----------------------------------------------------------------------------------------------- quantizers
-class INT8Quantizer(PerTensorAmax):
+class INT8Quantizer(ElementwiseQuantizer):
     """A ``TensorQuantizer`` with signed INT8 and one amax per tensor (``QuantizerConfig.format`` ``int8``)."""
 
     name = "int8"
-
-    def fake_quant(self, x, amax, global_amax, block_size):
-        return int8_num.fake_quant(x, amax)
+    kernel = int8_num.fake_quant
 
 
 class INT8PerChannelQuantizer(PerChannelAmax, INT8Quantizer):

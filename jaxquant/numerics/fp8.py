@@ -60,10 +60,16 @@ def scale_from_amax(amax) -> jax.Array:
     float32 range ``[tiny, max]``. (ModelOpt also turns a NaN amax into 448; here NaN stays NaN:
     check inputs with ``checks.assert_finite`` first.)
     """
+    return export_scale(amax, E4M3_MAX)
+
+
+def export_scale(amax, maxbound: float) -> jax.Array:
+    """``amax / maxbound`` in float32 after ModelOpt's ``export_amax``: a zero amax becomes ``maxbound`` (scale
+    1.0) and amax is clamped to ``[tiny, max]`` of float32. Shared by the FP8 and INT8 exports (traceable)."""
     amax = _f32(amax)
     f32 = jnp.finfo(jnp.float32)
-    amax = jnp.clip(jnp.where(amax == 0, jnp.float32(E4M3_MAX), amax), f32.tiny, f32.max)
-    return div(amax, E4M3_MAX)
+    amax = jnp.clip(jnp.where(amax == 0, jnp.float32(maxbound), amax), f32.tiny, f32.max)
+    return div(amax, maxbound)
 
 
 @jax.jit

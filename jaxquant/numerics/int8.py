@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.numerics._exact import div, round_to_dtype
+from jaxquant.numerics.fp8 import export_scale
 
 INT8_MAX = 127.0
 INT8_MIN = -128.0
@@ -51,10 +52,7 @@ def fake_quant(x: jax.Array, amax) -> jax.Array:
 def scale_from_amax(amax) -> jax.Array:
     """Export scale ``amax / 127`` (float32, ``amax``'s shape): a zero amax becomes 127 (scale 1.0), and amax is
     clamped to the positive float32 range, as ModelOpt's ``export_amax``."""
-    amax = _f32(amax)
-    f32 = jnp.finfo(jnp.float32)
-    amax = jnp.clip(jnp.where(amax == 0, jnp.float32(INT8_MAX), amax), f32.tiny, f32.max)
-    return div(amax, INT8_MAX)
+    return export_scale(amax, INT8_MAX)
 
 
 @jax.jit
