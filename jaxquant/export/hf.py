@@ -255,7 +255,8 @@ def _collect_linears(model, name_map, *, need_amax: bool, walked: _Walked | None
                 item.w_block_amax = _np(_val(wq.amax)).astype(np.float32)
             else:
                 item.w_amax = _np(_val(wq.amax)).astype(np.float32)
-                item.w_amax = item.w_amax.reshape(-1) if qf.per_channel else item.w_amax.reshape(())
+                if not qf.blocked_amax:
+                    item.w_amax = item.w_amax.reshape(-1) if qf.per_channel else item.w_amax.reshape(())
             if icfg is not None and qf.static_input_scale and not icfg.is_dynamic:
                 fixed = icfg.fixed_amax
                 item.in_amax = np.float32(fixed) if fixed is not None else _np(_val(iq.amax)).astype(np.float32).reshape(())

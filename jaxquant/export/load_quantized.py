@@ -126,6 +126,9 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
         tag = files.tensor_info(k).dtype
         if tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
             out[mod] = QuantizedTensorInfo(mod, "nvfp4", f"{mod}.input_scale" in files)
+        elif (tag == "F8_E4M3" and f"{mod}.weight_scale" in files
+              and len(files.tensor_info(f"{mod}.weight_scale").shape) == 4):  # [Mb, 1, Nb, 1]: 2-D blocks
+            out[mod] = QuantizedTensorInfo(mod, "fp8_pb_wo", f"{mod}.input_scale" in files)
         elif tag == "F8_E4M3" and f"{mod}.weight_scale" in files:
             if files.tensor_info(f"{mod}.weight_scale").dtype != "F32":
                 raise UnsupportedError(f"{mod}: FP8 weight with a {files.tensor_info(f'{mod}.weight_scale').dtype} "

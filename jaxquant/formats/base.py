@@ -187,6 +187,7 @@ class FormatBase:
     shares_fused_scales: ClassVar[bool] = False
     per_channel: ClassVar[bool] = False
     static_blocks: ClassVar[bool] = False
+    blocked_amax: ClassVar[bool] = False  # the weight amax keeps its block shape (2-D blocks), not one number
     sidecar_weight_amax: ClassVar[bool] = False
     #: whether ``convert_hf_quant_config_format`` writes ``config_groups`` when every layer has this format
     config_groups_when_uniform: ClassVar[bool] = True

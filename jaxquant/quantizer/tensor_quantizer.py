@@ -110,8 +110,11 @@ class TensorQuantizer(nnx.Module):
         return self.config.format if self.enabled else None
 
     @property
-    def block_size(self) -> int:
+    def block_size(self) -> int | tuple[int, int]:
+        """Elements per block along the last axis (16 when unblocked); ``(rows, cols)`` for 2-D blocks."""
         bs = self.config.block_sizes if self.config is not None else None
+        if bs is not None and bs.other_axes:
+            return (dict(bs.other_axes).get(-2), bs.size)
         return bs.size if bs is not None and bs.size else 16
 
     def configure(self, config: QuantizerConfig | None, *, tensor_shape: tuple[int, ...] | None = None):

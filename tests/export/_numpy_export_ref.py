@@ -127,6 +127,21 @@ def fp8_dequantize(q, scale, dtype=np.float32) -> np.ndarray:
     return (np.asarray(q).astype(np.float32) * s).astype(dtype)
 
 
+# ----------------------------------------------------------------------------------------------- FP8 2-D blocks
+def fp8_block_weight(w, amax, *, compute_dtype=None, what: str = "weight", block=(128, 128)):
+    """FP8_PB_WO export: ``weight_scale [Mb, 1, Nb, 1] = amax / 448`` (0 -> 1.0); each element divided in float32
+    by its block's scale (blocks of ``block``, the last ones cut short) and cast to E4M3 (ModelOpt
+    ``FP8QTensor.quantize`` with a 2-D block scale)."""
+    check_finite(w, what)
+    w_np = np.asarray(w)
+    compute_dtype = np.dtype(compute_dtype) if compute_dtype is not None else w_np.dtype
+    scale = safe_amax(amax, 448.0, what + " amax") / E4M3_MAX
+    s2 = scale[:, 0, :, 0]
+    full = np.repeat(np.repeat(s2, block[0], axis=0), block[1], axis=1)[: w_np.shape[0], : w_np.shape[1]]
+    q = (_f32(w_np.astype(compute_dtype)) / full).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------- INT8
 def int8_weight(w, amax, *, compute_dtype=None, what: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """INT8 per-channel (W8A16) export: ``weight_scale = amax / 127`` (0 -> 1.0), ``q = clip(rint(w / s), -128, 127)``

@@ -44,6 +44,9 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
     if fmt.quant_algo == "W8A16":
         q, s = T.int8_weight(w, w_amax, compute_dtype=compute_dtype)
         return {"weight": q, "weight_scale": s}
+    if fmt.blocked_amax:
+        q, s = T.fp8_block_weight(w, w_amax, compute_dtype=compute_dtype)
+        return {"weight": q, "weight_scale": s}
     if fmt.block_size == 0:
         q, s = T.fp8_weight(w, w_amax, compute_dtype=compute_dtype)
         out = {"weight": q, "weight_scale": s}
@@ -60,7 +63,14 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
 def _amaxes(fmt, w, mult):
     w32 = np.abs(np.asarray(w, np.float32))
     blk = None
-    if fmt.per_channel:
+    if fmt.blocked_amax:  # 2-D blocks of 128 x 128 (one block for these small weights)
+        m, n = w.shape
+        padded = np.zeros((-(-m // 128) * 128, -(-n // 128) * 128), np.float32)
+        padded[:m, :n] = w32
+        w_amax = (padded.reshape(padded.shape[0] // 128, 128, padded.shape[1] // 128, 128).max(axis=(1, 3),
+                                                                                          keepdims=True) * mult)
+        w_amax = w_amax.astype(np.float32)
+    elif fmt.per_channel:
         w_amax = (w32.max(axis=1) * mult).astype(np.float32)
     elif fmt.static_blocks:
         blk = (w32.reshape(w.shape[0], -1, fmt.block_size).max(-1) * np.float32(0.9)).astype(np.float32)
@@ -72,7 +82,8 @@ def _amaxes(fmt, w, mult):
 
 
 def test_every_format_satisfies_the_protocol():
-    assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo"}
+    assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
+                                     "fp8_pb_wo"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -123,7 +134,11 @@ def test_dequantize_inverts(name, dtype):
     t = fmt.export_tensors(jnp.asarray(w), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=dtype)
     deq = np.asarray(fmt.dequantize(t, jnp.float32))
     assert deq.shape == w.shape and deq.dtype == np.float32
-    if fmt.block_size == 0:  # FP8 and INT8: codes times the per-tensor / per-channel scale
+    if fmt.blocked_amax:
+        q = np.asarray(t["weight"]).astype(np.float32)
+        s2 = np.asarray(t["weight_scale"])[:, 0, :, 0]
+        ref = q * np.repeat(np.repeat(s2, 128, 0), 128, 1)[: q.shape[0], : q.shape[1]]
+    elif fmt.block_size == 0:  # FP8 and INT8: codes times the per-tensor / per-channel scale
         ref = T.fp8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
     else:
         ref = T.nvfp4_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]),
