@@ -216,6 +216,35 @@ class FormatBase:
         return weight.format in self.weight_config_formats
 
 
+class WeightOnlyFormat(FormatBase):
+    """A weight-only format whose tensors are ``weight`` + ``weight_scale`` from one jitted kernel
+    ``kernel(w, amax, compute_dtype=...) -> (tensors, finiteness stats)`` and back through
+    ``dequantizer(weight, weight_scale, dtype)`` (INT8 W8A16, FP8_PB_WO). Activations stay unquantized."""
+
+    kernel: ClassVar[Any]
+    dequantizer: ClassVar[Any]
+
+    def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
+                                what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
+        w = jnp.asarray(weight)
+        cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
+        amax = jnp.asarray(w_amax, jnp.float32)
+        out, stats = type(self).kernel(w, amax, compute_dtype=cd)
+        return out, DeferredCheck(stats, what, w, amax)
+
+    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
+        from jaxquant.errors import UnsupportedError
+
+        raise UnsupportedError(f"{what}: {self.quant_algo} leaves activations unquantized; it has no input_scale.")
+
+    def activation_config(self):
+        return None
+
+    def dequantize(self, tensors, dtype=jnp.float32) -> jax.Array:
+        return type(self).dequantizer(jnp.asarray(tensors["weight"]), jnp.asarray(tensors["weight_scale"], jnp.float32),
+                                      jnp.dtype(dtype))
+
+
 # ----------------------------------------------------------------------------------------------- checks
 def finite_stats(x) -> tuple[jax.Array, jax.Array]:
     """``(count of NaN/Inf, min)`` of ``x`` in float32, traced (call inside a jitted function)."""

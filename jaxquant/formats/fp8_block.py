@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.errors import UnsupportedError
-from jaxquant.formats.base import F8, F32, DeferredCheck, FormatBase, TensorSpec, finite_stats
+from jaxquant.formats.base import F8, F32, TensorSpec, WeightOnlyFormat, finite_stats
 from jaxquant.numerics import fp8 as fp8_num
 
 
@@ -72,10 +72,12 @@ def _dequantize(q, scale, dtype):
     return from_blocks(blocks, m, n).astype(dtype)
 
 
-class FP8BlockWeightOnly(FormatBase):
+class FP8BlockWeightOnly(WeightOnlyFormat):
     """FP8 weights with 2-D block scales, activations unquantized (ModelOpt ``fp8_pb_wo``)."""
 
     name = "fp8_pb_wo"
+    kernel = _export
+    dequantizer = _dequantize
     quant_algo = "fp8_pb_wo"  # ModelOpt 0.47 writes the lower-case format name
     weight_config_formats = ("fp8_2d_block",)
     blocked_amax = True
@@ -96,24 +98,6 @@ class FP8BlockWeightOnly(FormatBase):
     def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
         rows, cols = EXPORT_BLOCK
         return [("weight", (out, in_), F8), ("weight_scale", (-(-out // rows), 1, -(-in_ // cols), 1), F32)]
-
-    def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
-                                what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
-        w = jnp.asarray(weight)
-        cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
-        amax = jnp.asarray(w_amax, jnp.float32)
-        out, stats = _export(w, amax, compute_dtype=cd)
-        return out, DeferredCheck(stats, what, w, amax)
-
-    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
-        raise UnsupportedError(f"{what}: FP8_PB_WO leaves activations unquantized; it has no input_scale.")
-
-    def activation_config(self):
-        return None
-
-    def dequantize(self, tensors, dtype=jnp.float32) -> jax.Array:
-        return _dequantize(jnp.asarray(tensors["weight"]), jnp.asarray(tensors["weight_scale"], jnp.float32),
-                           jnp.dtype(dtype))
 
     def config_group(self, group_size=None) -> dict:
         return {"weights": {"dynamic": False, "num_bits": 8, "type": "float", "strategy": "block",

@@ -18,11 +18,10 @@ import numpy as np
 from jaxquant.errors import UnsupportedError
 from jaxquant.formats.base import (
     F32,
-    DeferredCheck,
-    FormatBase,
     ElementwiseQuantizer,
     PerChannelAmax,
     TensorSpec,
+    WeightOnlyFormat,
     finite_stats,
 )
 from jaxquant.numerics import int8 as int8_num
@@ -42,10 +41,12 @@ def _dequantize(q, scale, dtype):
     return int8_num.dequantize(q, jnp.asarray(scale, jnp.float32)[:, None], jnp.float32).astype(dtype)
 
 
-class INT8WeightOnly(FormatBase):
+class INT8WeightOnly(WeightOnlyFormat):
     """INT8 per-channel weights, unquantized activations (ModelOpt ``int8_wo``, ``quant_algo`` W8A16)."""
 
     name = "int8_wo"
+    kernel = _export
+    dequantizer = _dequantize
     quant_algo = "W8A16"
     weight_config_formats = ("int8_per_channel",)
     per_channel = True
@@ -66,23 +67,6 @@ class INT8WeightOnly(FormatBase):
 
     def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
         return [("weight", (out, in_), I8), ("weight_scale", (out,), F32)]
-
-    def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
-                                what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
-        w = jnp.asarray(weight)
-        cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
-        amax = jnp.asarray(w_amax, jnp.float32)
-        out, stats = _export(w, amax, compute_dtype=cd)
-        return out, DeferredCheck(stats, what, w, amax)
-
-    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
-        raise UnsupportedError(f"{what}: W8A16 leaves activations unquantized; it has no input_scale.")
-
-    def activation_config(self):
-        return None
-
-    def dequantize(self, tensors, dtype=jnp.float32) -> jax.Array:
-        return _dequantize(jnp.asarray(tensors["weight"]), jnp.asarray(tensors["weight_scale"]), jnp.dtype(dtype))
 
     def config_group(self, group_size=None) -> dict:
         return {"weights": {"dynamic": False, "num_bits": 8, "type": "int", "strategy": "channel"}}

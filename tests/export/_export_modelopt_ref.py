@@ -171,3 +171,39 @@ def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: in
         if c is not None:
             q.amax.value = jnp.asarray(mo_amax(name), jnp.float32).reshape(q.amax.value.shape)
     export_hf(loaded, jq_out)
+
+
+def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, out: Path, n_enabled: int) -> None:
+    """jaxquant's side of a comparison: load ``src``, apply the ModelOpt-style ``cfg`` (jaxquant reads it as a
+    recipe), set every enabled quantizer's amax to ModelOpt's (``n_enabled`` of them), export to ``out``."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantizer_sites
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.recipe import apply_recipe
+
+    loaded = load_hf(src, dtype=getattr(jnp, dtype))
+    res = apply_recipe(loaded.model, cfg, warn=False)
+    n = 0
+    for s in quantizer_sites(loaded.model):
+        if s.quantizer.enabled:
+            s.quantizer.amax.value = jnp.asarray(amax[s.names[0]], jnp.float32).reshape(s.quantizer.amax.value.shape)
+            n += 1
+    assert n == n_enabled, n
+    export_hf(loaded, out, resolution=res)
+
+
+def assert_same_export(mo: Path, jq: Path) -> dict:
+    """Every tensor byte-identical, ``hf_quant_config.json`` and ``config.json`` equal but for the producer;
+    returns ModelOpt's tensors (``tensors_of``)."""
+    ref, ours = tensors_of(mo), tensors_of(jq)
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert ours[k] == ref[k], k
+    for f in ("hf_quant_config.json", "config.json"):
+        a, b = json_of(mo / f), json_of(jq / f)
+        assert (b.get("quantization_config") or b).pop("producer")["name"] == "jaxquant"
+        (a.get("quantization_config") or a).pop("producer")
+        assert a == b, f
+    return ref
