@@ -128,6 +128,8 @@ def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
     if args.load_calib_state is not None or (jax.default_backend() == "cpu" and not COMPILE_AHEAD_ON_CPU):
         return out
     limit = config.max_position_embeddings
+    if args.calib_seq is not None and (args.calib_seq <= 0 or (limit is not None and args.calib_seq > limit)):
+        return out  # the main thread refuses it (DataError) before any calibration
     seq = args.calib_seq or (default_calib_seq if limit is None else min(default_calib_seq, limit))
     from jaxquant.calibration.ahead import compile_calibration_ahead
 
