@@ -161,3 +161,15 @@ class FP8PerChannelQuantizer(PerChannelAmax, FP8Quantizer):
     """FP8 E4M3 with one amax per channel along ``config.axis`` (``fp8_per_channel``)."""
 
     name = "fp8_per_channel"
+
+
+class FP8PerTokenQuantizer(FP8Quantizer):
+    """FP8 E4M3 activations quantized dynamically per token (``fp8_per_token``: ``block_sizes {-1: None}``,
+    ``type: dynamic``; the input side of FP8_PER_CHANNEL_PER_TOKEN): each row's amax is ``max|x|`` over the last
+    axis, computed at every call, then FP8 fake quant. Nothing is calibrated."""
+
+    name = "fp8_per_token"
+
+    def fake_quant(self, x, amax, global_amax, block_size):
+        row_amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+        return fp8_num.fake_quant(x, row_amax)

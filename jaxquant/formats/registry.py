@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from jaxquant.errors import UnsupportedError
 from jaxquant.formats.base import QuantFormat, QuantizerFormat
-from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8Quantizer
+from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8PerTokenQuantizer, FP8Quantizer
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
 from jaxquant.formats.int8 import INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
 from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4, NVFP4Quantizer, NVFP4Static, NVFP4StaticQuantizer
@@ -30,6 +30,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
 QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     FP8Quantizer(),
     FP8PerChannelQuantizer(),
+    FP8PerTokenQuantizer(),
     NVFP4Quantizer(),
     NVFP4StaticQuantizer(),
     INT8Quantizer(),

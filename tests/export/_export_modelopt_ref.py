@@ -175,7 +175,7 @@ def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: in
 
 def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, out: Path, n_enabled: int) -> None:
     """jaxquant's side of a comparison: load ``src``, apply the ModelOpt-style ``cfg`` (jaxquant reads it as a
-    recipe), set every enabled quantizer's amax to ModelOpt's (``n_enabled`` of them), export to ``out``."""
+    recipe), set every enabled static quantizer's amax to ModelOpt's (``n_enabled`` of them), export to ``out``."""
     import jax.numpy as jnp
 
     from jaxquant.calibration import quantizer_sites
@@ -187,7 +187,7 @@ def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, ou
     res = apply_recipe(loaded.model, cfg, warn=False)
     n = 0
     for s in quantizer_sites(loaded.model):
-        if s.quantizer.enabled:
+        if s.quantizer.enabled and not s.quantizer.config.is_dynamic:  # dynamic ones hold no amax
             s.quantizer.amax.value = jnp.asarray(amax[s.names[0]], jnp.float32).reshape(s.quantizer.amax.value.shape)
             n += 1
     assert n == n_enabled, n

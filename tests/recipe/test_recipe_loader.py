@@ -293,7 +293,7 @@ quantize:
         load_recipe(p)
     msg = str(ei.value)
     assert "quant_cfg[1]" in msg and "'mxfp8'" in msg and "not support yet" in msg
-    assert "fp8, fp8_per_channel, nvfp4, nvfp4_static, int8, int8_per_channel" in msg
+    assert "fp8, fp8_per_channel, fp8_per_token, nvfp4, nvfp4_static, int8, int8_per_channel, fp8_2d_block" in msg
     assert "int4" not in msg  # disabled entries do not count
     r = load_recipe(p, check_supported=False)
     assert r.unsupported() and r.quant_cfg[1].cfg.format == "mxfp8"
@@ -304,7 +304,7 @@ quantize:
     [
         ("{num_bits: e2m1, block_sizes: {-1: 32, type: dynamic, scale_bits: e4m3}}", "nvfp4_bs32"),
         ("{num_bits: e2m1, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}", "mxfp4"),
-        ("{num_bits: e4m3, type: dynamic, block_sizes: {-1: null}}", "fp8_per_token"),
+        ("{num_bits: e4m3, type: dynamic, block_sizes: {-1: 128, type: dynamic}}", "fp8_block128"),
         ("{num_bits: e4m3, axis: null, bias: {-2: null, -4: null, type: static}}", "fp8_affine"),
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}, rotate: true}", "nvfp4_rotate"),
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3, four_over_six: true}}",
