@@ -207,3 +207,15 @@ def assert_same_export(mo: Path, jq: Path) -> dict:
         (a.get("quantization_config") or a).pop("producer")
         assert a == b, f
     return ref
+
+
+def compare_exports(tmp: Path, cfg: dict, dtype: str, n_enabled: int, make=None) -> dict:
+    """Build a tiny Llama (``make(path, dtype)``, default ``make_llama`` untied), quantize and export it with
+    ModelOpt (``tmp/mo``) and with jaxquant from ModelOpt's amax (``tmp/jq``), assert the two are the same
+    (``assert_same_export``); returns ModelOpt's tensors."""
+    src = tmp / "src"
+    model = make(src, dtype) if make is not None else make_llama(src, tie=False, dtype=dtype)
+    amax = modelopt_quantize(model, cfg)
+    modelopt_export(model, tmp / "mo", dtype)
+    export_recipe_like_modelopt(src, cfg, amax, dtype, tmp / "jq", n_enabled=n_enabled)
+    return assert_same_export(tmp / "mo", tmp / "jq")

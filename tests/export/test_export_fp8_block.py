@@ -69,12 +69,7 @@ def test_fp8_block_byte_identical_to_modelopt_and_loads_back(tmp_path, dtype):
     from jaxquant.export import load_quantized
     from jaxquant.io.safetensors import CheckpointFiles
 
-    src = tmp_path / "src"
-    model = _llama(src, dtype)
-    amax = R.modelopt_quantize(model, CFG)
-    R.modelopt_export(model, tmp_path / "mo", dtype)
-    R.export_recipe_like_modelopt(src, CFG, amax, dtype, tmp_path / "jq", n_enabled=14)
-    ref = R.assert_same_export(tmp_path / "mo", tmp_path / "jq")
+    ref = R.compare_exports(tmp_path, CFG, dtype, n_enabled=14, make=_llama)
     assert ref["model.layers.0.mlp.gate_proj.weight_scale"][:2] == ("F32", (3, 1, 2, 1))
 
     back = load_quantized(tmp_path / "jq", dtype=jnp.float32)

@@ -20,12 +20,7 @@ INT8_WO = {"quant_cfg": [
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int8_weight_only_byte_identical_to_modelopt(tmp_path, dtype):
-    src = tmp_path / "src"
-    model = R.make_llama(src, tie=False, dtype=dtype)
-    amax = R.modelopt_quantize(model, INT8_WO)
-    R.modelopt_export(model, tmp_path / "mo", dtype)
-    R.export_recipe_like_modelopt(src, INT8_WO, amax, dtype, tmp_path / "jq", n_enabled=14)  # 7 linears x 2
-    ref = R.assert_same_export(tmp_path / "mo", tmp_path / "jq")
+    ref = R.compare_exports(tmp_path, INT8_WO, dtype, n_enabled=14)  # 7 linears x 2 layers
     assert ref["model.layers.0.self_attn.k_proj.weight"][:2] == ("I8", (32, 64))
     assert ref["model.layers.0.self_attn.k_proj.weight_scale"][:2] == ("F32", (32,))
     assert R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]["quant_algo"] == "W8A16"
