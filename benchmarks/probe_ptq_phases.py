@@ -130,14 +130,10 @@ def main():
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
     import jax
     import jax.numpy as jnp
-    import numpy as np
-    from concurrent.futures import ThreadPoolExecutor
     from flax import nnx
 
     jax.devices()
     src = work / "src"
-    from jaxquant.io.safetensors import CheckpointFiles
-
     if "load" not in skip:
         for variant in os.environ.get("PROBE_LOAD_VARIANTS", "serial-view,8-view,16-view,8-pread,16-pread,batched").split(","):
             subprocess.run([sys.executable, __file__, "--work", str(work), "--load-variant", variant], check=True)
