@@ -91,18 +91,6 @@ def _checkpoint_config(model_arg: str | None):
         return None
 
 
-def _free_device_bytes() -> int | None:
-    import jax
-
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001 - a backend without memory statistics
-        return None
-    if "bytes_limit" not in stats:
-        return None
-    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-
-
 def _stored_dtype(d: Path):
     """The numpy dtype of the checkpoint's first tensor (what the export writes its weights in), or None."""
     try:
@@ -132,12 +120,13 @@ def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
         return out  # the main thread refuses it (DataError) before any calibration
     seq = args.calib_seq or (default_calib_seq if limit is None else min(default_calib_seq, limit))
     from jaxquant.calibration.ahead import compile_calibration_ahead
+    from jaxquant.calibration.api import free_device_bytes
 
     export_dtype = None
     if args.export_path is not None and args.export_format in ("hf", "both"):
         export_dtype = _stored_dtype(Path(args.model).expanduser())
     out.ahead_future = spawn("compile", compile_calibration_ahead, config, dtype, recipe, seq, args.batch_size or None,
-                             n_rows=n_rows, free_bytes_before_load=None if args.batch_size else _free_device_bytes(),
+                             n_rows=n_rows, free_bytes_before_load=None if args.batch_size else free_device_bytes(),
                              export_dtype=export_dtype)
     return out
 

@@ -125,13 +125,21 @@ def auto_batch_size(model: Any, seq_len: int, n_rows: int | None = None, *, devi
     return max(1, b)
 
 
+def free_device_bytes(device=None) -> int | None:
+    """Bytes the device reports free (``bytes_limit - bytes_in_use``), or None for a backend without memory
+    statistics."""
+    try:
+        stats = (device or jax.devices()[0]).memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    if "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+
+
 def _probe_batch_size(model, seq_len, device, memory_fraction, sample_ratio, free_bytes=None) -> int:
     try:
-        if free_bytes is None:
-            stats = device.memory_stats() or {}
-            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-        else:
-            free = free_bytes
+        free = free_bytes if free_bytes is not None else (free_device_bytes(device) or 0)
         graphdef, state = nnx.split(model)
 
         def fwd(state, ids, mask):
