@@ -159,7 +159,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
             store(key, step.lower(amax, rest, ids, ids).compile())
             n += 1
     if export_dtype is not None:
-        from jaxquant.export.hf import warm_export_kernels
+        from jaxquant.export.entries import warm_export_kernels
 
         n += warm_export_kernels(model, export_dtype)
     dt = time.perf_counter() - t0

@@ -84,16 +84,41 @@ class Site:
             return False
         return self.role == "weight" or cfg.needs_calibration
 
-    def weight(self):
-        """The weight array a weight quantizer quantizes (stacked ``[E, ...]`` for experts)."""
-        fn = getattr(self.parent, "weight_of", None)
+    @property
+    def parent_path(self) -> str:
+        """The dotted NNX path of ``parent``."""
+        return self.path[: -len(self.attr) - 1] if self.path.endswith("." + self.attr) else ""
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """ModelOpt module names, one per instance: ``names`` without the quantizer attribute
+        (``model.layers.3.self_attn.q_proj``, ``...experts.7.gate_proj``)."""
+        return tuple(n.rpartition(".")[0] for n in self.names)
+
+    @property
+    def weight_param(self) -> str:
+        """The attribute of ``parent`` holding the parameter a weight quantizer quantizes
+        (``"weight"``; ``"kernel"`` for a user's ``nnx.Linear``; ``"gate_proj"`` for stacked experts).
+
+        From the owning module's ``weight_param_name(attr)`` when it defines one, else the
+        attribute named like the quantizer without ``_quantizer``, else ``"weight"``."""
+        fn = getattr(self.parent, "weight_param_name", None)
         if callable(fn):
-            w = fn(self.attr)
-        else:
-            base = self.attr[: -len("_quantizer")] if self.attr.endswith("_quantizer") else self.attr
-            w = getattr(self.parent, base, None)
-            if w is None:
-                w = getattr(self.parent, "weight", None)
+            return fn(self.attr)
+        base = self.attr[: -len("_quantizer")] if self.attr.endswith("_quantizer") else self.attr
+        return base if getattr(self.parent, base, None) is not None else "weight"
+
+    @property
+    def weight_path(self) -> str:
+        """The dotted NNX path of the parameter behind ``weight()``."""
+        return f"{self.parent_path}.{self.weight_param}" if self.parent_path else self.weight_param
+
+    def weight(self):
+        """The weight a weight quantizer quantizes, in the layout it sees (torch's ``[out, in]``;
+        stacked ``[E, out, in]`` for experts): the owning module's ``weight_of(attr)`` when it
+        defines one (a user's ``nnx.Linear`` returns ``kernel.T``), else ``weight_param``'s value."""
+        fn = getattr(self.parent, "weight_of", None)
+        w = fn(self.attr) if callable(fn) else getattr(self.parent, self.weight_param, None)
         if w is None:
             raise AttributeError(f"no weight found for weight quantizer {self.path}")
         return w.value if hasattr(w, "value") else w
@@ -101,23 +126,18 @@ class Site:
 
 def model_name_map(model: Any):
     """``nnx path -> ModelOpt name`` function for ``model`` (identity without a model config)."""
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "architecture", None):
-        try:
-            from jaxquant.converters.names import NameMap
+    from jaxquant.recipe.apply import default_name_map
 
-            nm = NameMap.for_config(config)
-            return nm.hf_name
-        except Exception:  # an architecture the name map does not know: plain paths
-            pass
-    return lambda p: p
+    return default_name_map(model)
 
 
-def quantizer_sites(model: Any) -> list[Site]:
-    """Every ``TensorQuantizer`` of ``model`` as a ``Site``, in natural path order."""
+def quantizer_sites(model: Any, name_map=None) -> list[Site]:
+    """Every ``TensorQuantizer`` of ``model`` as a ``Site``, in natural path order.
+
+    ``name_map``: NNX path -> ModelOpt name (default ``model_name_map(model)``)."""
     from jaxquant.recipe.apply import find_quantizers
 
-    to_name = model_name_map(model)
+    to_name = name_map or model_name_map(model)
     out = []
     for path, q, parent, base, attr in find_quantizers(model):
         names_fn = getattr(parent, "quantizer_names", None)

@@ -129,7 +129,7 @@ def save_orbax(
     tree: dict[str, Any] = {"model": _model_state(model)}
     export_names: list[str] = []
     if include_export_tensors:
-        from jaxquant.export.hf import plan_entries
+        from jaxquant.export.entries import plan_entries
 
         entries, _, _ = plan_entries(model_or_loaded)
         exp = {}

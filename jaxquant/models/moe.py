@@ -212,12 +212,16 @@ class MoeExperts(nnx.Module):
             return (E, 1, I) if proj == "down_proj" else (E, 1, H)
         return (E, 1, H) if proj == "down_proj" else (E, 1, I)
 
-    def weight_of(self, attr_name: str) -> nnx.Param:
-        """The stacked weight a ``*_weight_quantizer`` attribute quantizes."""
+    def weight_param_name(self, attr_name: str) -> str:
+        """The attribute (``gate_proj`` / ``up_proj`` / ``down_proj``) a ``*_weight_quantizer`` quantizes."""
         proj, role = self._split_attr(attr_name)
         if role != "weight_quantizer":
             raise KeyError(f"{attr_name!r} is not a weight quantizer")
-        return getattr(self, proj)
+        return proj
+
+    def weight_of(self, attr_name: str) -> nnx.Param:
+        """The stacked weight a ``*_weight_quantizer`` attribute quantizes."""
+        return getattr(self, self.weight_param_name(attr_name))
 
     def weight_quantizers(self):
         """``(attr_name, quantizer, stacked weight)`` for the three weight quantizers."""

@@ -30,6 +30,10 @@ class QuantizedLinear(nnx.Linear):
 
     modelopt_class = "nn.Linear"
 
+    def weight_param_name(self, attr: str) -> str:
+        """The parameter behind the weight quantizer: ``kernel``."""
+        return "kernel"
+
     def weight_of(self, attr: str) -> jax.Array:
         """The tensor the weight quantizer sees: ``kernel.T`` (``[out, in]``)."""
         return self.kernel[...].T

@@ -195,3 +195,50 @@ def test_linen_qat_trains_with_optax():
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_user_nnx_model_exports_from_its_quantizer_sites(tmp_path):
+    """export_hf works from quantizer sites, not model classes: a user's nnx.Linear model trained with QAT exports
+    each linear as torch's ``weight [out, in]`` (= kernel.T) with the NVFP4 tensors ModelOpt's formulas give for it
+    (the numpy oracle, itself byte-checked against nvidia-modelopt), and its other parameters under their NNX paths."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from jaxquant.export import export_hf
+    from jaxquant.io.safetensors import CheckpointFiles
+    from jaxquant.qat import finish_qat
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+    import _numpy_export_ref as ref
+
+    net = Net(nnx.Rngs(3))
+    xs, ys = _data()
+    res = prepare_qat(net, RECIPE, lambda m: [m(x) for x in xs])
+    opt = nnx.Optimizer(net, optax.adam(1e-2), wrt=nnx.Param)
+    step = make_train_step(loss_fn=_mse)
+    for x, y in zip(xs, ys):
+        step(net, opt, x, y)
+    finish_qat(net)
+    summary = export_hf(net, tmp_path / "out", resolution=res.resolution,
+                        hf_config={"architectures": ["Net"], "model_type": "user_net"})
+    files = CheckpointFiles.open(tmp_path / "out")
+    names = set(files.keys())
+    assert not any(n.endswith(".kernel") for n in names)
+    for b in range(2):
+        for proj in ("up_proj", "down_proj"):
+            lin = getattr(net.blocks[b], proj)
+            name = f"blocks.{b}.{proj}"
+            w = np.asarray(lin.kernel.value).T
+            q, scale, scale_2 = ref.nvfp4_weight(w, np.float32(lin.weight_quantizer.amax.value))
+            assert files.get(name + ".weight").tobytes() == q.tobytes() and tuple(files.tensor_info(name + ".weight").shape) == q.shape
+            assert np.asarray(files.get(name + ".weight_scale")).tobytes() == scale.tobytes()
+            assert np.asarray(files.get(name + ".weight_scale_2")).tobytes() == scale_2.tobytes()
+            in_scale = ref.nvfp4_input_scale(np.float32(lin.input_quantizer.amax.value))
+            assert np.asarray(files.get(name + ".input_scale")).tobytes() == in_scale.tobytes()
+            np.testing.assert_array_equal(files.get(name + ".bias"), np.asarray(lin.bias.value))
+    np.testing.assert_array_equal(files.get("lm_head.weight"), np.asarray(net.lm_head.kernel.value).T)  # unquantized
+    np.testing.assert_array_equal(files.get("blocks.0.norm.scale"), np.asarray(net.blocks[0].norm.scale.value))
+    hfq = json.loads((tmp_path / "out" / "hf_quant_config.json").read_text())["quantization"]
+    assert hfq["quant_algo"] == "NVFP4" and "lm_head" in hfq["exclude_modules"]
+    assert summary.hf_quant_config["quantization"]["quant_algo"] == "NVFP4"
