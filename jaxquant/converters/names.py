@@ -92,13 +92,14 @@ def hf_param_names(model: nnx.Module, name_map: NameMap | None = None) -> dict[s
 
 
 def iter_quantizers(model: nnx.Module, name_map: NameMap | None = None) -> Iterable[tuple[str, nnx.Module]]:
-    """``(ModelOpt quantizer name, TensorQuantizer)`` for every quantizer site of ``model``."""
-    from jaxquant.quantizer import TensorQuantizer
+    """``(ModelOpt quantizer name, TensorQuantizer)`` for every quantizer site of ``model`` (one name per
+    site: a stacked expert quantizer's NNX path mapped to HF; ``calibration.quantizer_sites`` gives per-expert
+    names)."""
+    from jaxquant.calibration.sites import quantizer_sites
 
     nm = name_map or NameMap.for_config(model.config)
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, TensorQuantizer):
-            yield nm.hf_name(path), node
+    for s in quantizer_sites(model, nm.hf_name):
+        yield nm.hf_name(s.path), s.quantizer
 
 
 __all__ = ["IGNORED_PATTERNS", "NameMap", "dotted", "hf_param_names", "iter_quantizers", "param_paths"]

@@ -68,10 +68,9 @@ def _load_tree(path: Path, abstract=None):
 
 
 def _quantizers(model):
-    from jaxquant.converters.names import dotted
-    from jaxquant.quantizer import TensorQuantizer
+    from jaxquant.calibration.sites import quantizer_sites
 
-    return [(dotted(p), q) for p, q in nnx.iter_graph(model) if isinstance(q, TensorQuantizer)]
+    return [(s.path, s.quantizer) for s in quantizer_sites(model)]
 
 
 def _pure(tree):
