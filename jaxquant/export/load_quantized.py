@@ -107,7 +107,7 @@ class QuantizedTensorInfo:
     """One quantized linear found in a checkpoint (HF module name ``module``)."""
 
     module: str
-    fmt: str  # a jaxquant.formats name: "fp8" (per tensor or per channel) | "nvfp4" | "int8_wo"
+    fmt: str  # a jaxquant.formats name: "fp8" (per tensor or per channel) | "nvfp4" | "int8_wo" | "mxfp8" | ...
     has_input_scale: bool
 
     @property
@@ -126,6 +126,9 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
         tag = files.tensor_info(k).dtype
         if tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
             out[mod] = QuantizedTensorInfo(mod, "nvfp4", f"{mod}.input_scale" in files)
+        elif (tag == "F8_E4M3" and f"{mod}.weight_scale" in files
+              and files.tensor_info(f"{mod}.weight_scale").dtype == "U8"):  # E8M0 block exponents: MXFP8
+            out[mod] = QuantizedTensorInfo(mod, "mxfp8", f"{mod}.input_scale" in files)
         elif (tag == "F8_E4M3" and f"{mod}.weight_scale" in files
               and len(files.tensor_info(f"{mod}.weight_scale").shape) == 4):  # [Mb, 1, Nb, 1]: 2-D blocks
             out[mod] = QuantizedTensorInfo(mod, "fp8_pb_wo", f"{mod}.input_scale" in files)
@@ -411,6 +414,9 @@ def load_quantized(
             qname = mod + ".input_quantizer"
             _fake_quant_input(lin.input_quantizer, info.format.activation_config(),
                               _exact_amax(known, qname, s, info.format.input_divisor))
+        elif activations == "fake_quant" and info.format.dynamic_activation_config() is not None:
+            lin.input_quantizer.configure(info.format.dynamic_activation_config())  # quantized at run time
+            lin.input_quantizer.set_mode("fake_quant")
     _configure_experts_inputs(model, nm, base, quantized, activations)
     if activations == "fake_quant":
         _configure_kv(model, nm, base, kv_cache_algo(d, hf_config), known)

@@ -82,6 +82,10 @@ class QuantFormat(Protocol):
         implies (``load_quantized`` fake-quantizes inputs with it)."""
         ...
 
+    def dynamic_activation_config(self):
+        """The config of activations quantized at run time with no ``input_scale`` (None: static or none)."""
+        ...
+
     def hf_layer_entry(self, block: int) -> dict[str, Any]:
         """The per-layer entry of ``hf_quant_config.json`` (``quant_algo`` and, blocked, ``group_size``)."""
         ...
@@ -196,6 +200,11 @@ class FormatBase:
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name} ({self.quant_algo})>"
+
+    def dynamic_activation_config(self):
+        """The ``QuantizerConfig`` of activations this format quantizes at run time without an ``input_scale``
+        (MXFP8 blocks, FP8 per token); None when a checkpoint's activations are static or unquantized."""
+        return None
 
     def hf_layer_entry(self, block: int) -> dict[str, Any]:
         if self.block_size:

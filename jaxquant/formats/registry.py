@@ -12,6 +12,7 @@ from jaxquant.formats.base import QuantFormat, QuantizerFormat
 from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8PerTokenQuantizer, FP8Quantizer
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
 from jaxquant.formats.int8 import INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
+from jaxquant.formats.mxfp8 import MXFP8, MXFP8Quantizer
 from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4, NVFP4Quantizer, NVFP4Static, NVFP4StaticQuantizer
 
 #: Every exportable format, by ModelOpt format string (also the order ``for_quantizers`` tries them).
@@ -23,6 +24,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     W4A16NVFP4(),
     INT8WeightOnly(),
     FP8BlockWeightOnly(),
+    MXFP8(),
 )}
 
 
@@ -36,6 +38,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     INT8Quantizer(),
     INT8PerChannelQuantizer(),
     FP8BlockQuantizer(),
+    MXFP8Quantizer(),
 )}
 
 

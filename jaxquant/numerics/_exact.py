@@ -298,6 +298,43 @@ def to_e4m3_arith(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(code.astype(jnp.uint8), jnp.float8_e4m3fn)
 
 
+def abs_max_bits(x: jax.Array, axis) -> jax.Array:
+    """``max(|x|)`` over ``axis`` of float32 ``x``, exactly, subnormals included (the maximum of the magnitudes'
+    bit patterns, which order like the values): XLA's CPU backend treats subnormal operands of float ops as
+    zero, torch does not. NaN wins over every number, as in torch's ``amax``."""
+    mag = lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+    return lax.bitcast_convert_type(jnp.max(mag, axis=axis), jnp.float32)
+
+
+def mul_pow2(x: jax.Array, k: jax.Array) -> jax.Array:
+    """``x * 2**k`` for float32 ``x`` and integer ``k``, rounded to nearest even like the IEEE product, with
+    subnormal inputs and outputs (XLA's CPU backend flushes both to zero in a float multiply); overflow gives
+    inf, NaN / inf inputs stay. Integer arithmetic only."""
+    x = jnp.asarray(x, jnp.float32)
+    b = lax.bitcast_convert_type(x, jnp.uint32)
+    sign = b & jnp.uint32(0x80000000)
+    ef = ((b >> 23) & 0xFF).astype(jnp.int32)
+    mant = b & jnp.uint32(0x7FFFFF)
+    sig = jnp.where(ef == 0, mant, mant | jnp.uint32(0x800000))  # value = sig * 2^(e - 150), e >= 1
+    e = jnp.maximum(ef, 1) + jnp.asarray(k, jnp.int32)
+    lz = (lax.clz(sig) - 8).astype(jnp.int32)  # shift that puts the leading one at bit 23
+    sig_n = sig << jnp.clip(lz, 0, 31).astype(jnp.uint32)
+    e_n = e - lz  # biased exponent of sig_n * 2^(e_n - 150)
+    normal = (e_n.astype(jnp.uint32) << 23) | (sig_n & jnp.uint32(0x7FFFFF))
+    shift = jnp.clip(1 - e_n, 0, 31).astype(jnp.uint32)  # subnormal: keep sig_n >> shift, rounded
+    q = sig_n >> shift
+    rem = sig_n & ((jnp.uint32(1) << shift) - 1)
+    half = jnp.where(shift > 0, jnp.uint32(1) << jnp.maximum(shift, 1) - 1, jnp.uint32(0))
+    up = (shift > 0) & ((rem > half) | ((rem == half) & ((q & 1) == 1)))
+    sub = q + up.astype(jnp.uint32)  # a carry into bit 23 is the smallest normal, as it should be
+    sub = jnp.where(1 - e_n >= 25, jnp.uint32(0), sub)
+    mag = jnp.where(e_n >= 1, normal, sub)
+    mag = jnp.where(e_n >= 255, jnp.uint32(0x7F800000), mag)
+    mag = jnp.where(sig == 0, jnp.uint32(0), mag)
+    out = lax.bitcast_convert_type(mag | sign, jnp.float32)
+    return jnp.where(ef == 255, x, out)
+
+
 def round_to_dtype(x: jax.Array, dtype) -> jax.Array:
     """float32 ``x`` rounded to ``dtype`` (bfloat16 / float16 / float32), returned as float32."""
     dtype = jnp.dtype(dtype)

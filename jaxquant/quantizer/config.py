@@ -396,8 +396,10 @@ class QuantizerConfig:
 
     @property
     def is_dynamic(self) -> bool:
-        """True when no calibration is needed at all (top-level ``type: dynamic``)."""
-        return self.type == "dynamic"
+        """True when no calibration is needed at all: top-level ``type: dynamic``, or dynamic MX blocks (E8M0
+        scales from each block at every call; ModelOpt's fake quant uses no amax for them)."""
+        bs = self.block_sizes
+        return self.type == "dynamic" or (bs is not None and bs.type == "dynamic" and bs.scale_bits == E8M0)
 
     @property
     def needs_calibration(self) -> bool:

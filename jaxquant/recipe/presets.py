@@ -4,7 +4,7 @@ ModelOpt's ``examples/hf_ptq/hf_ptq.py`` (spec modelopt.md §4) builds its confi
 ``configs/ptq/presets/model/<qformat>.yaml`` (a full ``QuantizeConfig``) and, unless the KV format is
 ``none``, ``configs/ptq/presets/kv/<kv_cache_qformat>.yaml`` whose entries are **appended**
 (``mtq.update_quant_cfg_with_kv_cache_quant``; the algorithm becomes ``max`` when the preset has
-none). ``preset_recipe`` does the same with jaxquant's copies of those presets; hf_ptq's defaults
+none; without a KV preset a preset's null algorithm stays null: no calibration). ``preset_recipe`` does the same with jaxquant's copies of those presets; hf_ptq's defaults
 are ``fp8`` and ``fp8_cast``.
 """
 
@@ -100,7 +100,9 @@ def preset_recipe(qformat: str = DEFAULT_QFORMAT,
         if "quant_cfg" not in kv:
             raise RecipeError(f"{kv_path}: a KV preset needs quant_cfg")
         entries = entries + normalize_quant_cfg(kv["quant_cfg"], child_where(where, "quant_cfg"))
-    algorithm = base.algorithm or "max"
+    # ModelOpt: a preset without an algorithm (mxfp8: nothing to calibrate) keeps None unless a KV preset is
+    # appended, which makes it max (``update_quant_cfg_with_kv_cache_quant``)
+    algorithm = base.algorithm if kv_cache_qformat == KV_CACHE_NONE else (base.algorithm or "max")
     recipe = dataclasses.replace(
         base,
         metadata=RecipeMetadata(

@@ -220,11 +220,10 @@ def algorithm_method(algorithm: Any) -> str | None:
 def unsupported_reasons(recipe: Recipe) -> list[str]:
     out = []
     method = recipe.method
-    if method not in SUPPORTED_ALGORITHMS:
-        out.append(
-            f"calibration algorithm {method!r}" if method is not None
-            else "algorithm: null (no calibration)"
-        )
+    # null (no calibration, as ModelOpt's mxfp8 preset): fine when every quantizer is dynamic or constant;
+    # jaxquant.quantize names the quantizer otherwise, once the model's quantizers are known
+    if method is not None and method not in SUPPORTED_ALGORITHMS:
+        out.append(f"calibration algorithm {method!r}")
     for i, e in enumerate(recipe.quant_cfg):
         if e.cfg is None or not e.effective_enable:
             continue

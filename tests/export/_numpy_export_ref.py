@@ -251,6 +251,30 @@ def nvfp4_dequantize(packed, weight_scale, weight_scale_2, dtype=np.float32, blo
     return out.reshape(vals.shape).astype(dtype)
 
 
+def mxfp8_weight(w, *, compute_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP8 export of ``w [..., out, in]`` (ModelOpt ``MXFP8QTensor``): E8M0 bytes ``e + 127`` per 32 inputs,
+    ``e = clip(ceil(log2_f32(block amax / 448)), -127, 127)`` (-127 for a zero block), codes
+    ``e4m3(clip(w * 2^-e, -448, 448))`` of ``w`` cast to ``compute_dtype``."""
+    w32 = _f32(w)
+    blocks = w32.reshape(*w32.shape[:-1], -1, 32)
+    d = (np.abs(blocks).max(-1) / E4M3_MAX).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        e = np.where(d > 0, np.ceil(np.log2(d)), np.float32(-127.0))
+    e = np.clip(e, -127, 127).astype(np.int32)
+    src = _f32(np.asarray(w).astype(compute_dtype)) if compute_dtype is not None else w32
+    scaled = np.ldexp(src.reshape(blocks.shape), -e[..., None]).astype(np.float32)
+    q = np.clip(scaled, -E4M3_MAX, E4M3_MAX).astype(F8).reshape(w32.shape)
+    return q, (e + 127).astype(np.uint8)
+
+
+def mxfp8_dequantize(q, scale, dtype=np.float32) -> np.ndarray:
+    """``q * 2^(scale - 127)`` per block of 32 inputs."""
+    qf = np.asarray(q).astype(np.float32)
+    blocks = qf.reshape(*qf.shape[:-1], -1, 32)
+    out = np.ldexp(blocks, np.asarray(scale).astype(np.int32)[..., None] - 127).astype(np.float32)
+    return out.reshape(qf.shape).astype(dtype)
+
+
 # ----------------------------------------------------------------------------------------------- activations / KV
 def fp8_input_scale(amax, what: str = "input amax") -> np.ndarray:
     return (safe_amax(amax, 448.0, what) / E4M3_MAX).astype(np.float32)
