@@ -368,6 +368,7 @@ def load_quantized(
     base = SafetensorsSource(files, nm)
     # keyed by canonical (transformers v5) module name; info.module is the name inside the files
     quantized = {nm.canonical(k + ".weight")[: -len(".weight")]: v for k, v in detect_quantized(files).items()}
+    quantized = _apply_declared_w4a8(quantized, d, hf_config)
     adapter = import_object(config.spec.tensor_adapter) if config.spec.tensor_adapter else None
 
     known = {nm.canonical(k): v for k, v in _read_state(d).items()}  # canonical quantizer names
@@ -427,6 +428,29 @@ def load_quantized(
 
     extra = collect_extra_tensors(files, nm, config, consumes=_consumes)
     return LoadedModel(model, config, extra, hf_config, d, nm)
+
+
+def _apply_declared_w4a8(quantized: dict, d: Path, hf_config: dict) -> dict:
+    """NVFP4 tensors of a layer declared W4A8_NVFP4_FP8 (globally or in ``quantized_layers``) belong to that
+    format: the same tensors as NVFP4, but an FP8 ``input_scale`` and ``weight_scale_2 = amax / 448``."""
+    import json
+
+    q = {}
+    p = d / "hf_quant_config.json"
+    if p.is_file():
+        try:
+            q = json.loads(p.read_text()).get("quantization") or {}
+        except ValueError:
+            q = {}
+    q = q or hf_config.get("quantization_config") or {}
+    layers = q.get("quantized_layers") or {}
+
+    def algo(mod: str) -> str | None:
+        entry = layers.get(mod)
+        return (entry or {}).get("quant_algo") if layers else q.get("quant_algo")
+
+    return {k: (dataclasses.replace(v, fmt="w4a8_nvfp4_fp8") if v.fmt == "nvfp4" and algo(v.module) == "W4A8_NVFP4_FP8"
+                else v) for k, v in quantized.items()}
 
 
 def kv_cache_algo(d: Path, hf_config: dict) -> str | None:

@@ -33,6 +33,7 @@ from jaxquant.formats.base import (
     check_amax,
     finite_stats,
 )
+from jaxquant.numerics import fp8 as fp8_num
 from jaxquant.numerics import nvfp4 as nvfp4_num
 
 
@@ -41,17 +42,19 @@ def _input_scale(amax) -> jax.Array:
     return nvfp4_num.global_scale(jnp.where(a == 0, jnp.float32(nvfp4_num.E2M1_MAX), a))
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype", "block_size"))
-def _export(w, amax, block_amax, in_amax, *, compute_dtype, block_size: int):
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "block_size", "global_divisor", "fp8_input"))
+def _export(w, amax, block_amax, in_amax, *, compute_dtype, block_size: int,
+            global_divisor: float = nvfp4_num.GLOBAL_SCALE_DIVISOR, fp8_input: bool = False):
     stats = {"w": finite_stats(w), "amax": finite_stats(amax)}
     if block_amax is not None:
         stats["blk"] = finite_stats(block_amax)
     t = nvfp4_num.quantize(w, global_amax=jnp.asarray(amax, jnp.float32).reshape(()), block_amax=block_amax,
-                           block_size=block_size, compute_dtype=compute_dtype)
+                           block_size=block_size, compute_dtype=compute_dtype, global_divisor=global_divisor)
     out = {"weight": t.packed, "weight_scale": t.block_scale, "weight_scale_2": t.global_scale.reshape(())}
     if in_amax is not None:
         stats["in"] = finite_stats(in_amax)
-        out["input_scale"] = _input_scale(in_amax).reshape(())
+        scale = fp8_num.scale_from_amax(in_amax) if fp8_input else _input_scale(in_amax)
+        out["input_scale"] = scale.reshape(())
     return out, stats
 
 
@@ -70,6 +73,7 @@ class NVFP4(FormatBase):
     static_input_scale = True
     shares_fused_scales = True
     input_divisor = nvfp4_num.GLOBAL_SCALE_DIVISOR
+    global_divisor = nvfp4_num.GLOBAL_SCALE_DIVISOR  # weight_scale_2 = amax / global_divisor
     elements_per_byte = 2  # two E2M1 codes per uint8
 
     def match(self, weight, input) -> bool:
@@ -80,8 +84,9 @@ class NVFP4(FormatBase):
             return False  # weight-only: w4a16_nvfp4
         if inf != "nvfp4":
             raise UnsupportedError(
-                f"NVFP4 weights with {inf} activations (ModelOpt's W4A8_NVFP4_FP8) cannot be "
-                "exported by jaxquant; use NVFP4 activations or weight-only NVFP4."
+                f"NVFP4 weights in blocks of {self.block_size} with {inf} activations cannot be exported; "
+                "jaxquant exports NVFP4 + FP8 activations (W4A8_NVFP4_FP8) with NVFP4 blocks of 32 "
+                "(--qformat w4a8_nvfp4_fp8), NVFP4 activations (W4A4) or none (W4A16)."
             )
         return True
 
@@ -108,7 +113,8 @@ class NVFP4(FormatBase):
                 raise ExportError(f"{what}: {self.name} needs the weight quantizer's per-block amax.")
             blk = jnp.asarray(block_amax, jnp.float32)
         ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
-        out, stats = _export(w, amax, blk, ia, compute_dtype=cd, block_size=self.block_size)
+        out, stats = _export(w, amax, blk, ia, compute_dtype=cd, block_size=self.block_size,
+                             global_divisor=self.global_divisor, fp8_input=self.input_divisor == fp8_num.E4M3_MAX)
         return out, DeferredCheck(stats, what, w, amax, blk, ia)
 
     def input_scale(self, amax, what: str = "input amax") -> jax.Array:
@@ -153,6 +159,51 @@ class W4A16NVFP4(NVFP4):
         return {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}}
 
 
+class W4A16NVFP4BS32(W4A16NVFP4):
+    """NVFP4 weights in blocks of 32, unquantized activations (``nvfp4_bs32`` weights; ModelOpt writes
+    ``quant_algo`` W4A16_NVFP4 with ``group_size`` 32: hf_ptq ``--qformat nvfp4_mlp_weight_only``)."""
+
+    name = "w4a16_nvfp4_bs32"
+    block_size = 32
+    weight_config_formats = ("nvfp4_bs32",)
+
+
+class W4A8NVFP4FP8(NVFP4):
+    """NVFP4 weights in blocks of 32 with static FP8 activations (ModelOpt ``w4a8_nvfp4_fp8``, ``quant_algo``
+    W4A8_NVFP4_FP8; TensorRT-LLM serves it). The kernels dequantize the weight to FP8, so ModelOpt exports
+    ``weight_scale_2 = amax / 448`` (not / 2688) and the block scales against it; ``input_scale = amax / 448``.
+    The fake-quantized model uses NVFP4's own scales (``/ 2688``), exactly as ModelOpt's does."""
+
+    name = "w4a8_nvfp4_fp8"
+    quant_algo = "W4A8_NVFP4_FP8"
+    block_size = 32
+    weight_config_formats = ("nvfp4_bs32",)
+    input_divisor = fp8_num.E4M3_MAX
+    global_divisor = fp8_num.E4M3_MAX
+    config_groups_when_uniform = False  # ModelOpt 0.47 writes none for W4A8_NVFP4_FP8
+
+    def match(self, weight, input) -> bool:
+        if weight.format not in self.weight_config_formats or input is None:
+            return False
+        if input.format != "fp8":
+            raise UnsupportedError(f"NVFP4 weights in blocks of 32 with {input.format} activations cannot be "
+                                   "exported; W4A8_NVFP4_FP8 wants static per-tensor FP8 activations.")
+        return True
+
+    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
+        check_amax(amax, what)
+        return fp8_num.scale_from_amax(jnp.asarray(amax, jnp.float32))
+
+    def activation_config(self):
+        from jaxquant.quantizer.config import QuantizerConfig
+
+        return QuantizerConfig(num_bits=(4, 3))
+
+    def config_group(self, group_size=None) -> dict:
+        return {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
+                "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size or 32}}
+
+
 # ----------------------------------------------------------------------------------------------- quantizers
 class NVFP4Quantizer(PerTensorAmax):
     """A ``TensorQuantizer`` with NVFP4 and dynamic block scales (``QuantizerConfig.format`` ``nvfp4``): the
@@ -163,6 +214,13 @@ class NVFP4Quantizer(PerTensorAmax):
 
     def fake_quant(self, x, amax, global_amax, block_size):
         return nvfp4_num.fake_quant_dynamic(x, amax, block_size=block_size)
+
+
+class NVFP4BS32Quantizer(NVFP4Quantizer):
+    """NVFP4 with dynamic blocks of 32 (``nvfp4_bs32``: the weights of W4A8_NVFP4_FP8 and of
+    ``nvfp4_mlp_weight_only``); the same numerics with ``block_size`` 32."""
+
+    name = "nvfp4_bs32"
 
 
 class NVFP4StaticQuantizer(NVFP4Quantizer):

@@ -13,7 +13,16 @@ from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
 from jaxquant.formats.int8 import INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
 from jaxquant.formats.mxfp8 import MXFP8, MXFP8Quantizer
-from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4, NVFP4Quantizer, NVFP4Static, NVFP4StaticQuantizer
+from jaxquant.formats.nvfp4 import (
+    NVFP4,
+    W4A8NVFP4FP8,
+    W4A16NVFP4,
+    W4A16NVFP4BS32,
+    NVFP4BS32Quantizer,
+    NVFP4Quantizer,
+    NVFP4Static,
+    NVFP4StaticQuantizer,
+)
 
 #: Every exportable format, by ModelOpt format string (also the order ``for_quantizers`` tries them).
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
@@ -22,6 +31,8 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     NVFP4(),
     NVFP4Static(),
     W4A16NVFP4(),
+    W4A16NVFP4BS32(),
+    W4A8NVFP4FP8(),
     INT8WeightOnly(),
     FP8BlockWeightOnly(),
     MXFP8(),
@@ -35,6 +46,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     FP8PerTokenQuantizer(),
     NVFP4Quantizer(),
     NVFP4StaticQuantizer(),
+    NVFP4BS32Quantizer(),
     INT8Quantizer(),
     INT8PerChannelQuantizer(),
     FP8BlockQuantizer(),

@@ -203,9 +203,9 @@ def _export_block_scale_static(block_amax, global_amax) -> jax.Array:
     return to_e4m3(jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "compute_dtype"))
+@functools.partial(jax.jit, static_argnames=("block_size", "compute_dtype", "global_divisor"))
 def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int = 16,
-             compute_dtype=None) -> NVFP4Tensor:
+             compute_dtype=None, global_divisor: float = GLOBAL_SCALE_DIVISOR) -> NVFP4Tensor:
     """Real NVFP4 quantization for export (ModelOpt ``NVFP4QTensor.quantize``).
 
     Args:
@@ -218,6 +218,8 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
       compute_dtype: ModelOpt packs ``weight.to(dtype)`` (the export dtype) while the block scales
         come from the weight as it is; with a ``compute_dtype`` other than ``x``'s, the elements are
         cast to it before the division (default: none, the elements are ``x``'s).
+      global_divisor: ``weight_scale_2 = global_amax / global_divisor``: 2688 (6 x 448) for NVFP4; 448 for
+        ModelOpt's W4A8_NVFP4_FP8, whose kernels dequantize the weight to FP8.
 
     A ``global_amax`` of 0 (an all-zero tensor) is replaced by 6, the quantizer's maxbound, as
     ModelOpt's ``export_amax`` does for activation scales: the result is zero codes, block scales 1.0
@@ -229,7 +231,7 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
         global_amax = jnp.max(block_amax) if block_amax is not None else jnp.max(jnp.abs(xb))
     global_amax = _f32(global_amax)
     global_amax = jnp.where(global_amax == 0, jnp.float32(E2M1_MAX), global_amax)
-    wsf2 = global_scale(global_amax)
+    wsf2 = global_scale(global_amax) if global_divisor == GLOBAL_SCALE_DIVISOR else div(global_amax, global_divisor)
     if block_amax is None:
         scale = _export_block_scale(jnp.max(jnp.abs(xb), axis=-1), opaque(wsf2))
     else:

@@ -190,8 +190,9 @@ def nvfp4_weight(
     block_amax=None,
     compute_dtype=None,
     what: str = "weight",
+    global_divisor=NVFP4_GLOBAL,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NVFP4 export of ``w [..., out, in]``.
+    """NVFP4 export of ``w [..., out, in]`` (``global_divisor`` 448 for W4A8_NVFP4_FP8).
 
     Args:
       amax: per-tensor amax (the global amax; ``[E]`` for stacked experts ``[E, out, in]``).
@@ -213,7 +214,7 @@ def nvfp4_weight(
             "exclude this layer from NVFP4 in the recipe."
         )
     gamax = safe_amax(amax, 6.0, what + " amax")
-    wsf2 = gamax / NVFP4_GLOBAL
+    wsf2 = gamax / np.float32(global_divisor)
     # stacked experts: [E] -> [E, 1, 1] against the [E, out, in/16] block scales
     wsf2_b = wsf2.reshape((-1,) + (1,) * (w32.ndim - 1)) if wsf2.ndim else wsf2
     if block_amax is None:

@@ -56,10 +56,12 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
         if in_amax is not None:
             out["input_scale"] = T.fp8_input_scale(in_amax).reshape(())
     else:
-        p, s, s2 = T.nvfp4_weight(w, w_amax, block_amax=block_amax, compute_dtype=compute_dtype)
+        p, s, s2 = T.nvfp4_weight(w, w_amax, block_amax=block_amax, compute_dtype=compute_dtype,
+                                  block_size=fmt.block_size, global_divisor=fmt.global_divisor)
         out = {"weight": p, "weight_scale": s, "weight_scale_2": np.asarray(s2, np.float32).reshape(())}
         if in_amax is not None:
-            out["input_scale"] = T.nvfp4_input_scale(in_amax).reshape(())
+            in_scale = T.fp8_input_scale if fmt.input_divisor == 448 else T.nvfp4_input_scale
+            out["input_scale"] = in_scale(in_amax).reshape(())
     return out
 
 
@@ -86,7 +88,7 @@ def _amaxes(fmt, w, mult):
 
 def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
-                                     "fp8_pb_wo", "mxfp8"}
+                                     "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -149,7 +151,7 @@ def test_dequantize_inverts(name, dtype):
         ref = T.fp8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
     else:
         ref = T.nvfp4_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]),
-                                 np.asarray(t["weight_scale_2"]))
+                                 np.asarray(t["weight_scale_2"]), block_size=fmt.block_size)
     assert deq.tobytes() == ref.astype(np.float32).tobytes()
     # FP8: re-quantizing the dequantized weight with the same amax gives the same codes (a fixed point)
     if fmt.block_size == 0:
@@ -199,7 +201,7 @@ def test_non_finite_and_bad_shapes_named():
             with pytest.raises(NonFiniteError, match="q_proj input amax"):
                 fmt.input_scale(np.inf, what="q_proj input amax")
         if fmt.block_size:
-            with pytest.raises(ExportError, match=f"multiple of the {fmt.quant_algo[-5:]} block"):
+            with pytest.raises(ExportError, match=r"multiple of the (NVFP4|MXFP8) block size"):
                 fmt.export_tensors(np.ones((2, 24), np.float32), np.float32(1), block_amax=blk)
         if fmt.static_blocks:
             b = np.ones((4, 2), np.float32)

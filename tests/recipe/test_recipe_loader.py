@@ -293,7 +293,8 @@ quantize:
         load_recipe(p)
     msg = str(ei.value)
     assert "quant_cfg[1]" in msg and "'mxfp4'" in msg and "not support yet" in msg
-    assert "fp8, fp8_per_channel, fp8_per_token, nvfp4, nvfp4_static, int8, int8_per_channel, fp8_2d_block, mxfp8" in msg
+    assert ("fp8, fp8_per_channel, fp8_per_token, nvfp4, nvfp4_static, nvfp4_bs32, int8, int8_per_channel, "
+            "fp8_2d_block, mxfp8") in msg
     assert "int4" not in msg  # disabled entries do not count
     r = load_recipe(p, check_supported=False)
     assert r.unsupported() and r.quant_cfg[1].cfg.format == "mxfp4"
@@ -302,7 +303,7 @@ quantize:
 @pytest.mark.parametrize(
     "cfg, fmt",
     [
-        ("{num_bits: e2m1, block_sizes: {-1: 32, type: dynamic, scale_bits: e4m3}}", "nvfp4_bs32"),
+        ("{num_bits: e2m1, block_sizes: {-1: 64, type: dynamic, scale_bits: e4m3}}", "nvfp4_bs64"),
         ("{num_bits: e2m1, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}", "mxfp4"),
         ("{num_bits: e4m3, type: dynamic, block_sizes: {-1: 128, type: dynamic}}", "fp8_block128"),
         ("{num_bits: e4m3, axis: null, bias: {-2: null, -4: null, type: static}}", "fp8_affine"),
