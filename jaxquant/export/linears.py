@@ -240,9 +240,11 @@ def unify(items: list[ExportLinear]) -> None:
     plain = {it.hf: it for it in items if it.expert is None and it.fmt is not None}
     for group in fused_sibling_groups(list(plain)):
         members = [plain[n] for n in group]
-        if not formats.get(members[0].fmt).shares_fused_scales:
+        qf = formats.get(members[0].fmt)
+        if not qf.shares_fused_scales:
             continue
-        _share_max(members, "w_amax")
+        if not qf.per_channel:  # ModelOpt unifies a one-element weight amax only
+            _share_max(members, "w_amax")
         _share_max(members, "in_amax")
     moe: dict[str, list[ExportLinear]] = collections.defaultdict(list)
     for it in items:

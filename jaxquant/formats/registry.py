@@ -11,7 +11,7 @@ from jaxquant.errors import UnsupportedError
 from jaxquant.formats.base import QuantFormat, QuantizerFormat
 from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8PerTokenQuantizer, FP8Quantizer
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
-from jaxquant.formats.int8 import INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
+from jaxquant.formats.int8 import INT8W8A8, INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
 from jaxquant.formats.mxfp8 import MXFP8, MXFP8Quantizer
 from jaxquant.formats.nvfp4 import (
     NVFP4,
@@ -33,6 +33,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     W4A16NVFP4(),
     W4A16NVFP4BS32(),
     W4A8NVFP4FP8(),
+    INT8W8A8(),
     INT8WeightOnly(),
     FP8BlockWeightOnly(),
     MXFP8(),

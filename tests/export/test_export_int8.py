@@ -48,3 +48,18 @@ def test_int8_weight_only_export_loads_back(tmp_path):
     lin = back.model.model.layers[1].mlp.down_proj
     assert type(lin).__name__ == "QuantizedLinear" and lin.fmt == "int8_wo"
     np.testing.assert_array_equal(np.asarray(lin.dequantized_weight(), np.float32), q * s[:, None])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_w8a8_byte_identical_to_modelopt(tmp_path, dtype):
+    """``--qformat int8``: per-channel INT8 weights + per-tensor INT8 activations (W8A8_SQ_PER_CHANNEL); fused
+    siblings share one input_scale, keep their per-channel weight scales."""
+    import copy
+
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    ref = R.compare_exports(tmp_path, copy.deepcopy(QUANT_CFG_CHOICES["int8"]), dtype, n_enabled=28)
+    assert ref["model.layers.0.self_attn.q_proj.input_scale"][:2] == ("F32", ())
+    assert ref["model.layers.0.self_attn.q_proj.input_scale"] == ref["model.layers.0.self_attn.k_proj.input_scale"]
+    assert ref["model.layers.0.self_attn.q_proj.weight_scale"] != ref["model.layers.0.self_attn.k_proj.weight_scale"]
+    assert R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"

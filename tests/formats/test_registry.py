@@ -44,9 +44,12 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
     if fmt.quant_algo == "MXFP8":
         q, s = T.mxfp8_weight(w, compute_dtype=compute_dtype)
         return {"weight": q, "weight_scale": s}
-    if fmt.quant_algo == "W8A16":
+    if fmt.quant_algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
         q, s = T.int8_weight(w, w_amax, compute_dtype=compute_dtype)
-        return {"weight": q, "weight_scale": s}
+        out = {"weight": q, "weight_scale": s}
+        if in_amax is not None:
+            out["input_scale"] = (T.safe_amax(in_amax, 127.0, "input amax") / np.float32(127.0)).astype(np.float32)
+        return out
     if fmt.blocked_amax:
         q, s = T.fp8_block_weight(w, w_amax, compute_dtype=compute_dtype)
         return {"weight": q, "weight_scale": s}
@@ -88,7 +91,7 @@ def _amaxes(fmt, w, mult):
 
 def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
-                                     "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8"}
+                                     "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
