@@ -40,6 +40,30 @@ MODELOPT_QFORMATS = (
     "nvfp4_w4a4_weight_mse_fp8_sweep", "w4a16_nvfp4", "w4a8_awq_beta", "w4a8_mxfp4_fp8",
     "w4a8_nvfp4_fp8",
 )
+#: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
+PENDING_QFORMATS = {
+    "int4_awq": "the awq_lite calibration algorithm and the INT4 (W4A16_AWQ) format",
+    "int4_blockwise_weight_only": "the INT4 block-128 (W4A16_AWQ packing) format",
+    "int8_smoothquant": "the smoothquant calibration algorithm (--qformat int8 is the same format without it)",
+    "mamba_moe_fp8_aggressive": "the Mamba / Nemotron-H model family",
+    "mamba_moe_fp8_conservative": "the Mamba / Nemotron-H model family",
+    "mamba_moe_nvfp4_aggressive": "the Mamba / Nemotron-H model family",
+    "mamba_moe_nvfp4_conservative": "the Mamba / Nemotron-H model family",
+    "mxfp4": "the MXFP4 format",
+    "mxfp4_mlp_weight_only": "the MXFP4 format",
+    "mxfp6": "the MXFP6 format",
+    "mxint8": "the MXINT8 format",
+    "nvfp4_awq_clip": "the awq_clip calibration algorithm",
+    "nvfp4_awq_full": "the awq_full calibration algorithm",
+    "nvfp4_awq_lite": "the awq_lite calibration algorithm",
+    "nvfp4_four_over_six": "the mse calibration algorithm and four-over-six NVFP4 scales",
+    "nvfp4_fp8_mha": "FP8 attention (q/k/v bmm and softmax output) quantizers",
+    "nvfp4_svdquant": "the svdquant calibration algorithm",
+    "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
+    "nvfp4_w4a4_weight_mse_fp8_sweep": "the mse calibration algorithm (fp8_scale_sweep)",
+    "w4a8_awq_beta": "the awq_lite calibration algorithm and the INT4 + FP8 (W4A8_AWQ) format",
+    "w4a8_mxfp4_fp8": "the MXFP4 format",
+}
 MODELOPT_KV_QFORMATS = ("fp8", "fp8_affine", "fp8_cast", "nvfp4", "nvfp4_affine", "nvfp4_cast",
                         "nvfp4_rotate")
 
@@ -75,8 +99,10 @@ def preset_recipe(qformat: str = DEFAULT_QFORMAT,
     models, kvs = qformat_choices(), kv_cache_qformat_choices()
     if qformat not in models:
         if qformat in MODELOPT_QFORMATS:
+            needs = PENDING_QFORMATS.get(qformat)
+            why = f": it needs {needs}, which jaxquant does not implement yet" if needs else ""
             raise UnsupportedError(
-                f"--qformat {qformat!r} is not supported yet; supported: {', '.join(models)}"
+                f"--qformat {qformat!r} is not supported yet{why}; supported: {', '.join(models)}"
             )
         raise RecipeError(f"unknown --qformat {qformat!r}; choices: {', '.join(models)}")
     if kv_cache_qformat not in kvs:

@@ -11,6 +11,7 @@ Two checks per recipe:
 
 import contextlib
 import io
+import re
 import warnings
 
 import pytest
@@ -163,3 +164,18 @@ def test_legacy_default_unhoisted_would_disable_everything(torch_oracles):
     ours = resolve(load_recipe("tests/recipe/data/fp8_qkvo-nvfp4_mlp-legacy.yaml"),
                    torch_oracles["llama"].sites())
     assert ours.enabled
+
+
+def test_every_modelopt_preset_either_ships_or_names_what_it_needs():
+    """hf_ptq's --qformat vocabulary: each name resolves, or the error says which algorithm / format is missing."""
+    from jaxquant.errors import UnsupportedError
+    from jaxquant.recipe.presets import MODELOPT_QFORMATS, PENDING_QFORMATS
+
+    shipped = set(qformat_choices())
+    assert set(MODELOPT_QFORMATS) == shipped | set(PENDING_QFORMATS)
+    assert not shipped & set(PENDING_QFORMATS)
+    for name, needs in PENDING_QFORMATS.items():
+        with pytest.raises(UnsupportedError, match="it needs " + re.escape(needs)):
+            preset_recipe(name)
+    with pytest.raises(UnsupportedError, match="the smoothquant calibration algorithm"):
+        preset_recipe("int8_smoothquant")
