@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and --kv-cache-qformat")
     p.add_argument("--qformat", default=None, metavar="NAME",
                    help="hf_ptq preset: fp8, nvfp4, nvfp4_mlp_only, nvfp4_experts_only, nvfp4_omlp_only, "
-                        "w4a16_nvfp4, fp8_per_channel_per_token, fp8_2d_blockwise_weight_only, int8_weight_only, int8, mxfp8, nvfp4_mlp_weight_only, w4a8_nvfp4_fp8 "
+                        "w4a16_nvfp4, fp8_per_channel_per_token, fp8_2d_blockwise_weight_only, int8_weight_only, int8, mxfp8, mxfp4, mxfp4_mlp_weight_only, w4a8_mxfp4_fp8, nvfp4_mlp_weight_only, w4a8_nvfp4_fp8 "
                         "(default fp8)")
     p.add_argument(*_opt("--kv-cache-qformat"), dest="kv_cache_qformat", default=None, metavar="NAME",
                    help="hf_ptq KV preset: none, fp8, fp8_cast, nvfp4, nvfp4_cast (default fp8_cast)")

@@ -32,6 +32,9 @@ MIXED_LAYER_ALGOS = ("FP8", "NVFP4", "W4A16_NVFP4")
 #: Algorithms nvidia-modelopt writes that vLLM's ModelOpt loader rejects but TensorRT-LLM reads.
 TRTLLM_ONLY_ALGOS = ("W4A16_AWQ", "W4A8_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL", "NVFP4_AWQ", "W4A8_NVFP4_FP8",
                      "W4A8_MXFP4_FP8", "NVFP4_SVD", "INT8", "NVFP4_AFFINE")
+#: Algorithms nvidia-modelopt writes that no serving engine's ModelOpt loader is known to read (``jaxquant`` exports
+#: them with a warning; ``load_quantized`` reads them).
+NO_ENGINE_ALGOS = ("MXFP4",)
 _FAMILY = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "FP8_PB_WO": "fp8", "MXFP8": "fp8", "NVFP4": "nvfp4",
            "W4A16_NVFP4": "nvfp4"}
 _STATIC_INPUT = {"FP8": "optional", "NVFP4": "required"}  # the others take no input_scale

@@ -148,15 +148,20 @@ def _refuse_invalid(tmp: Path) -> None:
     """The exporter's last step before publishing: every ``jaxquant check`` rule must pass."""
     from jaxquant.check import validate_checkpoint
 
-    from jaxquant.check.rules import TRTLLM_ONLY_ALGOS
+    from jaxquant.check.rules import NO_ENGINE_ALGOS, TRTLLM_ONLY_ALGOS
 
     report = validate_checkpoint(tmp)
     findings = report.findings
     algo = (json.loads((tmp / "hf_quant_config.json").read_text()).get("quantization") or {}).get("quant_algo")
-    if algo in TRTLLM_ONLY_ALGOS:  # a format jaxquant exports for TensorRT-LLM: publish, and say vLLM cannot serve it
+    if str(algo).upper() in TRTLLM_ONLY_ALGOS + NO_ENGINE_ALGOS:  # formats ModelOpt writes for other readers
         findings = [f for f in findings if f.rule != "quant-algo-unsupported"]
-        log.warning("quant_algo %s: TensorRT-LLM serves this checkpoint; vLLM's ModelOpt loader does not (it "
-                    "accepts FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8).", algo)
+        if str(algo).upper() in TRTLLM_ONLY_ALGOS:
+            log.warning("quant_algo %s: TensorRT-LLM serves this checkpoint; vLLM's ModelOpt loader does not (it "
+                        "accepts FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8).", algo)
+        else:
+            log.warning("quant_algo %s is what nvidia-modelopt writes for this format, but no serving engine's "
+                        "ModelOpt loader is known to read it (vLLM's does not; TensorRT-LLM reads W4A8_MXFP4_FP8); "
+                        "jaxquant's load_quantized does.", algo)
     if findings:
         shown = "; ".join(f.format() for f in findings[:5])
         more = f"; and {len(findings) - 5} more" if len(findings) > 5 else ""

@@ -126,6 +126,10 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
         tag = files.tensor_info(k).dtype
         if tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
             out[mod] = QuantizedTensorInfo(mod, "nvfp4", f"{mod}.input_scale" in files)
+        elif (tag == "U8" and f"{mod}.weight_scale" in files
+              and files.tensor_info(f"{mod}.weight_scale").dtype == "U8"):  # E2M1 pairs + E8M0 exponents: MXFP4
+            has_in = f"{mod}.input_scale" in files  # static FP8 activations: W4A8_MXFP4_FP8
+            out[mod] = QuantizedTensorInfo(mod, "w4a8_mxfp4_fp8" if has_in else "mxfp4", has_in)
         elif (tag == "F8_E4M3" and f"{mod}.weight_scale" in files
               and files.tensor_info(f"{mod}.weight_scale").dtype == "U8"):  # E8M0 block exponents: MXFP8
             out[mod] = QuantizedTensorInfo(mod, "mxfp8", f"{mod}.input_scale" in files)

@@ -12,7 +12,7 @@ from jaxquant.formats.base import QuantFormat, QuantizerFormat
 from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8PerTokenQuantizer, FP8Quantizer
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
 from jaxquant.formats.int8 import INT8W8A8, INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
-from jaxquant.formats.mxfp8 import MXFP8, MXFP8Quantizer
+from jaxquant.formats.mx import MXFP4, MXFP8, W4A8MXFP4FP8, MXFP4Quantizer, MXFP8Quantizer
 from jaxquant.formats.nvfp4 import (
     NVFP4,
     W4A8NVFP4FP8,
@@ -37,6 +37,8 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     INT8WeightOnly(),
     FP8BlockWeightOnly(),
     MXFP8(),
+    MXFP4(),
+    W4A8MXFP4FP8(),
 )}
 
 
@@ -52,6 +54,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     INT8PerChannelQuantizer(),
     FP8BlockQuantizer(),
     MXFP8Quantizer(),
+    MXFP4Quantizer(),
 )}
 
 

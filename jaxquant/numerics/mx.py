@@ -1,6 +1,8 @@
 """MX block formats (OCP Microscaling): blocks of 32 elements along the last axis sharing one power-of-two
-scale stored as E8M0 (a biased exponent byte); here MXFP8, E4M3 elements. Bit-exact with ModelOpt's
-``MXFP8QTensor`` (``qtensor/mxfp8_tensor.py``, the export and its reference quantizer)::
+scale stored as E8M0 (a biased exponent byte): MXFP8 (E4M3 elements) and MXFP4 (E2M1 elements, two per byte).
+
+MXFP8 is bit-exact with ModelOpt's ``MXFP8QTensor`` (``qtensor/mxfp8_tensor.py``, the export and its reference
+quantizer)::
 
     amax   = max |x| over each block of 32 (zero-padded at the end of the last axis)
     e      = clamp(ceil(log2_f32(amax / 448)), -127, 127)     # -127 for a zero (or NaN) amax
@@ -18,6 +20,11 @@ full precision and then rounded to the subnormal grid, so where that double roun
 last bit can differ from torch's single rounding and the exponent of that block be one higher (1 block of
 518 400 in the adversarial test; real weights do not have such blocks). No global amax is used:
 MX quantizers hold no calibrated state.
+
+MXFP4 is bit-exact with ModelOpt's ``MXFP4QTensor``: ``e = ceil(max(log2_f32(amax / 6), -127))``, elements
+``x * 2^-e`` encoded by counting the E2M1 bounds ``(0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5)`` strictly below ``|x|``
+(so ties round toward zero, not to even) with the sign bit set for negative values *and zero* (a zero is stored
+as code 8, -0, as ModelOpt stores it), the even element of each pair in the low nibble.
 
 ModelOpt's fake quant runs a CUDA kernel (``tensor_quant_mx.cu``) with no CPU path; it implements the same
 formula (spec modelopt.md §2). jaxquant's fake quant is this module's ``quantize`` followed by ``dequantize``,
@@ -125,4 +132,65 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
     return y.reshape(q.shape).astype(dtype)
 
 
-__all__ = ["BLOCK", "E4M3_MAX", "E8M0_BIAS", "dequantize", "e8m0_exponent", "fake_quant", "quantize", "to_blocks"]
+# ----------------------------------------------------------------------------------------------- MXFP4
+E2M1_MAX = 6.0
+_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _fp4_codes(y: jax.Array) -> jax.Array:
+    """ModelOpt's ``cast_fp4``: uint8 codes 0..15 of float32 ``y`` (sign bit 8 for negatives and zeros)."""
+    bits = lax.bitcast_convert_type(y, jnp.uint32)
+    mag_bits = bits & jnp.uint32(0x7FFFFFFF)
+    mag = lax.bitcast_convert_type(mag_bits, jnp.float32)
+    order = sum((mag > jnp.float32(b)).astype(jnp.uint8) for b in _E2M1_BOUNDS)
+    sign = ((bits >> 31) == 1) | (mag_bits == 0)
+    return jnp.where(sign, jnp.uint8(8), jnp.uint8(0)) + order
+
+
+def _fp4_values(codes: jax.Array) -> jax.Array:
+    mag = jnp.asarray(_E2M1_VALUES, jnp.float32)[(codes & 7).astype(jnp.int32)]
+    return jnp.where((codes & 8) != 0, -mag, mag)
+
+
+def _fp4_blocks(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(codes [..., nb, 32], exponent [..., nb, 1])`` of float32 ``x32``."""
+    xb = to_blocks(x32)
+    e = e8m0_exponent(abs_max_bits(xb, axis=-1), E2M1_MAX)[..., None]
+    return _fp4_codes(mul_pow2(xb, -e)), e
+
+
+@jax.jit
+def fake_quant_fp4(x: jax.Array) -> jax.Array:
+    """MXFP4 quantize-dequantize of ``x`` (blocks of 32 along the last axis, any length); ``x``'s dtype."""
+    n = x.shape[-1]
+    codes, e = _fp4_blocks(x.astype(jnp.float32))
+    y = mul_pow2(_fp4_values(codes), e)
+    return y.reshape(*y.shape[:-2], -1)[..., :n].astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def quantize_fp4(w: jax.Array, compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+    """MXFP4 weight for export: ``(packed uint8 [..., n/2], scale uint8 [..., n/32])``, ``n % 32 == 0``; scales
+    from ``w``, codes from ``w`` cast to ``compute_dtype`` (as ModelOpt: scale from the weight, codes from
+    ``weight.to(dtype)``)."""
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"MXFP4 export needs the last dimension ({w.shape[-1]}) to be a multiple of {BLOCK}")
+    _, e = _fp4_blocks(w.astype(jnp.float32))
+    src = (w if compute_dtype is None else w.astype(compute_dtype)).astype(jnp.float32)
+    codes = _fp4_codes(mul_pow2(to_blocks(src), -e)).reshape(w.shape)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, (e[..., 0] + E8M0_BIAS).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def dequantize_fp4(packed: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """``e2m1 * 2^(scale - 127)`` per block of 32 (``MXFP4QTensor.dequantize``), in ``dtype``."""
+    codes = jnp.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    vb = to_blocks(_fp4_values(codes))
+    y = mul_pow2(vb, scale.astype(jnp.int32)[..., None] - E8M0_BIAS)
+    return y.reshape(codes.shape).astype(dtype)
+
+
+__all__ = ["BLOCK", "E2M1_MAX", "E4M3_MAX", "E8M0_BIAS", "dequantize", "dequantize_fp4", "e8m0_exponent",
+           "fake_quant", "fake_quant_fp4", "quantize", "quantize_fp4", "to_blocks"]

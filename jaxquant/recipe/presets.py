@@ -49,8 +49,6 @@ PENDING_QFORMATS = {
     "mamba_moe_fp8_conservative": "the Mamba / Nemotron-H model family",
     "mamba_moe_nvfp4_aggressive": "the Mamba / Nemotron-H model family",
     "mamba_moe_nvfp4_conservative": "the Mamba / Nemotron-H model family",
-    "mxfp4": "the MXFP4 format",
-    "mxfp4_mlp_weight_only": "the MXFP4 format",
     "mxfp6": "the MXFP6 format",
     "mxint8": "the MXINT8 format",
     "nvfp4_awq_clip": "the awq_clip calibration algorithm",
@@ -62,7 +60,6 @@ PENDING_QFORMATS = {
     "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
     "nvfp4_w4a4_weight_mse_fp8_sweep": "the mse calibration algorithm (fp8_scale_sweep)",
     "w4a8_awq_beta": "the awq_lite calibration algorithm and the INT4 + FP8 (W4A8_AWQ) format",
-    "w4a8_mxfp4_fp8": "the MXFP4 format",
 }
 MODELOPT_KV_QFORMATS = ("fp8", "fp8_affine", "fp8_cast", "nvfp4", "nvfp4_affine", "nvfp4_cast",
                         "nvfp4_rotate")

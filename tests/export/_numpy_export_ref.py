@@ -268,6 +268,22 @@ def mxfp8_weight(w, *, compute_dtype=None) -> tuple[np.ndarray, np.ndarray]:
     return q, (e + 127).astype(np.uint8)
 
 
+def mxfp4_weight(w, *, compute_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """MXFP4 export (ModelOpt ``MXFP4QTensor.quantize``): ``e = ceil(max(log2_f32(block amax / 6), -127))``, codes
+    counting the E2M1 bounds strictly below ``|x * 2^-e|`` (ties toward zero), sign bit for negatives and zeros,
+    the even element of each pair in the low nibble."""
+    w32 = _f32(w)
+    blocks = w32.reshape(*w32.shape[:-1], -1, 32)
+    d = (np.abs(blocks).max(-1) / E2M1_MAX).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        e = np.ceil(np.maximum(np.log2(d), np.float32(-127.0))).astype(np.int32)
+    src = _f32(np.asarray(w).astype(compute_dtype)) if compute_dtype is not None else w32
+    y = np.ldexp(src.reshape(blocks.shape), -e[..., None]).astype(np.float32).reshape(w32.shape)
+    order = (np.abs(y)[..., None] > _E2M1_BOUNDS).sum(-1)
+    codes = (np.where((y < 0) | (y == 0), 8, 0) + order).astype(np.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8), (e + 127).astype(np.uint8)
+
+
 def mxfp8_dequantize(q, scale, dtype=np.float32) -> np.ndarray:
     """``q * 2^(scale - 127)`` per block of 32 inputs."""
     qf = np.asarray(q).astype(np.float32)

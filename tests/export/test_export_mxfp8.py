@@ -58,3 +58,43 @@ def test_mxfp8_preset_fake_quant_is_the_export_and_loads_back(tmp_path):
     np.testing.assert_array_equal(np.asarray(blin.dequantized_weight(), np.float32), dq)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 96)), jnp.float32)
     np.testing.assert_array_equal(np.asarray(blin(x)), np.asarray(lin(x)))  # same weights, same MX activations
+
+
+@pytest.mark.parametrize("qformat,n_enabled,algo", [("mxfp4_mlp_weight_only", 0, "mxfp4"),
+                                                    ("mxfp4", 0, "mxfp4"),
+                                                    ("w4a8_mxfp4_fp8", 14, "W4A8_MXFP4_FP8")])
+def test_mxfp4_presets_byte_identical_to_modelopt(tmp_path, qformat, n_enabled, algo):
+    """MXFP4 (packed E2M1 + E8M0 bytes; ModelOpt's lower-case ``quant_algo`` "mxfp4") and W4A8_MXFP4_FP8 (FP8
+    input_scale), fp32; ModelOpt's presets name no algorithm, so max is given for the FP8 inputs."""
+    import copy
+
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    cfg = copy.deepcopy(QUANT_CFG_CHOICES[qformat])
+    cfg["algorithm"] = "max"
+    ref = R.compare_exports(tmp_path, cfg, "float32", n_enabled=n_enabled)
+    assert ref["model.layers.0.mlp.down_proj.weight"][:2] == ("U8", (64, 48))
+    assert ref["model.layers.0.mlp.down_proj.weight_scale"][:2] == ("U8", (64, 3))
+    assert R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]["quant_algo"] == algo
+
+
+def test_mxfp4_export_loads_back(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf, load_quantized
+    from jaxquant.recipe import preset_recipe
+
+    R.make_llama(tmp_path / "src", tie=False, dtype="float32")
+    loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
+    quantize(loaded.model, preset_recipe("mxfp4", "none"), None, progress=False)
+    lin = loaded.model.model.layers[0].self_attn.o_proj
+    fake = np.asarray(lin.weight_quantizer(lin.weight[...]), np.float32)
+    export_hf(loaded, tmp_path / "jq")
+    back = load_quantized(tmp_path / "jq", dtype=jnp.float32)
+    blin = back.model.model.layers[0].self_attn.o_proj
+    assert blin.fmt == "mxfp4" and blin.input_quantizer.config.format == "mxfp4"
+    np.testing.assert_array_equal(np.asarray(blin.dequantized_weight(), np.float32).view(np.uint32), fake.view(np.uint32))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 64)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(blin(x)), np.asarray(lin(x)))

@@ -44,6 +44,12 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
     if fmt.quant_algo == "MXFP8":
         q, s = T.mxfp8_weight(w, compute_dtype=compute_dtype)
         return {"weight": q, "weight_scale": s}
+    if fmt.quant_algo in ("mxfp4", "W4A8_MXFP4_FP8"):
+        q, s = T.mxfp4_weight(w, compute_dtype=compute_dtype)
+        out = {"weight": q, "weight_scale": s}
+        if in_amax is not None:
+            out["input_scale"] = T.fp8_input_scale(in_amax).reshape(())
+        return out
     if fmt.quant_algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
         q, s = T.int8_weight(w, w_amax, compute_dtype=compute_dtype)
         out = {"weight": q, "weight_scale": s}
@@ -91,7 +97,8 @@ def _amaxes(fmt, w, mult):
 
 def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
-                                     "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq"}
+                                     "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq", "mxfp4",
+                                     "w4a8_mxfp4_fp8"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -146,6 +153,11 @@ def test_dequantize_inverts(name, dtype):
     assert deq.shape == w.shape and deq.dtype == np.float32
     if fmt.quant_algo == "MXFP8":
         ref = T.mxfp8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
+    elif fmt.quant_algo in ("mxfp4", "W4A8_MXFP4_FP8"):
+        codes = np.stack([np.asarray(t["weight"]) & 15, np.asarray(t["weight"]) >> 4], -1).reshape(w.shape)
+        mag = T.E2M1_VALUES[codes & 7]
+        vals = np.where(codes & 8, -mag, mag).reshape(*w.shape[:-1], -1, 32)  # code 8 is -0, as ModelOpt decodes it
+        ref = np.ldexp(vals, np.asarray(t["weight_scale"]).astype(np.int32)[..., None] - 127).reshape(w.shape)
     elif fmt.blocked_amax:
         q = np.asarray(t["weight"]).astype(np.float32)
         s2 = np.asarray(t["weight_scale"])[:, 0, :, 0]
@@ -204,7 +216,7 @@ def test_non_finite_and_bad_shapes_named():
             with pytest.raises(NonFiniteError, match="q_proj input amax"):
                 fmt.input_scale(np.inf, what="q_proj input amax")
         if fmt.block_size:
-            with pytest.raises(ExportError, match=r"multiple of the (NVFP4|MXFP8) block size"):
+            with pytest.raises(ExportError, match=r"multiple of the (NVFP4|MXFP8|MXFP4) block size"):
                 fmt.export_tensors(np.ones((2, 24), np.float32), np.float32(1), block_amax=blk)
         if fmt.static_blocks:
             b = np.ones((4, 2), np.float32)

@@ -74,3 +74,30 @@ def test_mul_pow2_is_the_exact_product_with_subnormals():
     with np.errstate(over="ignore"):
         ref = np.ldexp(x.astype(np.float64), k).astype(np.float32)  # exact product, rounded once
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def _modelopt_fp4(w: "torch.Tensor"):
+    qt, scale = qtensor.MXFP4QTensor.quantize(w, 32)
+    dq = qt.dequantize(dtype=torch.float32, scale=scale, block_sizes={-1: 32}).numpy()
+    return scale.numpy().reshape(*w.shape[:-1], -1), qt._quantized_data.numpy(), dq
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mxfp4_matches_modelopt_on_a_million_weights(dtype):
+    """MXFP4QTensor: ties round toward zero, zeros are stored as -0 (code 8); packed bytes, E8M0 bytes and the
+    dequantized values (signed zeros included) equal jaxquant's."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(512, 2048, generator=g) * torch.logspace(-6, 4, 512)[:, None]
+    w[:4, :64] = 0
+    w[20, :8] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0])  # every tie; amax 6 -> exponent 0
+    w[21, :32] = 1e-39
+    w = w.to(getattr(torch, dtype))
+    ref_scale, ref_packed, ref_dq = _modelopt_fp4(w)
+    x = jnp.asarray(w.float().numpy()).astype(getattr(jnp, dtype))
+    packed, scale = mx.quantize_fp4(x)
+    np.testing.assert_array_equal(np.asarray(scale), ref_scale)
+    np.testing.assert_array_equal(np.asarray(packed), ref_packed)
+    dq = np.asarray(mx.dequantize_fp4(packed, scale), np.float32)
+    np.testing.assert_array_equal(dq.view(np.uint32), ref_dq.view(np.uint32))
+    fq = np.asarray(mx.fake_quant_fp4(x), np.float32)
+    np.testing.assert_array_equal(fq.view(np.uint32), ref_dq.astype(np.float32).view(np.uint32))
