@@ -43,10 +43,14 @@ from jaxquant.numerics import fp8 as fp8_num
 from jaxquant.numerics import mx
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype",))
-def _export(w, amax, *, compute_dtype):
-    q, scale = mx.quantize(w, compute_dtype=compute_dtype)
-    return {"weight": q, "weight_scale": scale}, {"w": finite_stats(w), "amax": finite_stats(amax)}
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "fp4"))
+def _export(w, amax, in_amax, *, compute_dtype, fp4: bool):
+    q, scale = (mx.quantize_fp4 if fp4 else mx.quantize)(w, compute_dtype=compute_dtype)
+    out, stats = {"weight": q, "weight_scale": scale}, {"w": finite_stats(w), "amax": finite_stats(amax)}
+    if in_amax is not None:  # static FP8 activations (W4A8_MXFP4_FP8)
+        out["input_scale"] = fp8_num.scale_from_amax(in_amax).reshape(())
+        stats["in"] = finite_stats(in_amax)
+    return out, stats
 
 
 def _mx_config(num_bits=(4, 3)):
@@ -82,13 +86,15 @@ class MXFP8(FormatBase):
     def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
                                 what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
         w = jnp.asarray(weight)
+        label = "MXFP4" if self.elements_per_byte == 2 else "MXFP8"
         if w.shape[-1] % mx.BLOCK:
-            raise ExportError(f"{what}: input dimension {w.shape[-1]} is not a multiple of the MXFP8 block size "
-                              f"{mx.BLOCK}; exclude this layer from MXFP8 in the recipe.")
+            raise ExportError(f"{what}: input dimension {w.shape[-1]} is not a multiple of the {label} block size "
+                              f"{mx.BLOCK}; exclude this layer from {label} in the recipe.")
         cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
         amax = jnp.asarray(0.0 if w_amax is None else w_amax, jnp.float32)  # the recorded max|w| (unused): checked
-        out, stats = _export(w, amax, compute_dtype=cd)
-        return out, DeferredCheck(stats, what, w, amax)
+        ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
+        out, stats = _export(w, amax, ia, compute_dtype=cd, fp4=self.elements_per_byte == 2)
+        return out, DeferredCheck(stats, what, w, amax, None, ia)
 
     def input_scale(self, amax, what: str = "input amax") -> jax.Array:
         raise UnsupportedError(f"{what}: MXFP8 quantizes activations dynamically; it has no input_scale.")
@@ -106,16 +112,6 @@ class MXFP8(FormatBase):
         gs = group_size or mx.BLOCK
         group = {"dynamic": False, "num_bits": 8, "type": "float", "group_size": gs}
         return {"input_activations": dict(group), "weights": dict(group)}
-
-
-@functools.partial(jax.jit, static_argnames=("compute_dtype",))
-def _export_fp4(w, amax, in_amax, *, compute_dtype):
-    q, scale = mx.quantize_fp4(w, compute_dtype=compute_dtype)
-    out, stats = {"weight": q, "weight_scale": scale}, {"w": finite_stats(w), "amax": finite_stats(amax)}
-    if in_amax is not None:
-        out["input_scale"] = fp8_num.scale_from_amax(in_amax).reshape(())
-        stats["in"] = finite_stats(in_amax)
-    return out, stats
 
 
 class MXFP4(MXFP8):
@@ -143,18 +139,6 @@ class MXFP4(MXFP8):
     def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
         specs = [("weight", (out, in_ // 2), U8), ("weight_scale", (out, in_ // mx.BLOCK), U8)]
         return specs + [("input_scale", (), F32)] if input_scale else specs
-
-    def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
-                                what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
-        w = jnp.asarray(weight)
-        if w.shape[-1] % mx.BLOCK:
-            raise ExportError(f"{what}: input dimension {w.shape[-1]} is not a multiple of the MXFP4 block size "
-                              f"{mx.BLOCK}; exclude this layer from MXFP4 in the recipe.")
-        cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
-        amax = jnp.asarray(0.0 if w_amax is None else w_amax, jnp.float32)
-        ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
-        out, stats = _export_fp4(w, amax, ia, compute_dtype=cd)
-        return out, DeferredCheck(stats, what, w, amax, None, ia)
 
     def activation_config(self):
         return _mx_config(num_bits=(2, 1))
