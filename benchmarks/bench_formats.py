@@ -5,7 +5,8 @@ For each hf_ptq ``--qformat`` preset jaxquant ships (KV cache unquantized, so th
 activations'), on the embedded SmolLM2-135M-Instruct (or ``--model DIR``): calibrate with ``max`` on the built-in
 ``lee_news`` text, evaluate the fake-quantized model's perplexity on the held-out Wikipedia articles (the windows
 ``jaxquant ptq`` uses), export, and read the bits per parameter of the written safetensors (every tensor, scales
-included, over the logical parameter count). Prints a table and writes JSON (``--out``).
+included, over the logical parameter count; unquantized tensors in ``--export-dtype``, bf16 by default). Prints a
+table and writes JSON (``--out``).
 
     python benchmarks/bench_formats.py --out benchmarks/results/bench_formats_smollm2_cpu.json
     python benchmarks/bench_formats.py --formats fp8,mxfp8 --calib-size 32 --eval-windows 2   # a quick look
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--eval-seq", type=int, default=512)
+    p.add_argument("--export-dtype", default="bfloat16",
+                   help="dtype of the unquantized tensors in the checkpoint (and of ModelOpt's export arithmetic); "
+                        "bf16 as a real checkpoint ships (the embedded model loads in float32 from its GGUF)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
 
@@ -78,7 +82,7 @@ def main(argv=None) -> int:
         res = quantize(model, recipe, batches, progress=False)
         ppl, _ = perplexity_of(model, windows, 4)
         with tempfile.TemporaryDirectory() as d:
-            summary = export_hf(loaded, Path(d) / "out", resolution=res)
+            summary = export_hf(loaded, Path(d) / "out", resolution=res, dtype=jnp.dtype(args.export_dtype))
         algo = summary.hf_quant_config["quantization"]["quant_algo"]
         rows.append({"qformat": name, "quant_algo": algo, "bits_per_param": round(summary.bits_per_param, 3),
                      "ppl": ppl.ppl, "ppl_change_pct": 100 * (ppl.ppl / base.ppl - 1),
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
               f"{r.get('engines', '')} | {r.get('gpus', '')} |")
     if args.out:
         report = {"command": "python benchmarks/bench_formats.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "model": desc, "jaxquant": __version__, "backend": jax.default_backend(),
+                  "model": desc, "export_dtype": args.export_dtype, "jaxquant": __version__, "backend": jax.default_backend(),
                   "machine": platform.platform(), "calib": {"dataset": "lee_news", "size": args.calib_size,
                                                             "seq": args.calib_seq, "algorithm": "max"},
                   "eval": {"dataset": "wikipedia (held-out)", "windows": args.eval_windows, "seq": args.eval_seq,

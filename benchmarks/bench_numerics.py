@@ -1,4 +1,5 @@
-"""Throughput of the numerics kernels: FP8 fake quant, NVFP4 dynamic fake quant, NVFP4 export quantize.
+"""Throughput of the numerics kernels: fake quant and export quantize of FP8, NVFP4, INT8, MXFP8 and MXFP4, next to a
+plain copy of the same tensor (the device's practical bandwidth).
 
 Each kernel is jitted once, warmed up, then timed over ``--iters`` calls (blocking on the result).
 GB/s counts the bytes the kernel must read and write at least (input once, outputs once), so it
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 
 from _timing import median_seconds, write_report
 
-from jaxquant.numerics import _exact, fp8, nvfp4
+from jaxquant.numerics import _exact, fp8, int8, mx, nvfp4
 
 
 def main(argv=None) -> dict:
@@ -51,10 +52,18 @@ def main(argv=None) -> dict:
 
     cases = [
         # name, function, args, bytes read + written
+        ("copy (x + 0)", lambda a: a + jnp.zeros((), a.dtype), (x,), 2 * n * item),
         ("fp8.fake_quant", fp8.fake_quant, (x, amax), 2 * n * item),
         ("fp8.quantize", fp8.quantize, (x, amax), n * item + n),
         ("nvfp4.fake_quant_dynamic", nvfp4.fake_quant_dynamic, (x, amax), 2 * n * item),
         ("nvfp4.quantize", lambda a, g: nvfp4.quantize(a, global_amax=g), (x, amax), n * item + n // 2 + n // 16),
+        ("int8.fake_quant", int8.fake_quant, (x, amax), 2 * n * item),
+        ("int8.quantize (per channel)", int8.quantize, (x, jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1,
+                                                                  keepdims=True)), n * item + n + rows * 4),
+        ("mx.fake_quant (MXFP8)", mx.fake_quant, (x,), 2 * n * item),
+        ("mx.quantize (MXFP8)", mx.quantize, (x,), n * item + n + n // 32),
+        ("mx.fake_quant_fp4 (MXFP4)", mx.fake_quant_fp4, (x,), 2 * n * item),
+        ("mx.quantize_fp4 (MXFP4)", mx.quantize_fp4, (x,), n * item + n // 2 + n // 32),
     ]
     results = []
     print(f"backend={backend} device={jax.devices()[0].device_kind} shape={rows}x{cols} dtype={args.dtype} "
