@@ -80,6 +80,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         recipe = preset_recipe(name, "none")
         res = quantize(model, recipe, batches, progress=False)
+        if not res.resolution.enabled:
+            print(f"{name:<30} quantizes nothing in this model (no matching modules)", flush=True)
+            rows.append({"qformat": name, "quant_algo": None, "bits_per_param": None, "ppl": None,
+                         "note": "quantizes nothing in this model"})
+            continue
         ppl, _ = perplexity_of(model, windows, 4)
         with tempfile.TemporaryDirectory() as d:
             summary = export_hf(loaded, Path(d) / "out", resolution=res, dtype=jnp.dtype(args.export_dtype))
@@ -97,7 +102,8 @@ def main(argv=None) -> int:
     for r in rows:
         bits = "" if r["bits_per_param"] is None else f"{r['bits_per_param']:.2f}"
         change = "" if r["quant_algo"] is None else f"{r['ppl_change_pct']:+.1f}%"
-        print(f"| {r['qformat']} | {r['quant_algo'] or ''} | {bits} | {r['ppl']:.3f} | {change} | "
+        ppl_cell = r.get("note") or f"{r['ppl']:.3f}"
+        print(f"| {r['qformat']} | {r['quant_algo'] or ''} | {bits} | {ppl_cell} | {change} | "
               f"{r.get('engines', '')} | {r.get('gpus', '')} |")
     if args.out:
         report = {"command": "python benchmarks/bench_formats.py " + " ".join(argv if argv is not None else sys.argv[1:]),

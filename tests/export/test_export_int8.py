@@ -63,3 +63,33 @@ def test_int8_w8a8_byte_identical_to_modelopt(tmp_path, dtype):
     assert ref["model.layers.0.self_attn.q_proj.input_scale"] == ref["model.layers.0.self_attn.k_proj.input_scale"]
     assert ref["model.layers.0.self_attn.q_proj.weight_scale"] != ref["model.layers.0.self_attn.k_proj.weight_scale"]
     assert R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+
+
+def test_validator_checks_the_tensors_of_tensorrt_llm_formats(tmp_path):
+    """W8A8_SQ_PER_CHANNEL (and the other TensorRT-LLM formats) are validated tensor by tensor, not waved through:
+    a missing input_scale and a weight_scale of the wrong shape are findings that name the tensor."""
+    import jax.numpy as jnp
+    from safetensors.numpy import save_file
+
+    from jaxquant.calibration import quantize
+    from jaxquant.check import validate_checkpoint
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.io.safetensors import SafetensorsFile
+    from jaxquant.recipe import preset_recipe
+
+    R.make_llama(tmp_path / "src", tie=False, dtype="float32")
+    loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 12)).astype(np.int32)
+    quantize(loaded.model, preset_recipe("int8", "none"), (ids, np.ones_like(ids)), progress=False)
+    export_hf(loaded, tmp_path / "jq")
+    assert [f for f in validate_checkpoint(tmp_path / "jq").findings if f.rule != "quant-algo-unsupported"] == []
+    f = SafetensorsFile(tmp_path / "jq" / "model.safetensors")
+    t = {k: np.array(f.get(k)) for k in f.tensors}
+    del f
+    del t["model.layers.0.mlp.up_proj.input_scale"]
+    t["model.layers.1.self_attn.o_proj.weight_scale"] = t["model.layers.1.self_attn.o_proj.weight_scale"][:3]
+    save_file(t, str(tmp_path / "jq" / "model.safetensors"), metadata={"format": "pt"})
+    found = {(x.key, x.rule) for x in validate_checkpoint(tmp_path / "jq").findings}
+    assert ("model.layers.0.mlp.up_proj.input_scale", "scale-missing") in found
+    assert any(name == "model.layers.1.self_attn.o_proj.weight_scale" for name, _ in found)
