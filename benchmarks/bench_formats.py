@@ -15,6 +15,7 @@ table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -79,6 +80,10 @@ def main(argv=None) -> int:
     for name in names:
         t0 = time.perf_counter()
         recipe = preset_recipe(name, "none")
+        if recipe.algorithm is None and any(e.cfg is not None and e.effective_enable and not isinstance(e.cfg, tuple)
+                                            and "input" in e.quantizer_name and e.cfg.needs_calibration
+                                            for e in recipe.quant_cfg):
+            recipe = dataclasses.replace(recipe, algorithm="max")  # static activations: hf_ptq's default KV makes it max
         res = quantize(model, recipe, batches, progress=False)
         if not res.resolution.enabled:
             print(f"{name:<30} quantizes nothing in this model (no matching modules)", flush=True)
