@@ -17,14 +17,16 @@ _CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 @pytest.mark.parametrize("division", ["exact", "hardware"])
 def test_bench_numerics_writes_its_report(tmp_path, division):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_numerics.py"), "--size", "32", "48", "--iters", "2",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_numerics.py"), "--size", "32", "64", "--iters", "2",
            "--warmup", "1", "--division", division, "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_CPU_ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["division"] == division and report["shape"] == [32, 48]
+    assert report["division"] == division and report["shape"] == [32, 64]
     assert [r["kernel"] for r in report["results"]] == [
-        "fp8.fake_quant", "fp8.quantize", "nvfp4.fake_quant_dynamic", "nvfp4.quantize"]
+        "copy (x + 0)", "fp8.fake_quant", "fp8.quantize", "nvfp4.fake_quant_dynamic", "nvfp4.quantize",
+        "int8.fake_quant", "int8.quantize (per channel)", "mx.fake_quant (MXFP8)", "mx.quantize (MXFP8)",
+        "mx.fake_quant_fp4 (MXFP4)", "mx.quantize_fp4 (MXFP4)"]
     assert all(r["seconds"] > 0 for r in report["results"])
 
 

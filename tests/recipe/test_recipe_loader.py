@@ -284,7 +284,7 @@ quantize:
     - quantizer_name: '*'
       enable: false
     - quantizer_name: '*weight_quantizer'
-      cfg: {num_bits: e2m1, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
+      cfg: {num_bits: e2m3, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
     - quantizer_name: '*lm_head*'
       cfg: {num_bits: 4, block_sizes: {-1: 128}}
       enable: false
@@ -292,19 +292,19 @@ quantize:
     with pytest.raises(UnsupportedError) as ei:
         load_recipe(p)
     msg = str(ei.value)
-    assert "quant_cfg[1]" in msg and "'mxfp4'" in msg and "not support yet" in msg
+    assert "quant_cfg[1]" in msg and "'mxfp6'" in msg and "not support yet" in msg
     assert ("fp8, fp8_per_channel, fp8_per_token, nvfp4, nvfp4_static, nvfp4_bs32, int8, int8_per_channel, "
-            "fp8_2d_block, mxfp8") in msg
+            "fp8_2d_block, mxfp8, mxfp4") in msg
     assert "int4" not in msg  # disabled entries do not count
     r = load_recipe(p, check_supported=False)
-    assert r.unsupported() and r.quant_cfg[1].cfg.format == "mxfp4"
+    assert r.unsupported() and r.quant_cfg[1].cfg.format == "mxfp6"
 
 
 @pytest.mark.parametrize(
     "cfg, fmt",
     [
         ("{num_bits: e2m1, block_sizes: {-1: 64, type: dynamic, scale_bits: e4m3}}", "nvfp4_bs64"),
-        ("{num_bits: e2m1, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}", "mxfp4"),
+        ("{num_bits: e2m3, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}", "mxfp6"),
         ("{num_bits: e4m3, type: dynamic, block_sizes: {-1: 128, type: dynamic}}", "fp8_block128"),
         ("{num_bits: e4m3, axis: null, bias: {-2: null, -4: null, type: static}}", "fp8_affine"),
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}, rotate: true}", "nvfp4_rotate"),
