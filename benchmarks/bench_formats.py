@@ -34,6 +34,9 @@ ENGINES = {
     "MXFP8": ("vLLM, TensorRT-LLM", "vLLM from Ampere (compute 8.0); native MX on Blackwell"),
     "W8A16": ("TensorRT-LLM", "Ampere and newer"),
     "W4A8_NVFP4_FP8": ("TensorRT-LLM", "Blackwell"),
+    "W4A8_MXFP4_FP8": ("TensorRT-LLM", "Blackwell"),
+    "W8A8_SQ_PER_CHANNEL": ("TensorRT-LLM", "Ampere and newer"),
+    "MXFP4": ("none known (ModelOpt writes lower-case 'mxfp4')", ""),
     "MIXED_PRECISION": ("vLLM (FP8 / NVFP4 layers), TensorRT-LLM", "as its formats"),
 }
 
