@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import warnings
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="jaxquant",
-        description="Post-training quantization (FP8, NVFP4) of Hugging Face LLMs in JAX, with NVIDIA ModelOpt "
+        description="Post-training quantization (FP8, NVFP4, MXFP8, MXFP4, INT8) of Hugging Face LLMs in JAX, with NVIDIA ModelOpt "
                     "recipes and checkpoints.",
     )
     parser.add_argument("--version", action="version", version=f"jaxquant {__version__}")
@@ -221,6 +222,22 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = old
 
 
+def console_main() -> None:
+    """The ``jaxquant`` console script and ``python -m jaxquant``: ``main()``, then exit with its status.
+
+    After a Ctrl-C the process leaves with ``os._exit(130)`` once stdout/stderr are flushed: the loader's
+    background threads (tokenizer, imports, ahead-of-time compilation) may still be inside native code, and tearing
+    the interpreter down under them can crash it (SIGSEGV instead of 130). Everything that must happen on an
+    interrupt (removing temporary export directories) has already run while the exception unwound.
+    """
+    rc = main()
+    if rc == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 def _interrupted() -> int:
     sys.stdout.flush()
     print("\nerror: interrupted (Ctrl-C). Nothing was left half-written: exports and state files are "
@@ -234,4 +251,4 @@ class _LowerLevelFormatter(logging.Formatter):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
