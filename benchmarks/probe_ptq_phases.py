@@ -92,6 +92,61 @@ def load_variant(src, variant):
     print(f"load {variant:<12} {dt:6.2f} s  {total / dt / 1e9:6.2f} GB/s", flush=True)
 
 
+#: Prepended to every job: logs (to stderr) when each overlapped piece of work starts and ends, in seconds since
+#: the process started, so the critical path of the "load model" phase can be read off.
+_JOB_TRACE = (
+    "import time, sys, functools, threading\n"
+    "T0 = time.perf_counter()\n"
+    "def _traced(mod, name):\n"
+    "    import importlib\n"
+    "    m = importlib.import_module(mod)\n"
+    "    fn = getattr(m, name)\n"
+    "    @functools.wraps(fn)\n"
+    "    def w(*a, **k):\n"
+    "        t = time.perf_counter()\n"
+    "        try:\n"
+    "            return fn(*a, **k)\n"
+    "        finally:\n"
+    "            print(f'TRACE {name:<28} {threading.current_thread().name:<24} start {t - T0:6.2f} end '\n"
+    "                  f'{time.perf_counter() - T0:6.2f}', file=sys.stderr, flush=True)\n"
+    "    setattr(m, name, w)\n"
+    "for _m, _n in [('jaxquant.transformers_import', 'auto_tokenizer'), ('jaxquant.converters.hf', 'load_tokenizer'),\n"
+    "               ('jaxquant.converters.hf', 'materialize'), ('jaxquant.calibration.ahead', 'compile_calibration_ahead'),\n"
+    "               ('jaxquant.cli_ptq', 'load_model'), ('jaxquant.cli_ptq', 'check_params_finite')]:\n"
+    "    _traced(_m, _n)\n"
+)
+
+_JOB_PATCHES = {
+    "job": "",
+    # the calibration is compiled after loading instead of on a thread while the weights load
+    "job-noahead": (
+        "import jaxquant.cli_overlap as o\n"
+        "_spawn = o.spawn\n"
+        "def spawn(name, fn, *a, **k):\n"
+        "    if name == 'compile':\n"
+        "        raise RuntimeError('probe: compile ahead off')\n"
+        "    return _spawn(name, fn, *a, **k)\n"
+        "o.spawn = spawn\n"
+    ),
+}
+
+
+def job_variant(work: Path, variant: str, recipe: str):
+    """Run the whole ``jaxquant ptq`` command in a fresh process with one patch; print its phase table."""
+    argv = ["ptq", "--model", str(work / "src"), "--recipe", recipe, "--dataset", str(work / "calib.jsonl"),
+            "--dataset-field", "text", "--calib-size", "512", "--calib-seq", "512", "--batch-size", "16",
+            "--eval-windows", "0", "--export-path", str(work / f"probe_{variant}"), "--overwrite"]
+    code = _JOB_TRACE + _JOB_PATCHES[variant] + f"import sys\nsys.argv = ['jaxquant'] + {argv!r}\nfrom jaxquant.cli import console_main\nconsole_main()\n"
+    t0 = time.perf_counter()
+    src = os.environ.get("PROBE_JAXQUANT_SRC", str(HERE.parent))  # a `git archive` with jaxquant_recipes, say
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=os.environ | {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])})
+    dt = time.perf_counter() - t0
+    trace = "\n".join(ln for ln in r.stderr.splitlines() if ln.startswith("TRACE"))
+    tail = (trace + "\n" + r.stdout[-1200:]) if r.returncode == 0 else (r.stdout[-1500:] + r.stderr[-2500:])
+    print(f"job {variant}: rc {r.returncode}, process wall {dt:6.2f} s\n{tail}", flush=True)
+
+
 def timed_compile(label, jitted, *args):
     """Print the trace / lower / XLA compile seconds of ``jitted`` on ``args``."""
     t0 = time.perf_counter()
@@ -111,6 +166,8 @@ def main():
     ap.add_argument("--recipe", default="general/ptq/fp8_qkvo-nvfp4_mlp")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: imports,load,compile,export")
     ap.add_argument("--load-variant", default=None)
+    ap.add_argument("--jobs", default="", help="comma list of whole-command variants to run first: "
+                    + ", ".join(_JOB_PATCHES))
     args = ap.parse_args()
     if args.load_variant:
         return load_variant(Path(args.work) / "src", args.load_variant)
@@ -122,6 +179,8 @@ def main():
         ns = argparse.Namespace(shape=args.build, seed=0, dtype="bfloat16", calib_size=512, calib_seq=512)
         work.mkdir(parents=True, exist_ok=True)
         print("build", b.build_inputs(ns, work), flush=True)
+    for variant in filter(None, args.jobs.split(",")):
+        job_variant(work, variant, args.recipe)
     if "imports" not in skip:
         cold_imports()
 

@@ -162,7 +162,7 @@ def _ieee_gpu_division() -> None:
 
 def _import_runtime() -> None:
     """Import the heavy runtime (JAX, Flax, the commands) in one place. transformers, which only the
-    tokenizer needs and whose ``AutoTokenizer`` imports torch where torch is installed (seconds), is imported
+    tokenizer needs (and whose ``AutoTokenizer`` imports torch unless ``console_main`` hid it), is imported
     on a thread meanwhile; a failure there is reported by the import that needs it."""
     from jaxquant.cli_overlap import spawn
     from jaxquant.transformers_import import auto_tokenizer

@@ -133,6 +133,18 @@ tok = load_tokenizer(sys.argv[1])
 print(json.dumps(tok(sys.argv[2])["input_ids"]))
 """
 
+_HF_DIR_NO_TORCH = """
+import sys, json
+from jaxquant.transformers_import import hide_torch
+assert hide_torch()  # what the jaxquant command does first
+from jaxquant.converters import load_tokenizer
+tok = load_tokenizer(sys.argv[1])
+assert sys.modules["torch"] is None, "something imported torch"
+enc = tok(sys.argv[2])
+print(json.dumps([type(tok).__name__, enc["input_ids"], enc.get("attention_mask"), tok.bos_token_id,
+                  tok.eos_token_id, tok.pad_token_id, len(tok)]))
+"""
+
 _LOAD_RSS = """
 import sys, json, resource
 import jax, jax.numpy as jnp
@@ -163,6 +175,20 @@ def test_gguf_tokenizer_without_torch():
     text = "The quick brown fox jumps over the lazy dog. Grüße, 東京!"
     ids = _run(_NO_TORCH, smollm2_gguf_path(), text)
     assert ids == load_tokenizer(smollm2_gguf_path())(text)["input_ids"]
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_hf_dir_tokenizer_same_without_torch(which):
+    """The jaxquant command hides torch (``hide_torch``); transformers must then pick the same tokenizer class
+    and produce the same ids and special tokens as ``AutoTokenizer`` with torch importable (in this process)."""
+    d = smollm2_hf_dir() if which == "smollm2" else gemma3_hf_dir()
+    text = "The quick brown fox jumps over the lazy dog.\n  Grüße, 東京! <|endoftext|> 12345 tabs\tand  spaces"
+    got = _run(_HF_DIR_NO_TORCH, d, text)
+    tok = load_tokenizer(d)
+    enc = tok(text)
+    assert "torch" in sys.modules and sys.modules["torch"] is not None
+    assert got == [type(tok).__name__, enc["input_ids"], enc.get("attention_mask"), tok.bos_token_id,
+                   tok.eos_token_id, tok.pad_token_id, len(tok)]
 
 
 def test_load_peak_host_memory():
