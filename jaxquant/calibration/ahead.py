@@ -3,8 +3,8 @@
 XLA compiles the whole-model calibration step from shapes and dtypes, not from values: it can
 start as soon as the config and the recipe are known, while the weights are still being read.
 ``compile_calibration_ahead(config, dtype, recipe, batch_shape)`` builds the model abstractly
-(``nnx.eval_shape``, no memory), applies the recipe, and compiles the same two computations that
-``max_calibrate`` runs (the weight-amax reduction and the calibration step for one batch shape);
+(``nnx.eval_shape``, no memory), applies the recipe, and compiles the same computations that
+``max_calibrate`` runs (the weight-amax reduction and the calibration step's stages for one batch shape);
 the executables go into a process-wide store keyed by everything the compilation depends on
 (graph definition, tree structures, leaf shapes and dtypes, batch shape). ``calibrate_weights``
 and ``run_calibration`` look there first and compile themselves only on a miss, so a key that does
@@ -28,9 +28,9 @@ import jax
 
 log = logging.getLogger("jaxquant.calibration")
 
-#: Executables kept (least recently used dropped first): a run needs two; tests that build many models
-#: must not accumulate them.
-MAX_STORED = 8
+#: Executables kept (least recently used dropped first): a run needs a few (weights, prologue, one per layer
+#: kind, epilogue, export kernels); tests that build many models must not accumulate them.
+MAX_STORED = 32
 
 # (key, executable), most recently used last. A list compared with ``==``, not a dict: NNX graph definitions
 # compare equal across two builds of the same model but do not hash equal.
@@ -117,10 +117,9 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
 
     from jaxquant.calibration.api import auto_batch_size
     from jaxquant.calibration.max import (
+        calibration_step,
         default_forward,
-        make_step,
         set_calibration_modes,
-        step_key,
         weight_reducer,
         weight_reducer_key,
     )
@@ -149,15 +148,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
             free -= sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in params)
         batch_size = auto_batch_size(model, seq_len, n_rows, free_bytes=free)
     if set_calibration_modes(sites):
-        graphdef, amax_state, rest = nnx.split(model, QuantAmax, ...)
-        amax, amax_def = jax.tree_util.tree_flatten(amax_state)
-        rest, rest_def = jax.tree_util.tree_flatten(rest)
-        ids = jax.ShapeDtypeStruct((batch_size, seq_len), jax.numpy.int32)
-        key = step_key(graphdef, amax_def, rest_def, amax, rest, ids.shape, True, forward)
-        if key is not None and lookup(key) is None:
-            step = make_step(graphdef, amax_def, rest_def, forward)
-            store(key, step.lower(amax, rest, ids, ids).compile())
-            n += 1
+        n += calibration_step(model, forward).compile((batch_size, seq_len), True)
     if export_dtype is not None:
         from jaxquant.export.entries import warm_export_kernels
 

@@ -5,11 +5,12 @@
 2. ``run_calibration``: quantizers are put in calibration mode (data-calibrated activation
    quantizers collect ``amax = max(amax, max|x|)`` over real tokens; every other quantizer is
    identity, as ModelOpt's ``enable_stats_collection`` disables quantization during calibration),
-   then each batch goes through **one jitted call** ``step(params, amax, input_ids, mask) -> amax``
-   built with ``nnx.split`` / ``nnx.merge``. The amax pytree stays on the device and is donated
-   from step to step; the model's output is discarded, so XLA drops the work nothing
-   depends on (the LM head). Compilation happens once per batch shape (ahead of time, so it is
-   timed separately). Each batch is sent to the device while the previous step runs, and the host
+   then each batch goes through the jitted step (``calibration_step``): stage by stage (prologue,
+   each decoder layer, head: ``stages.py``; equal layers share one executable) for a causal LM, else
+   one whole-model call ``step(amax, rest, input_ids, mask) -> amax`` built with ``nnx.split`` /
+   ``nnx.merge``. The amax arrays stay on the device and are donated from call to call; the
+   model's output is discarded, so XLA drops the work nothing depends on (the LM head).
+   Compilation happens once per batch shape (ahead of time, so it is timed separately). Each batch is sent to the device while the previous step runs, and the host
    waits only on the "all finite" flag of the step ``FLAG_LAG`` (2) batches back, which keeps the
    device queue full, lets the progress bar report real tokens/s, and names the first batch that
    produced a NaN/Inf activation.
@@ -238,6 +239,56 @@ def make_step(graphdef, amax_def, rest_def, forward: ForwardFn = default_forward
     return jax.jit(step, donate_argnums=(0,))
 
 
+class WholeModelStep:
+    """The calibration step as one jitted whole-model call (any model and ``forward``); the interface of
+    ``stages.StagedStep``: ``compile(ids_shape, has_mask)``, ``run(ids, mask) -> flag``, ``amax_leaves()``,
+    ``write_back()``."""
+
+    def __init__(self, model, forward: ForwardFn = default_forward):
+        self.model = model
+        self.forward = forward
+        self.graphdef, amax_state, rest = nnx.split(model, QuantAmax, ...)
+        self.amax, self.amax_def = jax.tree_util.tree_flatten(amax_state)
+        self.rest, self.rest_def = jax.tree_util.tree_flatten(rest)
+        self._step = make_step(self.graphdef, self.amax_def, self.rest_def, forward)
+        self._exe: dict[tuple, Any] = {}
+
+    def compile(self, ids_shape: tuple[int, int], has_mask: bool) -> int:
+        """Compile (or find in ``calibration.ahead``'s store) the step for ``[B, S]`` batches. Returns 1."""
+        from jaxquant.calibration import ahead
+
+        shape_key = (tuple(ids_shape), has_mask)
+        if shape_key not in self._exe:
+            key = step_key(self.graphdef, self.amax_def, self.rest_def, self.amax, self.rest, ids_shape, has_mask,
+                           self.forward)
+            exe = ahead.lookup(key)
+            if exe is None:
+                ids = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32)
+                exe = self._step.lower(self.amax, self.rest, ids, ids if has_mask else None).compile()
+                ahead.store(key, exe)
+            self._exe[shape_key] = exe
+        return 1
+
+    def run(self, ids, mask):
+        """One batch; returns its device "all amax finite" flag."""
+        self.amax, flag = self._exe[(tuple(ids.shape), mask is not None)](self.amax, self.rest, ids, mask)
+        return flag
+
+    def amax_leaves(self):
+        return self.amax
+
+    def write_back(self) -> None:
+        nnx.update(self.model, jax.tree_util.tree_unflatten(self.amax_def, self.amax))
+
+
+def calibration_step(model, forward: ForwardFn = default_forward):
+    """The step ``run_calibration`` uses: stage by stage (``stages.StagedStep``) for a causal LM with the stage
+    protocol and the default forward, else one whole-model call (``WholeModelStep``)."""
+    from jaxquant.calibration.stages import StagedStep, supports_stages
+
+    return StagedStep(model) if supports_stages(model, forward) else WholeModelStep(model, forward)
+
+
 def _non_finite_names(sites: list[Site]) -> list[str]:
     out = []
     for s in sites:
@@ -274,16 +325,12 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
       DataError: malformed batches, no batch at all, sequences too long, token ids outside the
         model's vocabulary.
     """
-    from jaxquant.calibration import ahead
     from jaxquant.data.batching import check_token_ids
 
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # XLA gathers clamp silently
     stats = CalibrationStats()
-    graphdef, amax_state, rest = nnx.split(model, QuantAmax, ...)
-    amax, amax_def = jax.tree_util.tree_flatten(amax_state)
-    rest, rest_def = jax.tree_util.tree_flatten(rest)
-    step = make_step(graphdef, amax_def, rest_def, forward)
-    compiled: dict[tuple, Any] = {}
+    step = calibration_step(model, forward)
+    compiled: set[tuple] = set()
     bar = _progress(total_tokens, progress)
     pending: collections.deque = collections.deque()  # (batch index, finite flag, tokens), oldest first
     t_run = 0.0
@@ -291,7 +338,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
     def settle(p):
         i, flag, n_tok = p
         if not bool(flag):
-            nnx.update(model, jax.tree_util.tree_unflatten(amax_def, amax))
+            step.write_back()
             names = _non_finite_names(sites)
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise NonFiniteError(
@@ -319,16 +366,11 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
         nxt = next(source, None)
         while nxt is not None:
             i, ids, mask, n_tok = nxt
-            key = (tuple(ids.shape), mask is None)
+            key = (tuple(ids.shape), mask is not None)
             if key not in compiled:
                 t0 = time.perf_counter()
-                skey = step_key(graphdef, amax_def, rest_def, amax, rest, ids.shape, mask is not None, forward)
-                compiled[key] = ahead.lookup(skey)
-                if compiled[key] is None:
-                    m_arg = None if mask is None else jax.ShapeDtypeStruct(mask.shape, jnp.int32)
-                    compiled[key] = step.lower(amax, rest, jax.ShapeDtypeStruct(ids.shape, jnp.int32),
-                                               m_arg).compile()
-                    ahead.store(skey, compiled[key])
+                step.compile(*key)
+                compiled.add(key)
                 dt = time.perf_counter() - t0
                 stats.compile_s += dt
                 if bar is not None:  # keep compilation out of the bar's tokens/s
@@ -336,7 +378,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
                     bar.last_print_t += dt
                 stats.shapes.append(tuple(ids.shape))
             t0 = time.perf_counter()
-            amax, flag = compiled[key](amax, rest, ids, mask)
+            flag = step.run(ids, mask)
             pending.append((i, flag, n_tok))
             nxt = next(source, None)  # host work for the next batch overlaps this step
             while len(pending) > FLAG_LAG:
@@ -345,7 +387,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
             stats.batches += 1
             stats.tokens += n_tok
         t0 = time.perf_counter()
-        jax.block_until_ready(amax)
+        jax.block_until_ready(step.amax_leaves())
         t_run += time.perf_counter() - t0
         while pending:
             settle(pending.popleft())
@@ -353,7 +395,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
         if bar is not None:
             bar.close()
         try:  # the model's own amax buffers were donated: always hand it the live ones
-            nnx.update(model, jax.tree_util.tree_unflatten(amax_def, amax))
+            step.write_back()
         except Exception:  # pragma: no cover - a failed step may have consumed them
             pass
     if stats.batches == 0:
@@ -407,6 +449,8 @@ __all__ = [
     "make_step",
     "max_calibrate",
     "run_calibration",
+    "WholeModelStep",
+    "calibration_step",
     "run_forward_loop",
     "set_calibration_modes",
     "set_quant_mode",

@@ -51,7 +51,6 @@ class DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         c = config
         norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype)
-        self.layer_idx = layer_idx
         self.layer_type = c.layer_type(layer_idx)
         self.sandwich = c.sandwich_norms
         self.input_layernorm = RMSNorm(c.hidden_size, **norm)
@@ -107,20 +106,41 @@ class DecoderModel(nnx.Module):
                 out[lt] = build_mask(attention_mask, batch, seq, c.layer_sliding_window(i))
         return out
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None) -> jax.Array:
-        """Final-normed hidden states ``[B, S, hidden]`` (model dtype)."""
+    # ------------------------------------------------------------------ stages (the layer-by-layer protocol)
+    #: Keyword arguments of ``layer_kwargs`` that a layer updates for the layers after it (none here).
+    carried_kwargs: tuple[str, ...] = ()
+
+    def prologue(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Embeddings ``[B, S, hidden]`` and the batch's context every layer reads: ``token_mask`` ``[B, S]``
+        bool or None, ``ropes`` (cos, sin per layer type), ``masks`` (per layer type)."""
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, b, s)
-        token_mask = None if attention_mask is None else attention_mask.astype(bool)
-        x = self.embed_tokens(input_ids)
-        ropes = self.rope_tables(position_ids, s)
-        masks = self.masks(attention_mask, b, s)
-        for layer in self.layers:
-            cos, sin = ropes[layer.layer_type]
-            x = layer(x, cos=cos, sin=sin, mask=masks[layer.layer_type], token_mask=token_mask)
+        ctx = {
+            "token_mask": None if attention_mask is None else attention_mask.astype(bool),
+            "ropes": self.rope_tables(position_ids, s),
+            "masks": self.masks(attention_mask, b, s),
+        }
+        return self.embed_tokens(input_ids), ctx
+
+    def layer_kwargs(self, i: int, ctx: dict) -> dict:
+        """The keyword arguments of ``self.layers[i](x, **kwargs)`` for a batch's ``ctx``."""
+        lt = self.layers[i].layer_type
+        cos, sin = ctx["ropes"][lt]
+        return {"cos": cos, "sin": sin, "mask": ctx["masks"][lt], "token_mask": ctx["token_mask"]}
+
+    def epilogue(self, x: jax.Array) -> jax.Array:
+        """The final norm of the last layer's output."""
         return self.norm(x)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, S, hidden]`` (model dtype): ``prologue``, every layer, ``epilogue``."""
+        x, ctx = self.prologue(input_ids, attention_mask, position_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, **self.layer_kwargs(i, ctx))
+        return self.epilogue(x)
 
 
 class CausalLM(nnx.Module):

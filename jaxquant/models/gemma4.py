@@ -195,7 +195,6 @@ class Gemma4Attention(Attention):
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         c = config
-        self.layer_idx = layer_idx
         self.layer_type = c.layer_type(layer_idx)
         self.sliding_window = c.layer_sliding_window(layer_idx)
         self.head_dim = c.extra("layer_head_dims")[layer_idx]
@@ -270,7 +269,6 @@ class Gemma4DecoderLayer(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         c = config
         h = c.hidden_size
-        self.layer_idx = layer_idx
         self.layer_type = c.layer_type(layer_idx)
         self.input_layernorm = _norm(h, c, dtype)
         self.self_attn = Gemma4Attention(c, layer_idx, dtype=dtype, rngs=rngs)
@@ -357,11 +355,12 @@ class Gemma4TextModel(nnx.Module):
             self.embed_tokens_per_layer = self.per_layer_model_projection = self.per_layer_projection_norm = None
 
     def rope_tables(self, positions: jax.Array, seq_len: int) -> dict[tuple[str, int], tuple[jax.Array, jax.Array]]:
-        """cos/sin per (layer type, head_dim) present in the model."""
+        """cos/sin per (layer type, head_dim) present in the model (from the config: the stages run the
+        prologue on the model without its layers)."""
         c = self.config
         out = {}
-        for layer in self.layers:
-            key = (layer.layer_type, layer.self_attn.head_dim)
+        for i in range(c.num_hidden_layers):
+            key = (c.layer_type(i), c.extra("layer_head_dims")[i])
             if key not in out:
                 inv, scale = rope_inv_freq(
                     c.rope_for(key[0]), key[1], max_position_embeddings=c.max_position_embeddings, seq_len=seq_len
@@ -380,35 +379,54 @@ class Gemma4TextModel(nnx.Module):
         proj = self.per_layer_projection_norm(proj.reshape(b, s, n, p))
         return _times(proj + tok.astype(proj.dtype), 2.0**-0.5)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None) -> jax.Array:
-        """Final-normed hidden states ``[B, S, hidden]`` (model dtype)."""
+    # ------------------------------------------------------------------ stages (the layer-by-layer protocol)
+    #: ``shared_kv``: the KV a "store" layer leaves for the "reuse" layers after it.
+    carried_kwargs: tuple[str, ...] = ("shared_kv",)
+
+    def prologue(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """Scaled embeddings ``[B, S, hidden]`` and the batch's context: ``token_mask``, ``ropes`` per (layer type,
+        head_dim), ``masks`` per layer type, ``ple`` (``[B, S, L, P]`` or None) and an empty ``shared_kv``."""
         c = self.config
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, b, s)
         token_mask = None if attention_mask is None else attention_mask.astype(bool)
         x = self.embed_tokens(input_ids)
-        ple = self.per_layer_inputs(input_ids, x, token_mask) if self.ple_dim else None
-        ropes = self.rope_tables(position_ids, s)
         masks = {}
         for i in range(c.num_hidden_layers):
             lt = c.layer_type(i)
             if lt not in masks:
                 masks[lt] = build_mask(attention_mask, b, s, c.layer_sliding_window(i))
-        shared_kv: dict = {}
-        for i, layer in enumerate(self.layers):
-            cos, sin = ropes[(layer.layer_type, layer.self_attn.head_dim)]
-            x = layer(
-                x,
-                cos=cos,
-                sin=sin,
-                mask=masks[layer.layer_type],
-                shared_kv=shared_kv,
-                per_layer_input=None if ple is None else ple[:, :, i, :],
-                token_mask=token_mask,
-            )
+        ctx = {
+            "token_mask": token_mask,
+            "ropes": self.rope_tables(position_ids, s),
+            "masks": masks,
+            "ple": self.per_layer_inputs(input_ids, x, token_mask) if self.ple_dim else None,
+            "shared_kv": {},
+        }
+        return x, ctx
+
+    def layer_kwargs(self, i: int, ctx: dict) -> dict:
+        """The keyword arguments of ``self.layers[i](x, **kwargs)`` for a batch's ``ctx``."""
+        c = self.config
+        lt = c.layer_type(i)
+        cos, sin = ctx["ropes"][(lt, c.extra("layer_head_dims")[i])]
+        ple = ctx["ple"]
+        return {"cos": cos, "sin": sin, "mask": ctx["masks"][lt], "shared_kv": ctx["shared_kv"],
+                "per_layer_input": None if ple is None else ple[:, :, i, :], "token_mask": ctx["token_mask"]}
+
+    def epilogue(self, x: jax.Array) -> jax.Array:
+        """The final norm of the last layer's output."""
         return self.norm(x)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, S, hidden]`` (model dtype): ``prologue``, every layer, ``epilogue``."""
+        x, ctx = self.prologue(input_ids, attention_mask, position_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, **self.layer_kwargs(i, ctx))
+        return self.epilogue(x)
 
 
 class Gemma4ForCausalLM(CausalLM):

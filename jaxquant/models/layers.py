@@ -304,7 +304,6 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         c = config
-        self.layer_idx = layer_idx
         self.layer_type = c.layer_type(layer_idx)
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = c.num_key_value_heads

@@ -23,7 +23,7 @@ def _calibrate(config, rows, use_ahead: bool, monkeypatch):
     recipe = load_recipe(RECIPE)
     if use_ahead:
         r = compile_calibration_ahead(config, jnp.float32, recipe, rows.shape[1], 4)
-        assert r.compiled == 2 and r.batch_size == 4
+        assert r.compiled == 4 and r.batch_size == 4  # weights, prologue, one layer for both layers, epilogue
     compiled = []
     real_store = ahead.store
     monkeypatch.setattr(ahead, "store", lambda k, e: (compiled.append(k[0]), real_store(k, e)))
@@ -39,8 +39,9 @@ def test_ahead_executables_are_used_and_give_the_same_bits(monkeypatch):
     rows = np.random.default_rng(0).integers(1, 101, (8, 16)).astype(np.int32)
     plain, compiled_plain = _calibrate(config, rows, False, monkeypatch)
     early, compiled_early = _calibrate(config, rows, True, monkeypatch)
-    assert sorted(compiled_plain) == ["step", "weights"]  # without: both compiled during quantize
-    assert compiled_early == []  # with: both found in the store
+    # without: compiled during quantize, the two equal layers once
+    assert sorted(compiled_plain) == ["epilogue", "layer", "prologue", "weights"]
+    assert compiled_early == []  # with: all found in the store
     assert plain.keys() == early.keys()
     for k in plain:
         np.testing.assert_array_equal(np.asarray(plain[k]), np.asarray(early[k]), err_msg=k)
@@ -56,7 +57,7 @@ def test_a_different_batch_shape_misses_and_compiles(monkeypatch):
     monkeypatch.setattr(ahead, "store", lambda k, e: (compiled.append(k[0]), real_store(k, e)))
     m = build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     quantize(m, RECIPE, {"input_ids": rows, "attention_mask": np.ones_like(rows)}, batch_size=4, progress=False)
-    assert compiled == ["step"]  # the weight reduction still matched
+    assert compiled == ["prologue", "layer", "epilogue"]  # the weight reduction still matched
 
 
 def test_store_is_bounded():
