@@ -276,8 +276,10 @@ def worker_jaxquant(args, t_start: float) -> dict:
     """One ``jaxquant ptq`` run (in process); returns phases (s), peak device memory, export bytes."""
     from jaxquant import cli
     from jaxquant.numerics._exact import with_ieee_gpu_division
+    from jaxquant.transformers_import import hide_torch
 
-    os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))  # what `jaxquant` does first
+    hide_torch()  # what the `jaxquant` command does first (console_main)
+    os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
     cli._import_runtime()
     import jax
     import numpy as np

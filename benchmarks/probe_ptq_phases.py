@@ -97,6 +97,8 @@ def load_variant(src, variant):
 _JOB_TRACE = (
     "import time, sys, functools, threading\n"
     "T0 = time.perf_counter()\n"
+    "from jaxquant.transformers_import import hide_torch\n"
+    "hide_torch()  # what console_main does first, before the imports below\n"
     "def _traced(mod, name):\n"
     "    import importlib\n"
     "    m = importlib.import_module(mod)\n"

@@ -164,21 +164,18 @@ class StagedStep:
         pro = self._compiled(self.shell, "prologue", pro_fn, ids, mask)
         x, ctx, _, _ = jax.eval_shape(pro_fn, _avals(self.shell.amax), _avals(self.shell.rest), ids, mask)
         layers = []
-        by_part: list[tuple[Any, Any]] = []  # (part, executable) of layers compiled so far, for reuse
+        by_part: list[tuple[Any, Any, Any]] = []  # (key, executable, output avals) of the layers compiled so far
         for i, part in enumerate(self.layers):
             kwargs = jax.eval_shape(lambda c, i=i: self.text.layer_kwargs(i, c), ctx)
             key = part.key("layer", ok, x, kwargs)
-            exe = next((e for k, e in by_part if k is not None and k == key), None)
-            if exe is None:
+            hit = next((h for h in by_part if key is not None and h[0] == key), None)
+            if hit is None:  # equal key = equal graph and input shapes, hence equal output shapes: trace once
                 fn = self._layer_fn(part)
                 exe = self._compiled(part, "layer", fn, ok, x, kwargs)
-                by_part.append((key, exe))
                 y, carried, _, _ = jax.eval_shape(fn, _avals(part.amax), _avals(part.rest), ok, x, kwargs)
+                by_part.append((key, exe, (y, carried)))
             else:
-                y, carried = x, {k: kwargs[k] for k in self.carried}
-                if self.carried:  # what the layer leaves for later layers must be traced to know its shape
-                    _, carried, _, _ = jax.eval_shape(self._layer_fn(part), _avals(part.amax), _avals(part.rest),
-                                                      ok, x, kwargs)
+                exe, (y, carried) = hit[1], hit[2]
             ctx = {**ctx, **carried}
             x = y
             layers.append(exe)

@@ -80,7 +80,8 @@ def test_export_kernels_warmed_ahead_are_the_ones_export_calls(tmp_path):
     fp8._export.clear_cache()
     nvfp4._export.clear_cache()
     r = compile_calibration_ahead(config, jnp.bfloat16, load_recipe(recipe), 16, 4, export_dtype=jnp.bfloat16)
-    assert r.compiled == 2 + 4  # FP8: q/o [32, 32], k/v [16, 32]; NVFP4: gate/up [64, 32], down [32, 64]
+    # weights, prologue, layer, epilogue; FP8: q/o [32, 32], k/v [16, 32]; NVFP4: gate/up [64, 32], down [32, 64]
+    assert r.compiled == 4 + 4
     m = build_model(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     rows = np.random.default_rng(0).integers(1, 101, (8, 16)).astype(np.int32)
     res = quantize(m, recipe, {"input_ids": rows, "attention_mask": np.ones_like(rows)}, batch_size=4,
