@@ -74,7 +74,27 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x), token_mask=token_mask)
 
 
-class DecoderModel(nnx.Module):
+class StagedTextModel(nnx.Module):
+    """A text model as stages (the protocol ``calibration/stages.py`` runs layer by layer): a subclass defines
+    ``prologue(ids, mask, positions) -> (x, ctx)``, ``layer_kwargs(i, ctx)`` and ``carried_kwargs`` (the keyword
+    arguments a layer updates for later layers); it has ``layers`` and a final ``norm``."""
+
+    carried_kwargs: tuple[str, ...] = ()
+
+    def epilogue(self, x: jax.Array) -> jax.Array:
+        """The final norm of the last layer's output."""
+        return self.norm(x)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 position_ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, S, hidden]`` (model dtype): ``prologue``, every layer, ``epilogue``."""
+        x, ctx = self.prologue(input_ids, attention_mask, position_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, **self.layer_kwargs(i, ctx))
+        return self.epilogue(x)
+
+
+class DecoderModel(StagedTextModel):
     """transformers' ``*Model`` / ``*TextModel``: ``embed_tokens``, ``layers``, ``norm``."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -106,10 +126,7 @@ class DecoderModel(nnx.Module):
                 out[lt] = build_mask(attention_mask, batch, seq, c.layer_sliding_window(i))
         return out
 
-    # ------------------------------------------------------------------ stages (the layer-by-layer protocol)
-    #: Keyword arguments of ``layer_kwargs`` that a layer updates for the layers after it (none here).
-    carried_kwargs: tuple[str, ...] = ()
-
+    # ------------------------------------------------------------------ stages (StagedTextModel)
     def prologue(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Embeddings ``[B, S, hidden]`` and the batch's context every layer reads: ``token_mask`` ``[B, S]``
@@ -129,18 +146,6 @@ class DecoderModel(nnx.Module):
         lt = self.layers[i].layer_type
         cos, sin = ctx["ropes"][lt]
         return {"cos": cos, "sin": sin, "mask": ctx["masks"][lt], "token_mask": ctx["token_mask"]}
-
-    def epilogue(self, x: jax.Array) -> jax.Array:
-        """The final norm of the last layer's output."""
-        return self.norm(x)
-
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None) -> jax.Array:
-        """Final-normed hidden states ``[B, S, hidden]`` (model dtype): ``prologue``, every layer, ``epilogue``."""
-        x, ctx = self.prologue(input_ids, attention_mask, position_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, **self.layer_kwargs(i, ctx))
-        return self.epilogue(x)
 
 
 class CausalLM(nnx.Module):

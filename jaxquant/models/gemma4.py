@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxquant.errors import CheckpointError, UnsupportedError
 from jaxquant.models.config import FULL, SLIDING, ModelConfig, RopeConfig
-from jaxquant.models.decoder import CausalLM, positions_from_mask
+from jaxquant.models.decoder import CausalLM, StagedTextModel, positions_from_mask
 from jaxquant.models.layers import (
     ACTIVATIONS,
     MLP,
@@ -333,7 +333,7 @@ class Gemma4DecoderLayer(nnx.Module):
         return x * self.layer_scalar[...].astype(x.dtype)
 
 
-class Gemma4TextModel(nnx.Module):
+class Gemma4TextModel(StagedTextModel):
     """``Gemma4TextModel``: scaled embeddings (+ PLE), layers with shared KV, final norm."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -379,7 +379,7 @@ class Gemma4TextModel(nnx.Module):
         proj = self.per_layer_projection_norm(proj.reshape(b, s, n, p))
         return _times(proj + tok.astype(proj.dtype), 2.0**-0.5)
 
-    # ------------------------------------------------------------------ stages (the layer-by-layer protocol)
+    # ------------------------------------------------------------------ stages (StagedTextModel)
     #: ``shared_kv``: the KV a "store" layer leaves for the "reuse" layers after it.
     carried_kwargs: tuple[str, ...] = ("shared_kv",)
 
@@ -415,18 +415,6 @@ class Gemma4TextModel(nnx.Module):
         ple = ctx["ple"]
         return {"cos": cos, "sin": sin, "mask": ctx["masks"][lt], "shared_kv": ctx["shared_kv"],
                 "per_layer_input": None if ple is None else ple[:, :, i, :], "token_mask": ctx["token_mask"]}
-
-    def epilogue(self, x: jax.Array) -> jax.Array:
-        """The final norm of the last layer's output."""
-        return self.norm(x)
-
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 position_ids: jax.Array | None = None) -> jax.Array:
-        """Final-normed hidden states ``[B, S, hidden]`` (model dtype): ``prologue``, every layer, ``epilogue``."""
-        x, ctx = self.prologue(input_ids, attention_mask, position_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, **self.layer_kwargs(i, ctx))
-        return self.epilogue(x)
 
 
 class Gemma4ForCausalLM(CausalLM):
