@@ -5,9 +5,10 @@ steps need nothing from the weights:
 
 * the tokenizer (``AutoTokenizer`` imports a large part of transformers), and
 * XLA's compilation of the calibration computations (``calibration.ahead``: it needs the config,
-  the recipe and the batch shape only).
+  the recipe and the batch shape only), followed on the same thread by the export's kernels (needed only
+  after the calibration, so they stay off the path to its first batch).
 
-``start(...)`` starts both on daemon threads for a Hugging Face checkpoint directory and returns an
+``start(...)`` starts them on daemon threads for a Hugging Face checkpoint directory and returns an
 ``Overlap`` whose ``tokenizer()`` / ``ahead()`` wait for them. Their exceptions surface when their
 result is asked for, that is at the point where the command would have done the work itself, so
 errors and their order do not change. Anything the threads cannot do (a GGUF file, a directory that
@@ -52,6 +53,7 @@ class Overlap:
 
     tokenizer_future: cf.Future | None = None
     ahead_future: cf.Future | None = None
+    export_future: cf.Future | None = None
 
     def tokenizer(self, loaded) -> Any:
         """The tokenizer (from the thread when one was started, else loaded now)."""
@@ -70,6 +72,39 @@ class Overlap:
             log.warning("compiling the calibration ahead failed (%s: %s); it is compiled after loading instead.",
                         type(e).__name__, e)
             return None
+
+    def export_kernels(self) -> None:
+        """Wait until the export's kernels are compiled (if that was started; a failure there only means the export
+        compiles them itself)."""
+        if self.export_future is None:
+            return
+        try:
+            self.export_future.result()
+        except Exception as e:  # noqa: BLE001 - an optimisation only
+            log.info("warming the export kernels failed (%s: %s); the export compiles them.", type(e).__name__, e)
+
+
+def _compile_then_warm(ahead_f: cf.Future, export_f: cf.Future, export_dtype, *args, **kwargs) -> None:
+    """The compile thread: the calibration's computations (result in ``ahead_f``), then the export kernels for
+    weights of ``export_dtype`` (``export_f``; None: nothing to warm)."""
+    from jaxquant.calibration.ahead import compile_calibration_ahead
+
+    try:
+        r = compile_calibration_ahead(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+        ahead_f.set_exception(e)
+        export_f.set_result(0)
+        return
+    ahead_f.set_result(r)
+    if export_dtype is None:
+        export_f.set_result(0)
+        return
+    try:
+        from jaxquant.export.entries import warm_export_kernels
+
+        export_f.set_result(warm_export_kernels(r.model, export_dtype))
+    except BaseException as e:  # noqa: BLE001
+        export_f.set_exception(e)
 
 
 def _checkpoint_config(model_arg: str | None):
@@ -119,15 +154,15 @@ def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
     if args.calib_seq is not None and (args.calib_seq <= 0 or (limit is not None and args.calib_seq > limit)):
         return out  # the main thread refuses it (DataError) before any calibration
     seq = args.calib_seq or (default_calib_seq if limit is None else min(default_calib_seq, limit))
-    from jaxquant.calibration.ahead import compile_calibration_ahead
     from jaxquant.calibration.api import free_device_bytes
 
     export_dtype = None
     if args.export_path is not None and args.export_format in ("hf", "both"):
         export_dtype = _stored_dtype(Path(args.model).expanduser())
-    out.ahead_future = spawn("compile", compile_calibration_ahead, config, dtype, recipe, seq, args.batch_size or None,
-                             n_rows=n_rows, free_bytes_before_load=None if args.batch_size else free_device_bytes(),
-                             export_dtype=export_dtype)
+    out.ahead_future, out.export_future = cf.Future(), cf.Future()
+    spawn("compile", _compile_then_warm, out.ahead_future, out.export_future, export_dtype, config, dtype, recipe, seq,
+          args.batch_size or None, n_rows=n_rows,
+          free_bytes_before_load=None if args.batch_size else free_device_bytes())
     return out
 
 

@@ -515,6 +515,7 @@ def run_ptq(args) -> int:
     # ---- export
     if args.export_path is not None:
         t0 = time.perf_counter()
+        overlap.export_kernels()  # compiled on the compile thread during the calibration
         try:
             lines = _export(args, loaded, result or _StateOnly(resolution))
         except (JaxquantError, OSError) as e:

@@ -77,6 +77,40 @@ def store(key: Any, executable: Any) -> None:
         del _STORE[:-MAX_STORED]
 
 
+#: Threads compiling at once (XLA's compiler releases the GIL; one program compiles on one core).
+COMPILE_THREADS = 8
+
+
+def compile_all(jobs: list[tuple[Any, Callable[[], Any]]]) -> list[Any]:
+    """Executables for ``jobs`` = ``[(key, lower)]``, ``lower()`` returning a ``jax.stages.Lowered``: each from the
+    store when its key is there, else lowered and compiled, the misses on ``COMPILE_THREADS`` threads at once, and
+    stored. Jobs with equal keys compile once. Returns them in the order of ``jobs``."""
+    import concurrent.futures as cf
+
+    out: list[Any] = [lookup(k) for k, _ in jobs]
+    todo: list[int] = []
+    for i, (k, _) in enumerate(jobs):
+        if out[i] is None and not any(k is not None and jobs[j][0] == k for j in todo):
+            todo.append(i)
+
+    def build(i):
+        k, lower = jobs[i]
+        exe = lower().compile()
+        store(k, exe)
+        return exe
+
+    if len(todo) <= 1:
+        built = [build(i) for i in todo]
+    else:
+        with cf.ThreadPoolExecutor(min(COMPILE_THREADS, len(todo)), thread_name_prefix="jaxquant-xla") as pool:
+            built = list(pool.map(build, todo))
+    done = dict(zip(todo, built))
+    for i, (k, _) in enumerate(jobs):
+        if out[i] is None:
+            out[i] = done.get(i) or next(done[j] for j in todo if k is not None and jobs[j][0] == k)
+    return out
+
+
 def clear() -> None:
     """Forget every stored executable."""
     with _LOCK:
@@ -91,6 +125,8 @@ class AheadResult:
     compiled: int
     seconds: float
     batch_size: int
+    #: the abstract model with the recipe applied (for ``warm_export_kernels`` after the calibration compile)
+    model: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int, batch_size: int | None, *,
@@ -135,12 +171,11 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
     sites = quantizer_sites(model)
     for s in sites:
         s.quantizer.set_mode("off")
-    n = 0
     graphdef, stats, rest = nnx.split(model, (QuantAmax, QuantGlobalAmax), ...)
+    jobs = []
     key = weight_reducer_key(graphdef, stats, rest)
-    if key is not None and lookup(key) is None:
-        store(key, weight_reducer(graphdef).lower(stats, rest).compile())
-        n += 1
+    if key is not None:
+        jobs.append((key, lambda: weight_reducer(graphdef).lower(stats, rest)))
     if batch_size is None:
         free = free_bytes_before_load
         if free is not None:
@@ -148,14 +183,15 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
             free -= sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in params)
         batch_size = auto_batch_size(model, seq_len, n_rows, free_bytes=free)
     if set_calibration_modes(sites):
-        n += calibration_step(model, forward).compile((batch_size, seq_len), True)
+        jobs += calibration_step(model, forward).compile_jobs((batch_size, seq_len), True)
+    n = len({id(e) for e in compile_all(jobs)})
     if export_dtype is not None:
         from jaxquant.export.entries import warm_export_kernels
 
         n += warm_export_kernels(model, export_dtype)
     dt = time.perf_counter() - t0
     log.info("compiled %d calibration / export computation(s) ahead in %.2f s", n, dt)
-    return AheadResult(n, dt, batch_size)
+    return AheadResult(n, dt, batch_size, model)
 
 
-__all__ = ["AheadResult", "clear", "compile_calibration_ahead", "leaf_signature", "lookup", "store"]
+__all__ = ["AheadResult", "clear", "compile_all", "compile_calibration_ahead", "leaf_signature", "lookup", "store"]

@@ -253,20 +253,20 @@ class WholeModelStep:
         self._step = make_step(self.graphdef, self.amax_def, self.rest_def, forward)
         self._exe: dict[tuple, Any] = {}
 
+    def compile_jobs(self, ids_shape: tuple[int, int], has_mask: bool) -> list:
+        """``[(store key, lower)]`` of the step for ``[B, S]`` batches, for ``ahead.compile_all``."""
+        key = step_key(self.graphdef, self.amax_def, self.rest_def, self.amax, self.rest, ids_shape, has_mask,
+                       self.forward)
+        ids = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32)
+        return [(key, lambda: self._step.lower(self.amax, self.rest, ids, ids if has_mask else None))]
+
     def compile(self, ids_shape: tuple[int, int], has_mask: bool) -> int:
         """Compile (or find in ``calibration.ahead``'s store) the step for ``[B, S]`` batches. Returns 1."""
-        from jaxquant.calibration import ahead
+        from jaxquant.calibration.ahead import compile_all
 
         shape_key = (tuple(ids_shape), has_mask)
         if shape_key not in self._exe:
-            key = step_key(self.graphdef, self.amax_def, self.rest_def, self.amax, self.rest, ids_shape, has_mask,
-                           self.forward)
-            exe = ahead.lookup(key)
-            if exe is None:
-                ids = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32)
-                exe = self._step.lower(self.amax, self.rest, ids, ids if has_mask else None).compile()
-                ahead.store(key, exe)
-            self._exe[shape_key] = exe
+            self._exe[shape_key] = compile_all(self.compile_jobs(ids_shape, has_mask))[0]
         return 1
 
     def run(self, ids, mask):

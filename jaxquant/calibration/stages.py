@@ -141,48 +141,57 @@ class StagedStep:
         return jax.jit(epilogue, donate_argnums=(0,))
 
     # ------------------------------------------------------------------ compilation
-    def _compiled(self, part: _Part, kind: str, fn, *avals):
-        from jaxquant.calibration import ahead
+    def _job(self, part: _Part, kind: str, fn, *avals):
+        """``(store key, lower)`` of one stage for ``ahead.compile_all``."""
+        return part.key(kind, *avals), lambda: fn.lower(_avals(part.amax), _avals(part.rest), *avals)
 
-        key = part.key(kind, *avals)
-        exe = ahead.lookup(key)
-        if exe is None:
-            exe = fn.lower(_avals(part.amax), _avals(part.rest), *avals).compile()
-            ahead.store(key, exe)
-        return exe
-
-    def compile(self, ids_shape: tuple[int, int], has_mask: bool) -> int:
-        """Compile every stage for ``[B, S]`` batches (with or without a mask). Returns the number of distinct
-        executables the model needs for this shape."""
-        shape_key = (tuple(ids_shape), has_mask)
-        if shape_key in self._exe:
-            return len({id(e) for e in self._exe[shape_key]["layers"]}) + 2
+    def _plan(self, ids_shape: tuple[int, int], has_mask: bool) -> tuple[list, list[int]]:
+        """The compile jobs for ``[B, S]`` batches (prologue first, epilogue last, one per distinct layer between)
+        and, per layer, the index of its job."""
         ids = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32)
         mask = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32) if has_mask else None
         ok = jax.ShapeDtypeStruct((), jnp.bool_)
         pro_fn = self._prologue_fn()
-        pro = self._compiled(self.shell, "prologue", pro_fn, ids, mask)
+        jobs = [self._job(self.shell, "prologue", pro_fn, ids, mask)]
         x, ctx, _, _ = jax.eval_shape(pro_fn, _avals(self.shell.amax), _avals(self.shell.rest), ids, mask)
-        layers = []
-        by_part: list[tuple[Any, Any, Any]] = []  # (key, executable, output avals) of the layers compiled so far
+        layer_jobs = []
+        seen: list[tuple[Any, int, Any]] = []  # (key, job index, output avals) of the distinct layers so far
         for i, part in enumerate(self.layers):
             kwargs = jax.eval_shape(lambda c, i=i: self.text.layer_kwargs(i, c), ctx)
             key = part.key("layer", ok, x, kwargs)
-            hit = next((h for h in by_part if key is not None and h[0] == key), None)
+            hit = next((h for h in seen if key is not None and h[0] == key), None)
             if hit is None:  # equal key = equal graph and input shapes, hence equal output shapes: trace once
                 fn = self._layer_fn(part)
-                exe = self._compiled(part, "layer", fn, ok, x, kwargs)
+                jobs.append(self._job(part, "layer", fn, ok, x, kwargs))
                 y, carried, _, _ = jax.eval_shape(fn, _avals(part.amax), _avals(part.rest), ok, x, kwargs)
-                by_part.append((key, exe, (y, carried)))
-            else:
-                exe, (y, carried) = hit[1], hit[2]
+                hit = (key, len(jobs) - 1, (y, carried))
+                seen.append(hit)
+            layer_jobs.append(hit[1])
+            y, carried = hit[2]
             ctx = {**ctx, **carried}
             x = y
-            layers.append(exe)
         token_mask = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.bool_) if has_mask else None
-        epi = self._compiled(self.shell, "epilogue", self._epilogue_fn(), ok, x, token_mask)
-        self._exe[shape_key] = {"prologue": pro, "layers": layers, "epilogue": epi}
-        return len(by_part) + 2
+        jobs.append(self._job(self.shell, "epilogue", self._epilogue_fn(), ok, x, token_mask))
+        return jobs, layer_jobs
+
+    def compile_jobs(self, ids_shape: tuple[int, int], has_mask: bool) -> list:
+        """``[(store key, lower)]`` of every stage, for ``ahead.compile_all`` (which compiles them together)."""
+        return self._plan(ids_shape, has_mask)[0]
+
+    def compile(self, ids_shape: tuple[int, int], has_mask: bool) -> int:
+        """Compile every stage for ``[B, S]`` batches (with or without a mask), or find them in
+        ``calibration.ahead``'s store; distinct stages compile on several threads. Returns how many distinct
+        executables the model needs for this shape."""
+        from jaxquant.calibration.ahead import compile_all
+
+        shape_key = (tuple(ids_shape), has_mask)
+        if shape_key not in self._exe:
+            jobs, layer_jobs = self._plan(ids_shape, has_mask)
+            exes = compile_all(jobs)
+            self._exe[shape_key] = {"prologue": exes[0], "layers": [exes[j] for j in layer_jobs],
+                                    "epilogue": exes[-1]}
+        e = self._exe[shape_key]
+        return len({id(x) for x in [e["prologue"], e["epilogue"], *e["layers"]]})
 
     # ------------------------------------------------------------------ running
     def run(self, ids: jax.Array, mask: jax.Array | None) -> jax.Array:

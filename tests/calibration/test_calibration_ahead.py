@@ -57,7 +57,7 @@ def test_a_different_batch_shape_misses_and_compiles(monkeypatch):
     monkeypatch.setattr(ahead, "store", lambda k, e: (compiled.append(k[0]), real_store(k, e)))
     m = build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     quantize(m, RECIPE, {"input_ids": rows, "attention_mask": np.ones_like(rows)}, batch_size=4, progress=False)
-    assert compiled == ["prologue", "layer", "epilogue"]  # the weight reduction still matched
+    assert sorted(compiled) == ["epilogue", "layer", "prologue"]  # the weight reduction still matched
 
 
 def test_store_is_bounded():
