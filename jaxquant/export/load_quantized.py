@@ -107,7 +107,7 @@ class QuantizedTensorInfo:
     """One quantized linear found in a checkpoint (HF module name ``module``)."""
 
     module: str
-    fmt: str  # a jaxquant.formats name: "fp8" (per tensor or per channel) | "nvfp4" | "int8_wo" | "mxfp8" | ...
+    fmt: str  # a jaxquant.formats name: "fp8" (per tensor or per channel) | "nvfp4" | "int8_wo" | "int4_awq" | ...
     has_input_scale: bool
 
     @property
@@ -141,6 +141,12 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
                 raise UnsupportedError(f"{mod}: FP8 weight with a {files.tensor_info(f'{mod}.weight_scale').dtype} "
                                        "scale (block-scaled FP8) is not supported by jaxquant's loader.")
             out[mod] = QuantizedTensorInfo(mod, "fp8", f"{mod}.input_scale" in files)
+        elif (tag == "U8" and f"{mod}.weight_scale" in files
+              and files.tensor_info(f"{mod}.weight_scale").dtype == "F32"):  # INT4 row pairs + block scales
+            if f"{mod}.pre_quant_scale" in files:
+                raise UnsupportedError(f"{files.directory}: {mod} is W4A16_AWQ with an AWQ pre_quant_scale; "
+                                       "jaxquant's loader does not apply pre_quant_scale yet.")
+            out[mod] = QuantizedTensorInfo(mod, "int4_awq", f"{mod}.input_scale" in files)
         elif tag == "I8" and f"{mod}.weight_scale" in files and files.tensor_info(f"{mod}.weight_scale").dtype == "F32":
             out[mod] = QuantizedTensorInfo(mod, "int8_wo", f"{mod}.input_scale" in files)
         elif tag in ("U8", "I8", "F8_E4M3", "F8_E5M2") and not mod.endswith(("embed_tokens",)):
@@ -200,7 +206,7 @@ class DequantizingSource:
         q = self._q(name)
         s = tuple(self.base.shape(name))
         if q is not None:
-            return s[:-1] + (s[-1] * q.format.elements_per_byte,)  # e.g. two NVFP4 elements per byte
+            return q.format.weight_shape(s)  # e.g. two NVFP4 elements per byte
         return s
 
     def dtype(self, name):

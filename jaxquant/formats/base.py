@@ -90,6 +90,10 @@ class QuantFormat(Protocol):
         """The per-layer entry of ``hf_quant_config.json`` (``quant_algo`` and, blocked, ``group_size``)."""
         ...
 
+    def weight_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The logical weight shape ``[..., out, in]`` of a stored (packed) weight of this format."""
+        ...
+
     def config_group(self, group_size: int | None) -> dict[str, Any]:
         """The compressed-tensors ``config_groups`` entry of ``config.json["quantization_config"]``."""
         ...
@@ -205,6 +209,11 @@ class FormatBase:
         """The ``QuantizerConfig`` of activations this format quantizes at run time without an ``input_scale``
         (MXFP8 blocks, FP8 per token); None when a checkpoint's activations are static or unquantized."""
         return None
+
+    def weight_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The logical ``[..., out, in]`` of a stored weight (``elements_per_byte`` codes per byte along the input
+        axis)."""
+        return (*stored[:-1], stored[-1] * self.elements_per_byte)
 
     def hf_layer_entry(self, block: int) -> dict[str, Any]:
         if self.block_size:

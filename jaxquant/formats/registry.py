@@ -11,6 +11,8 @@ from jaxquant.errors import UnsupportedError
 from jaxquant.formats.base import QuantFormat, QuantizerFormat
 from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8PerTokenQuantizer, FP8Quantizer
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
+from jaxquant.formats.int4 import QUANTIZERS as INT4_QUANTIZERS
+from jaxquant.formats.int4 import W4A16AWQ
 from jaxquant.formats.int8 import INT8W8A8, INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
 from jaxquant.formats.mx import MXFP4, MXFP8, W4A8MXFP4FP8, MXFP4Quantizer, MXFP8Quantizer
 from jaxquant.formats.nvfp4 import (
@@ -35,6 +37,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     W4A8NVFP4FP8(),
     INT8W8A8(),
     INT8WeightOnly(),
+    W4A16AWQ(),
     FP8BlockWeightOnly(),
     MXFP8(),
     MXFP4(),
@@ -55,6 +58,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     FP8BlockQuantizer(),
     MXFP8Quantizer(),
     MXFP4Quantizer(),
+    *INT4_QUANTIZERS,
 )}
 
 

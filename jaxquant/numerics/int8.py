@@ -37,15 +37,23 @@ def _f32(a) -> jax.Array:
     return jnp.asarray(a, jnp.float32)
 
 
+def integer_fake_quant(x: jax.Array, amax, max_bound: float) -> jax.Array:
+    """ModelOpt's signed integer fake quant (``narrow_range=False``: codes ``[-max_bound-1, max_bound]``) with
+    ``amax`` broadcastable to ``x``; float32 math, result in ``x``'s dtype; ``amax <= 2^-24`` gives zero.
+    Traceable (INT8: ``max_bound`` 127, INT4: 7)."""
+    amax = _f32(amax)
+    zero = amax <= AMAX_EPS
+    scale = div(jnp.float32(max_bound), amax)
+    q = jnp.clip(jnp.round(x.astype(jnp.float32) * jnp.where(zero, jnp.float32(0.0), scale)),
+                 -max_bound - 1.0, max_bound)
+    return div(q, jnp.where(zero, jnp.float32(1.0), scale)).astype(x.dtype)
+
+
 @jax.jit
 def fake_quant(x: jax.Array, amax) -> jax.Array:
     """Quantize-dequantize ``x`` to signed INT8 with ``amax`` (scalar or broadcastable per channel); float32 math,
     result in ``x``'s dtype. A channel with ``amax <= 2^-24`` becomes (signed) zero."""
-    amax = _f32(amax)
-    zero = amax <= AMAX_EPS
-    scale = div(jnp.float32(INT8_MAX), amax)
-    q = jnp.clip(jnp.round(x.astype(jnp.float32) * jnp.where(zero, jnp.float32(0.0), scale)), INT8_MIN, INT8_MAX)
-    return div(q, jnp.where(zero, jnp.float32(1.0), scale)).astype(x.dtype)
+    return integer_fake_quant(x, amax, INT8_MAX)
 
 
 @jax.jit
@@ -71,4 +79,5 @@ def dequantize(q: jax.Array, scale, dtype=jnp.float32) -> jax.Array:
     return (q.astype(jnp.float32) * round_to_dtype(_f32(scale), dtype)).astype(dtype)
 
 
-__all__ = ["AMAX_EPS", "INT8_MAX", "INT8_MIN", "dequantize", "fake_quant", "quantize", "scale_from_amax"]
+__all__ = ["AMAX_EPS", "INT8_MAX", "INT8_MIN", "dequantize", "fake_quant", "integer_fake_quant", "quantize",
+           "scale_from_amax"]

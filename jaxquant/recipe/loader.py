@@ -62,9 +62,6 @@ _NOT_SHIPPED = {
     "general/ptq/nvfp4_experts_only-kv_fp8_layerwise_offload": "layerwise calibration with offload",
     "general/ptq/nvfp4_experts_only_input_scale1-kv_fp8_cast":
         "skip_forward_without_activation_calib calibration",
-    "general/ptq/int4_blockwise_weight_only": "INT4 block-128 weights",
-    "general/ptq/nvfp4_mlp_weight_only": "NVFP4 with block size 32",
-    "general/ptq/mxfp4_mlp_weight_only": "MXFP4 (E8M0 scales)",
 }
 
 

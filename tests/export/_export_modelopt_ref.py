@@ -76,6 +76,7 @@ def modelopt_quantize(model, cfg, seed: int = 0):
     """Max-calibrate on CPU; return {quantizer name: amax numpy} read before export mutates it."""
     import torch
     import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer  # and its subclasses (static block quantizers)
 
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, model.config.vocab_size, (2, 12), generator=g) for _ in range(2)]
@@ -87,7 +88,7 @@ def modelopt_quantize(model, cfg, seed: int = 0):
     mtq.quantize(model, copy.deepcopy(cfg), forward_loop=loop)
     amax = {}
     for name, mod in model.named_modules():
-        if type(mod).__name__ == "TensorQuantizer" and mod.is_enabled and getattr(mod, "_amax", None) is not None:
+        if isinstance(mod, TensorQuantizer) and mod.is_enabled and getattr(mod, "_amax", None) is not None:
             amax[name] = mod._amax.detach().float().numpy().copy()
     return amax
 

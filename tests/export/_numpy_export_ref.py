@@ -154,6 +154,31 @@ def int8_weight(w, amax, *, compute_dtype=None, what: str = "weight") -> tuple[n
     return np.clip(q, -128, 127).astype(np.int8), scale
 
 
+# ----------------------------------------------------------------------------------------------- INT4
+def int4_weight(w, amax, *, compute_dtype=None, what: str = "weight", block: int = 128):
+    """INT4 block (W4A16_AWQ) export: ``weight_scale = amax / 7`` per ``[out, in/block]`` block (0 -> 1.0), codes
+    ``clip(rint(w / s), -8, 7)`` with ``w`` in ``compute_dtype`` divided in float32, then two output rows per byte
+    (row 2k low nibble; ModelOpt ``pack_int4_in_uint8``): ``(uint8 [out/2, in], float32 [out, in/block])``."""
+    check_finite(w, what)
+    w_np = np.asarray(w)
+    compute_dtype = np.dtype(compute_dtype) if compute_dtype is not None else w_np.dtype
+    out, n = w_np.shape
+    scale = (safe_amax(amax, 7.0, what + " amax").reshape(out, n // block) / np.float32(7.0)).astype(np.float32)
+    full = np.repeat(scale, block, axis=1)
+    codes = np.clip(np.rint(_f32(w_np.astype(compute_dtype)) / full), -8, 7).astype(np.int8)
+    nib = codes.view(np.uint8) & 0x0F
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8), scale
+
+
+def int4_dequantize(packed, scale, block: int = 128) -> np.ndarray:
+    """``code * scale`` in float32 from ``int4_weight``'s tensors."""
+    packed = np.asarray(packed)
+    codes = np.empty((packed.shape[0] * 2, packed.shape[1]), np.int16)
+    codes[0::2], codes[1::2] = packed & 0x0F, packed >> 4
+    codes = np.where(codes > 7, codes - 16, codes).astype(np.float32)
+    return codes * np.repeat(np.asarray(scale, np.float32), block, axis=1)
+
+
 # ----------------------------------------------------------------------------------------------- NVFP4
 def e2m1_codes(x: np.ndarray) -> np.ndarray:
     """4-bit E2M1 codes (uint8, sign in bit 3) of float32 ``x``, ModelOpt ``_cast_fp4``:

@@ -20,6 +20,14 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = (np.dtype(np.float32), BF16)
 
 
+INT4 = "W4A16_AWQ"
+
+
+def _shape(fmt, shape=(48, 96)):
+    """A test weight shape ``fmt`` can export: INT4 wants whole blocks of 128 inputs."""
+    return (shape[0], 256) if fmt.quant_algo == INT4 else shape
+
+
 def _weight(seed, shape=(48, 96), dtype=np.float32, kind="normal"):
     rng = np.random.default_rng(seed)
     if kind == "zero":
@@ -41,6 +49,9 @@ def _bytes(a):
 
 
 def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
+    if fmt.quant_algo == INT4:
+        q, s = T.int4_weight(w, w_amax, compute_dtype=compute_dtype)
+        return {"weight": q, "weight_scale": s}
     if fmt.quant_algo == "MXFP8":
         q, s = T.mxfp8_weight(w, compute_dtype=compute_dtype)
         return {"weight": q, "weight_scale": s}
@@ -77,7 +88,9 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
 def _amaxes(fmt, w, mult):
     w32 = np.abs(np.asarray(w, np.float32))
     blk = None
-    if fmt.blocked_amax:  # 2-D blocks of 128 x 128 (one block for these small weights)
+    if fmt.quant_algo == INT4:  # [out, in/128, 1]: one amax per 128 inputs of a row
+        w_amax = (w32.reshape(w.shape[0], -1, 128).max(-1, keepdims=True) * mult).astype(np.float32)
+    elif fmt.blocked_amax:  # 2-D blocks of 128 x 128 (one block for these small weights)
         m, n = w.shape
         padded = np.zeros((-(-m // 128) * 128, -(-n // 128) * 128), np.float32)
         padded[:m, :n] = w32
@@ -98,7 +111,7 @@ def _amaxes(fmt, w, mult):
 def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
                                      "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq", "mxfp4",
-                                     "w4a8_mxfp4_fp8"}
+                                     "w4a8_mxfp4_fp8", "int4_awq"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -110,7 +123,7 @@ def test_every_format_satisfies_the_protocol():
 def test_export_tensors_equal_numpy_oracle(name, dtype, kind, mult):
     fmt = formats.get(name)
     for seed in range(2):
-        w = _weight(seed, dtype=dtype, kind=kind)
+        w = _weight(seed, _shape(fmt), dtype=dtype, kind=kind)
         w_amax, blk, in_amax = _amaxes(fmt, w, mult)
         if kind == "zero" and in_amax is not None:
             in_amax = np.float32(0.0)  # an activation calibration never reached
@@ -134,7 +147,8 @@ def test_export_tensors_equal_numpy_oracle(name, dtype, kind, mult):
 def test_compute_dtype_other_than_the_weights(name):
     """A float32 model exported in bfloat16 (ModelOpt packs ``weight.to(dtype)``), and the reverse."""
     fmt = formats.get(name)
-    for w, cd in ((_weight(3, kind="tails"), BF16), (_weight(4, dtype=BF16), np.dtype(np.float32))):
+    for w, cd in ((_weight(3, _shape(fmt), kind="tails"), BF16),
+                  (_weight(4, _shape(fmt), dtype=BF16), np.dtype(np.float32))):
         w_amax, blk, in_amax = _amaxes(fmt, w, 1.0)
         ours = fmt.export_tensors(jnp.asarray(w), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=cd)
         ref = _oracle(fmt, w, w_amax, blk, in_amax, cd)
@@ -146,12 +160,14 @@ def test_compute_dtype_other_than_the_weights(name):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dequantize_inverts(name, dtype):
     fmt = formats.get(name)
-    w = _weight(5, dtype=dtype, kind="tails")
+    w = _weight(5, _shape(fmt), dtype=dtype, kind="tails")
     w_amax, blk, in_amax = _amaxes(fmt, w, 1.0)
     t = fmt.export_tensors(jnp.asarray(w), w_amax, block_amax=blk, in_amax=in_amax, compute_dtype=dtype)
     deq = np.asarray(fmt.dequantize(t, jnp.float32))
     assert deq.shape == w.shape and deq.dtype == np.float32
-    if fmt.quant_algo == "MXFP8":
+    if fmt.quant_algo == INT4:
+        ref = T.int4_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
+    elif fmt.quant_algo == "MXFP8":
         ref = T.mxfp8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
     elif fmt.quant_algo in ("mxfp4", "W4A8_MXFP4_FP8"):
         codes = np.stack([np.asarray(t["weight"]) & 15, np.asarray(t["weight"]) >> 4], -1).reshape(w.shape)
@@ -189,26 +205,27 @@ def test_input_and_kv_scales_equal_oracle():
 
 
 def test_unknown_format_name():
-    with pytest.raises(UnsupportedError, match=r"'int4_awq'.*fp8, fp8_pc_pt, nvfp4, nvfp4_static, w4a16_nvfp4"):
-        formats.get("int4_awq")
+    with pytest.raises(UnsupportedError, match=r"'w4a8_awq'.*fp8, fp8_pc_pt, nvfp4, nvfp4_static, w4a16_nvfp4"):
+        formats.get("w4a8_awq")
     with pytest.raises(UnsupportedError):
         formats.get(None)
 
 
 def test_non_finite_and_bad_shapes_named():
-    w = np.ones((4, 32), np.float32)
-    w[1, 3] = np.nan
     for name in formats.FORMATS:
         fmt = formats.get(name)
+        shape = _shape(fmt, (4, 32))
+        w = np.ones(shape, np.float32)
+        w[1, 3] = np.nan
         blk = np.ones((4, 2), np.float32) if fmt.static_blocks else None
         amax = np.ones(4, np.float32) if fmt.per_channel else np.float32(1)
-        with pytest.raises(NonFiniteError, match=r"layers\.3\.mlp\.up_proj\.weight: 1 of 128"):
+        with pytest.raises(NonFiniteError, match=rf"layers\.3\.mlp\.up_proj\.weight: 1 of {w.size}"):
             fmt.export_tensors(w, amax, block_amax=blk, what="layers.3.mlp.up_proj.weight")
         bad_amax = np.full(4, np.inf, np.float32) if fmt.per_channel else np.float32(np.inf)
         with pytest.raises(NonFiniteError, match=r"up_proj\.weight amax"):
-            fmt.export_tensors(np.ones((4, 32), np.float32), bad_amax, block_amax=blk, what="x.up_proj.weight")
+            fmt.export_tensors(np.ones(shape, np.float32), bad_amax, block_amax=blk, what="x.up_proj.weight")
         with pytest.raises(ExportError, match="negative amax"):
-            fmt.export_tensors(np.ones((4, 32), np.float32), -amax, block_amax=blk, what="x.up_proj.weight")
+            fmt.export_tensors(np.ones(shape, np.float32), -amax, block_amax=blk, what="x.up_proj.weight")
         if fmt.static_input_scale:
             with pytest.raises(NonFiniteError, match=r"x\.up_proj\.input_quantizer amax"):
                 fmt.export_tensors(np.ones((4, 32), np.float32), amax, block_amax=blk, in_amax=np.float32(np.nan),
@@ -216,7 +233,7 @@ def test_non_finite_and_bad_shapes_named():
             with pytest.raises(NonFiniteError, match="q_proj input amax"):
                 fmt.input_scale(np.inf, what="q_proj input amax")
         if fmt.block_size:
-            with pytest.raises(ExportError, match=r"multiple of the (NVFP4|MXFP8|MXFP4) block size"):
+            with pytest.raises(ExportError, match=r"multiple of the (NVFP4|MXFP8|MXFP4|INT4) block size"):
                 fmt.export_tensors(np.ones((2, 24), np.float32), np.float32(1), block_amax=blk)
         if fmt.static_blocks:
             b = np.ones((4, 2), np.float32)
@@ -250,21 +267,26 @@ def test_format_attributes_drive_quant_config():
 
 def test_deferred_check_raises_only_when_called():
     """``export_tensors_deferred`` never reads back: the caller (the exporter) runs the check later."""
-    w = np.ones((4, 32), np.float32)
-    w[2, 2] = np.inf
     for name in formats.FORMATS:
         fmt = formats.get(name)
+        shape = _shape(fmt, (4, 32))
+        w = np.ones(shape, np.float32)
+        w[2, 2] = np.inf
         blk = np.ones((4, 2), np.float32) if fmt.static_blocks else None
         amax = np.ones(4, np.float32) if fmt.per_channel else np.float32(1)
         out, check = fmt.export_tensors_deferred(jnp.asarray(w), amax, block_amax=blk, what="m.o_proj.weight")
         assert set(out) >= {"weight", "weight_scale"}
-        with pytest.raises(NonFiniteError, match=r"m\.o_proj\.weight: 1 of 128"):
+        with pytest.raises(NonFiniteError, match=rf"m\.o_proj\.weight: 1 of {w.size}"):
             check()
-        _, ok = fmt.export_tensors_deferred(jnp.ones((4, 32)), amax, block_amax=blk)
+        _, ok = fmt.export_tensors_deferred(jnp.ones(shape), amax, block_amax=blk)
         ok()  # finite: no error
 
 
-def test_elements_per_byte_matches_the_stored_weight():
+def test_weight_shape_inverts_the_stored_weight():
+    """``weight_shape`` (what the loader reports) of the stored ``weight`` spec is the logical ``[out, in]``."""
     for name, fmt in formats.FORMATS.items():
-        (suffix, shape, _), *_ = fmt.export_specs(8, 64)
-        assert suffix == "weight" and shape == (8, 64 // fmt.elements_per_byte), name
+        out, in_ = _shape(fmt, (8, 64))
+        (suffix, shape, _), *_ = fmt.export_specs(out, in_)
+        assert suffix == "weight" and fmt.weight_shape(shape) == (out, in_), name
+        if fmt.quant_algo != INT4:  # two INT4 output rows per byte; the others pack along the input axis
+            assert shape == (out, in_ // fmt.elements_per_byte), name

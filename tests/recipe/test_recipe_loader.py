@@ -286,7 +286,7 @@ quantize:
     - quantizer_name: '*weight_quantizer'
       cfg: {num_bits: e2m3, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
     - quantizer_name: '*lm_head*'
-      cfg: {num_bits: 4, block_sizes: {-1: 128}}
+      cfg: {num_bits: 8, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
       enable: false
 """)
     with pytest.raises(UnsupportedError) as ei:
@@ -294,8 +294,8 @@ quantize:
     msg = str(ei.value)
     assert "quant_cfg[1]" in msg and "'mxfp6'" in msg and "not support yet" in msg
     assert ("fp8, fp8_per_channel, fp8_per_token, nvfp4, nvfp4_static, nvfp4_bs32, int8, int8_per_channel, "
-            "fp8_2d_block, mxfp8, mxfp4") in msg
-    assert "int4" not in msg  # disabled entries do not count
+            "fp8_2d_block, mxfp8, mxfp4, int4_block32, int4_block64, int4_block128") in msg
+    assert "mxint8" not in msg  # disabled entries do not count (MXINT8 is not implemented)
     r = load_recipe(p, check_supported=False)
     assert r.unsupported() and r.quant_cfg[1].cfg.format == "mxfp6"
 

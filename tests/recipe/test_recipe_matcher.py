@@ -294,8 +294,9 @@ def test_apply_recipe_rejects_differing_experts():
 
 def test_apply_recipe_unsupported_format_names_the_quantizer():
     r = rules({"quantizer_name": "*", "enable": False},
-              {"quantizer_name": "*lm_head.weight_quantizer", "cfg": {"num_bits": 4, "block_sizes": {-1: 128}}})
-    with pytest.raises(UnsupportedError, match=r"(?s)lm_head\.weight_quantizer: format 'int4_block128'.*"
+              {"quantizer_name": "*lm_head.weight_quantizer",
+               "cfg": {"num_bits": 8, "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}})
+    with pytest.raises(UnsupportedError, match=r"(?s)lm_head\.weight_quantizer: format 'mxint8'.*"
                                                 r"Supported formats: fp8, fp8_per_channel"):
         apply_recipe(CausalLM(), r)
 
