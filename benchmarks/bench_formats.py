@@ -33,6 +33,7 @@ ENGINES = {
     "W4A16_NVFP4": ("vLLM, TensorRT-LLM", "Blackwell; vLLM Marlin from Turing"),
     "MXFP8": ("vLLM, TensorRT-LLM", "vLLM from Ampere (compute 8.0); native MX on Blackwell"),
     "W8A16": ("TensorRT-LLM", "Ampere and newer"),
+    "W4A16_AWQ": ("TensorRT-LLM", "Ampere and newer"),
     "W4A8_NVFP4_FP8": ("TensorRT-LLM", "Blackwell"),
     "W4A8_MXFP4_FP8": ("TensorRT-LLM", "Blackwell"),
     "W8A8_SQ_PER_CHANNEL": ("TensorRT-LLM", "Ampere and newer"),
@@ -45,6 +46,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="a local HF checkpoint directory (default: embedded SmolLM2-135M)")
     p.add_argument("--formats", default=None, help="comma list of --qformat presets (default: every one shipped)")
+    p.add_argument("--append", action="store_true", help="merge these rows into the existing --out report (same "
+                   "model and settings assumed) instead of replacing it")
     p.add_argument("--calib-size", type=int, default=128)
     p.add_argument("--calib-seq", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
@@ -64,6 +67,7 @@ def main(argv=None) -> int:
     from jaxquant.cli_ptq import load_model, perplexity_of
     from jaxquant.data import build_calib_batches, config_token_ids, load_eval_text
     from jaxquant.eval import eval_windows
+    from jaxquant.errors import JaxquantError
     from jaxquant.export import export_hf
     from jaxquant.recipe import preset_recipe, qformat_choices
 
@@ -94,8 +98,16 @@ def main(argv=None) -> int:
                          "note": "quantizes nothing in this model"})
             continue
         ppl, _ = perplexity_of(model, windows, 4)
-        with tempfile.TemporaryDirectory() as d:
-            summary = export_hf(loaded, Path(d) / "out", resolution=res, dtype=jnp.dtype(args.export_dtype))
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                summary = export_hf(loaded, Path(d) / "out", resolution=res, dtype=jnp.dtype(args.export_dtype))
+        except JaxquantError as e:  # e.g. INT4 blocks of 128 on a model whose widths are not multiples of 128
+            note = f"not exportable on this model: {str(e).splitlines()[0][:160]}"
+            print(f"{name:<30} ppl {ppl.ppl:8.3f} (fake quant); {note}", flush=True)
+            rows.append({"qformat": name, "quant_algo": None, "bits_per_param": None, "ppl": ppl.ppl,
+                         "ppl_change_pct": 100 * (ppl.ppl / base.ppl - 1), "note": note,
+                         "seconds": time.perf_counter() - t0})
+            continue
         algo = summary.hf_quant_config["quantization"]["quant_algo"]
         rows.append({"qformat": name, "quant_algo": algo, "bits_per_param": round(summary.bits_per_param, 3),
                      "ppl": ppl.ppl, "ppl_change_pct": 100 * (ppl.ppl / base.ppl - 1),
@@ -110,10 +122,21 @@ def main(argv=None) -> int:
     for r in rows:
         bits = "" if r["bits_per_param"] is None else f"{r['bits_per_param']:.2f}"
         change = "" if r["quant_algo"] is None else f"{r['ppl_change_pct']:+.1f}%"
-        ppl_cell = r.get("note") or f"{r['ppl']:.3f}"
+        ppl_cell = f"{r['ppl']:.3f}" if r["ppl"] is not None else r.get("note", "")
+        if r["ppl"] is not None and r.get("note"):
+            ppl_cell += f" (fake quant; {r['note']})"
+            change = f"{r['ppl_change_pct']:+.1f}%"
         print(f"| {r['qformat']} | {r['quant_algo'] or ''} | {bits} | {ppl_cell} | {change} | "
               f"{r.get('engines', '')} | {r.get('gpus', '')} |")
-    if args.out:
+    if args.out and args.append and Path(args.out).is_file():  # replace / add these rows in an earlier report
+        report = json.loads(Path(args.out).read_text())
+        mine = {r["qformat"] for r in rows[1:]}
+        report["rows"] = [r for r in report["rows"] if r["qformat"] not in mine] + rows[1:]
+        report.setdefault("appended", []).append(
+            {"command": "python benchmarks/bench_formats.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             "jaxquant": __version__, "rows": sorted(mine)})
+        Path(args.out).write_text(json.dumps(report, indent=1, default=float))
+    elif args.out:
         report = {"command": "python benchmarks/bench_formats.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "model": desc, "export_dtype": args.export_dtype, "jaxquant": __version__, "backend": jax.default_backend(),
                   "machine": platform.platform(), "calib": {"dataset": "lee_news", "size": args.calib_size,
