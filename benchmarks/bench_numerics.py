@@ -1,4 +1,4 @@
-"""Throughput of the numerics kernels: fake quant and export quantize of FP8, NVFP4, INT8, MXFP8 and MXFP4, next to a
+"""Throughput of the numerics kernels: fake quant and export quantize of FP8, NVFP4, INT8, INT4, MXFP8 and MXFP4, next to a
 plain copy of the same tensor (the device's practical bandwidth).
 
 Each kernel is jitted once, warmed up, then timed over ``--iters`` calls (blocking on the result).
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from _timing import median_seconds, write_report
 
-from jaxquant.numerics import _exact, fp8, int8, mx, nvfp4
+from jaxquant.numerics import _exact, fp8, int4, int8, mx, nvfp4
 
 
 def main(argv=None) -> dict:
@@ -49,6 +49,7 @@ def main(argv=None) -> dict:
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
     n = rows * cols
     item = dtype.itemsize
+    blk128 = jnp.max(jnp.abs(int4.to_blocks(x.astype(jnp.float32), 128)), axis=-1, keepdims=True)  # [rows, cols/128, 1]
 
     cases = [
         # name, function, args, bytes read + written
@@ -60,6 +61,9 @@ def main(argv=None) -> dict:
         ("int8.fake_quant", int8.fake_quant, (x, amax), 2 * n * item),
         ("int8.quantize (per channel)", int8.quantize, (x, jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1,
                                                                   keepdims=True)), n * item + n + rows * 4),
+        ("int4.fake_quant (blocks of 128)", lambda a, b: int4.fake_quant(a, b, 128), (x, blk128), 2 * n * item),
+        ("int4.quantize + pack_rows", lambda a, b: int4.pack_rows(int4.quantize(a, b[..., 0])[0]), (x, blk128),
+         n * item + n // 2),
         ("mx.fake_quant (MXFP8)", mx.fake_quant, (x,), 2 * n * item),
         ("mx.quantize (MXFP8)", mx.quantize, (x,), n * item + n + n // 32),
         ("mx.fake_quant_fp4 (MXFP4)", mx.fake_quant_fp4, (x,), 2 * n * item),
