@@ -25,7 +25,16 @@ from flax import nnx
 from jaxquant import formats
 from jaxquant.errors import CheckpointError
 from jaxquant.export.checks import check_calibrated, kv_algo, unwrap
-from jaxquant.export.linears import ExportLinear, _val, config_of, hf_order_key, name_map_of, natural_key, unify, walk
+from jaxquant.export.linears import (
+    ExportLinear,
+    config_of,
+    hf_order_key,
+    name_map_of,
+    natural_key,
+    unify,
+    variable_value,
+    walk,
+)
 from jaxquant.export.shards import Entry
 from jaxquant.formats.base import check_amax
 
@@ -237,7 +246,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         if dotted_path in consumed:
             continue
         name = nm.hf_name(dotted_path)
-        arr = _val(var)
+        arr = variable_value(var)
         entries.append(_cast_entry(name, arr, fixed_dtype or src.dtype(name, _np_dtype(arr))))
     # ---- linears (per expert for stacked experts): quantized, or the weight in [out, in]
     for it in items:
@@ -258,7 +267,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
             cfg = config_of(q)
             if cfg is None or cfg.fixed_amax is not None or cfg.is_dynamic:
                 continue
-            amax = np.asarray(_val(q.amax)).astype(np.float32)
+            amax = np.asarray(variable_value(q.amax)).astype(np.float32)
             check_amax(np.max(amax), f"{hf}.{role} amax")
             val = formats.kv_scale(np.max(amax)).reshape(())
             if amax_out is not None:

@@ -30,7 +30,7 @@ from jaxquant.errors import UnsupportedError
 from jaxquant.export import quant_config as qc
 
 
-def _val(v) -> Any:
+def variable_value(v) -> Any:
     """The array held by an NNX variable (or the array itself)."""
     if v is None:
         return None
@@ -97,7 +97,7 @@ class SiteWeight:
 
     def __init__(self, site: Site):
         self.site = site
-        param = _val(getattr(site.parent, site.weight_param))
+        param = variable_value(getattr(site.parent, site.weight_param))
         fn = getattr(site.parent, "quantizer_tensor_shape", None)
         shape = fn(site.attr) if callable(fn) else None
         self.shape = tuple(shape) if shape is not None else tuple(param.shape)
@@ -152,7 +152,7 @@ def _layer_format(hf: str, wcfg, icfg) -> str | None:
 
 
 def _f32(a) -> np.ndarray:
-    return np.asarray(_val(a)).astype(np.float32)
+    return np.asarray(variable_value(a)).astype(np.float32)
 
 
 def _amaxes(fmt: str, wq, iq, icfg, n: int | None):
@@ -203,7 +203,7 @@ def walk(model, name_map=None, *, need_amax: bool) -> Walked:
                 item.w_amax, item.w_block_amax, item.in_amax = _amaxes(fmt, s.quantizer, iq, icfg, None)
             linears.append(item)
             continue
-        stacked = _val(getattr(s.parent, s.weight_param))
+        stacked = variable_value(getattr(s.parent, s.weight_param))
         E = s.quantizer.instances
         module, _, leaf = s.module_names[0].rpartition(".")
         module = module.rpartition(".")[0]  # ...experts.0.gate_proj -> ...experts
