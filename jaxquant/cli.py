@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration batch size; 0 = auto from device memory (8 on CPU) (default 0)")
     p.add_argument("--pack", action="store_true",
                    help="pack documents into full rows of --calib-seq tokens instead of hf_ptq's left padding")
+    p.add_argument("--layerwise", action="store_true",
+                   help="calibrate layer by layer over all batches instead of batch by batch (the same statistics; "
+                        "what a recipe's algorithm.layerwise.enable asks for)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed (calibration is deterministic: first-N samples, no shuffling; kept for hf_ptq "
                         "compatibility)")

@@ -486,7 +486,8 @@ def run_ptq(args) -> int:
         _out(f"calibration state loaded from {args.load_calib_state} (recipe {meta.get('recipe', '?')})")
         result = None
     else:
-        result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty())
+        result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty(),
+                          layerwise=getattr(args, "layerwise", False))
         t = result.timings
         timer.add("calibrate: weights", t.get("weights", 0.0))
         timer.add("calibrate: compile", t.get("compile", 0.0))

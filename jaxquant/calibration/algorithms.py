@@ -27,7 +27,7 @@ _MAX_OPTIONS = {
     "sync_expert_weight_amax": "honoured",
     "shared_states": "honoured (weight_global_amax.patterns)",
     "skip_forward_without_activation_calib": "honoured",
-    "layerwise": "only {enable: false}",
+    "layerwise": "honoured ({enable: true}: calibration/layerwise.py); other keys refused",
     "moe_calib_experts_ratio": "not supported",
 }
 
@@ -68,7 +68,7 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
 
 def _max_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"sync_expert_weight_amax": False, "shared_patterns": None,
-                           "skip_forward_without_activation_calib": True}
+                           "skip_forward_without_activation_calib": True, "layerwise": False}
     for k, v in options.items():
         if k not in _MAX_OPTIONS:
             raise UnsupportedError(
@@ -91,10 +91,16 @@ def _max_options(options: Mapping[str, Any]) -> dict[str, Any]:
             if pats is not None:
                 out["shared_patterns"] = tuple(pats)
         elif k == "layerwise":
-            enabled = v.get("enable", False) if isinstance(v, Mapping) else bool(v)
-            if enabled:
-                raise UnsupportedError("layerwise calibration is not supported yet; jaxquant calibrates the "
-                                       "whole model per batch.")
+            if isinstance(v, Mapping):
+                # calib_mutates_weights: max never changes weights, so either value holds
+                extra = set(v) - {"enable", "calib_mutates_weights"}
+                if extra and v.get("enable", False):
+                    raise UnsupportedError(f"algorithm.layerwise {dict(v)!r}: only 'enable' is implemented "
+                                           f"({', '.join(sorted(extra))} not yet: layerwise state is not "
+                                           "checkpointed or offloaded).")
+                out["layerwise"] = bool(v.get("enable", False))
+            else:
+                out["layerwise"] = bool(v)
         elif k == "moe_calib_experts_ratio":
             if v is not None:
                 raise UnsupportedError("moe_calib_experts_ratio is not supported yet (jaxquant routes "

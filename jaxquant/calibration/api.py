@@ -169,6 +169,7 @@ def quantize(
     forward: Callable[[Any, Any, Any], Any] | None = None,
     strict: bool | str = False,
     max_seq_len: int | None = None,
+    layerwise: bool = False,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with ``recipe`` and calibration ``data``; leaves it fake-quantized.
 
@@ -187,6 +188,9 @@ def quantize(
       forward: ``forward(model, input_ids, attention_mask)`` for models whose call differs.
       strict: passed to ``apply_recipe`` (unmatched enabling rules become errors).
       max_seq_len: refuse longer sequences (default: ``model.config.max_position_embeddings``).
+      layerwise: calibrate layer by layer over all batches (``calibration/layerwise.py``; also what a recipe's
+        ``algorithm: {method: max, layerwise: {enable: true}}`` asks for): the same statistics, one decoder
+        layer's parameters on the device at a time.
 
     Returns:
       A ``QuantizeResult``.
@@ -241,6 +245,7 @@ def quantize(
             total_tokens=_total_tokens(data),
             max_seq_len=max_seq_len,
             skip_forward_without_activation_calib=options.get("skip_forward_without_activation_calib", True),
+            **({"layerwise": True} if (layerwise or options.get("layerwise")) else {}),
         )
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s

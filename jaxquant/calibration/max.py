@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.calibration.sites import Site
-from jaxquant.errors import DataError, NonFiniteError
+from jaxquant.errors import DataError, NonFiniteError, UnsupportedError
 from jaxquant.quantizer.tensor_quantizer import QuantAmax
 
 log = logging.getLogger("jaxquant.calibration")
@@ -196,6 +196,27 @@ def batch_tokens(ids, mask) -> int:
     return int(np.asarray(mask).sum()) if mask is not None else int(ids.size)
 
 
+def device_batches(batches: Iterable[Any], *, vocab_size: int | None, max_seq_len: int | None):
+    """``(index, ids, mask, real tokens)`` per batch of ``batches``, validated (``as_batch``, length, token ids) and
+    sent to the device; a generator, so a batch is sent while the previous one computes.
+
+    Raises:
+      DataError: a malformed batch, sequences longer than ``max_seq_len``, token ids outside the vocabulary.
+    """
+    from jaxquant.data.batching import check_token_ids
+
+    for i, raw in enumerate(batches):
+        ids, mask = as_batch(raw, i)
+        if max_seq_len is not None and ids.shape[1] > max_seq_len:
+            raise DataError(
+                f"calibration batch {i} has sequences of {ids.shape[1]} tokens, more than the model's "
+                f"max_position_embeddings ({max_seq_len}); use a shorter --calib-seq."
+            )
+        check_token_ids(ids, vocab_size, mask=mask, what=f"calibration batch {i}")
+        n_tok = batch_tokens(ids, mask)
+        yield i, jax.device_put(ids), None if mask is None else jax.device_put(mask), n_tok
+
+
 #: How many batches the host may run ahead of the device before it checks a step's "all finite" flag.
 FLAG_LAG = 2
 
@@ -325,8 +346,6 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
       DataError: malformed batches, no batch at all, sequences too long, token ids outside the
         model's vocabulary.
     """
-    from jaxquant.data.batching import check_token_ids
-
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # XLA gathers clamp silently
     stats = CalibrationStats()
     step = calibration_step(model, forward)
@@ -350,16 +369,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
 
     def prepared():
         """Validated batches, already sent to the device (one ahead of the running step)."""
-        for i, raw in enumerate(batches):
-            ids, mask = as_batch(raw, i)
-            if max_seq_len is not None and ids.shape[1] > max_seq_len:
-                raise DataError(
-                    f"calibration batch {i} has sequences of {ids.shape[1]} tokens, more than the model's "
-                    f"max_position_embeddings ({max_seq_len}); use a shorter --calib-seq."
-                )
-            check_token_ids(ids, vocab_size, mask=mask, what=f"calibration batch {i}")
-            n_tok = batch_tokens(ids, mask)
-            yield i, jax.device_put(ids), None if mask is None else jax.device_put(mask), n_tok
+        return device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len)
 
     try:
         source = prepared()
@@ -418,11 +428,12 @@ def run_forward_loop(model: Any, sites: list[Site], forward_loop: Callable[[Any]
 
 def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardFn = default_forward,
                   progress: bool = True, total_tokens: int | None = None, max_seq_len: int | None = None,
-                  skip_forward_without_activation_calib: bool = True) -> CalibrationStats:
+                  skip_forward_without_activation_calib: bool = True, layerwise: bool = False) -> CalibrationStats:
     """ModelOpt's ``max`` up to (not including) ``finalize``: weights, then the forward passes.
 
     ``data``: an iterable of batches, a ``forward_loop(model)`` callable, or None (weights only;
-    refused when an activation quantizer needs data).
+    refused when an activation quantizer needs data). ``layerwise``: layer by layer over all batches
+    (``calibration/layerwise.py``; the same amax, one decoder layer's parameters on the device at a time).
     """
     calibrate_weights(sites, model)
     check_weights_finite(sites)
@@ -436,7 +447,14 @@ def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardF
             "batches or a forward_loop."
         )
     if callable(data) and not hasattr(data, "__iter__"):
+        if layerwise:
+            raise UnsupportedError("layerwise calibration needs calibration batches, not a forward_loop callable.")
         return run_forward_loop(model, sites, data)
+    if layerwise:
+        from jaxquant.calibration.layerwise import run_calibration_layerwise
+
+        return run_calibration_layerwise(model, sites, data, forward=forward, progress=progress,
+                                         max_seq_len=max_seq_len)
     return run_calibration(model, sites, data, forward=forward, progress=progress, total_tokens=total_tokens,
                            max_seq_len=max_seq_len)
 
@@ -451,6 +469,7 @@ __all__ = [
     "run_calibration",
     "WholeModelStep",
     "calibration_step",
+    "device_batches",
     "run_forward_loop",
     "set_calibration_modes",
     "set_quant_mode",

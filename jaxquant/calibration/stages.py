@@ -196,14 +196,38 @@ class StagedStep:
     # ------------------------------------------------------------------ running
     def run(self, ids: jax.Array, mask: jax.Array | None) -> jax.Array:
         """One calibration batch through every stage; returns the batch's "all amax finite" flag (on device)."""
-        exe = self._exe[(tuple(ids.shape), mask is not None)]
+        x, ctx, ok = self.run_prologue(ids, mask)
+        for i in range(len(self.layers)):
+            x, ctx, ok = self.run_layer(i, x, ctx, ok)
+        return self.run_epilogue(x, ctx, ok)
+
+    def _executables(self, shape: tuple[int, ...], has_mask: bool) -> dict:
+        return self._exe[(tuple(shape), has_mask)]
+
+    def run_prologue(self, ids: jax.Array, mask: jax.Array | None, rest=None) -> tuple[jax.Array, dict, jax.Array]:
+        """``(x [B, S, hidden], ctx, ok)`` of one batch (``compile`` first); updates the shell's amax. ``rest``: the
+        shell's non-amax leaves to use instead of its own (e.g. copies staged on the device)."""
         shell = self.shell
-        x, ctx, shell.amax, ok = exe["prologue"](shell.amax, shell.rest, ids, mask)
-        for i, (part, layer_exe) in enumerate(zip(self.layers, exe["layers"])):
-            x, carried, part.amax, ok = layer_exe(part.amax, part.rest, ok, x, self.text.layer_kwargs(i, ctx))
-            if carried:
-                ctx = {**ctx, **carried}
-        shell.amax, ok = exe["epilogue"](shell.amax, shell.rest, ok, x, ctx["token_mask"])
+        x, ctx, shell.amax, ok = self._executables(ids.shape, mask is not None)["prologue"](
+            shell.amax, shell.rest if rest is None else rest, ids, mask)
+        return x, ctx, ok
+
+    def run_layer(self, i: int, x: jax.Array, ctx: dict, ok: jax.Array, rest=None) -> tuple[jax.Array, dict, jax.Array]:
+        """Layer ``i`` on one batch's ``x``: ``(output, ctx with what the layer carries forward, ok)``; updates the
+        layer's amax. ``rest``: its non-amax leaves to use instead of its own."""
+        part = self.layers[i]
+        shape = ctx["token_mask"].shape if ctx.get("token_mask") is not None else x.shape[:2]
+        exe = self._executables(shape, ctx.get("token_mask") is not None)["layers"][i]
+        x, carried, part.amax, ok = exe(part.amax, part.rest if rest is None else rest, ok, x,
+                                        self.text.layer_kwargs(i, ctx))
+        return x, ({**ctx, **carried} if carried else ctx), ok
+
+    def run_epilogue(self, x: jax.Array, ctx: dict, ok: jax.Array, rest=None) -> jax.Array:
+        """The head on one batch's last-layer output; updates the shell's amax; returns ``ok``."""
+        shell = self.shell
+        shape = ctx["token_mask"].shape if ctx.get("token_mask") is not None else x.shape[:2]
+        shell.amax, ok = self._executables(shape, ctx.get("token_mask") is not None)["epilogue"](
+            shell.amax, shell.rest if rest is None else rest, ok, x, ctx["token_mask"])
         return ok
 
     def amax_leaves(self) -> list[jax.Array]:

@@ -252,3 +252,16 @@ def test_compile_cache_flag(tmp_path, capsys):
         assert "cannot create it" in capsys.readouterr().err
     finally:
         jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_layerwise_flag_gives_the_same_export(files, capsys, tmp_path):
+    """``--layerwise`` (calibration layer by layer over all batches) writes the same bytes as the default order."""
+    pytest.importorskip("jaxquant.export.hf")
+    outs = {}
+    for flag in ((), ("--layerwise",)):
+        target = tmp_path / f"lw{len(flag)}"
+        rc, out, err = _run(_ptq(files, "--export-path", str(target), "--eval-windows", "0", "--recipe",
+                                 "general/ptq/nvfp4_default-kv_fp8", *flag), capsys)
+        assert rc == 0, err
+        outs[flag] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
+    assert outs[()] and outs[()] == outs[("--layerwise",)]

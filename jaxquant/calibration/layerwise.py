@@ -1,0 +1,117 @@
+"""Layer-by-layer calibration: every batch through the prologue, then decoder layer 0 over all batches, then layer
+1 on layer 0's outputs, ..., then the head (ModelOpt's ``layerwise: {enable: true}``).
+
+The stages are ``stages.StagedStep``'s executables, so the statistics are the ones the batch-by-batch step
+collects (for ``max`` the same amax bit for bit: each layer sees the same inputs). What changes is what must be on
+the device at once: one layer's parameters, plus every batch's activations between two layers (``rows x seq x
+hidden`` in the model dtype, e.g. 2 GiB for 512 x 512 tokens of Llama-8B). Parameters that live elsewhere (a model
+loaded to host memory) are copied to the device one stage at a time and dropped after it, so the device never holds
+the whole model. Algorithms that work per layer (GPTQ, AWQ's search) build on this order.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+
+from jaxquant.calibration.max import CalibrationStats, device_batches
+from jaxquant.calibration.sites import Site
+from jaxquant.calibration.stages import StagedStep, supports_stages
+from jaxquant.errors import DataError, NonFiniteError, UnsupportedError
+
+log = logging.getLogger("jaxquant.calibration")
+
+
+def _on_device(leaves: list[Any]) -> list[Any]:
+    """``leaves`` on the default device: arrays already there as they are, others copied (a host-resident model)."""
+    dev = jax.devices()[0]
+    if all(not isinstance(x, jax.Array) or x.sharding.device_set == {dev} for x in leaves):
+        return leaves
+    return jax.device_put(leaves, dev)
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, unit="layer", desc="calibrating layer by layer", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[Any], *, forward: Any = None,
+                              progress: bool = True, max_seq_len: int | None = None) -> CalibrationStats:
+    """Calibrate ``model`` (quantizer modes already set) layer by layer over ``batches``.
+
+    Raises:
+      UnsupportedError: a model without the stage protocol or a custom ``forward`` (their forward is one call).
+      NonFiniteError: NaN/Inf statistics, naming the layer and the first batch.
+      DataError: as ``run_calibration`` (malformed or empty batches, too long, ids outside the vocabulary).
+    """
+    from jaxquant.calibration.max import _non_finite_names, default_forward
+
+    forward = forward or default_forward
+    if not supports_stages(model, forward):
+        raise UnsupportedError("layerwise calibration needs a causal LM with decoder layers (jaxquant's model "
+                               "classes) and the default forward; calibrate this model without layerwise.")
+    stats = CalibrationStats()
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    step = StagedStep(model)
+    data = list(device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len))
+    if not data:
+        raise DataError("no calibration batch: the data iterable was empty.")
+    t0 = time.perf_counter()
+    for key in dict.fromkeys((tuple(ids.shape), mask is not None) for _, ids, mask, _ in data):
+        step.compile(*key)
+        stats.shapes.append(key[0])
+    stats.compile_s = time.perf_counter() - t0
+
+    def check(oks, where: str):
+        bad = [i for (i, *_), ok in zip(data, jax.device_get(oks)) if not bool(ok)]
+        if bad:
+            step.write_back()
+            names = _non_finite_names(sites)
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise NonFiniteError(f"{where} produced NaN or Inf activations in calibration batch {bad[0]} at "
+                                 f"{shown or 'a quantizer'}. Check the checkpoint and the dtype (float16 overflows "
+                                 "easily; try --dtype bfloat16 or float32).")
+
+    bar = _bar(len(step.layers) + 2, progress)
+    t0 = time.perf_counter()
+    try:
+        rest = _on_device(step.shell.rest)
+        acts = [step.run_prologue(ids, mask, rest) for _, ids, mask, _ in data]  # (x, ctx, ok) per batch
+        check([a[2] for a in acts], "the embeddings")
+        if bar is not None:
+            bar.update(1)
+        for i, part in enumerate(step.layers):
+            rest_i = _on_device(part.rest)
+            acts = [step.run_layer(i, x, ctx, ok, rest_i) for x, ctx, ok in acts]
+            del rest_i
+            check([a[2] for a in acts], f"decoder layer {i}")
+            if bar is not None:
+                bar.update(1)
+        oks = [step.run_epilogue(x, ctx, ok, rest) for x, ctx, ok in acts]
+        check(oks, "the head")
+        if bar is not None:
+            bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        try:  # the model's own amax buffers were donated: always hand it the live ones
+            step.write_back()
+        except Exception:  # pragma: no cover - a failed stage may have consumed them
+            pass
+    stats.run_s = time.perf_counter() - t0
+    stats.batches = len(data)
+    stats.tokens = sum(n for *_, n in data)
+    return stats
+
+
+__all__ = ["run_calibration_layerwise"]
