@@ -156,12 +156,11 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
         calibration_step,
         default_forward,
         set_calibration_modes,
-        weight_reducer,
-        weight_reducer_key,
+        weight_jobs,
+        weight_parts,
     )
     from jaxquant.calibration.sites import quantizer_sites
     from jaxquant.models.decoder import abstract_model
-    from jaxquant.quantizer.tensor_quantizer import QuantAmax, QuantGlobalAmax
     from jaxquant.recipe import apply_recipe
 
     t0 = time.perf_counter()
@@ -171,11 +170,8 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
     sites = quantizer_sites(model)
     for s in sites:
         s.quantizer.set_mode("off")
-    graphdef, stats, rest = nnx.split(model, (QuantAmax, QuantGlobalAmax), ...)
-    jobs = []
-    key = weight_reducer_key(graphdef, stats, rest)
-    if key is not None:
-        jobs.append((key, lambda: weight_reducer(graphdef).lower(stats, rest)))
+    with weight_parts(model) as parts:
+        jobs = [j for j in weight_jobs(parts) if j[0] is not None]
     if batch_size is None:
         free = free_bytes_before_load
         if free is not None:

@@ -25,6 +25,7 @@ deliberately does not, so the amax depends only on the real text, not on how it 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -86,8 +87,9 @@ def _weight_sites(sites: list[Site]) -> list[Site]:
 def calibrate_weights(sites: list[Site], model: Any = None) -> int:
     """Weight amax from the weights (ModelOpt ``weight_only_quantize``). Returns the count.
 
-    With ``model`` given, all weights are reduced in one jitted call (one compile, one dispatch);
-    otherwise quantizer by quantizer, eagerly.
+    With ``model`` given, the weights are reduced by jitted calls: one per decoder layer and one for the rest of a
+    causal LM (equal layers share one executable, ``weight_parts``), else one for the whole model; otherwise
+    quantizer by quantizer, eagerly.
     """
     todo = _weight_sites(sites)
     if not todo:
@@ -97,16 +99,38 @@ def calibrate_weights(sites: list[Site], model: Any = None) -> int:
             s.quantizer.calibrate_weight(s.weight())
         return len(todo)
     from jaxquant.calibration import ahead
+
+    with weight_parts(model) as parts:
+        exes = ahead.compile_all(weight_jobs(parts))
+        for (module, _, stats, rest), exe in zip(parts, exes):
+            nnx.update(module, exe(stats, rest))
+    return len(todo)
+
+
+@contextlib.contextmanager
+def weight_parts(model):
+    """``[(module, graphdef, stats, rest)]`` to reduce apart: the model without its decoder layers and each layer
+    for a causal LM with the stage protocol (``stages.supports_stages``), else the whole model. ``stats`` holds
+    the amax and global amax; the layers are detached from the model while the context is open."""
+    from jaxquant.calibration.stages import _without_layers, supports_stages
     from jaxquant.quantizer.tensor_quantizer import QuantGlobalAmax
 
-    graphdef, stats, rest = nnx.split(model, (QuantAmax, QuantGlobalAmax), ...)
-    key = weight_reducer_key(graphdef, stats, rest)
-    reduce = ahead.lookup(key)
-    if reduce is None:
-        reduce = weight_reducer(graphdef).lower(stats, rest).compile()
-        ahead.store(key, reduce)
-    nnx.update(model, reduce(stats, rest))
-    return len(todo)
+    def split(m):
+        return (m, *nnx.split(m, (QuantAmax, QuantGlobalAmax), ...))
+
+    if not supports_stages(model, default_forward):
+        yield [split(model)]
+        return
+    layers = list(model.model.layers)
+    with _without_layers(model) as shell:
+        yield [split(shell)] + [split(layer) for layer in layers]
+
+
+def weight_jobs(parts) -> list:
+    """``[(store key, lower)]`` of the weight reduction of each of ``weight_parts``' parts (for ``ahead.compile_all``;
+    a part whose arrays are not on the default device alone gets a None key)."""
+    return [(weight_reducer_key(g, stats, rest), lambda g=g, stats=stats, rest=rest: weight_reducer(g).lower(stats, rest))
+            for _, g, stats, rest in parts]
 
 
 def weight_reducer(graphdef) -> Callable:
@@ -470,6 +494,8 @@ __all__ = [
     "WholeModelStep",
     "calibration_step",
     "device_batches",
+    "weight_jobs",
+    "weight_parts",
     "run_forward_loop",
     "set_calibration_modes",
     "set_quant_mode",

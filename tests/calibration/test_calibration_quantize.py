@@ -249,8 +249,9 @@ def test_algorithm_field_forms():
         resolve_algorithm({"method": "bogus"})
     with pytest.raises(RecipeError):
         resolve_algorithm({"alpha": 1})
-    with pytest.raises(UnsupportedError, match="layerwise"):
-        resolve_algorithm({"method": "max", "layerwise": {"enable": True}})
+    assert resolve_algorithm({"method": "max", "layerwise": {"enable": True}})[1]["layerwise"] is True
+    with pytest.raises(UnsupportedError, match="layerwise"):  # per-layer checkpoints are not implemented
+        resolve_algorithm({"method": "max", "layerwise": {"enable": True, "checkpoint_dir": "/tmp/x"}})
     cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
                          {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e4m3"}}], "algorithm": None}
     with pytest.raises(UnsupportedError, match="algorithm is null"):
