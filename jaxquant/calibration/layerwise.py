@@ -84,6 +84,8 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
 
     bar = _bar(len(step.layers) + 2, progress)
     t0 = time.perf_counter()
+    for part in [step.shell, *step.layers]:  # statistics are small: all on the device, wherever the weights are
+        part.amax = _on_device(part.amax)
     try:
         rest = _on_device(step.shell.rest)
         acts = [step.run_prologue(ids, mask, rest) for _, ids, mask, _ in data]  # (x, ctx, ok) per batch

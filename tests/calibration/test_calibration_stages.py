@@ -141,3 +141,40 @@ def test_layerwise_from_the_recipe_and_its_errors():
         lin.weight.value = lin.weight.value * 1e20
     with pytest.raises(NonFiniteError, match="decoder layer 1 produced NaN or Inf"):
         quantize(m, {"quant_cfg": cfg, "algorithm": "max"}, rows, batch_size=2, progress=False, layerwise=True)
+
+
+_ELSEWHERE = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jaxquant.models.config import ModelConfig
+from jaxquant.models import build_model
+from jaxquant.calibration import quantize
+cfg = ModelConfig.from_hf_config(dict(architectures=['LlamaForCausalLM'], model_type='llama', vocab_size=97,
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=64, tie_word_embeddings=False))
+rows = np.random.default_rng(0).integers(1, 97, (4, 8)).astype(np.int32)
+out = {}
+for where in ('default', 'other'):
+    m = build_model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    if where == 'other':
+        nnx.update(m, jax.device_put(nnx.state(m, nnx.Param), jax.devices()[1]))
+    r = quantize(m, 'general/ptq/nvfp4_default-kv_fp8', rows, batch_size=2, progress=False, layerwise=True)
+    out[where] = r.calibration_state
+    devs = {str(d) for x in jax.tree_util.tree_leaves(nnx.state(m, nnx.Param)) for d in x.sharding.device_set}
+    assert devs == ({'cpu:0'} if where == 'default' else {'cpu:1'}), devs
+for k in out['default']:
+    assert np.array_equal(np.asarray(out['default'][k]), np.asarray(out['other'][k])), k
+print('ok')
+"""
+
+
+def test_layerwise_stages_parameters_held_elsewhere():
+    """Parameters on another device than the calibration's (as a host-resident model's would be) stay there and are
+    copied in one stage at a time; the amax are those of the model on the default device."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _ELSEWHERE], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
