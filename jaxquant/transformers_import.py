@@ -16,6 +16,7 @@ from the checkpoint's files and the ``tokenizers`` library, with nothing from to
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 
@@ -37,7 +38,15 @@ def hide_torch() -> bool:
     if "torch" in sys.modules:
         return False
     sys.modules["torch"] = None
+    # transformers then says "PyTorch was not found..." on import: true of this process, misleading to a user
+    # whose machine has torch, and nothing the command needs.
+    logging.getLogger("transformers").addFilter(_NoTorchAdvice())
     return True
+
+
+class _NoTorchAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
 
 
 __all__ = ["TRANSFORMERS_IMPORT", "auto_tokenizer", "hide_torch"]

@@ -160,7 +160,7 @@ print(json.dumps([(peak - base) * 1024, n]))
 """
 
 
-def _run(code, *args):
+def _run(code, *args, stderr: list | None = None):
     import json
     import subprocess
 
@@ -168,6 +168,8 @@ def _run(code, *args):
     r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(r.stderr)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -183,7 +185,9 @@ def test_hf_dir_tokenizer_same_without_torch(which):
     and produce the same ids and special tokens as ``AutoTokenizer`` with torch importable (in this process)."""
     d = smollm2_hf_dir() if which == "smollm2" else gemma3_hf_dir()
     text = "The quick brown fox jumps over the lazy dog.\n  Grüße, 東京! <|endoftext|> 12345 tabs\tand  spaces"
-    got = _run(_HF_DIR_NO_TORCH, d, text)
+    err: list = []
+    got = _run(_HF_DIR_NO_TORCH, d, text, stderr=err)
+    assert "PyTorch was not found" not in err[0]  # transformers' advice is true of the process, not of the machine
     tok = load_tokenizer(d)
     enc = tok(text)
     assert "torch" in sys.modules and sys.modules["torch"] is not None
