@@ -137,9 +137,9 @@ def _stored_dtype(d: Path):
         return None
 
 
-def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
-    """Start the tokenizer and (on an accelerator, when calibrating) the ahead-of-time compilation for
-    ``args.model``. Returns at once."""
+def start(args, dtype, recipe, n_rows: int, default_calib_seq: int, *, compile_ahead: bool = True) -> Overlap:
+    """Start the tokenizer and (on an accelerator, when calibrating, unless ``compile_ahead`` is False) the
+    ahead-of-time compilation for ``args.model``. Returns at once."""
     import jax
 
     config = _checkpoint_config(args.model)
@@ -148,7 +148,8 @@ def start(args, dtype, recipe, n_rows: int, default_calib_seq: int) -> Overlap:
     from jaxquant.converters.hf import load_tokenizer
 
     out = Overlap(tokenizer_future=spawn("tokenizer", load_tokenizer, Path(args.model).expanduser()))
-    if args.load_calib_state is not None or (jax.default_backend() == "cpu" and not COMPILE_AHEAD_ON_CPU):
+    if (not compile_ahead or args.load_calib_state is not None
+            or (jax.default_backend() == "cpu" and not COMPILE_AHEAD_ON_CPU)):
         return out
     limit = config.max_position_embeddings
     if args.calib_seq is not None and (args.calib_seq <= 0 or (limit is not None and args.calib_seq > limit)):

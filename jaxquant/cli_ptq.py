@@ -88,8 +88,19 @@ def resolve_dtype_arg(name: str):
         raise UnsupportedError(f"--dtype {name!r}: {e}") from None
 
 
-def load_model(spec: str | None, dtype) -> tuple[Any, str]:
-    """``(LoadedModel, description)`` for ``--model`` (None: the embedded demo)."""
+def parking_device():
+    """Where ``--layerwise`` keeps the parameters: host memory (the CPU device) when the computation runs on an
+    accelerator, else None (everything is host memory already)."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return None
+    return jax.devices("cpu")[0]
+
+
+def load_model(spec: str | None, dtype, *, device=None) -> tuple[Any, str]:
+    """``(LoadedModel, description)`` for ``--model`` (None: the embedded demo); ``device``: put the parameters
+    there instead of the default device (``parking_device``)."""
     from jaxquant.converters import load_hf
 
     if spec is None:
@@ -110,8 +121,13 @@ def load_model(spec: str | None, dtype) -> tuple[Any, str]:
                 "original bf16/fp16/fp32 model instead."
             )
         what = str(path)
+    sharding = None
+    if device is not None:
+        import jax
+
+        sharding = jax.sharding.SingleDeviceSharding(device)
     try:
-        loaded = load_hf(path, dtype=dtype)
+        loaded = load_hf(path, dtype=dtype, sharding=sharding)
     except ImportError as e:  # an optional loader dependency (gguf) missing
         raise UnsupportedError(f"loading {path} needs a package that is not installed ({e}).") from None
     return loaded, what
@@ -424,8 +440,9 @@ def run_ptq(args) -> int:
     dtype = resolve_dtype_arg(args.dtype)
     from jaxquant import cli_overlap
 
-    overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ)
-    loaded, model_desc = load_model(args.model, dtype)
+    parked = parking_device() if getattr(args, "layerwise", False) else None
+    overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ, compile_ahead=parked is None)
+    loaded, model_desc = load_model(args.model, dtype, device=parked)
     model = loaded.model
     tokenizer = overlap.tokenizer(loaded)
     timer.add("load model", time.perf_counter() - t0)
@@ -446,6 +463,15 @@ def run_ptq(args) -> int:
     _out()
 
     # ---- evaluation text
+    if parked is not None:
+        import jax
+
+        if args.eval_windows:
+            raise UnsupportedError("--eval-windows with --layerwise on an accelerator: the perplexity of a model kept "
+                                   "in host memory is not implemented yet; pass --eval-windows 0.")
+        args.eval_windows = 0
+        _out(f"--layerwise: the parameters stay in host memory; one decoder layer at a time goes to the "
+             f"{jax.devices()[0].device_kind} (perplexity is skipped: not implemented for a host-resident model yet)")
     windows, eval_label, eval_seq = eval_setup(args, tokenizer, model, demo, loaded.hf_config)
 
     # ---- calibration data
