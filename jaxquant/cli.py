@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layerwise", action="store_true",
                    help="calibrate layer by layer over all batches instead of batch by batch (the same statistics; "
                         "what a recipe's algorithm.layerwise.enable asks for); on an accelerator the parameters stay "
-                        "in host memory and one decoder layer at a time goes to the device (perplexity is skipped)")
+                        "in host memory and one decoder layer at a time goes to the device")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed (calibration is deterministic: first-N samples, no shuffling; kept for hf_ptq "
                         "compatibility)")

@@ -274,13 +274,20 @@ def calib_seq_for(args, model) -> int:
     return seq
 
 
-def perplexity_of(model, windows, batch_size: int):
+def perplexity_of(model, windows, batch_size: int, *, layerwise: bool = False):
+    """``(PerplexityResult, seconds)`` of ``windows``; ``layerwise``: stage by stage over all batches
+    (``eval.layerwise``: one decoder layer's parameters on the device at a time)."""
     from jaxquant.eval import perplexity
 
     if batch_size <= 0:
         raise DataError(f"--eval-batch-size must be positive, got {batch_size}.")
     t0 = time.perf_counter()
-    r = perplexity(None, windows, batch_size=batch_size, loss_fn=nll_fn(model))
+    if layerwise:
+        from jaxquant.eval.layerwise import perplexity_layerwise
+
+        r = perplexity_layerwise(model, windows, batch_size=batch_size)
+    else:
+        r = perplexity(None, windows, batch_size=batch_size, loss_fn=nll_fn(model))
     return r, time.perf_counter() - t0
 
 
@@ -466,12 +473,8 @@ def run_ptq(args) -> int:
     if parked is not None:
         import jax
 
-        if args.eval_windows:
-            raise UnsupportedError("--eval-windows with --layerwise on an accelerator: the perplexity of a model kept "
-                                   "in host memory is not implemented yet; pass --eval-windows 0.")
-        args.eval_windows = 0
         _out(f"--layerwise: the parameters stay in host memory; one decoder layer at a time goes to the "
-             f"{jax.devices()[0].device_kind} (perplexity is skipped: not implemented for a host-resident model yet)")
+             f"{jax.devices()[0].device_kind} (calibration and perplexity)")
     windows, eval_label, eval_seq = eval_setup(args, tokenizer, model, demo, loaded.hf_config)
 
     # ---- calibration data
@@ -498,7 +501,7 @@ def run_ptq(args) -> int:
     # ---- original perplexity
     ppl_orig = None
     if windows is not None:
-        ppl_orig, dt = perplexity_of(model, windows, args.eval_batch_size)
+        ppl_orig, dt = perplexity_of(model, windows, args.eval_batch_size, layerwise=parked is not None)
         _check_ppl(ppl_orig, "original")
         timer.add("perplexity (original)", dt)
 
@@ -528,7 +531,7 @@ def run_ptq(args) -> int:
 
     # ---- quantized perplexity
     if windows is not None:
-        ppl_q, dt = perplexity_of(model, windows, args.eval_batch_size)
+        ppl_q, dt = perplexity_of(model, windows, args.eval_batch_size, layerwise=parked is not None)
         _check_ppl(ppl_q, "quantized")
         timer.add("perplexity (quantized)", dt)
         _out()

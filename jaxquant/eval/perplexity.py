@@ -159,22 +159,31 @@ def perplexity(
     check_token_ids(ids, vocab_size, mask=mask, what="evaluation windows")
     if vocab_size is not None and not 0 <= pad_id < vocab_size:
         pad_id = 0  # filler rows are fully masked; keep their ids in range too
-    n, L = ids.shape
-    b = min(batch_size, n)
-    extra = -n % b
-    if extra:
-        ids = np.concatenate([ids, np.full((extra, L), pad_id, dtype=np.int32)])
-        mask = np.concatenate([mask, np.zeros((extra, L), dtype=np.int32)])
-
     sums, counts = [], []
-    for start in range(0, ids.shape[0], b):
-        bi, bm = ids[start:start + b], mask[start:start + b]
+    for bi, bm in fixed_batches(ids, mask, batch_size, pad_id):
         if loss_fn is not None:
             s, c = loss_fn(bi, bm)
         else:
             s, c = token_nll(_to_array(logits_fn(bi, bm)), bi, bm)
         sums.append(s)
         counts.append(c)
+    return reduce_nll(sums, counts)
+
+
+def fixed_batches(ids: np.ndarray, mask: np.ndarray, batch_size: int, pad_id: int = 0) -> list[tuple[np.ndarray, ...]]:
+    """``[N, L]`` windows as ``[(ids, mask)]`` batches of one shape ``[min(batch_size, N), L]``, the last one completed
+    with fully-masked ``pad_id`` rows."""
+    n, L = ids.shape
+    b = min(batch_size, n)
+    extra = -n % b
+    if extra:
+        ids = np.concatenate([ids, np.full((extra, L), pad_id, dtype=np.int32)])
+        mask = np.concatenate([mask, np.zeros((extra, L), dtype=np.int32)])
+    return [(ids[i:i + b], mask[i:i + b]) for i in range(0, ids.shape[0], b)]
+
+
+def reduce_nll(sums, counts) -> PerplexityResult:
+    """The ``PerplexityResult`` of per-batch ``(nll_sum, n_tokens)`` (summed in float64 on the host)."""
     nll_sum = float(np.sum(np.asarray([np.asarray(s, dtype=np.float64) for s in sums])))
     n_tokens = int(np.sum([int(c) for c in counts]))
     if n_tokens == 0:

@@ -190,8 +190,13 @@ class CausalLM(nnx.Module):
         Targets are ``input_ids[:, 1:]``; a pair counts when both tokens are unmasked. The head is
         applied ``chunk`` tokens at a time so ``[B, S, V]`` logits never exist at once.
         """
+        return self.nll_of_hidden(self.hidden_states(input_ids, attention_mask), input_ids, attention_mask,
+                                  chunk=chunk)
+
+    def nll_of_hidden(self, hidden, input_ids, attention_mask=None, *, chunk: int = 1024):
+        """``nll`` from the final-normed hidden states ``[B, S, hidden]`` (the head and the loss only)."""
         b, s = input_ids.shape
-        h = self.hidden_states(input_ids, attention_mask)[:, :-1]
+        h = hidden[:, :-1]
         tgt = input_ids[:, 1:]
         if attention_mask is None:
             valid = jnp.ones((b, s - 1), bool)
