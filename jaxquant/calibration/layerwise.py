@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from jaxquant.calibration.max import CalibrationStats, device_batches
+from jaxquant.calibration.max import CalibrationStats, close_step, device_batches
 from jaxquant.calibration.sites import Site
 from jaxquant.calibration.stages import StagedStep, supports_stages
 from jaxquant.errors import DataError, NonFiniteError, UnsupportedError
@@ -104,12 +104,7 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
         if bar is not None:
             bar.update(1)
     finally:
-        if bar is not None:
-            bar.close()
-        try:  # the model's own amax buffers were donated: always hand it the live ones
-            step.write_back()
-        except Exception:  # pragma: no cover - a failed stage may have consumed them
-            pass
+        close_step(step, bar)
     stats.run_s = time.perf_counter() - t0
     stats.batches = len(data)
     stats.tokens = sum(n for *_, n in data)

@@ -426,16 +426,22 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
         while pending:
             settle(pending.popleft())
     finally:
-        if bar is not None:
-            bar.close()
-        try:  # the model's own amax buffers were donated: always hand it the live ones
-            step.write_back()
-        except Exception:  # pragma: no cover - a failed step may have consumed them
-            pass
+        close_step(step, bar)
     if stats.batches == 0:
         raise DataError("no calibration batch: the data iterable was empty.")
     stats.run_s = t_run
     return stats
+
+
+def close_step(step, bar) -> None:
+    """After a calibration run, successful or not: close its progress bar and hand the model the live amax arrays
+    (its own were donated to the step)."""
+    if bar is not None:
+        bar.close()
+    try:
+        step.write_back()
+    except Exception:  # pragma: no cover - a failed step may have consumed them
+        pass
 
 
 def run_forward_loop(model: Any, sites: list[Site], forward_loop: Callable[[Any], Any]) -> CalibrationStats:
