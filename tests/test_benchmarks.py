@@ -25,7 +25,8 @@ def test_bench_numerics_writes_its_report(tmp_path, division):
     assert report["division"] == division and report["shape"] == [32, 64]
     assert [r["kernel"] for r in report["results"]] == [
         "copy (x + 0)", "fp8.fake_quant", "fp8.quantize", "nvfp4.fake_quant_dynamic", "nvfp4.quantize",
-        "int8.fake_quant", "int8.quantize (per channel)", "mx.fake_quant (MXFP8)", "mx.quantize (MXFP8)",
+        "int8.fake_quant", "int8.quantize (per channel)", "int4.fake_quant (blocks of 128)", "int4.quantize + pack_rows",
+        "mx.fake_quant (MXFP8)", "mx.quantize (MXFP8)",
         "mx.fake_quant_fp4 (MXFP4)", "mx.quantize_fp4 (MXFP4)"]
     assert all(r["seconds"] > 0 for r in report["results"])
 
