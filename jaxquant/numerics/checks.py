@@ -35,22 +35,23 @@ def assert_finite(x, name: str) -> None:
 
 
 @jax.jit
-def _all_finite(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
 
 
 def nonfinite_params(model) -> list[str]:
     """Dotted NNX paths of the model's floating-point parameters that hold NaN or Inf (model order).
 
-    Uses ``isfinite`` on every element (one jitted reduction per tensor, read back together): a
-    ``max``-based test is not enough because XLA:CPU's max can drop NaN.
+    Uses ``isfinite`` on every element: a ``max``-based test is not enough because XLA:CPU's max can drop NaN.
+    One small jitted reduction per tensor, run where the tensor lives (compiled once per shape and dtype, so a
+    deep model compiles a handful of them, not one program as large as the model), all read back together.
     """
     from flax import nnx
 
     flat = [(".".join(str(k) for k in path), v.get_value() if hasattr(v, "get_value") else v.value)
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     flat = [(p, a) for p, a in flat if jnp.issubdtype(a.dtype, jnp.inexact)]
-    ok = jax.device_get(_all_finite([a for _, a in flat]))
+    ok = jax.device_get([_all_finite(a) for _, a in flat])
     return [p for (p, _), good in zip(flat, ok) if not bool(good)]
 
 
