@@ -38,20 +38,18 @@ _STORE: list[tuple[Any, Any]] = []
 _LOCK = threading.Lock()
 
 
-def leaf_signature(leaves: list[Any]) -> tuple | None:
-    """``((shape, dtype), ...)`` of arrays or ``ShapeDtypeStruct``s; None when an array is not on the default
-    device alone (an executable compiled for the default placement would not accept it)."""
-    default = None
+def leaf_signature(leaves: list[Any]) -> tuple:
+    """``((shape, dtype, placement), ...)`` of arrays or ``ShapeDtypeStruct``s. ``placement`` is None for what an
+    executable compiled for the default device accepts (a ``ShapeDtypeStruct``, an array on the default device
+    alone), else the array's sharding: keys of computations over arrays placed elsewhere (several devices, host
+    memory) never match the default-placement ones, and still match each other."""
+    default = jax.devices()[0]
     out = []
     for x in leaves:
-        if isinstance(x, jax.Array):
-            devs = x.sharding.device_set
-            if len(devs) != 1:
-                return None
-            default = default or jax.devices()[0]
-            if next(iter(devs)) != default:
-                return None
-        out.append((tuple(x.shape), str(x.dtype)))
+        placement = None
+        if isinstance(x, jax.Array) and x.sharding.device_set != {default}:
+            placement = x.sharding
+        out.append((tuple(x.shape), str(x.dtype), placement))
     return tuple(out)
 
 
@@ -88,10 +86,8 @@ def compile_all(jobs: list[tuple[Any, Callable[[], Any]]]) -> list[Any]:
     import concurrent.futures as cf
 
     out: list[Any] = [lookup(k) for k, _ in jobs]
-    todo: list[int] = []
-    for i, (k, _) in enumerate(jobs):
-        if out[i] is None and not any(k is not None and jobs[j][0] == k for j in todo):
-            todo.append(i)
+    owner = [next(j for j in range(i + 1) if jobs[j][0] == jobs[i][0]) for i in range(len(jobs))]  # first equal key
+    todo = [i for i in range(len(jobs)) if out[i] is None and owner[i] == i]
 
     def build(i):
         k, lower = jobs[i]
@@ -105,10 +101,7 @@ def compile_all(jobs: list[tuple[Any, Callable[[], Any]]]) -> list[Any]:
         with cf.ThreadPoolExecutor(min(COMPILE_THREADS, len(todo)), thread_name_prefix="jaxquant-xla") as pool:
             built = list(pool.map(build, todo))
     done = dict(zip(todo, built))
-    for i, (k, _) in enumerate(jobs):
-        if out[i] is None:
-            out[i] = done.get(i) or next(done[j] for j in todo if k is not None and jobs[j][0] == k)
-    return out
+    return [exe if exe is not None else (out[owner[i]] or done[owner[i]]) for i, exe in enumerate(out)]
 
 
 def clear() -> None:
@@ -171,7 +164,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
     for s in sites:
         s.quantizer.set_mode("off")
     with weight_parts(model) as parts:
-        jobs = [j for j in weight_jobs(parts) if j[0] is not None]
+        jobs = weight_jobs(parts)
     if batch_size is None:
         free = free_bytes_before_load
         if free is not None:

@@ -21,18 +21,10 @@ import jax
 
 from jaxquant.calibration.max import CalibrationStats, close_step, device_batches
 from jaxquant.calibration.sites import Site
-from jaxquant.calibration.stages import StagedStep, supports_stages
-from jaxquant.errors import DataError, NonFiniteError, UnsupportedError
+from jaxquant.calibration.stages import StagedStep, on_default_device, supports_stages
+from jaxquant.errors import DataError, UnsupportedError
 
 log = logging.getLogger("jaxquant.calibration")
-
-
-def _on_device(leaves: list[Any]) -> list[Any]:
-    """``leaves`` on the default device: arrays already there as they are, others copied (a host-resident model)."""
-    dev = jax.devices()[0]
-    if all(not isinstance(x, jax.Array) or x.sharding.device_set == {dev} for x in leaves):
-        return leaves
-    return jax.device_put(leaves, dev)
 
 
 def _bar(total: int, enabled: bool):
@@ -54,7 +46,7 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
       NonFiniteError: NaN/Inf statistics, naming the layer and the first batch.
       DataError: as ``run_calibration`` (malformed or empty batches, too long, ids outside the vocabulary).
     """
-    from jaxquant.calibration.max import _non_finite_names, default_forward
+    from jaxquant.calibration.max import default_forward, non_finite_activations
 
     forward = forward or default_forward
     if not supports_stages(model, forward):
@@ -76,24 +68,20 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
         bad = [i for (i, *_), ok in zip(data, jax.device_get(oks)) if not bool(ok)]
         if bad:
             step.write_back()
-            names = _non_finite_names(sites)
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise NonFiniteError(f"{where} produced NaN or Inf activations in calibration batch {bad[0]} at "
-                                 f"{shown or 'a quantizer'}. Check the checkpoint and the dtype (float16 overflows "
-                                 "easily; try --dtype bfloat16 or float32).")
+            raise non_finite_activations(sites, where, bad[0])
 
     bar = _bar(len(step.layers) + 2, progress)
     t0 = time.perf_counter()
     for part in [step.shell, *step.layers]:  # statistics are small: all on the device, wherever the weights are
-        part.amax = _on_device(part.amax)
+        part.amax = on_default_device(part.amax)
     try:
-        rest = _on_device(step.shell.rest)
+        rest = on_default_device(step.shell.rest)
         acts = [step.run_prologue(ids, mask, rest) for _, ids, mask, _ in data]  # (x, ctx, ok) per batch
         check([a[2] for a in acts], "the embeddings")
         if bar is not None:
             bar.update(1)
         for i, part in enumerate(step.layers):
-            rest_i = _on_device(part.rest)
+            rest_i = on_default_device(part.rest)
             acts = [step.run_layer(i, x, ctx, ok, rest_i) for x, ctx, ok in acts]
             del rest_i
             check([a[2] for a in acts], f"decoder layer {i}")

@@ -10,8 +10,8 @@
    one whole-model call ``step(amax, rest, input_ids, mask) -> amax`` built with ``nnx.split`` /
    ``nnx.merge``. The amax arrays stay on the device and are donated from call to call; the
    model's output is discarded, so XLA drops the work nothing depends on (the LM head).
-   Compilation happens once per batch shape (ahead of time, so it is timed separately). Each batch is sent to the device while the previous step runs, and the host
-   waits only on the "all finite" flag of the step ``FLAG_LAG`` (2) batches back, which keeps the
+   Compilation happens once per batch shape (ahead of time, so it is timed separately). Each
+   batch is sent to the device while the previous step runs, and the host waits only on the "all finite" flag of the step ``FLAG_LAG`` (2) batches back, which keeps the
    device queue full, lets the progress bar report real tokens/s, and names the first batch that
    produced a NaN/Inf activation.
 3. ``finalize.py`` then checks, synchronises MoE experts and unifies fused siblings.
@@ -112,7 +112,7 @@ def weight_parts(model):
     """``[(module, graphdef, stats, rest)]`` to reduce apart: the model without its decoder layers and each layer
     for a causal LM with the stage protocol (``stages.supports_stages``), else the whole model. ``stats`` holds
     the amax and global amax; the layers are detached from the model while the context is open."""
-    from jaxquant.calibration.stages import _without_layers, supports_stages
+    from jaxquant.calibration.stages import supports_stages, without_layers
     from jaxquant.quantizer.tensor_quantizer import QuantGlobalAmax
 
     def split(m):
@@ -122,13 +122,13 @@ def weight_parts(model):
         yield [split(model)]
         return
     layers = list(model.model.layers)
-    with _without_layers(model) as shell:
+    with without_layers(model) as shell:
         yield [split(shell)] + [split(layer) for layer in layers]
 
 
 def weight_jobs(parts) -> list:
-    """``[(store key, lower)]`` of the weight reduction of each of ``weight_parts``' parts (for ``ahead.compile_all``;
-    a part whose arrays are not on the default device alone gets a None key)."""
+    """``[(store key, lower)]`` of the weight reduction of each of ``weight_parts``' parts (for
+    ``ahead.compile_all``)."""
     return [(weight_reducer_key(g, stats, rest), lambda g=g, stats=stats, rest=rest: weight_reducer(g).lower(stats, rest))
             for _, g, stats, rest in parts]
 
@@ -150,20 +150,19 @@ def weight_reducer(graphdef) -> Callable:
 
 
 def weight_reducer_key(graphdef, stats, rest):
-    """The ahead-of-time store key of ``weight_reducer(graphdef)`` for these states (None: not storable)."""
+    """The ahead-of-time store key of ``weight_reducer(graphdef)`` for these states."""
     from jaxquant.calibration.ahead import leaf_signature
 
     leaves, treedef = jax.tree_util.tree_flatten((stats, rest))
-    sig = leaf_signature(leaves)
-    return None if sig is None else ("weights", graphdef, treedef, sig)
+    return ("weights", graphdef, treedef, leaf_signature(leaves))
 
 
 def step_key(graphdef, amax_def, rest_def, amax_leaves, rest_leaves, ids_shape, has_mask: bool, forward):
-    """The ahead-of-time store key of the calibration step (None: not storable)."""
+    """The ahead-of-time store key of the calibration step."""
     from jaxquant.calibration.ahead import leaf_signature
 
     sig = leaf_signature(list(amax_leaves) + list(rest_leaves))
-    return None if sig is None else ("step", graphdef, amax_def, rest_def, sig, tuple(ids_shape), has_mask, forward)
+    return ("step", graphdef, amax_def, rest_def, sig, tuple(ids_shape), has_mask, forward)
 
 
 def check_weights_finite(sites: list[Site]) -> None:
@@ -334,6 +333,18 @@ def calibration_step(model, forward: ForwardFn = default_forward):
     return StagedStep(model) if supports_stages(model, forward) else WholeModelStep(model, forward)
 
 
+def non_finite_activations(sites: list[Site], where: str, batch: int | None = None) -> NonFiniteError:
+    """The error for NaN/Inf statistics found at ``where`` ("calibration batch 3", "decoder layer 5" with ``batch``),
+    naming the quantizers whose amax is not finite (the model must hold the live amax)."""
+    names = _non_finite_names(sites)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    in_batch = "" if batch is None else f" in calibration batch {batch}"
+    return NonFiniteError(
+        f"{where} produced NaN or Inf activations{in_batch} at {shown or 'a quantizer'}. "
+        "Check the checkpoint and the dtype (float16 overflows easily; try --dtype bfloat16 or float32)."
+    )
+
+
 def _non_finite_names(sites: list[Site]) -> list[str]:
     out = []
     for s in sites:
@@ -382,21 +393,12 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
         i, flag, n_tok = p
         if not bool(flag):
             step.write_back()
-            names = _non_finite_names(sites)
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise NonFiniteError(
-                f"calibration batch {i} produced NaN or Inf activations at {shown or 'a quantizer'}. "
-                "Check the checkpoint and the dtype (float16 overflows easily; try --dtype bfloat16 or float32)."
-            )
+            raise non_finite_activations(sites, f"calibration batch {i}")
         if bar is not None:
             bar.update(n_tok)
 
-    def prepared():
-        """Validated batches, already sent to the device (one ahead of the running step)."""
-        return device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len)
-
     try:
-        source = prepared()
+        source = device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len)  # one batch ahead
         nxt = next(source, None)
         while nxt is not None:
             i, ids, mask, n_tok = nxt

@@ -38,7 +38,7 @@ def supports_stages(model: Any, forward: Any) -> bool:
 
 
 @contextlib.contextmanager
-def _without_layers(model):
+def without_layers(model):
     """``model`` with its text model's layer list emptied (restored on exit): the "shell"."""
     text = model.model
     layers = text.layers
@@ -67,13 +67,11 @@ class _Part:
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self.amax_def, amax_leaves),
                          jax.tree_util.tree_unflatten(self.rest_def, rest_leaves))
 
-    def key(self, kind: str, *avals) -> Any:
+    def key(self, kind: str, *inputs) -> Any:
         from jaxquant.calibration.ahead import leaf_signature
 
         sig = leaf_signature(list(self.amax) + list(self.rest))
-        if sig is None:
-            return None
-        flat, tree = jax.tree_util.tree_flatten(avals)
+        flat, tree = jax.tree_util.tree_flatten(inputs)
         return (kind, self.graphdef, self.amax_def, self.rest_def, sig, tree,
                 tuple((tuple(a.shape), str(a.dtype)) for a in flat))
 
@@ -85,8 +83,18 @@ def _aval(x):
     return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
-def _avals(tree):
+def avals(tree):
+    """``tree`` with every array replaced by its ``ShapeDtypeStruct`` (None kept)."""
     return jax.tree_util.tree_map(_aval, tree)
+
+
+def on_default_device(leaves: list[Any]) -> list[Any]:
+    """``leaves`` on the default device: arrays already there as they are, others copied (a model whose parameters
+    are kept elsewhere, e.g. host memory beside an accelerator)."""
+    dev = jax.devices()[0]
+    if all(not isinstance(x, jax.Array) or x.sharding.device_set == {dev} for x in leaves):
+        return leaves
+    return jax.device_put(leaves, dev)
 
 
 class StagedStep:
@@ -100,7 +108,7 @@ class StagedStep:
     def __init__(self, model):
         self.model = model
         self.text = model.model
-        with _without_layers(model) as shell:
+        with without_layers(model) as shell:
             self.shell = _Part(shell)
         self.layers = [_Part(layer) for layer in self.text.layers]
         self.carried = tuple(getattr(self.text, "carried_kwargs", ()))
@@ -141,9 +149,9 @@ class StagedStep:
         return jax.jit(epilogue, donate_argnums=(0,))
 
     # ------------------------------------------------------------------ compilation
-    def _job(self, part: _Part, kind: str, fn, *avals):
-        """``(store key, lower)`` of one stage for ``ahead.compile_all``."""
-        return part.key(kind, *avals), lambda: fn.lower(_avals(part.amax), _avals(part.rest), *avals)
+    def _job(self, part: _Part, kind: str, fn, *inputs):
+        """``(store key, lower)`` of one stage for ``ahead.compile_all``; ``inputs``: the avals after (amax, rest)."""
+        return part.key(kind, *inputs), lambda: fn.lower(avals(part.amax), avals(part.rest), *inputs)
 
     def _plan(self, ids_shape: tuple[int, int], has_mask: bool) -> tuple[list, list[int]]:
         """The compile jobs for ``[B, S]`` batches (prologue first, epilogue last, one per distinct layer between)
@@ -153,17 +161,17 @@ class StagedStep:
         ok = jax.ShapeDtypeStruct((), jnp.bool_)
         pro_fn = self._prologue_fn()
         jobs = [self._job(self.shell, "prologue", pro_fn, ids, mask)]
-        x, ctx, _, _ = jax.eval_shape(pro_fn, _avals(self.shell.amax), _avals(self.shell.rest), ids, mask)
+        x, ctx, _, _ = jax.eval_shape(pro_fn, avals(self.shell.amax), avals(self.shell.rest), ids, mask)
         layer_jobs = []
         seen: list[tuple[Any, int, Any]] = []  # (key, job index, output avals) of the distinct layers so far
         for i, part in enumerate(self.layers):
             kwargs = jax.eval_shape(lambda c, i=i: self.text.layer_kwargs(i, c), ctx)
             key = part.key("layer", ok, x, kwargs)
-            hit = next((h for h in seen if key is not None and h[0] == key), None)
+            hit = next((h for h in seen if h[0] == key), None)
             if hit is None:  # equal key = equal graph and input shapes, hence equal output shapes: trace once
                 fn = self._layer_fn(part)
                 jobs.append(self._job(part, "layer", fn, ok, x, kwargs))
-                y, carried, _, _ = jax.eval_shape(fn, _avals(part.amax), _avals(part.rest), ok, x, kwargs)
+                y, carried, _, _ = jax.eval_shape(fn, avals(part.amax), avals(part.rest), ok, x, kwargs)
                 hit = (key, len(jobs) - 1, (y, carried))
                 seen.append(hit)
             layer_jobs.append(hit[1])
@@ -236,10 +244,10 @@ class StagedStep:
 
     def write_back(self) -> None:
         """Put the live amax arrays back into the model's quantizers."""
-        with _without_layers(self.model) as shell:
+        with without_layers(self.model) as shell:
             nnx.update(shell, self.shell.amax_state())
         for layer, part in zip(self.text.layers, self.layers):
             nnx.update(layer, part.amax_state())
 
 
-__all__ = ["StagedStep", "supports_stages"]
+__all__ = ["StagedStep", "avals", "on_default_device", "supports_stages", "without_layers"]

@@ -15,11 +15,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxquant.calibration.stages import avals
 from jaxquant.eval.perplexity import PerplexityResult, fixed_batches, reduce_nll
-
-
-def _avals(tree):
-    return jax.tree_util.tree_map(lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 class _Stage:
@@ -33,7 +30,7 @@ class _Stage:
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self.treedef, leaves))
 
     def key(self, kind: str, *args) -> tuple:
-        flat, tree = jax.tree_util.tree_flatten(_avals(args))
+        flat, tree = jax.tree_util.tree_flatten(avals(args))
         return (kind, self.graphdef, self.treedef, tuple((tuple(x.shape), str(x.dtype)) for x in self.leaves),
                 tree, tuple((tuple(a.shape), str(a.dtype)) for a in flat))
 
@@ -45,9 +42,8 @@ def perplexity_layerwise(model: Any, token_windows, batch_size: int = 8, *, pad_
     ``perplexity(None, windows, loss_fn=...)`` over the same model (same computation, split into stages).
     """
     from jaxquant.calibration.ahead import compile_all
-    from jaxquant.calibration.layerwise import _on_device
     from jaxquant.calibration.max import default_forward
-    from jaxquant.calibration.stages import _without_layers, supports_stages
+    from jaxquant.calibration.stages import on_default_device, supports_stages, without_layers
     from jaxquant.errors import UnsupportedError
 
     if not supports_stages(model, default_forward):
@@ -55,7 +51,7 @@ def perplexity_layerwise(model: Any, token_windows, batch_size: int = 8, *, pad_
     ids = np.asarray(token_windows, dtype=np.int32)
     batches = fixed_batches(ids, np.ones_like(ids), batch_size, pad_id)
     text = model.model
-    with _without_layers(model) as shell:
+    with without_layers(model) as shell:
         sh = _Stage(shell)
     layers = [_Stage(layer) for layer in text.layers]
     carried_names = tuple(getattr(text, "carried_kwargs", ()))
@@ -76,21 +72,16 @@ def perplexity_layerwise(model: Any, token_windows, batch_size: int = 8, *, pad_
 
     pro_j, head_j = jax.jit(prologue), jax.jit(head)
     dev_ids = [(jax.device_put(b), jax.device_put(m)) for b, m in batches]
-    a_ids, a_mask = _avals(dev_ids[0])
-    (pro,) = compile_all([(sh.key("prologue", a_ids, a_mask), lambda: pro_j.lower(_avals(sh.leaves), a_ids, a_mask))])
-    rest = _on_device(sh.leaves)
+    a_ids, a_mask = avals(dev_ids[0])
+    (pro,) = compile_all([(sh.key("prologue", a_ids, a_mask), lambda: pro_j.lower(avals(sh.leaves), a_ids, a_mask))])
+    rest = on_default_device(sh.leaves)
     acts = [pro(rest, b, m) for b, m in dev_ids]  # (x, ctx) per batch
-    cache: list[tuple[Any, Any]] = []
     for i, st in enumerate(layers):
         x0, ctx0 = acts[0]
-        kw_avals = _avals(jax.eval_shape(lambda c, i=i: text.layer_kwargs(i, c), ctx0))
-        key = st.key("layer", _avals(x0), kw_avals)
-        exe = next((e for k, e in cache if k == key), None)
-        if exe is None:
-            fn = layer_fn(st)
-            (exe,) = compile_all([(key, lambda fn=fn: fn.lower(_avals(st.leaves), _avals(x0), kw_avals))])
-            cache.append((key, exe))
-        leaves = _on_device(st.leaves)
+        kw_avals = avals(jax.eval_shape(lambda c, i=i: text.layer_kwargs(i, c), ctx0))
+        key = st.key("layer", avals(x0), kw_avals)  # equal layers: found in the store, compiled once
+        (exe,) = compile_all([(key, lambda: layer_fn(st).lower(avals(st.leaves), avals(x0), kw_avals))])
+        leaves = on_default_device(st.leaves)
         nxt = []
         for x, ctx in acts:
             y, carried = exe(leaves, x, text.layer_kwargs(i, ctx))
@@ -98,8 +89,8 @@ def perplexity_layerwise(model: Any, token_windows, batch_size: int = 8, *, pad_
         acts = nxt
         del leaves
     x0 = acts[0][0]
-    (hd,) = compile_all([(sh.key("head", _avals(x0), a_ids, a_mask),
-                          lambda: head_j.lower(_avals(sh.leaves), _avals(x0), a_ids, a_mask))])
+    (hd,) = compile_all([(sh.key("head", avals(x0), a_ids, a_mask),
+                          lambda: head_j.lower(avals(sh.leaves), avals(x0), a_ids, a_mask))])
     out = [hd(rest, x, b, m) for (x, _), (b, m) in zip(acts, dev_ids)]
     return reduce_nll([s for s, _ in out], [c for _, c in out])
 

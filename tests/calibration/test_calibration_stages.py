@@ -153,12 +153,19 @@ cfg = ModelConfig.from_hf_config(dict(architectures=['LlamaForCausalLM'], model_
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=64, tie_word_embeddings=False))
 rows = np.random.default_rng(0).integers(1, 97, (4, 8)).astype(np.int32)
+from jaxquant.calibration import ahead
+compiled = []
+real_store = ahead.store
+ahead.store = lambda k, e: (compiled.append(k[0]), real_store(k, e))
 out = {}
 for where in ('default', 'other'):
+    ahead.clear()
+    compiled.clear()
     m = build_model(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     if where == 'other':
         nnx.update(m, jax.device_put(nnx.state(m, nnx.Param), jax.devices()[1]))
     r = quantize(m, 'general/ptq/nvfp4_default-kv_fp8', rows, batch_size=2, progress=False, layerwise=True)
+    assert compiled.count('layer') == 1 and compiled.count('weights') == 2, compiled  # the 3 layers share them
     out[where] = r.calibration_state
     devs = {str(d) for x in jax.tree_util.tree_leaves(nnx.state(m, nnx.Param)) for d in x.sharding.device_set}
     assert devs == ({'cpu:0'} if where == 'default' else {'cpu:1'}), devs
