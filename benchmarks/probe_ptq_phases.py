@@ -114,12 +114,19 @@ _JOB_TRACE = (
     "    setattr(m, name, w)\n"
     "for _m, _n in [('jaxquant.transformers_import', 'auto_tokenizer'), ('jaxquant.converters.hf', 'load_tokenizer'),\n"
     "               ('jaxquant.converters.hf', 'materialize'), ('jaxquant.calibration.ahead', 'compile_calibration_ahead'),\n"
-    "               ('jaxquant.cli_ptq', 'load_model'), ('jaxquant.cli_ptq', 'check_params_finite')]:\n"
+    "               ('jaxquant.cli_ptq', 'load_model'), ('jaxquant.cli_ptq', 'check_params_finite'),\n"
+    "               ('jaxquant.cli_ptq', 'eval_setup'), ('jaxquant.cli_ptq', '_export_preflight'),\n"
+    "               ('jaxquant.recipe', 'apply_recipe'), ('jaxquant.data', 'build_calib_batches'),\n"
+    "               ('jaxquant.calibration', 'quantize'), ('jaxquant.calibration.max', 'run_calibration'),\n"
+    "               ('jaxquant.calibration.api', 'finalize'), ('jaxquant.export.early', 'plan_export'),\n"
+    "               ('jaxquant.export.early', 'write_export'), ('jaxquant.cli_ptq', '_export')]:\n"
     "    _traced(_m, _n)\n"
 )
 
 _JOB_PATCHES = {
     "job": "",
+    # the HF export written after the calibration instead of from its start (export/early.py)
+    "job-noearly": "import jaxquant.cli_ptq as c\nc.EARLY_EXPORT = False\n",
     # the calibration is compiled after loading instead of on a thread while the weights load
     "job-noahead": (
         "import jaxquant.cli_overlap as o\n"
@@ -138,7 +145,10 @@ def job_variant(work: Path, variant: str, recipe: str):
     argv = ["ptq", "--model", str(work / "src"), "--recipe", recipe, "--dataset", str(work / "calib.jsonl"),
             "--dataset-field", "text", "--calib-size", "512", "--calib-seq", "512", "--batch-size", "16",
             "--eval-windows", "0", "--export-path", str(work / f"probe_{variant}"), "--overwrite"]
-    code = _JOB_TRACE + _JOB_PATCHES[variant] + f"import sys\nsys.argv = ['jaxquant'] + {argv!r}\nfrom jaxquant.cli import console_main\nconsole_main()\n"
+    code = _JOB_TRACE + _JOB_PATCHES[variant] + (f"import sys\nsys.argv = ['jaxquant'] + {argv!r}\nfrom jaxquant.cli import console_main\ntry:\n"
+                                                 "    console_main()\nfinally:\n"
+                                                 "    print(f'TRACE console_main returned at {time.perf_counter() - T0:6.2f}', "
+                                                 "file=sys.stderr, flush=True)\n")
     t0 = time.perf_counter()
     src = os.environ.get("PROBE_JAXQUANT_SRC", str(HERE.parent))  # a `git archive` with jaxquant_recipes, say
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

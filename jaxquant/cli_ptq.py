@@ -355,6 +355,38 @@ def _export(args, loaded, result) -> list[str]:
     return lines
 
 
+#: Start the HF export when the weights are calibrated, before the forward passes (``export.early``); off: after.
+EARLY_EXPORT = True
+
+
+class EarlyHF:
+    """``--export-format hf`` written while the calibration runs (``export.early``), when ``EARLY_EXPORT`` and
+    ``enabled`` hold and the calibration algorithm calls ``start`` (``max`` does)."""
+
+    def __init__(self, args, loaded, resolution, *, enabled: bool):
+        self.args, self.loaded, self.resolution = args, loaded, resolution
+        self.enabled = enabled and EARLY_EXPORT and args.export_path is not None and args.export_format == "hf"
+        self.export = None
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        from jaxquant.export.early import EarlyExport
+
+        self.export = EarlyExport(self.loaded, Path(self.args.export_path), resolution=self.resolution,
+                                  overwrite=self.args.overwrite, allow_unquantized=self.args.allow_unquantized)
+
+    def cancel(self) -> None:
+        if self.export is not None:
+            self.export.cancel()
+
+    def finish(self) -> list[str] | None:
+        """The export's description lines once published, or None when it was not started early."""
+        if self.export is None:
+            return None
+        return [self.export.finish().describe()]
+
+
 def _calib_state_metadata(args, recipe_desc: str, model_desc: str) -> dict:
     return {"recipe": recipe_desc, "model": model_desc, "algorithm": "max", "dataset": args.dataset or "lee_news",
             "calib_seq": str(args.calib_seq or DEFAULT_CALIB_SEQ)}
@@ -506,6 +538,7 @@ def run_ptq(args) -> int:
         timer.add("perplexity (original)", dt)
 
     # ---- calibrate
+    early = EarlyHF(args, loaded, resolution, enabled=False)
     if args.load_calib_state is not None:
         t0 = time.perf_counter()
         state, meta = read_calibration_state(args.load_calib_state)
@@ -515,8 +548,13 @@ def run_ptq(args) -> int:
         _out(f"calibration state loaded from {args.load_calib_state} (recipe {meta.get('recipe', '?')})")
         result = None
     else:
-        result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty(),
-                          layerwise=getattr(args, "layerwise", False))
+        early = EarlyHF(args, loaded, resolution, enabled=parked is None)
+        try:
+            result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty(),
+                              layerwise=getattr(args, "layerwise", False), on_weights_calibrated=early.start)
+        except BaseException:
+            early.cancel()
+            raise
         t = result.timings
         timer.add("calibrate: weights", t.get("weights", 0.0))
         timer.add("calibrate: compile", t.get("compile", 0.0))
@@ -531,8 +569,12 @@ def run_ptq(args) -> int:
 
     # ---- quantized perplexity
     if windows is not None:
-        ppl_q, dt = perplexity_of(model, windows, args.eval_batch_size, layerwise=parked is not None)
-        _check_ppl(ppl_q, "quantized")
+        try:
+            ppl_q, dt = perplexity_of(model, windows, args.eval_batch_size, layerwise=parked is not None)
+            _check_ppl(ppl_q, "quantized")
+        except BaseException:
+            early.cancel()
+            raise
         timer.add("perplexity (quantized)", dt)
         _out()
         _out(f"perplexity on {eval_label}: {len(windows)} windows x {eval_seq} tokens = {ppl_q.n_tokens} "
@@ -547,7 +589,7 @@ def run_ptq(args) -> int:
         t0 = time.perf_counter()
         overlap.export_kernels()  # compiled on the compile thread during the calibration
         try:
-            lines = _export(args, loaded, result or _StateOnly(resolution))
+            lines = early.finish() or _export(args, loaded, result or _StateOnly(resolution))
         except (JaxquantError, OSError) as e:
             saved = _save_state_after_failure(args, state, recipe_desc, model_desc)
             msg = str(e)

@@ -39,6 +39,9 @@ class Algorithm:
     name: str
     run: Callable[..., Any]
     options: tuple[str, ...] = ()
+    #: ``run`` fixes the weights and their amax before its first forward pass and then calls its
+    #: ``on_weights_calibrated()`` argument (``jaxquant ptq`` starts writing the export there)
+    early_weights: bool = False
 
 
 def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
@@ -109,7 +112,7 @@ def _max_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "max": Algorithm("max", max_mod.max_calibrate, tuple(_MAX_OPTIONS)),
+    "max": Algorithm("max", max_mod.max_calibrate, tuple(_MAX_OPTIONS), early_weights=True),
 }
 
 

@@ -170,6 +170,7 @@ def quantize(
     strict: bool | str = False,
     max_seq_len: int | None = None,
     layerwise: bool = False,
+    on_weights_calibrated: Callable[[], Any] | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with ``recipe`` and calibration ``data``; leaves it fake-quantized.
 
@@ -191,6 +192,9 @@ def quantize(
       layerwise: calibrate layer by layer over all batches (``calibration/layerwise.py``; also what a recipe's
         ``algorithm: {method: max, layerwise: {enable: true}}`` asks for): the same statistics, one decoder
         layer's parameters on the device at a time.
+      on_weights_calibrated: called with no argument once the weights' amax are final and before the first
+        forward pass, by algorithms that leave the weights alone (``Algorithm.early_weights``: ``max``); never
+        called otherwise. ``jaxquant ptq`` starts writing the export there (``export.early``).
 
     Returns:
       A ``QuantizeResult``.
@@ -246,6 +250,8 @@ def quantize(
             max_seq_len=max_seq_len,
             skip_forward_without_activation_calib=options.get("skip_forward_without_activation_calib", True),
             **({"layerwise": True} if (layerwise or options.get("layerwise")) else {}),
+            **({"on_weights_calibrated": on_weights_calibrated}
+               if on_weights_calibrated is not None and algo.early_weights else {}),
         )
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s

@@ -460,15 +460,19 @@ def run_forward_loop(model: Any, sites: list[Site], forward_loop: Callable[[Any]
 
 def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardFn = default_forward,
                   progress: bool = True, total_tokens: int | None = None, max_seq_len: int | None = None,
-                  skip_forward_without_activation_calib: bool = True, layerwise: bool = False) -> CalibrationStats:
+                  skip_forward_without_activation_calib: bool = True, layerwise: bool = False,
+                  on_weights_calibrated: Callable[[], Any] | None = None) -> CalibrationStats:
     """ModelOpt's ``max`` up to (not including) ``finalize``: weights, then the forward passes.
 
     ``data``: an iterable of batches, a ``forward_loop(model)`` callable, or None (weights only;
     refused when an activation quantizer needs data). ``layerwise``: layer by layer over all batches
     (``calibration/layerwise.py``; the same amax, one decoder layer's parameters on the device at a time).
+    ``on_weights_calibrated()`` is called once the weight amax are set and checked, before any forward pass.
     """
     calibrate_weights(sites, model)
     check_weights_finite(sites)
+    if on_weights_calibrated is not None:
+        on_weights_calibrated()
     needs = set_calibration_modes(sites)
     if needs == 0 and skip_forward_without_activation_calib:
         log.info("max: no activation quantizer needs data (all constant, dynamic or disabled); weights only.")

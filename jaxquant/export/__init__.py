@@ -6,11 +6,13 @@ Layout, dtypes and JSON files: docs/export.md.
 """
 
 from jaxquant.check import Report, validate_checkpoint
+from jaxquant.export.early import EarlyExport
 from jaxquant.export.hf import ExportSummary, check_exportable, export_hf
 from jaxquant.export.load_quantized import QuantizedLinear, is_quantized_checkpoint, load_quantized
 from jaxquant.export.orbax import OrbaxCheckpoint, restore_orbax, save_orbax
 
 __all__ = [
+    "EarlyExport",
     "ExportSummary",
     "OrbaxCheckpoint",
     "QuantizedLinear",

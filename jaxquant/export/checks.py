@@ -49,7 +49,7 @@ def kv_algo(kv) -> str | None:
     return algos.pop() if algos else None
 
 
-def uncalibrated_quantizers(model_or_loaded) -> list[str]:
+def uncalibrated_quantizers(model_or_loaded, *, weights_only: bool = False) -> list[str]:
     """ModelOpt names of the enabled quantizers (per expert for stacked ones) that hold no calibrated
     amax: configured by a recipe, but neither calibrated (``quantize``, ``finish_qat``) nor given a
     value (``load_calibration_state``, the loaders). Dynamic and constant-amax quantizers need none.
@@ -59,20 +59,21 @@ def uncalibrated_quantizers(model_or_loaded) -> list[str]:
     """
     out: list[str] = []
     for s in quantizer_sites(unwrap(model_or_loaded)):
-        if not s.has_state:
+        if not s.has_state or (weights_only and s.role != "weight"):
             continue
         for e in s.quantizer.uncalibrated_instances():
             out.append(s.names[e] if s.stacked else s.names[0])
     return out
 
 
-def check_calibrated(model_or_loaded) -> None:
-    """``ExportError`` naming the first uncalibrated quantizer (``uncalibrated_quantizers``).
+def check_calibrated(model_or_loaded, *, weights_only: bool = False) -> None:
+    """``ExportError`` naming the first uncalibrated quantizer (``uncalibrated_quantizers``; ``weights_only``:
+    weight quantizers only, for an export started before the activations are calibrated).
 
     Without it an export of a model that was configured (``apply_recipe``) but not calibrated would
     carry placeholder input / KV scales and look valid.
     """
-    bad = uncalibrated_quantizers(model_or_loaded)
+    bad = uncalibrated_quantizers(model_or_loaded, weights_only=weights_only)
     if not bad:
         return
     more = f" (and {len(bad) - 1} more quantizer(s))" if len(bad) > 1 else ""

@@ -150,7 +150,9 @@ def linear_entries(it: ExportLinear, export_dtype: np.dtype, checks: DeferredChe
     Shapes and dtypes come from the format's ``export_specs``; the values from its jitted
     ``export_tensors``, computed where the weight lives on the first ``produce()`` of the layer
     (they are jax arrays: the shard writer copies them to the host). With ``checks`` the
-    finiteness check is deferred to it (no read-back in ``produce()``); without, it runs at once."""
+    finiteness check is deferred to it (no read-back in ``produce()``); without, it runs at once.
+    ``input_scale`` is marked ``late`` (it alone depends on the activations); every entry's ``inputs`` are
+    the weight amax it was computed from."""
     qf = formats.get(it.fmt)
     out_dim, in_dim = tuple(it.weight.shape)
     specs = qf.export_specs(out_dim, in_dim, input_scale=it.in_amax is not None)
@@ -166,7 +168,9 @@ def linear_entries(it: ExportLinear, export_dtype: np.dtype, checks: DeferredChe
         return out
 
     once = _Once(compute, [k for k, _, _ in specs])
-    return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k))) for k, s, d in specs]
+    inputs = (it.w_amax, it.w_block_amax)
+    return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k)), late=k == "input_scale", inputs=inputs)
+            for k, s, d in specs]
 
 
 def warm_export_kernels(model, dtype, *, name_map=None) -> int:
@@ -201,6 +205,10 @@ def _cast_entry(name: str, arr, dtype: np.dtype) -> Entry:
     return Entry(name, tuple(arr.shape), np.dtype(dtype), produce)
 
 
+def _not_yet():
+    raise AssertionError("a late export tensor was produced before its activations were calibrated")
+
+
 def _np_dtype(a) -> np.dtype:
     return np.dtype(a.dtype)
 
@@ -208,8 +216,13 @@ def _np_dtype(a) -> np.dtype:
 def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None, gguf: bool | None = None,
                  extra_tensors: Mapping[str, Any] | None = None,
                  amax_out: dict[str, float] | None = None,
-                 checks: DeferredChecks | None = None) -> tuple[list[Entry], dict[str, Any], str | None]:
+                 checks: DeferredChecks | None = None,
+                 activations: bool = True) -> tuple[list[Entry], dict[str, Any], str | None]:
     """The exported tensors (lazy) plus the per-layer formats and KV algo, without writing anything.
+
+    ``activations`` False plans an export whose weights are calibrated but whose activations are not yet
+    (``export.early``): the entries that depend on activation statistics (``input_scale``, ``k_scale``,
+    ``v_scale``) are placeholders marked ``late`` that must not be produced; plan again once calibrated.
 
     ``checks`` (a ``DeferredChecks``), when given, collects the quantized layers' finiteness checks
     instead of each ``produce()`` waiting for its own; call ``checks.finish()`` after writing.
@@ -222,7 +235,9 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
       ExportError: a quantizer holds no calibrated amax (``check_calibrated``).
     """
     model = unwrap(model_or_loaded)
-    check_calibrated(model)
+    check_calibrated(model, weights_only=not activations)
+    if not activations:
+        amax_out = None
     nm = name_map_of(model, name_map or getattr(model_or_loaded, "name_map", None))
     if source_dir is None:
         source_dir = getattr(model_or_loaded, "source_dir", None)
@@ -233,7 +248,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     src = _SourceDtypes(Path(source_dir) if source_dir is not None else None, nm, gguf)
     fixed_dtype = np.dtype(dtype) if dtype is not None else None
 
-    walked = walk(model, nm, need_amax=True)
+    walked = walk(model, nm, need_amax=True, activations=activations)
     items = walked.linears
     unify(items)
     kv = kv_algo(walked.kv)
@@ -267,12 +282,15 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
             cfg = config_of(q)
             if cfg is None or cfg.fixed_amax is not None or cfg.is_dynamic:
                 continue
+            if not activations:
+                entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), _not_yet, late=True))
+                continue
             amax = np.asarray(variable_value(q.amax)).astype(np.float32)
             check_amax(np.max(amax), f"{hf}.{role} amax")
             val = formats.kv_scale(np.max(amax)).reshape(())
             if amax_out is not None:
                 amax_out[src.rename(f"{hf}.{role}")] = float(np.max(amax))
-            entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), lambda v=val: v))
+            entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), lambda v=val: v, late=True))
     # ---- tensors the text model does not own, byte for byte
     taken = {e.name for e in entries}
     for name, lazy in extra_tensors.items():

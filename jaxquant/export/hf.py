@@ -61,7 +61,7 @@ from jaxquant.export.checks import (  # noqa: F401 - re-exported: the export API
     uncalibrated_quantizers,
 )
 from jaxquant.export.entries import _TAG_OF, SCALE_SUFFIXES, DeferredChecks, plan_entries, warm_export_kernels  # noqa: F401
-from jaxquant.export.shards import Entry, parse_size, write_sharded
+from jaxquant.export.shards import Entry, parse_size, same_inputs, write_sharded
 
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,36 @@ def export_hf(
       scales) or ``resolution`` does not match the model. On any failure (also Ctrl-C, disk full)
       ``export_dir`` is left untouched and no partial directory remains.
     """
+    plan = plan_export(model_or_loaded, export_dir, resolution=resolution, max_shard_size=max_shard_size,
+                       overwrite=overwrite, dtype=dtype, hf_config=hf_config, source_dir=source_dir,
+                       allow_unquantized=allow_unquantized)
+    return write_export(plan, progress=progress)
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    """Everything ``export_hf`` decides before writing: the target, the lazy tensors, the configs."""
+
+    target: Path
+    loaded: Any
+    source_dir: Path | None
+    max_shard_size: int | str
+    overwrite: bool
+    entries: list[Entry]
+    hf_quant_config: dict[str, Any]
+    config: dict[str, Any]
+    amax: dict[str, float]
+    checks: DeferredChecks
+    warnings: list[str]
+    n_params: int
+    total_parameters: int
+    dtypes: dict[str, dict[str, int]]
+
+
+def plan_export(model_or_loaded, export_dir, *, resolution=None, max_shard_size="10GB", overwrite=False, dtype=None,
+                hf_config=None, source_dir=None, allow_unquantized=False, activations: bool = True) -> ExportPlan:
+    """Validate and plan an export (``export_hf``'s arguments); nothing is written. ``activations`` False: the
+    activations are not calibrated yet, so their scales are ``late`` placeholders (``export.early``)."""
     loaded = model_or_loaded if is_loaded(model_or_loaded) else None
     cfg = dict(hf_config if hf_config is not None else (getattr(loaded, "hf_config", None) or {}))
     if not cfg:
@@ -230,7 +260,8 @@ def export_hf(
     warnings = check_exportable(model_or_loaded, resolution)
     amax: dict[str, float] = {}
     checks = DeferredChecks()
-    entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src, amax_out=amax, checks=checks)
+    entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src, amax_out=amax, checks=checks,
+                                       activations=activations)
     hfq = qc.build_hf_quant_config(layers, kv)
     if not qc.is_quantized_export(hfq) and not allow_unquantized:
         raise ExportError("nothing in this model is quantized (no enabled weight, input or KV quantizer), so the "
@@ -252,20 +283,52 @@ def export_hf(
             cfg["dtype"] = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[float_tags[0]]
     if qc.is_quantized_export(hfq):
         cfg["quantization_config"] = qc.convert_hf_quant_config_format(hfq)
+    return ExportPlan(target, loaded, Path(src) if src is not None else None, max_shard_size, overwrite, entries, hfq,
+                      cfg, amax, checks, warnings, n_params, total_parameters, dtypes)
+
+
+def _layout(plan: ExportPlan) -> list[tuple]:
+    return [(e.name, tuple(e.shape), np.dtype(e.dtype)) for e in plan.entries]
+
+
+def write_export(plan: ExportPlan, *, progress: bool = False, final_plan=None) -> ExportSummary:
+    """Write a planned export atomically and validate it (``export_hf``).
+
+    ``final_plan`` (``export.early``): ``plan`` was made before the activations were calibrated; every tensor
+    but its ``late`` ones is written first, then ``final_plan()`` (which may block until the calibration ends)
+    returns the complete plan, whose late tensors, and any tensor whose weight statistics changed since, are
+    written into the same files. It must plan the same tensors, or nothing is published."""
+    final: list[ExportPlan] = []
+
+    def late():
+        p = final_plan()
+        if _layout(p) != _layout(plan):
+            raise ExportError("internal error: the export planned before the calibration ended does not match the "
+                              "final model's tensors; export again without the early start.")
+        final.append(p)
+        first = {e.name: e for e in plan.entries}
+        return [e for e in p.entries if e.late or not same_inputs(first[e.name], e)]
+
+    target = plan.target
     try:
-        validate = None if not qc.is_quantized_export(hfq) else _refuse_invalid
-        with atomic_directory(target, overwrite=overwrite, validate=validate) as tmp:
-            files = write_sharded(entries, tmp, max_shard_size=max_shard_size, total_parameters=total_parameters,
-                                  progress=progress)
-            checks.finish()  # NaN/Inf in any quantized weight or amax: NonFiniteError, nothing published
+        validate = None if not qc.is_quantized_export(plan.hf_quant_config) else _refuse_invalid
+        with atomic_directory(target, overwrite=plan.overwrite, validate=validate) as tmp:
+            files = write_sharded(plan.entries, tmp, max_shard_size=plan.max_shard_size,
+                                  total_parameters=plan.total_parameters, progress=progress,
+                                  late=None if final_plan is None else late)
+            plan.checks.finish()  # NaN/Inf in any quantized weight or amax: NonFiniteError, nothing published
+            if final:
+                final[0].checks.finish()
+                plan = final[0]
+            hfq = plan.hf_quant_config
             if qc.is_quantized_export(hfq):
                 (tmp / "hf_quant_config.json").write_text(json.dumps(hfq, indent=4))
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=4))
-            if amax:
+            (tmp / "config.json").write_text(json.dumps(plan.config, indent=4))
+            if plan.amax:
                 (tmp / STATE_FILE).write_text(json.dumps(
                     {"producer": qc.PRODUCER, "note": "exact calibrated amax behind each input/k/v scale; "
-                     "serving engines ignore this file", "amax": amax}, indent=1))
-            copy_aux_files(tmp, Path(src) if src is not None else None, loaded, cfg)
+                     "serving engines ignore this file", "amax": plan.amax}, indent=1))
+            copy_aux_files(tmp, plan.source_dir, plan.loaded, plan.config)
     except JaxquantError:
         raise
     except KeyboardInterrupt:
@@ -274,6 +337,7 @@ def export_hf(
         raise ExportError(f"writing {target} failed ({e}); nothing was left at the target. Free space or "
                           "choose another --export-path and export again (calibration need not be repeated "
                           "if its state was saved).") from e
-    summary = ExportSummary(target, files, sum(e.nbytes for e in entries), n_params, dtypes, hfq, warnings)
+    summary = ExportSummary(target, files, sum(e.nbytes for e in plan.entries), plan.n_params, plan.dtypes,
+                            plan.hf_quant_config, plan.warnings)
     log.info("%s", summary.describe())
     return summary

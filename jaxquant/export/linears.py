@@ -155,8 +155,9 @@ def _f32(a) -> np.ndarray:
     return np.asarray(variable_value(a)).astype(np.float32)
 
 
-def _amaxes(fmt: str, wq, iq, icfg, n: int | None):
-    """(weight amax, block amax, input amax) of a site, each with a leading ``[n]`` for ``n`` experts."""
+def _amaxes(fmt: str, wq, iq, icfg, n: int | None, activations: bool = True):
+    """(weight amax, block amax, input amax) of a site, each with a leading ``[n]`` for ``n`` experts
+    (``activations`` False: the input amax is a placeholder of ones, for an export planned before calibration)."""
     qf = formats.get(fmt)
     lead = () if n is None else (n,)
     if qf.static_blocks:
@@ -168,6 +169,8 @@ def _amaxes(fmt: str, wq, iq, icfg, n: int | None):
     in_amax = None
     if icfg is not None and qf.static_input_scale and not icfg.is_dynamic:
         fixed = icfg.fixed_amax
+        if fixed is None and not activations:
+            fixed = 1.0
         in_amax = (np.full(lead, fixed, np.float32) if fixed is not None else _f32(iq.amax).reshape(lead))
     return w_amax, blk, in_amax
 
@@ -179,10 +182,11 @@ def _sibling(site: Site, by_attr: dict, role: str):
     return other.quantizer if other is not None else None
 
 
-def walk(model, name_map=None, *, need_amax: bool) -> Walked:
+def walk(model, name_map=None, *, need_amax: bool, activations: bool = True) -> Walked:
     """Walk ``model``'s quantizer sites once and collect what export writes (module doc).
 
-    ``need_amax``: read the calibrated amax (False for a configured, not yet calibrated model)."""
+    ``need_amax``: read the calibrated amax (False for a configured, not yet calibrated model);
+    ``activations`` False: read the weights' amax only (input amax placeholders of ones)."""
     nm = name_map_of(model, name_map)
     sites = quantizer_sites(model, nm.hf_name)
     by_attr = {(id(s.parent), s.attr): s for s in sites}
@@ -200,7 +204,7 @@ def walk(model, name_map=None, *, need_amax: bool) -> Walked:
             fmt = _layer_format(hf, wcfg, icfg)
             item = ExportLinear(hf, SiteWeight(s), s.quantizer, iq, fmt, s.weight_path)
             if need_amax and fmt is not None:
-                item.w_amax, item.w_block_amax, item.in_amax = _amaxes(fmt, s.quantizer, iq, icfg, None)
+                item.w_amax, item.w_block_amax, item.in_amax = _amaxes(fmt, s.quantizer, iq, icfg, None, activations)
             linears.append(item)
             continue
         stacked = variable_value(getattr(s.parent, s.weight_param))
@@ -210,7 +214,7 @@ def walk(model, name_map=None, *, need_amax: bool) -> Walked:
         fmt = _layer_format(f"{module}.*.{leaf}", wcfg, icfg)
         w_amax = blk = in_amax = None
         if need_amax and fmt is not None:
-            w_amax, blk, in_amax = _amaxes(fmt, s.quantizer, iq, icfg, E)
+            w_amax, blk, in_amax = _amaxes(fmt, s.quantizer, iq, icfg, E, activations)
         for e, hf in enumerate(s.module_names):
             linears.append(ExportLinear(
                 hf, ExpertWeight(stacked, e), s.quantizer, iq, fmt, s.weight_path,

@@ -89,10 +89,28 @@ class Entry:
     shape: tuple[int, ...]
     dtype: np.dtype
     produce: Callable[[], Any]  # -> np.ndarray or jax.Array of exactly ``shape`` / ``dtype``
+    #: its bytes depend on activation statistics (input / KV scales): an export started before the calibration
+    #: forward ends writes it last (``write_sharded``'s ``late``)
+    late: bool = False
+    #: the calibration statistics its bytes depend on besides the weights (weight amax, block amax), compared
+    #: by ``same_inputs`` to find tensors an early export must write again
+    inputs: tuple = ()
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def same_inputs(a: Entry, b: Entry) -> bool:
+    """Whether two plans of one tensor read the same statistics (``Entry.inputs``, arrays compared exactly)."""
+    if len(a.inputs) != len(b.inputs):
+        return False
+    for x, y in zip(a.inputs, b.inputs, strict=True):
+        if (x is None) != (y is None):
+            return False
+        if x is not None and not np.array_equal(np.asarray(x), np.asarray(y)):
+            return False
+    return True
 
 
 def plan_shards(entries: Sequence[Entry], max_shard_size: int | str) -> list[list[Entry]]:
@@ -254,6 +272,7 @@ def write_sharded(
     workers: int = DEFAULT_WORKERS,
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
     min_inflight_tensors: int = DEFAULT_MIN_INFLIGHT_TENSORS,
+    late: Callable[[], Sequence[Entry]] | None = None,
 ) -> list[str]:
     """Write ``entries`` as one or more safetensors files (+ index) into ``directory``, streamed.
 
@@ -269,6 +288,12 @@ def write_sharded(
     is closed before it propagates. Partial files are left behind: removing them is the caller's job
     (``export.atomic``). ``on_shard(file name, tensor bytes)`` is called in shard order as each file
     is complete. ``progress`` shows a tqdm bar of bytes written on stderr when it is a terminal.
+
+    ``late`` (an export started before its activation statistics exist, ``export.early``): the entries marked
+    ``Entry.late`` are skipped at first; once every other entry is dispatched, ``late()`` is called (it may
+    block until the statistics exist) and returns the entries to write now: the final version of every late
+    entry, plus any other planned tensor to write again. Each must be planned (same name, shape and dtype),
+    so it lands at its planned offset and the files are byte for byte what one pass would have written.
     Returns the shard file names.
     """
     d = Path(directory)
@@ -323,10 +348,27 @@ def write_sharded(
             if bar is not None:
                 bar.update(n)
 
+    planned = {e.name: (si, e) for si, shard in enumerate(shards) for e in shard}
+    offsets: dict[str, int] = {}
+
+    def dispatch(si: int, e: Entry) -> None:
+        nonlocal inflight
+        n = e.nbytes
+        while pending and not (len(pending) < min_inflight_tensors or inflight + n <= max_inflight_bytes):
+            reap(block=True)
+        reap(block=False)  # a failed write surfaces before more work is dispatched
+        a = _check_produced(e, e.produce())
+        a = _start_host_copy(a)  # jax.Array: start the device->host copy now
+        f = pool.submit(_write_tensor, fds[si], offsets[e.name], a, stop)
+        del a
+        pending[f] = (si, e.name, n)
+        inflight += n
+
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=_THREAD_PREFIX)
     try:
         for si, shard in enumerate(shards):
-            blob, offsets, size = shard_layout(shard, SAFETENSORS_METADATA)
+            blob, offs, size = shard_layout(shard, SAFETENSORS_METADATA)
+            offsets.update(offs)
             fd = os.open(d / files[si], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             fds[si] = fd
             try:
@@ -335,20 +377,31 @@ def write_sharded(
             except OSError as exc:
                 exc.add_note(f"while writing the header of {files[si]}")
                 raise
-            if not shard:
+            if late is not None:
+                remaining[si] += 1  # held open for the late entries: released below
+            if not shard and late is None:
                 close_shard(si)
             for e in shard:
-                n = e.nbytes
-                while pending and not (len(pending) < min_inflight_tensors or inflight + n <= max_inflight_bytes):
-                    reap(block=True)
-                reap(block=False)  # a failed write surfaces before more work is dispatched
-                a = _check_produced(e, e.produce())
-                a = _start_host_copy(a)  # jax.Array: start the device->host copy now
-                f = pool.submit(_write_tensor, fd, offsets[e.name], a, stop)
-                del a
-                pending[f] = (si, e.name, n)
-                inflight += n
+                if late is not None and e.late:
+                    remaining[si] -= 1
+                    continue
+                dispatch(si, e)
             report()
+        if late is not None:
+            todo = list(late())
+            missing = sorted(n for n, (_, e) in planned.items() if e.late and n not in {x.name for x in todo})
+            if missing:
+                raise ExportError(f"internal error: the late tensors {missing[:3]} were never produced")
+            for e in todo:
+                si, want = planned.get(e.name, (None, None))
+                if want is None or tuple(e.shape) != tuple(want.shape) or np.dtype(e.dtype) != np.dtype(want.dtype):
+                    raise ExportError(f"internal error: late tensor {e.name!r} does not match the planned layout")
+                remaining[si] += 1
+                dispatch(si, e)
+            for si in range(len(shards)):
+                remaining[si] -= 1
+                if remaining[si] == 0:
+                    close_shard(si)
         while pending:
             reap(block=True)
         report()

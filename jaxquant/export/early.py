@@ -1,0 +1,81 @@
+"""An HF export that writes the weights while the calibration forward passes still run.
+
+Of everything ``export_hf`` writes, only the input / KV scales (``input_scale``, ``k_scale``, ``v_scale``, a few
+bytes per layer) depend on the activations; the quantized weights and their scales depend on the weights and
+their amax, which ``max`` calibration fixes before its first forward pass. So ``jaxquant ptq`` starts the export
+there (``quantize(on_weights_calibrated=...)``):
+
+1. ``EarlyExport(loaded, dir, ...)`` plans the export with the weights' amax (``plan_export(activations=False)``:
+   the activation scales are ``late`` placeholders; the same validation as ``export_hf``) on the calling thread,
+   then writes every other tensor on a thread, into the atomic temporary directory, while the caller calibrates.
+2. ``finish()`` after the calibration plans the export again from the final model and writes its late tensors at
+   their planned offsets, plus any tensor whose weight statistics changed in between (``finalize`` can raise a
+   fused sibling's or an expert's weight amax): the files are byte for byte what ``export_hf`` writes after
+   the calibration (tests/export/test_export_early.py). Then the usual checks, validation and atomic publish.
+3. ``cancel()`` when the calibration fails: the thread stops and the temporary directory is removed.
+
+Only for calibrations that leave the weights alone (``max``): an algorithm that changes weights must export after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+from jaxquant.errors import JaxquantError
+from jaxquant.export.hf import ExportSummary, plan_export, write_export
+
+
+class ExportCancelled(JaxquantError):
+    """The early export was cancelled (its calibration failed); nothing was published."""
+
+
+class EarlyExport:
+    """``export_hf(loaded, export_dir, **kwargs)`` started before the activations are calibrated (module doc).
+
+    The constructor raises what ``export_hf``'s validation raises; write errors surface from ``finish()``.
+    """
+
+    def __init__(self, loaded: Any, export_dir, **kwargs: Any):
+        from jaxquant.cli_overlap import spawn
+
+        self._loaded, self._dir, self._kwargs = loaded, export_dir, kwargs
+        plan = plan_export(loaded, export_dir, activations=False, **kwargs)
+        plan.entries = [dataclasses.replace(e, produce=self._unless_cancelled(e.produce)) for e in plan.entries]
+        self._calibrated = threading.Event()
+        self._cancelled = False
+        self._future = spawn("early-export", write_export, plan, final_plan=self._final_plan)
+
+    def _unless_cancelled(self, produce):
+        def guarded():
+            if self._cancelled:
+                raise ExportCancelled(f"export to {self._dir} cancelled: the calibration did not finish")
+            return produce()
+
+        return guarded
+
+    def _final_plan(self):
+        self._calibrated.wait()
+        if self._cancelled:
+            raise ExportCancelled(f"export to {self._dir} cancelled: the calibration did not finish")
+        return plan_export(self._loaded, self._dir, **self._kwargs)
+
+    def finish(self) -> ExportSummary:
+        """Write the activation scales of the now calibrated model, validate and publish; the ``ExportSummary``."""
+        self._calibrated.set()
+        return self._future.result()
+
+    def cancel(self) -> None:
+        """Stop and remove the partial export (after a failed calibration); returns when the thread has exited."""
+        if self._future.done():
+            return
+        self._cancelled = True
+        self._calibrated.set()
+        try:
+            self._future.result()
+        except Exception:  # noqa: BLE001 - ExportCancelled, or the write error that ended it first
+            pass
+
+
+__all__ = ["EarlyExport", "ExportCancelled"]
