@@ -38,14 +38,22 @@ class EarlyExport:
     """
 
     def __init__(self, loaded: Any, export_dir, **kwargs: Any):
-        from jaxquant.cli_overlap import spawn
-
         self._loaded, self._dir, self._kwargs = loaded, export_dir, kwargs
         plan = plan_export(loaded, export_dir, activations=False, **kwargs)
         plan.entries = [dataclasses.replace(e, produce=self._unless_cancelled(e.produce)) for e in plan.entries]
         self._calibrated = threading.Event()
         self._cancelled = False
-        self._future = spawn("early-export", write_export, plan, final_plan=self._final_plan)
+        self._result: list = []
+        # not a daemon thread, and joined by finish() / cancel(): a thread still releasing device arrays while the
+        # interpreter shuts down aborts the process (seen on a GPU: "FATAL: exception not rethrown")
+        self._thread = threading.Thread(target=self._write, args=(plan,), name="jaxquant-early-export")
+        self._thread.start()
+
+    def _write(self, plan) -> None:
+        try:
+            self._result.append(write_export(plan, final_plan=self._final_plan))
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish()
+            self._result.append(e)
 
     def _unless_cancelled(self, produce):
         def guarded():
@@ -64,18 +72,19 @@ class EarlyExport:
     def finish(self) -> ExportSummary:
         """Write the activation scales of the now calibrated model, validate and publish; the ``ExportSummary``."""
         self._calibrated.set()
-        return self._future.result()
+        self._thread.join()
+        r = self._result[0]
+        if isinstance(r, BaseException):
+            raise r
+        return r
 
     def cancel(self) -> None:
         """Stop and remove the partial export (after a failed calibration); returns when the thread has exited."""
-        if self._future.done():
+        if self._result:
             return
         self._cancelled = True
         self._calibrated.set()
-        try:
-            self._future.result()
-        except Exception:  # noqa: BLE001 - ExportCancelled, or the write error that ended it first
-            pass
+        self._thread.join()
 
 
 __all__ = ["EarlyExport", "ExportCancelled"]
