@@ -158,7 +158,7 @@ def linear_entries(it: ExportLinear, export_dtype: np.dtype, checks: DeferredChe
     specs = qf.export_specs(out_dim, in_dim, input_scale=it.in_amax is not None)
 
     def compute():
-        kw = {"block_amax": it.w_block_amax, "in_amax": it.in_amax, "compute_dtype": export_dtype,
+        kw = {"block_amax": it.w_block_amax, "in_amax": None, "compute_dtype": export_dtype,
               "what": it.hf + ".weight"}
         if checks is None:
             return qf.export_tensors(it.weight.on_device(), it.w_amax, **kw)
@@ -167,10 +167,13 @@ def linear_entries(it: ExportLinear, export_dtype: np.dtype, checks: DeferredChe
         checks.add(check)
         return out
 
-    once = _Once(compute, [k for k, _, _ in specs])
+    def input_scale():  # apart from the weight's kernel: the one tensor that depends on the activations
+        return qf.input_scale(np.float32(it.in_amax), what=f"{it.hf}.input_quantizer amax").reshape(())
+
+    once = _Once(compute, [k for k, _, _ in specs if k != "input_scale"])
     inputs = (it.w_amax, it.w_block_amax)
-    return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k)), late=k == "input_scale", inputs=inputs)
-            for k, s, d in specs]
+    return [Entry(f"{it.hf}.{k}", s, d, input_scale, late=True) if k == "input_scale"
+            else Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k)), inputs=inputs) for k, s, d in specs]
 
 
 def warm_export_kernels(model, dtype, *, name_map=None) -> int:
@@ -185,13 +188,13 @@ def warm_export_kernels(model, dtype, *, name_map=None) -> int:
     for it in walk(model, name_map, need_amax=True).linears:
         if it.fmt is None:
             continue
-        key = (it.fmt, tuple(it.weight.shape), it.in_amax is None, it.w_block_amax is None,
-               np.shape(it.w_amax), np.shape(it.in_amax), np.shape(it.w_block_amax))
+        key = (it.fmt, tuple(it.weight.shape), it.w_block_amax is None, np.shape(it.w_amax),
+               np.shape(it.w_block_amax))
         if key in seen:
             continue
         seen.add(key)
         out, _ = formats.get(it.fmt).export_tensors_deferred(
-            jnp.zeros(tuple(it.weight.shape), dtype), it.w_amax, block_amax=it.w_block_amax, in_amax=it.in_amax,
+            jnp.zeros(tuple(it.weight.shape), dtype), it.w_amax, block_amax=it.w_block_amax, in_amax=None,
             compute_dtype=dtype, what=it.hf + ".weight")
         jax.block_until_ready(out)
     return len(seen)
