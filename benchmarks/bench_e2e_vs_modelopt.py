@@ -282,7 +282,6 @@ def worker_jaxquant(args, t_start: float) -> dict:
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
     cli._import_runtime()
     import jax
-    import numpy as np
 
     import jaxquant
     from jaxquant import cli_ptq
@@ -309,9 +308,6 @@ def worker_jaxquant(args, t_start: float) -> dict:
     main_s = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"error: jaxquant ptq exited with {rc}")
-    loaded_tok = __import__("transformers").AutoTokenizer.from_pretrained(str(work / "src"))
-    if not np.array_equal(_token_ids(loaded_tok, work / "calib.jsonl", args.calib_seq), np.load(work / "ids.npy")):
-        raise SystemExit("error: jaxquant's tokenizer gives other ids than ids.npy")
     for name, s in recorded:
         phases[name] = phases.get(name, 0.0) + s
     phases["command overhead (untimed by the command)"] = main_s - sum(s for _, s in recorded)
@@ -580,6 +576,10 @@ def main(argv=None) -> dict | None:
             fn = worker_modelopt if args.worker == "modelopt" else worker_jaxquant
             rep = fn(args, t_start)
         Path(args.result).write_text(json.dumps(rep, indent=2))
+        if args.worker == "jaxquant":  # leave as the `jaxquant` command does (cli.console_main: os._exit)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return None
 
     tools = [t for t in args.tools.split(",") if t]
@@ -641,6 +641,13 @@ def main(argv=None) -> dict | None:
                         timeout = left if timeout is None else min(timeout, left)
                     print(f"[{recipe}] {tool} ...", flush=True)
                     entry[tool] = _run_worker(tool, args, rdir, jq_env if tool == "jaxquant" else base_env, timeout)
+                    if tool == "jaxquant" and entry[tool].get("ok"):  # same tokens as ModelOpt's (outside the timing)
+                        import numpy as np
+
+                        tok = __import__("transformers").AutoTokenizer.from_pretrained(str(work / "src"))
+                        if not np.array_equal(_token_ids(tok, work / "calib.jsonl", args.calib_seq),
+                                              np.load(work / "ids.npy")):
+                            raise SystemExit("error: the checkpoint's tokenizer gives other ids than ids.npy")
                     print(f"[{recipe}] {tool}: {entry[tool]['process_wall_s']:.1f} s "
                           f"({'ok' if entry[tool].get('ok') else 'failed'})", flush=True)
             if entry.get("modelopt", {}).get("ok") and entry.get("jaxquant", {}).get("ok"):

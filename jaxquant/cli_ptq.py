@@ -551,7 +551,8 @@ def run_ptq(args) -> int:
         early = EarlyHF(args, loaded, resolution, enabled=parked is None)
         try:
             result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty(),
-                              layerwise=getattr(args, "layerwise", False), on_weights_calibrated=early.start)
+                              layerwise=getattr(args, "layerwise", False), on_weights_calibrated=early.start,
+                              check_finite=False)  # checked right after loading
         except BaseException:
             early.cancel()
             raise

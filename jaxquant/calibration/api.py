@@ -171,6 +171,7 @@ def quantize(
     max_seq_len: int | None = None,
     layerwise: bool = False,
     on_weights_calibrated: Callable[[], Any] | None = None,
+    check_finite: bool = True,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with ``recipe`` and calibration ``data``; leaves it fake-quantized.
 
@@ -195,6 +196,8 @@ def quantize(
       on_weights_calibrated: called with no argument once the weights' amax are final and before the first
         forward pass, by algorithms that leave the weights alone (``Algorithm.early_weights``: ``max``); never
         called otherwise. ``jaxquant ptq`` starts writing the export there (``export.early``).
+      check_finite: first check every parameter for NaN / Inf (``NonFiniteError``); False only when the caller
+        just did (``jaxquant ptq`` checks right after loading).
 
     Returns:
       A ``QuantizeResult``.
@@ -220,7 +223,8 @@ def quantize(
     algo, options = resolve_algorithm(_recipe_algorithm(resolution, recipe))
     sites: list[Site] = quantizer_sites(model)
     timings["apply_recipe"] = time.perf_counter() - t0
-    check_params_finite(model)  # before any forward: XLA:CPU's max can hide a NaN from the statistics
+    if check_finite:
+        check_params_finite(model)  # before any forward: XLA:CPU's max can hide a NaN from the statistics
 
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
