@@ -72,10 +72,11 @@ def load_variant(src, variant):
 
     dev = jax.devices()[0]
     pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host")
+    on_device = jax.sharding.SingleDeviceSharding(dev, memory_kind="device")
 
     def pinned_put(n):
         h = jax.device_put(files.get(n), pinned)  # host memcpy into pinned memory
-        x = jax.device_put(h, dev)  # DMA
+        x = jax.device_put(h, on_device)  # DMA
         x.block_until_ready()
         return x
 
