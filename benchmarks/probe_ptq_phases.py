@@ -122,8 +122,16 @@ _JOB_TRACE = (
     "               ('jaxquant.recipe', 'apply_recipe'), ('jaxquant.data', 'build_calib_batches'),\n"
     "               ('jaxquant.calibration', 'quantize'), ('jaxquant.calibration.max', 'run_calibration'),\n"
     "               ('jaxquant.calibration.api', 'finalize'), ('jaxquant.export.early', 'plan_export'),\n"
-    "               ('jaxquant.export.early', 'write_export'), ('jaxquant.cli_ptq', '_export')]:\n"
+    "               ('jaxquant.export.early', 'write_export'), ('jaxquant.cli_ptq', '_export'),\n"
+    "               ('jaxquant.export.atomic', '_fsync_tree'), ('jaxquant.check', 'validate_checkpoint'),\n"
+    "               ('jaxquant.export.hf', '_refuse_invalid')]:\n"
     "    _traced(_m, _n)\n"
+    "import jaxquant.export.early as _early\n"
+    "_fp = _early.EarlyExport._final_plan\n"
+    "def _final_plan(self):  # called when the first pass has dispatched every tensor but the late ones\n"
+    "    print(f'TRACE early first pass dispatched at {time.perf_counter() - T0:6.2f}', file=sys.stderr, flush=True)\n"
+    "    return _fp(self)\n"
+    "_early.EarlyExport._final_plan = _final_plan\n"
 )
 
 _JOB_PATCHES = {
