@@ -21,13 +21,14 @@ import numpy as np
 
 def scales(d: Path) -> dict[str, float]:
     """Every scalar ``*input_scale`` / ``*k_scale`` / ``*v_scale`` of the safetensors files in ``d``."""
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     out = {}
     for f in sorted(Path(d).glob("*.safetensors")):
-        for k, v in load_file(str(f)).items():
-            if k.endswith(("input_scale", "k_scale", "v_scale")):
-                out[k] = float(np.asarray(v, np.float32).reshape(-1)[0])
+        with safe_open(str(f), "np") as fh:  # only the float32 scales are read (numpy has no bfloat16)
+            for k in fh.keys():
+                if k.endswith(("input_scale", "k_scale", "v_scale")):
+                    out[k] = float(np.asarray(fh.get_tensor(k), np.float32).reshape(-1)[0])
     return out
 
 

@@ -483,7 +483,6 @@ def run_ptq(args) -> int:
     overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ, compile_ahead=parked is None)
     loaded, model_desc = load_model(args.model, dtype, device=parked)
     model = loaded.model
-    check_params_finite(model, name_map=loaded.name_map, source=model_desc)  # while the tokenizer may still load
     tokenizer = overlap.tokenizer(loaded)
     timer.add("load model", time.perf_counter() - t0)
     _out(f"model: {model_desc}")

@@ -30,10 +30,11 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.converters.names import NameMap, dotted
-from jaxquant.errors import CheckpointError, UnsupportedError
+from jaxquant.errors import CheckpointError, NonFiniteError, UnsupportedError
 from jaxquant.io.safetensors import CheckpointFiles, SafetensorsFile
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.decoder import abstract_model
+from jaxquant.numerics.checks import host_all_finite
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +184,13 @@ def materialize(
         shd = sharding(path_s, expected) if callable(sharding) else sharding
         plan.append((var, hf, shd, int(np.prod(expected)) * np.dtype(dtype).itemsize))
     release = getattr(source, "release", None)
+    nonfinite: list[str] = []
 
     def put(hf, shd):
         rel = None if release is None else (lambda lo, hi: release(hf, lo, hi))
         arr = _host_cast(source.get(hf), np.dtype(dtype), rel)
+        if not host_all_finite(arr):
+            nonfinite.append(hf)
         x = to_device(arr, shd)
         del arr
         if release is not None:
@@ -199,6 +203,7 @@ def materialize(
     if workers <= 1:
         for var, hf, shd, _ in plan:
             var.set_value(put(hf, shd))
+        _refuse_nonfinite(nonfinite, plan, source)
         return nnx.merge(graphdef, state)
     pending: collections.deque = collections.deque()
     inflight = 0
@@ -218,7 +223,20 @@ def materialize(
             for _, f, _ in pending:
                 f.cancel()
             raise
+    _refuse_nonfinite(nonfinite, plan, source)
     return nnx.merge(graphdef, state)
+
+
+def _refuse_nonfinite(names: list[str], plan, source) -> None:
+    """``NonFiniteError`` naming (in model order) the loaded tensors that hold NaN or Inf after the dtype cast."""
+    if not names:
+        return
+    bad = set(names)
+    ordered = [hf for _, hf, _, _ in plan if hf in bad]
+    shown = ", ".join(ordered[:5]) + (f" and {len(ordered) - 5} more" if len(ordered) > 5 else "")
+    raise NonFiniteError(f"{source.where(ordered[0])}: the tensors {shown} hold NaN or Inf (after the cast to the "
+                         "load dtype); every forward pass would be NaN. The checkpoint is corrupt or was converted to "
+                         "a dtype that overflows.")
 
 
 def to_device(arr: np.ndarray, sharding: jax.sharding.Sharding | None = None) -> jax.Array:

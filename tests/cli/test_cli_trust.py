@@ -90,7 +90,15 @@ def test_quantize_api_refuses_nan_parameters(files, tmp_path):
     import jaxquant as jq
 
     bad = _with_nan(Path(files["model"]), tmp_path / "nan_api", "model.layers.1.post_attention_layernorm.weight")
-    loaded = jq.load_hf(bad, dtype="float32")
+    with pytest.raises(jq.NonFiniteError, match=r"model\.safetensors: the tensors "
+                                                r"model\.layers\.1\.post_attention_layernorm\.weight hold NaN"):
+        jq.load_hf(bad, dtype="float32")  # the loader checks every tensor it reads
+    loaded = jq.load_hf(Path(files["model"]), dtype="float32")
+    from flax import nnx
+
+    (norm,) = [v for path, v in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param))
+               if loaded.name_map.hf_name(".".join(map(str, path))) == "model.layers.1.post_attention_layernorm.weight"]
+    norm.set_value(norm.get_value().at[0].set(float("nan")))  # a model made NaN after loading: quantize() refuses it
     ids = np.ones((2, 8), np.int32)
     with pytest.raises(jq.NonFiniteError, match="post_attention_layernorm"):
         jq.quantize(loaded.model, jq.load_recipe("general/ptq/fp8_default-kv_fp8"), [ids])
