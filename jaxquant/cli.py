@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate layer by layer over all batches instead of batch by batch (the same statistics; "
                         "what a recipe's algorithm.layerwise.enable asks for); on an accelerator the parameters stay "
                         "in host memory and one decoder layer at a time goes to the device")
+    p.add_argument("--layerwise-checkpoint", dest="layerwise_checkpoint", default=None, metavar="DIR",
+                   help="with layer-by-layer calibration (implies --layerwise): save the state after each layer in DIR "
+                        "and, when DIR holds a checkpoint of the same model, recipe and data, resume from it (what a "
+                        "recipe's algorithm.layerwise.checkpoint_dir asks for)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed (calibration is deterministic: first-N samples, no shuffling; kept for hf_ptq "
                         "compatibility)")

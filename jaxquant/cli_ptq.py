@@ -479,6 +479,8 @@ def run_ptq(args) -> int:
     dtype = resolve_dtype_arg(args.dtype)
     from jaxquant import cli_overlap
 
+    if getattr(args, "layerwise_checkpoint", None) is not None:
+        args.layerwise = True
     parked = parking_device() if getattr(args, "layerwise", False) else None
     overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ, compile_ahead=parked is None)
     loaded, model_desc = load_model(args.model, dtype, device=parked)
@@ -551,7 +553,8 @@ def run_ptq(args) -> int:
         try:
             result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty(),
                               layerwise=getattr(args, "layerwise", False), on_weights_calibrated=early.start,
-                              check_finite=False)  # checked right after loading
+                              check_finite=False,  # checked while loading
+                              layerwise_checkpoint=getattr(args, "layerwise_checkpoint", None))
         except BaseException:
             early.cancel()
             raise

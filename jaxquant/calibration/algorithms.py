@@ -27,7 +27,8 @@ _MAX_OPTIONS = {
     "sync_expert_weight_amax": "honoured",
     "shared_states": "honoured (weight_global_amax.patterns)",
     "skip_forward_without_activation_calib": "honoured",
-    "layerwise": "honoured ({enable: true}: calibration/layerwise.py); other keys refused",
+    "layerwise": "honoured ({enable, checkpoint_dir, save_every, calib_mutates_weights}: calibration/layerwise.py, "
+                 "calibration/resume.py); get_qdq_activations_from_prev_layer: true refused",
     "moe_calib_experts_ratio": "not supported",
 }
 
@@ -72,6 +73,7 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
 def _max_options(options: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"sync_expert_weight_amax": False, "shared_patterns": None,
                            "skip_forward_without_activation_calib": True, "layerwise": False}
+    out.update(parse_layerwise(options.get("layerwise")))
     for k, v in options.items():
         if k not in _MAX_OPTIONS:
             raise UnsupportedError(
@@ -93,21 +95,39 @@ def _max_options(options: Mapping[str, Any]) -> dict[str, Any]:
             pats = (v.get("weight_global_amax") or {}).get("patterns")
             if pats is not None:
                 out["shared_patterns"] = tuple(pats)
-        elif k == "layerwise":
-            if isinstance(v, Mapping):
-                # calib_mutates_weights: max never changes weights, so either value holds
-                extra = set(v) - {"enable", "calib_mutates_weights"}
-                if extra and v.get("enable", False):
-                    raise UnsupportedError(f"algorithm.layerwise {dict(v)!r}: only 'enable' is implemented "
-                                           f"({', '.join(sorted(extra))} not yet: layerwise state is not "
-                                           "checkpointed or offloaded).")
-                out["layerwise"] = bool(v.get("enable", False))
-            else:
-                out["layerwise"] = bool(v)
         elif k == "moe_calib_experts_ratio":
             if v is not None:
                 raise UnsupportedError("moe_calib_experts_ratio is not supported yet (jaxquant routes "
                                        "calibration tokens exactly as the model does).")
+    return out
+
+
+def parse_layerwise(v: Any) -> dict[str, Any]:
+    """ModelOpt's ``layerwise`` option (a bool, or ``{enable, checkpoint_dir, save_every, calib_mutates_weights,
+    get_qdq_activations_from_prev_layer}``) as ``{"layerwise": bool, "layerwise_checkpoint_dir": str | None,
+    "layerwise_save_every": int}``. ``calib_mutates_weights`` needs nothing from an algorithm that leaves the weights
+    alone; quantized inputs from the previous layer (``get_qdq_activations_from_prev_layer: true``, GPTQ's) and
+    unknown keys raise ``UnsupportedError``."""
+    out = {"layerwise": False, "layerwise_checkpoint_dir": None, "layerwise_save_every": 1}
+    if v is None:
+        return out
+    if not isinstance(v, Mapping):
+        out["layerwise"] = bool(v)
+        return out
+    known = {"enable", "calib_mutates_weights", "checkpoint_dir", "save_every", "get_qdq_activations_from_prev_layer"}
+    extra = set(v) - known
+    if extra:
+        raise UnsupportedError(f"algorithm.layerwise {dict(v)!r}: unknown key(s) {', '.join(sorted(extra))}; "
+                               f"known: {', '.join(sorted(known))}")
+    if v.get("get_qdq_activations_from_prev_layer") and v.get("enable", False):
+        raise UnsupportedError("algorithm.layerwise.get_qdq_activations_from_prev_layer: true (each layer calibrated "
+                               "on the previous layer's quantized outputs) is not implemented yet.")
+    out["layerwise"] = bool(v.get("enable", False))
+    out["layerwise_checkpoint_dir"] = v.get("checkpoint_dir")
+    save_every = v.get("save_every", 1)
+    if not isinstance(save_every, int) or isinstance(save_every, bool) or save_every < 1:
+        raise RecipeError(f"algorithm.layerwise.save_every must be a positive integer, got {save_every!r}")
+    out["layerwise_save_every"] = save_every
     return out
 
 
@@ -153,6 +173,7 @@ __all__ = [
     "KNOWN_UNSUPPORTED",
     "get_algorithm",
     "parse_algorithm",
+    "parse_layerwise",
     "resolve_algorithm",
     "supported_algorithms",
 ]

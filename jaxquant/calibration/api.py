@@ -70,6 +70,8 @@ class QuantizeResult:
         lines = [f"calibration ({self.algorithm or 'none'}): {s.batches if s.batches >= 0 else '?'} batches, "
                  f"{s.tokens} tokens in {s.run_s:.2f} s"
                  + (f" ({s.tokens_per_s:,.0f} tokens/s), compile {s.compile_s:.2f} s" if s.tokens else "")]
+        if s.resumed is not None:
+            lines.append(f"resumed the layerwise calibration from {s.resumed[0]} at {s.resumed[1]}")
         extra = self.report.summary()
         if extra:
             lines.append(extra)
@@ -172,6 +174,7 @@ def quantize(
     layerwise: bool = False,
     on_weights_calibrated: Callable[[], Any] | None = None,
     check_finite: bool = True,
+    layerwise_checkpoint: str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with ``recipe`` and calibration ``data``; leaves it fake-quantized.
 
@@ -198,6 +201,9 @@ def quantize(
         called otherwise. ``jaxquant ptq`` starts writing the export there (``export.early``).
       check_finite: first check every parameter for NaN / Inf (``NonFiniteError``); False only when the caller
         just did (``jaxquant ptq`` checks right after loading).
+      layerwise_checkpoint: a directory for per-layer checkpoints of a layerwise calibration (implies
+        ``layerwise``; overrides the recipe's ``layerwise.checkpoint_dir``): a run interrupted after layer i resumes
+        at layer i + 1 when started again with the same directory, model, recipe and data (``calibration/resume.py``).
 
     Returns:
       A ``QuantizeResult``.
@@ -253,7 +259,7 @@ def quantize(
             total_tokens=_total_tokens(data),
             max_seq_len=max_seq_len,
             skip_forward_without_activation_calib=options.get("skip_forward_without_activation_calib", True),
-            **({"layerwise": True} if (layerwise or options.get("layerwise")) else {}),
+            **_layerwise_kwargs(layerwise, layerwise_checkpoint, options),
             **({"on_weights_calibrated": on_weights_calibrated}
                if on_weights_calibrated is not None and algo.early_weights else {}),
         )
@@ -274,6 +280,18 @@ def quantize(
     timings["finalize"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return QuantizeResult(resolution, state, timings, stats, report, algo.name if algo else None)
+
+
+def _layerwise_kwargs(layerwise: bool, checkpoint: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The algorithm's layerwise keyword arguments from ``quantize``'s and the recipe's settings (none when off)."""
+    directory = checkpoint if checkpoint is not None else options.get("layerwise_checkpoint_dir")
+    if not (layerwise or options.get("layerwise") or checkpoint is not None):
+        return {}  # a recipe's checkpoint_dir without layerwise enabled: nothing to checkpoint (as in ModelOpt)
+    out: dict[str, Any] = {"layerwise": True}
+    if directory is not None:
+        out["layerwise_checkpoint_dir"] = str(directory)
+        out["layerwise_save_every"] = options.get("layerwise_save_every", 1)
+    return out
 
 
 def check_sequence_length(model: Any, seq_len: int, *, what: str = "--calib-seq") -> None:

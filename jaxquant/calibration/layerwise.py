@@ -38,10 +38,14 @@ def _bar(total: int, enabled: bool):
 
 
 def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[Any], *, forward: Any = None,
-                              progress: bool = True, max_seq_len: int | None = None) -> CalibrationStats:
+                              progress: bool = True, max_seq_len: int | None = None,
+                              checkpoint_dir: str | None = None, save_every: int = 1) -> CalibrationStats:
     """Calibrate ``model`` (quantizer modes already set) layer by layer over ``batches``.
 
+    ``checkpoint_dir``: save the state every ``save_every`` layers there and resume from it (``calibration.resume``).
+
     Raises:
+      CheckpointError: ``checkpoint_dir`` holds another run's checkpoint, or it cannot be written.
       UnsupportedError: a model without the stage protocol or a custom ``forward`` (their forward is one call).
       NonFiniteError: NaN/Inf statistics, naming the layer and the first batch.
       DataError: as ``run_calibration`` (malformed or empty batches, too long, ids outside the vocabulary).
@@ -70,27 +74,54 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
             step.write_back()
             raise non_finite_activations(sites, where, bad[0])
 
-    bar = _bar(len(step.layers) + 2, progress)
+    parts = [step.shell, *step.layers]
+    n = len(step.layers)
+    ckpt = resumed = None
+    if checkpoint_dir is not None:
+        from jaxquant.calibration.resume import LayerCheckpoint, fingerprint
+
+        configs = [(s.names[0], repr(s.quantizer.config)) for s in sites]
+        ckpt = LayerCheckpoint(checkpoint_dir, fingerprint([p.amax for p in parts], data, configs), save_every)
+        resumed = ckpt.load()
+    bar = _bar(n + 2, progress)
     t0 = time.perf_counter()
-    for part in [step.shell, *step.layers]:  # statistics are small: all on the device, wherever the weights are
+    for part in parts:  # statistics are small: all on the device, wherever the weights are
         part.amax = on_default_device(part.amax)
     try:
         rest = on_default_device(step.shell.rest)
-        acts = [step.run_prologue(ids, mask, rest) for _, ids, mask, _ in data]  # (x, ctx, ok) per batch
-        check([a[2] for a in acts], "the embeddings")
-        if bar is not None:
-            bar.update(1)
-        for i, part in enumerate(step.layers):
-            rest_i = on_default_device(part.rest)
+        if resumed is not None:
+            where = (f"decoder layer {resumed.next_layer}" if resumed.next_layer < n else
+                     "the head" if resumed.next_layer == n else "its end (nothing left to run)")
+            stats.resumed = (str(ckpt.path), where)
+            log.info("resuming the layerwise calibration from %s at %s", ckpt.path, where)
+            for part, saved in zip(parts, resumed.parts_amax, strict=True):
+                part.amax = on_default_device([jax.numpy.asarray(a) for a in saved])
+            acts = jax.tree_util.tree_map(jax.numpy.asarray, resumed.acts)
+            start = resumed.next_layer
+            if bar is not None:
+                bar.update(min(start, n + 1) + 1)
+        else:
+            acts = [step.run_prologue(ids, mask, rest) for _, ids, mask, _ in data]  # (x, ctx, ok) per batch
+            check([a[2] for a in acts], "the embeddings")
+            start = 0
+            if bar is not None:
+                bar.update(1)
+        for i in range(start, n):
+            rest_i = on_default_device(step.layers[i].rest)
             acts = [step.run_layer(i, x, ctx, ok, rest_i) for x, ctx, ok in acts]
             del rest_i
             check([a[2] for a in acts], f"decoder layer {i}")
+            if ckpt is not None and ckpt.due(i + 1, n):
+                ckpt.save(i + 1, [p.amax for p in parts], acts)
             if bar is not None:
                 bar.update(1)
-        oks = [step.run_epilogue(x, ctx, ok, rest) for x, ctx, ok in acts]
-        check(oks, "the head")
-        if bar is not None:
-            bar.update(1)
+        if start <= n:
+            oks = [step.run_epilogue(x, ctx, ok, rest) for x, ctx, ok in acts]
+            check(oks, "the head")
+            if ckpt is not None:
+                ckpt.save(n + 1, [p.amax for p in parts], [])
+            if bar is not None:
+                bar.update(1)
     finally:
         close_step(step, bar)
     stats.run_s = time.perf_counter() - t0

@@ -254,6 +254,8 @@ class CalibrationStats:
     compile_s: float = 0.0
     run_s: float = 0.0
     shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    #: a layerwise run resumed from a checkpoint: ``(file, the stage it resumed at)``
+    resumed: tuple[str, str] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -461,13 +463,16 @@ def run_forward_loop(model: Any, sites: list[Site], forward_loop: Callable[[Any]
 def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardFn = default_forward,
                   progress: bool = True, total_tokens: int | None = None, max_seq_len: int | None = None,
                   skip_forward_without_activation_calib: bool = True, layerwise: bool = False,
-                  on_weights_calibrated: Callable[[], Any] | None = None) -> CalibrationStats:
+                  on_weights_calibrated: Callable[[], Any] | None = None, layerwise_checkpoint_dir: str | None = None,
+                  layerwise_save_every: int = 1) -> CalibrationStats:
     """ModelOpt's ``max`` up to (not including) ``finalize``: weights, then the forward passes.
 
     ``data``: an iterable of batches, a ``forward_loop(model)`` callable, or None (weights only;
     refused when an activation quantizer needs data). ``layerwise``: layer by layer over all batches
     (``calibration/layerwise.py``; the same amax, one decoder layer's parameters on the device at a time).
     ``on_weights_calibrated()`` is called once the weight amax are set and checked, before any forward pass.
+    ``layerwise_checkpoint_dir`` / ``layerwise_save_every``: per-layer checkpoints to resume from
+    (``calibration/resume.py``; layerwise only).
     """
     calibrate_weights(sites, model)
     check_weights_finite(sites)
@@ -490,7 +495,11 @@ def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardF
         from jaxquant.calibration.layerwise import run_calibration_layerwise
 
         return run_calibration_layerwise(model, sites, data, forward=forward, progress=progress,
-                                         max_seq_len=max_seq_len)
+                                         max_seq_len=max_seq_len, checkpoint_dir=layerwise_checkpoint_dir,
+                                         save_every=layerwise_save_every)
+    if layerwise_checkpoint_dir is not None:
+        raise UnsupportedError("a layerwise checkpoint directory needs layer-by-layer calibration (layerwise: "
+                               "{enable: true}, or --layerwise).")
     return run_calibration(model, sites, data, forward=forward, progress=progress, total_tokens=total_tokens,
                            max_seq_len=max_seq_len)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ import numpy as np
 
 from jaxquant.calibration.sites import Site, quantizer_sites
 from jaxquant.errors import CheckpointError, JaxquantError
-from jaxquant.interrupt import raise_if_interrupted
 
 AMAX = "_amax"
 GLOBAL_AMAX = "_global_amax"
@@ -136,36 +134,17 @@ def save_calibration_state(path: str | os.PathLike, state: Mapping[str, Any],
 
     ``metadata`` values are stored as strings (non-strings as JSON).
     """
-    from jaxquant.io.safetensors import save_file
+    from jaxquant.io.safetensors import save_file_atomic
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FILE_FORMAT, "version": FILE_VERSION}
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        save_file_atomic({k: np.asarray(v, np.float32) for k, v in state.items()}, path, meta)
     except OSError as e:
-        raise CheckpointError(f"cannot write the calibration state {path}: {e.strerror or e}.") from None
-    os.close(fd)
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0o600 would hide the file from other users
-        save_file({k: np.asarray(v, np.float32) for k, v in state.items()}, tmp, meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        raise_if_interrupted()
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise CheckpointError(f"writing the calibration state {path} failed ({e.strerror or e}); nothing was left "
                               "there. Free space or choose another path.") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

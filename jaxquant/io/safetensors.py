@@ -183,6 +183,35 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
             f.write(a.reshape(-1).view(np.uint8).data)  # zero-copy
 
 
+def save_file_atomic(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """``save_file`` into a temporary file beside ``path``, fsynced, then renamed over it: ``path`` is either its old
+    contents or the complete new file, never a partial one (also after Ctrl-C). The file gets ``0o666 & ~umask``.
+    Raises ``OSError`` (nothing left behind) or what interrupted it."""
+    import tempfile
+
+    from jaxquant.interrupt import raise_if_interrupted
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0o600 would hide the file from other users
+        save_file(tensors, tmp, metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        raise_if_interrupted()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 @dataclasses.dataclass
 class CheckpointFiles:
     """The safetensors files of an HF checkpoint directory, single-file or sharded.

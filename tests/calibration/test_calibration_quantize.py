@@ -250,8 +250,10 @@ def test_algorithm_field_forms():
     with pytest.raises(RecipeError):
         resolve_algorithm({"alpha": 1})
     assert resolve_algorithm({"method": "max", "layerwise": {"enable": True}})[1]["layerwise"] is True
-    with pytest.raises(UnsupportedError, match="layerwise"):  # per-layer checkpoints are not implemented
-        resolve_algorithm({"method": "max", "layerwise": {"enable": True, "checkpoint_dir": "/tmp/x"}})
+    opts = resolve_algorithm({"method": "max", "layerwise": {"enable": True, "checkpoint_dir": "/tmp/x"}})[1]
+    assert opts["layerwise_checkpoint_dir"] == "/tmp/x"  # per-layer checkpoints: test_calibration_resume.py
+    with pytest.raises(UnsupportedError, match="layerwise"):
+        resolve_algorithm({"method": "max", "layerwise": {"enable": True, "offload_dir": "/tmp/x"}})
     cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
                          {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": "e4m3"}}], "algorithm": None}
     with pytest.raises(UnsupportedError, match="algorithm is null"):

@@ -131,9 +131,10 @@ def test_layerwise_from_the_recipe_and_its_errors():
     res = quantize(m, {"quant_cfg": cfg, "algorithm": {"method": "max", "layerwise": {"enable": True}}}, rows,
                    batch_size=2, progress=False)
     assert res.calibration_state["model.layers.1.mlp.down_proj.input_quantizer._amax"] > 0
-    with pytest.raises(UnsupportedError, match="checkpoint_dir"):
+    with pytest.raises(UnsupportedError, match="get_qdq_activations_from_prev_layer"):
         quantize(build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0)),
-                 {"quant_cfg": cfg, "algorithm": {"method": "max", "layerwise": {"enable": True, "checkpoint_dir": "x"}}},
+                 {"quant_cfg": cfg, "algorithm": {"method": "max", "layerwise": {
+                     "enable": True, "get_qdq_activations_from_prev_layer": True}}},
                  rows, batch_size=2, progress=False)
     m = build_model(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
     for name in ("gate_proj", "up_proj"):  # finite weights whose product overflows float32 inside layer 1

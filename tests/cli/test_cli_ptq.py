@@ -258,13 +258,15 @@ def test_layerwise_flag_gives_the_same_export(files, capsys, tmp_path):
     """``--layerwise`` (calibration layer by layer over all batches) writes the same bytes as the default order."""
     pytest.importorskip("jaxquant.export.hf")
     outs = {}
-    for flag in ((), ("--layerwise",)):
-        target = tmp_path / f"lw{len(flag)}"
+    ckpt = ("--layerwise-checkpoint", str(tmp_path / "ckpt"))
+    for i, flag in enumerate(((), ("--layerwise",), ckpt, ckpt)):  # the last one resumes the finished checkpoint
+        target = tmp_path / f"lw{i}"
         rc, out, err = _run(_ptq(files, "--export-path", str(target), "--eval-windows", "0", "--recipe",
                                  "general/ptq/nvfp4_default-kv_fp8", *flag), capsys)
         assert rc == 0, err
-        outs[flag] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
-    assert outs[()] and outs[()] == outs[("--layerwise",)]
+        assert ("resumed the layerwise calibration from" in out and "at its end" in out) == (i == 3), out
+        outs[i] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
+    assert outs[0] and outs[0] == outs[1] == outs[2] == outs[3]
 
 
 _PARKED = """
