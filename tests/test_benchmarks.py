@@ -64,3 +64,15 @@ def test_bench_e2e_vs_modelopt_on_cpu(tmp_path):
     assert cmp_["activation_scales"]["input_scale"]["max_rel_diff"] < 1e-5
     assert cmp_["hf_quant_config_equal"]
     assert "process wall" in proc.stdout
+
+
+def test_bench_synthetic_on_cpu(tmp_path):
+    """A tiny synthetic Gemma 4 through load, calibration with the early export, and the export's end."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_synthetic.py"), "--shape", "tiny-gemma4", "--calib-size",
+           "4", "--calib-seq", "16", "--batch-size", "2", "--dtype", "float32", "--export-path",
+           str(tmp_path / "export"), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_CPU_ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "bench_synthetic_tiny-gemma4.json").read_text())
+    assert report["export_bytes"] > 0 and report["calib_tokens_per_s"] > 0 and report["parameters"] > 0
+    assert (tmp_path / "export" / "hf_quant_config.json").is_file()

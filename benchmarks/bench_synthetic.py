@@ -1,0 +1,132 @@
+"""Benchmark: jaxquant's PTQ job on a synthetic checkpoint of a full-size shape (no file on disk to read).
+
+    python benchmarks/bench_synthetic.py --shape gemma4-31b --recipe general/ptq/fp8_qkvo-nvfp4_mlp \
+        --calib-size 512 --calib-seq 512 --batch-size 16 --export-path /tmp/synth/out --out benchmarks/results
+
+The weights come from ``converters.synthetic.load_synthetic`` (a config and a seed, generated while loading: the
+full-depth Gemma-4-31B shape is 62 GB in bf16, more than the device machines' 64 GB disk can hold beside an export);
+the calibration tokens are uniform random ids. It runs what ``jaxquant ptq`` runs: load, ``quantize`` with the export
+started when the weights are calibrated (``export.early``), the rest of the export. Prints per-phase seconds,
+calibration tokens/s, peak device memory and export GB/s, and writes ``bench_synthetic_<shape>.json``. ModelOpt is
+not run here: it needs the checkpoint on disk (``bench_e2e_vs_modelopt.py`` for shapes that fit). ``--layerwise``
+calibrates layer by layer with the parameters in host memory (the shape of a model larger than the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+MODEL_TYPES = {"LlamaConfig": "llama", "Gemma4TextConfig": "gemma4_text"}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama8b", help="a bench_e2e_vs_modelopt shape: llama8b, gemma4-31b[:N], tiny")
+    p.add_argument("--recipe", default="general/ptq/fp8_qkvo-nvfp4_mlp")
+    p.add_argument("--calib-size", type=int, default=512)
+    p.add_argument("--calib-seq", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layerwise", action="store_true", help="parameters in host memory, calibration layer by layer")
+    p.add_argument("--export-path", default=None, help="write the HF export here (default: no export)")
+    p.add_argument("--out", default=None, help="write the JSON report into this folder")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from bench_e2e_vs_modelopt import shape_config
+    from jaxquant.calibration import quantize
+    from jaxquant.cli_ptq import parking_device
+    from jaxquant.converters.synthetic import load_synthetic
+    from jaxquant.export.early import EarlyExport
+
+    cfg_cls, model_cls, kw = shape_config(args.shape)
+    hf_config = dict(kw, architectures=[model_cls], model_type=MODEL_TYPES[cfg_cls], dtype=args.dtype)
+    dev = jax.devices()[0]
+    phases: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t0 = time.perf_counter()
+    sharding = None
+    if args.layerwise:
+        parked = parking_device()
+        sharding = jax.sharding.SingleDeviceSharding(parked) if parked is not None else None
+    loaded = load_synthetic(hf_config, getattr(jnp, args.dtype), seed=args.seed, sharding=sharding)
+    params = jax.tree_util.tree_leaves(nnx.state(loaded.model, nnx.Param))
+    jax.block_until_ready(params)
+    phases["load (generate + copy)"] = time.perf_counter() - t0
+    n_params = sum(int(np.prod(x.shape)) for x in params)
+
+    ids = np.random.default_rng(args.seed).integers(3, loaded.config.vocab_size,
+                                                    (args.calib_size, args.calib_seq)).astype(np.int32)
+    target = Path(args.export_path) if args.export_path else None
+    if target is not None and target.exists():
+        shutil.rmtree(target)
+    early: list[EarlyExport] = []
+
+    def start():
+        if target is not None:
+            early.append(EarlyExport(loaded, target))
+
+    t0 = time.perf_counter()
+    res = quantize(loaded.model, args.recipe, (ids, np.ones_like(ids)), batch_size=args.batch_size, progress=False,
+                   layerwise=args.layerwise, on_weights_calibrated=None if args.layerwise else start)
+    phases["calibrate"] = time.perf_counter() - t0
+    summary = None
+    t0 = time.perf_counter()
+    if target is not None:
+        if not early:  # layerwise: no early start (the weights live in host memory)
+            from jaxquant.export import export_hf
+
+            summary = export_hf(loaded, target)
+        else:
+            summary = early[0].finish()
+        phases["export (after the calibration)"] = time.perf_counter() - t0
+    total = time.perf_counter() - t_all
+    stats = dev.memory_stats() or {}
+    rep = {
+        "shape": args.shape, "recipe": args.recipe, "calib_size": args.calib_size, "calib_seq": args.calib_seq,
+        "batch_size": args.batch_size, "dtype": args.dtype, "layerwise": args.layerwise, "parameters": n_params,
+        "device": dev.device_kind, "host": platform.node(), "phases_s": phases, "total_s": total,
+        "timings": res.timings, "calib_tokens_per_s": res.stats.tokens_per_s,
+        "peak_device_bytes": stats.get("peak_bytes_in_use"),
+        "export_bytes": summary.total_bytes if summary is not None else None,
+        "export_gb_per_s_from_calibration_end": (summary.total_bytes / phases["export (after the calibration)"] / 1e9
+                                                 if summary is not None else None),
+        "jax": jax.__version__,
+    }
+    print(f"\n{args.shape} ({n_params / 1e9:.2f} B parameters, synthetic), {args.recipe}, "
+          f"{args.calib_size} x {args.calib_seq}, batch {args.batch_size}{', layerwise' if args.layerwise else ''}, "
+          f"{dev.device_kind}")
+    print(f"| {'phase':<40} | {'seconds':>9} |\n|{'-' * 42}|{'-' * 11}|")
+    for k, v in phases.items():
+        print(f"| {k:<40} | {v:>9.2f} |")
+    print(f"| {'total':<40} | {total:>9.2f} |")
+    print(f"calibration forward: {res.stats.tokens_per_s:,.0f} tokens/s; peak device memory "
+          f"{(rep['peak_device_bytes'] or 0) / 2**30:.1f} GiB"
+          + (f"; export {summary.total_bytes / 1e9:.2f} GB" if summary is not None else ""))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        f = out / f"bench_synthetic_{args.shape.replace(':', '-')}{'_layerwise' if args.layerwise else ''}.json"
+        f.write_text(json.dumps(rep, indent=1))
+        print(f"wrote {f}")
+    return rep
+
+
+if __name__ == "__main__":
+    main()

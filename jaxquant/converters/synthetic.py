@@ -1,0 +1,75 @@
+"""A synthetic checkpoint: a config plus a seed, for benchmarks of models larger than the disk.
+
+``load_synthetic(hf_config, seed=0)`` builds the model exactly as ``load_hf`` does (``materialize``: the same
+threads, dtype casts, finite checks and device copies) from a ``SyntheticSource`` that generates each tensor when
+the loader asks for it instead of reading it from safetensors files: weights (``ndim >= 2``) are normal with
+standard deviation 0.02, vectors (norm weights, biases) 1 + 0.02 * normal, each from its own generator seeded by
+``(seed, crc32(HF name))``, so the values are the same whatever the load order or thread count. The full-depth
+Gemma-4-31B shape (62 GB in bf16) then runs on a machine whose disk could not hold it
+(``benchmarks/bench_synthetic.py``). Generation is on the host, about as fast as reading a file from the page cache
+per thread.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.converters.names import NameMap, dotted
+from jaxquant.models.config import ModelConfig
+from jaxquant.models.decoder import abstract_model
+
+#: Standard deviation of the generated weights (transformers' default ``initializer_range``).
+STD = 0.02
+
+
+class SyntheticSource:
+    """The ``TensorSource`` of a synthetic checkpoint: every tensor the model needs, generated on ``get``."""
+
+    def __init__(self, config: ModelConfig, name_map: NameMap, *, seed: int = 0):
+        _, state = nnx.split(abstract_model(config, dtype=jnp.float32))
+        self.shapes = {name_map.hf_name(dotted(p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+        self.seed = int(seed)
+
+    def has(self, name: str) -> bool:
+        return name in self.shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def dtype(self, name: str) -> str:
+        return "F32"
+
+    def get(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32 (``materialize`` casts it to the load dtype)."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        shape = self.shapes[name]
+        x = rng.standard_normal(shape, dtype=np.float32)
+        x *= STD
+        if len(shape) < 2:
+            x += 1.0
+        return x
+
+    def where(self, name: str) -> str:
+        return f"synthetic checkpoint (seed {self.seed})"
+
+
+def load_synthetic(hf_config: Mapping[str, Any], dtype=jnp.bfloat16, *, seed: int = 0, sharding=None):
+    """A ``LoadedModel`` of the architecture and shape in ``hf_config`` (a ``config.json`` dict) with synthetic
+    weights (module doc); no tokenizer and no source directory. ``dtype`` and ``sharding`` as in ``load_hf``."""
+    from jaxquant.converters.hf import LOAD_WORKERS, LoadedModel, materialize, resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    config = ModelConfig.from_hf_config(dict(hf_config), source="synthetic config")
+    nm = NameMap.for_config(config)
+    model = materialize(config, SyntheticSource(config, nm, seed=seed), dtype=dtype, name_map=nm, sharding=sharding,
+                        workers=LOAD_WORKERS)  # get() is thread-safe: one generator per tensor
+    return LoadedModel(model, config, {}, dict(hf_config), None, nm)
+
+
+__all__ = ["STD", "SyntheticSource", "load_synthetic"]
