@@ -124,7 +124,13 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
             continue
         mod = k[: -len(".weight")]
         tag = files.tensor_info(k).dtype
-        if tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
+        if (tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files
+                and files.tensor_info(f"{mod}.weight_scale").dtype == "F32"):  # INT4 row pairs + FP8 step: W4A8_AWQ
+            if f"{mod}.pre_quant_scale" in files:
+                raise UnsupportedError(f"{files.directory}: {mod} is W4A8_AWQ with an AWQ pre_quant_scale; "
+                                       "jaxquant's loader does not apply pre_quant_scale yet.")
+            out[mod] = QuantizedTensorInfo(mod, "w4a8_awq", f"{mod}.input_scale" in files)
+        elif tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
             out[mod] = QuantizedTensorInfo(mod, "nvfp4", f"{mod}.input_scale" in files)
         elif (tag == "U8" and f"{mod}.weight_scale" in files
               and files.tensor_info(f"{mod}.weight_scale").dtype == "U8"):  # E2M1 pairs + E8M0 exponents: MXFP4

@@ -167,10 +167,10 @@ def save_orbax(
 
 
 def _set_quantizer(q, entry: dict, amax, global_amax) -> None:
-    from jaxquant.quantizer import QuantizerConfig
+    from jaxquant.quantizer.sequential import config_from_dict
     from jaxquant.quantizer.tensor_quantizer import QuantAmax, QuantGlobalAmax
 
-    cfg = QuantizerConfig.from_dict(entry["config"]) if entry["config"] is not None else None
+    cfg = config_from_dict(entry["config"]) if entry["config"] is not None else None
     q.config = cfg
     q.amax = QuantAmax(jnp.asarray(amax, jnp.float32)) if amax is not None else None
     q.global_amax = QuantGlobalAmax(jnp.asarray(global_amax, jnp.float32)) if global_amax is not None else None

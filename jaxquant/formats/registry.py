@@ -25,6 +25,8 @@ from jaxquant.formats.nvfp4 import (
     NVFP4Static,
     NVFP4StaticQuantizer,
 )
+from jaxquant.formats.w4a8_awq import QUANTIZERS as W4A8_AWQ_QUANTIZERS
+from jaxquant.formats.w4a8_awq import W4A8AWQ
 
 #: Every exportable format, by ModelOpt format string (also the order ``for_quantizers`` tries them).
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
@@ -38,6 +40,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     INT8W8A8(),
     INT8WeightOnly(),
     W4A16AWQ(),
+    W4A8AWQ(),
     FP8BlockWeightOnly(),
     MXFP8(),
     MXFP4(),
@@ -59,6 +62,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     MXFP8Quantizer(),
     MXFP4Quantizer(),
     *INT4_QUANTIZERS,
+    *W4A8_AWQ_QUANTIZERS,
 )}
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS
+from jaxquant.quantizer.sequential import as_quantizer_config
 from jaxquant.quantizer.tensor_quantizer import TensorQuantizer
 from jaxquant.recipe.matcher import (
     QuantizerSite,
@@ -165,7 +166,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
                 f"them different configs ({detail}); jaxquant quantizes stacked experts with "
                 "one config"
             )
-        per_quantizer[path] = next(iter(distinct))
+        per_quantizer[path] = as_quantizer_config(next(iter(distinct)))  # a sequential chain as one config
     res.quantizers = per_quantizer
     res.instances = groups
     res.names = names
@@ -174,9 +175,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
     for path, cfg in per_quantizer.items():
         if cfg is None:
             continue
-        if isinstance(cfg, tuple):
-            bad.append(f"{path}: a sequential quantizer ({format_name(cfg)})")
-        elif cfg.unsupported_reason is not None:
+        if cfg.unsupported_reason is not None:
             bad.append(f"{path}: {cfg.unsupported_reason}")
     if bad:
         more = f"\n  ... and {len(bad) - 8} more" if len(bad) > 8 else ""

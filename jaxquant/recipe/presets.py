@@ -42,7 +42,7 @@ MODELOPT_QFORMATS = (
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
 PENDING_QFORMATS = {
-    "int4_awq": "the awq_lite calibration algorithm and the INT4 (W4A16_AWQ) format",
+    "int4_awq": "the awq_lite calibration algorithm (the INT4 format is --qformat int4_blockwise_weight_only)",
     "int8_smoothquant": "the smoothquant calibration algorithm (--qformat int8 is the same format without it)",
     "mamba_moe_fp8_aggressive": "the Mamba / Nemotron-H model family",
     "mamba_moe_fp8_conservative": "the Mamba / Nemotron-H model family",
@@ -58,7 +58,8 @@ PENDING_QFORMATS = {
     "nvfp4_svdquant": "the svdquant calibration algorithm",
     "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
     "nvfp4_w4a4_weight_mse_fp8_sweep": "the mse calibration algorithm (fp8_scale_sweep)",
-    "w4a8_awq_beta": "the awq_lite calibration algorithm and the INT4 + FP8 (W4A8_AWQ) format",
+    "w4a8_awq_beta": "the awq_lite calibration algorithm (its W4A8_AWQ format exports with max calibration: the "
+                     "preset's quant_cfg with algorithm max)",
 }
 MODELOPT_KV_QFORMATS = ("fp8", "fp8_affine", "fp8_cast", "nvfp4", "nvfp4_affine", "nvfp4_cast",
                         "nvfp4_rotate")

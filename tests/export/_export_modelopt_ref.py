@@ -189,7 +189,11 @@ def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, ou
     n = 0
     for s in quantizer_sites(loaded.model):
         if s.quantizer.enabled and not s.quantizer.config.is_dynamic:  # dynamic ones hold no amax
-            s.quantizer.amax.value = jnp.asarray(amax[s.names[0]], jnp.float32).reshape(s.quantizer.amax.value.shape)
+            q, name = s.quantizer, s.names[0]
+            if name not in amax and f"{name}.0" in amax:  # a SequentialQuantizer: INT4 blocks (0), then FP8 (1)
+                q.global_amax.value = jnp.asarray(amax[f"{name}.1"], jnp.float32).reshape(q.global_amax.value.shape)
+                name += ".0"
+            q.amax.value = jnp.asarray(amax[name], jnp.float32).reshape(q.amax.value.shape)
             n += 1
     assert n == n_enabled, n
     export_hf(loaded, out, resolution=res)

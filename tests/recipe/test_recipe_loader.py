@@ -310,7 +310,7 @@ quantize:
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}, rotate: true}", "nvfp4_rotate"),
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3, four_over_six: true}}",
          "nvfp4_four_over_six"),
-        ("[{num_bits: 4, block_sizes: {-1: 128, type: static}}, {num_bits: e4m3}]", "int4_block128"),
+        ("[{num_bits: e4m3}, {num_bits: 4, block_sizes: {-1: 128, type: static}}]", "fp8 then int4_block128"),
     ],
 )
 def test_unsupported_formats(tmp_path, cfg, fmt):
