@@ -111,8 +111,8 @@ def test_w4a8_export_loads_back_and_validates(tmp_path):
     448 * weight_scale_2)`` (a numpy reference); for a linear without fused siblings that is the fake-quantized
     weight of the calibrated model bit for bit. ``jaxquant check`` finds nothing but "no vLLM loader", and finds a
     missing weight_scale_2 and a negative one."""
+    import _numpy_export_ref as T
     import jax.numpy as jnp
-    import ml_dtypes
     from safetensors.numpy import save_file
 
     from jaxquant.check import validate_checkpoint
@@ -122,17 +122,8 @@ def test_w4a8_export_loads_back_and_validates(tmp_path):
     loaded = _quantized_export(tmp_path)
     files = CheckpointFiles.open(tmp_path / "jq")
     m = "model.layers.1.mlp.down_proj"
-    packed = np.asarray(files.get(m + ".weight"))
-    scale = np.asarray(files.get(m + ".weight_scale"), np.float32)
-    s2 = np.float32(np.asarray(files.get(m + ".weight_scale_2")))
-    lo, hi = (packed & 0x0F).astype(np.int8), (packed >> 4).astype(np.int8)
-    codes = np.empty((packed.shape[0] * 2, packed.shape[1]), np.int8)
-    codes[0::2], codes[1::2] = lo, hi
-    codes = np.where(codes > 7, codes - 16, codes).astype(np.float32)
-    w = (codes.reshape(codes.shape[0], -1, 128) * scale[:, :, None]).reshape(codes.shape)
-    fp8_scale = np.float32(np.float32(1.0) / np.float32(s2 * np.float32(448.0))) * np.float32(448.0)
-    want = (np.clip(w * fp8_scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-            * (np.float32(1.0) / fp8_scale)).astype(np.float32)
+    want = T.w4a8_dequantize(np.asarray(files.get(m + ".weight")), np.asarray(files.get(m + ".weight_scale")),
+                             np.asarray(files.get(m + ".weight_scale_2")))
     back = load_quantized(tmp_path / "jq", dtype=jnp.float32)
     lin = back.model.model.layers[1].mlp.down_proj
     assert type(lin).__name__ == "QuantizedLinear" and lin.fmt == "w4a8_awq"
