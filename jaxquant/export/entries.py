@@ -273,6 +273,11 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
             if amax_out is not None:
                 amax_out[src.rename(f"{hf}.{role}")] = float(np.max(amax))
             entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), lambda v=val: v))
+            if q.bias is not None:  # affine KV: ModelOpt's [1, heads, 1, head_dim] bias in the activations' dtype
+                bias = np.asarray(variable_value(q.bias), np.float32).transpose(0, 2, 1, 3)
+                dt = fixed_dtype or src.dtype(f"{hf}.{proj}.weight", np.dtype(np.float32))
+                entries.append(Entry(f"{hf}.{proj}.{key[0]}_bias", bias.shape, dt,
+                                     lambda b=bias, dt=dt: b.astype(dt)))
     # ---- tensors the text model does not own, byte for byte
     taken = {e.name for e in entries}
     for name, lazy in extra_tensors.items():

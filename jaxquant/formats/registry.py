@@ -8,6 +8,7 @@ and loading, and one satisfying ``QuantizerFormat`` for fake quant and calibrati
 from __future__ import annotations
 
 from jaxquant.errors import UnsupportedError
+from jaxquant.formats.affine import QUANTIZERS as AFFINE_QUANTIZERS
 from jaxquant.formats.base import QuantFormat, QuantizerFormat
 from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8PerTokenQuantizer, FP8Quantizer
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
@@ -63,6 +64,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     MXFP4Quantizer(),
     *INT4_QUANTIZERS,
     *W4A8_AWQ_QUANTIZERS,
+    *AFFINE_QUANTIZERS,         # K/V caches with a calibrated bias (fp8_affine, nvfp4_affine)
 )}
 
 

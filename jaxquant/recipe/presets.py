@@ -61,6 +61,10 @@ PENDING_QFORMATS = {
     "w4a8_awq_beta": "the awq_lite calibration algorithm (its W4A8_AWQ format exports with max calibration: the "
                      "preset's quant_cfg with algorithm max)",
 }
+#: What each ModelOpt KV preset jaxquant does not ship yet is missing.
+PENDING_KV_QFORMATS = {
+    "nvfp4_rotate": "the Hadamard rotation of the keys (and queries) before NVFP4 (rotate: true)",
+}
 MODELOPT_KV_QFORMATS = ("fp8", "fp8_affine", "fp8_cast", "nvfp4", "nvfp4_affine", "nvfp4_cast",
                         "nvfp4_rotate")
 
@@ -86,8 +90,8 @@ def preset_recipe(qformat: str = DEFAULT_QFORMAT,
 
     Args:
       qformat: a model preset name (``fp8``, ``nvfp4``, ``nvfp4_mlp_only``, ...).
-      kv_cache_qformat: a KV preset name (``fp8``, ``fp8_cast``, ``nvfp4``, ``nvfp4_cast``) or
-        ``none``.
+      kv_cache_qformat: a KV preset name (``fp8``, ``fp8_cast``, ``fp8_affine``, ``nvfp4``, ``nvfp4_cast``,
+        ``nvfp4_affine``) or ``none``.
 
     Raises:
       UnsupportedError: a ModelOpt preset whose format jaxquant does not implement yet.
@@ -104,8 +108,10 @@ def preset_recipe(qformat: str = DEFAULT_QFORMAT,
         raise RecipeError(f"unknown --qformat {qformat!r}; choices: {', '.join(models)}")
     if kv_cache_qformat not in kvs:
         if kv_cache_qformat in MODELOPT_KV_QFORMATS:
+            needs = PENDING_KV_QFORMATS.get(kv_cache_qformat)
+            why = f": it needs {needs}, which jaxquant does not implement yet" if needs else ""
             raise UnsupportedError(
-                f"--kv_cache_qformat {kv_cache_qformat!r} is not supported yet; supported: "
+                f"--kv_cache_qformat {kv_cache_qformat!r} is not supported yet{why}; supported: "
                 f"{', '.join(kvs)}"
             )
         raise RecipeError(

@@ -59,3 +59,4 @@ def test_an_unimplemented_chain_names_its_parts():
     chain = as_quantizer_config(recipe_from_dict(cfg, check_supported=False).quant_cfg[0].cfg)
     assert isinstance(chain, SequentialConfig) and chain.replace(enable=False).enable is False
     assert SequentialConfig(chain.parts).to_dict(exmy=True)[0]["num_bits"] == "e4m3"
+
