@@ -41,17 +41,25 @@ def bias_options(config) -> tuple[tuple[int, ...], str, str]:
     return axes, items.get("type", "static"), items.get("method", "mean")
 
 
-def reduced_axes(config) -> tuple[int, ...]:
-    """The axes of jaxquant's ``[B, S, heads, D]`` tensor the bias mean reduces (ModelOpt's mapped)."""
+def unsupported_reason(config) -> str | None:
+    """Why jaxquant cannot run this ``bias`` (None when it can): only ModelOpt's static mean bias over axes of
+    the 4-D K/V tensors is implemented."""
     axes, kind, method = bias_options(config)
     if kind != "static" or method != "mean":
-        raise UnsupportedError(f"affine bias {{type: {kind}, method: {method}}}: jaxquant implements the static "
-                               "mean bias of ModelOpt's KV presets (bias: {-2: null, -4: null, type: static}).")
-    bad = [a for a in axes if a not in MODELOPT_TO_OURS]
-    if bad or not axes:
-        raise UnsupportedError(f"affine bias over axes {list(axes)}: jaxquant maps the axes of ModelOpt's "
-                               "[B, heads, S, head_dim] K/V tensors (-1 .. -4) only.")
-    return tuple(sorted(MODELOPT_TO_OURS[a] for a in axes))
+        return (f"affine bias {{type: {kind}, method: {method}}} (jaxquant implements the static mean bias of "
+                "ModelOpt's KV presets, bias: {-2: null, -4: null, type: static})")
+    if not axes or any(a not in MODELOPT_TO_OURS for a in axes):
+        return (f"affine bias over axes {list(axes)} (jaxquant maps the axes -1 .. -4 of ModelOpt's "
+                "[B, heads, S, head_dim] K/V tensors only)")
+    return None
+
+
+def reduced_axes(config) -> tuple[int, ...]:
+    """The axes of jaxquant's ``[B, S, heads, D]`` tensor the bias mean reduces (ModelOpt's mapped)."""
+    why = unsupported_reason(config)
+    if why is not None:
+        raise UnsupportedError(why)
+    return tuple(sorted(MODELOPT_TO_OURS[a] for a in bias_options(config)[0]))
 
 
 def bias_shape(config, tensor_shape) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
 from jaxquant.formats.int4 import QUANTIZERS as INT4_QUANTIZERS
 from jaxquant.formats.int4 import W4A16AWQ
 from jaxquant.formats.int8 import INT8W8A8, INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
-from jaxquant.formats.mx import MXFP4, MXFP8, W4A8MXFP4FP8, MXFP4Quantizer, MXFP8Quantizer
+from jaxquant.formats.mx import MX_KERNEL_QUANTIZERS, MXFP4, MXFP8, W4A8MXFP4FP8, MXFP4Quantizer, MXFP8Quantizer
 from jaxquant.formats.nvfp4 import (
     NVFP4,
     W4A8NVFP4FP8,
@@ -65,6 +65,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     *INT4_QUANTIZERS,
     *W4A8_AWQ_QUANTIZERS,
     *AFFINE_QUANTIZERS,         # K/V caches with a calibrated bias (fp8_affine, nvfp4_affine)
+    *MX_KERNEL_QUANTIZERS,      # mxint8, mxfp6_e3m2, mxfp6: fake quant only (ModelOpt exports none of them)
 )}
 
 
@@ -107,4 +108,7 @@ def for_quantizers(weight, input) -> QuantFormat | None:
         if f.match(weight, inp):
             return f
     known = sorted({w for f in FORMATS.values() for w in f.weight_config_formats})
+    why = getattr(QUANTIZER_FORMATS.get(weight.format), "no_export_reason", None)
+    if why:
+        raise UnsupportedError(f"{why} Exportable weight formats: {', '.join(known)}")
     raise UnsupportedError(f"weight format {weight.format!r} cannot be exported; exportable: {', '.join(known)}")

@@ -48,8 +48,6 @@ PENDING_QFORMATS = {
     "mamba_moe_fp8_conservative": "the Mamba / Nemotron-H model family",
     "mamba_moe_nvfp4_aggressive": "the Mamba / Nemotron-H model family",
     "mamba_moe_nvfp4_conservative": "the Mamba / Nemotron-H model family",
-    "mxfp6": "the MXFP6 format",
-    "mxint8": "the MXINT8 format",
     "nvfp4_awq_clip": "the awq_clip calibration algorithm",
     "nvfp4_awq_full": "the awq_full calibration algorithm",
     "nvfp4_awq_lite": "the awq_lite calibration algorithm",
