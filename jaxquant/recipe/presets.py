@@ -44,15 +44,12 @@ MODELOPT_QFORMATS = (
 PENDING_QFORMATS = {
     "int4_awq": "the awq_lite calibration algorithm (the INT4 format is --qformat int4_blockwise_weight_only)",
     "int8_smoothquant": "the smoothquant calibration algorithm (--qformat int8 is the same format without it)",
-    "mamba_moe_fp8_aggressive": "the Mamba / Nemotron-H model family",
-    "mamba_moe_fp8_conservative": "the Mamba / Nemotron-H model family",
-    "mamba_moe_nvfp4_aggressive": "the Mamba / Nemotron-H model family",
-    "mamba_moe_nvfp4_conservative": "the Mamba / Nemotron-H model family",
     "nvfp4_awq_clip": "the awq_clip calibration algorithm",
     "nvfp4_awq_full": "the awq_full calibration algorithm",
     "nvfp4_awq_lite": "the awq_lite calibration algorithm",
     "nvfp4_four_over_six": "the mse calibration algorithm and four-over-six NVFP4 scales",
-    "nvfp4_fp8_mha": "FP8 attention (q/k/v bmm and softmax output) quantizers",
+    "nvfp4_fp8_mha": ("FP8 quantization of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
+                      "inside its Triton flash-attention kernel"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
     "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
     "nvfp4_w4a4_weight_mse_fp8_sweep": "the mse calibration algorithm (fp8_scale_sweep)",
