@@ -149,3 +149,33 @@ def test_fp8_affine_export_loads_back_and_validates(tmp_path):
             assert theirs.config.format == "fp8_affine"
             np.testing.assert_array_equal(np.asarray(theirs.bias.value), np.asarray(ours.bias.value))
             np.testing.assert_array_equal(np.asarray(theirs(x)), np.asarray(ours(x)))
+
+
+def test_affine_bias_travels_in_the_calibration_state(tmp_path):
+    """``calibration_state`` holds the bias as ModelOpt's ``_bias_value`` ([1, heads, 1, head_dim]); saving and
+    loading it into a freshly configured model restores the bias exactly (so a retried export keeps it)."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantize
+    from jaxquant.calibration.state import calibration_state, load_calibration_state, save_calibration_state
+    from jaxquant.converters import load_hf
+    from jaxquant.io.safetensors import SafetensorsFile
+    from jaxquant.recipe import apply_recipe, preset_recipe
+
+    R.make_llama(tmp_path / "src", tie=False)
+    recipe = preset_recipe("fp8", "nvfp4_affine")
+    loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 12)).astype(np.int32)
+    quantize(loaded.model, recipe, (ids, np.ones_like(ids)), progress=False)
+    state = calibration_state(loaded.model)
+    key = "model.layers.1.self_attn.v_bmm_quantizer._bias_value"
+    assert state[key].shape == (1, 2, 1, 16)
+    save_calibration_state(tmp_path / "state.safetensors", state)
+    f = SafetensorsFile(tmp_path / "state.safetensors")
+    back = {k: np.array(f.get(k)) for k in f.tensors}
+    fresh = load_hf(tmp_path / "src", dtype=jnp.float32)
+    apply_recipe(fresh.model, recipe, warn=False)
+    load_calibration_state(fresh.model, back)
+    want = loaded.model.model.layers[1].self_attn.v_bmm_quantizer.bias.value
+    np.testing.assert_array_equal(np.asarray(fresh.model.model.layers[1].self_attn.v_bmm_quantizer.bias.value),
+                                  np.asarray(want))
