@@ -573,6 +573,16 @@ def check_kv(v: View) -> list[Finding]:
                                        f"{v.kv} cache at scale 1.0. Export every layer's k_scale/v_scale."))
     for n in scales:
         out += _scalar(v, n, f"{v.kv} KV-cache scale = amax/448")
+    for n in sorted(n for n in v.ck.infos if n.endswith((".k_proj.k_bias", ".v_proj.v_bias"))):  # affine KV
+        scale = n[: -len("bias")] + "scale"
+        shape = tuple(v.shape(n))
+        if not v.has(scale):
+            out.append(Finding(n, "kv-bias-unexpected", f"an affine KV bias without its {scale.rsplit('.', 1)[1]}: "
+                               "the cache it centres is not quantized. Re-export the checkpoint."))
+        elif len(shape) != 4 or shape[0] != 1 or shape[2] != 1 or v.ck.infos[n].dtype not in _FLOAT:
+            out.append(Finding(n, "scale-shape", f"{v.ck.infos[n].dtype} {list(shape)}; an affine KV bias is a "
+                               "float [1, kv heads, 1, head_dim] tensor (one value per head and channel). "
+                               "Re-export the checkpoint."))
     return out
 
 

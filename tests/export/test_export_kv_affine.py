@@ -179,3 +179,31 @@ def test_affine_bias_travels_in_the_calibration_state(tmp_path):
     want = loaded.model.model.layers[1].self_attn.v_bmm_quantizer.bias.value
     np.testing.assert_array_equal(np.asarray(fresh.model.model.layers[1].self_attn.v_bmm_quantizer.bias.value),
                                   np.asarray(want))
+
+
+def test_check_rules_for_affine_kv_biases(tmp_path):
+    """``jaxquant check`` reads k_bias / v_bias: one without its scale, and one of the wrong shape, are findings."""
+    import jax.numpy as jnp
+    from safetensors.numpy import save_file
+
+    from jaxquant.calibration import quantize
+    from jaxquant.check import validate_checkpoint
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.io.safetensors import SafetensorsFile
+    from jaxquant.recipe import preset_recipe
+
+    R.make_llama(tmp_path / "src", tie=False)
+    loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 12)).astype(np.int32)
+    quantize(loaded.model, preset_recipe("fp8", "fp8_affine"), (ids, np.ones_like(ids)), progress=False)
+    export_hf(loaded, tmp_path / "jq")
+    f = SafetensorsFile(tmp_path / "jq" / "model.safetensors")
+    t = {k: np.array(f.get(k)) for k in f.tensors}
+    del f
+    del t["model.layers.0.self_attn.k_proj.k_scale"]
+    t["model.layers.1.self_attn.v_proj.v_bias"] = t["model.layers.1.self_attn.v_proj.v_bias"].reshape(1, 1, 2, 16)
+    save_file(t, str(tmp_path / "jq" / "model.safetensors"), metadata={"format": "pt"})
+    found = {(x.key, x.rule) for x in validate_checkpoint(tmp_path / "jq").findings}
+    assert ("model.layers.0.self_attn.k_proj.k_bias", "kv-bias-unexpected") in found
+    assert ("model.layers.1.self_attn.v_proj.v_bias", "scale-shape") in found
