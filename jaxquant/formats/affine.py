@@ -4,7 +4,7 @@ type: static}`` on the K/V bmm quantizers; hf_ptq ``--kv_cache_qformat fp8_affin
 ModelOpt's K/V tensors are ``[B, heads, S, head_dim]`` and the bias keys name the axes **reduced** (``-2`` = S,
 ``-4`` = B): one bias per head and channel, ``[1, heads, 1, head_dim]``. jaxquant's attention hands the quantizers
 ``[B, S, heads, head_dim]``, so the axes are mapped (``MODELOPT_TO_OURS``) and the bias is held as
-``[1, 1, heads, head_dim]`` (``quantizer_tensor_shape`` of the attention gives heads and head_dim).
+``[1, 1, heads, head_dim]`` (the attention's ``bmm_tensor_shape`` gives heads and head_dim).
 
 Calibration (ModelOpt ``BiasCalibrator``, method ``mean``), per call: ``m = mean(x over the reduced axes)`` in x's
 dtype; ``bias = m`` on the first call, else ``(bias * n + m) / (n + 1)`` in float32 rounded to x's dtype (a running

@@ -326,9 +326,10 @@ class Attention(nnx.Module):
         self.k_bmm_quantizer = TensorQuantizer()
         self.v_bmm_quantizer = TensorQuantizer()
 
-    def quantizer_tensor_shape(self, attr: str) -> tuple[int, ...] | None:
+    def bmm_tensor_shape(self, attr: str) -> tuple[int, ...] | None:
         """``[1, 1, heads, head_dim]`` of the tensor a bmm quantizer sees (batch and sequence unknown: 1), for the
-        per-head bias of affine KV quantizers; None for other attributes."""
+        per-head bias of affine KV quantizers (``recipe.apply`` passes it to those only); None for other
+        attributes."""
         heads = {"q_bmm_quantizer": self.num_heads, "k_bmm_quantizer": self.num_kv_heads,
                  "v_bmm_quantizer": self.num_kv_heads}.get(attr)
         return None if heads is None else (1, 1, heads, self.head_dim)

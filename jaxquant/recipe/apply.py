@@ -73,7 +73,11 @@ def _natural_key(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-def _tensor_shape(parent: Any, attr: str) -> tuple | None:
+def _tensor_shape(parent: Any, attr: str, cfg: Any = None) -> tuple | None:
+    bmm = getattr(parent, "bmm_tensor_shape", None)
+    if callable(bmm) and getattr(cfg, "bias", None) is not None:  # affine K/V: the per-head bias needs heads, D
+        shape = bmm(attr)
+        return tuple(shape) if shape is not None else None
     fn = getattr(parent, "quantizer_tensor_shape", None)
     if callable(fn):
         shape = fn(attr)
@@ -191,7 +195,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
 
     for path, q, parent, _base, attr in found:
         cfg = per_quantizer[path]
-        shape = _tensor_shape(parent, attr) if cfg is not None else None
+        shape = _tensor_shape(parent, attr, cfg) if cfg is not None else None
         try:
             q.configure(cfg, tensor_shape=shape)
         except UnsupportedError as e:
