@@ -1,4 +1,5 @@
-"""Calibration state as plain data: ``{"<quantizer>._amax": array, "<quantizer>._global_amax": array}``.
+"""Calibration state as plain data: ``{"<quantizer>._amax": array, "<quantizer>._global_amax": array}``
+(and ``"<quantizer>._bias_value"`` for affine K/V quantizers, ``[1, heads, 1, head_dim]`` as ModelOpt stores it).
 
 Keys are ModelOpt's quantizer names plus ModelOpt's buffer names (``_amax``, and ``_global_amax``
 for static-block NVFP4 weights), so a state reads like ModelOpt's quantizer state dict:
@@ -35,6 +36,7 @@ from jaxquant.errors import CheckpointError, JaxquantError
 
 AMAX = "_amax"
 GLOBAL_AMAX = "_global_amax"
+BIAS = "_bias_value"  # affine K/V quantizers: ModelOpt's buffer, in its [1, heads, 1, head_dim] layout
 FILE_FORMAT = "jaxquant.calibration_state"
 FILE_VERSION = "1"
 
@@ -67,6 +69,8 @@ def calibration_state(model: Any, sites: list[Site] | None = None) -> dict[str, 
             out[name + "." + AMAX] = amax
             if gamax is not None:
                 out[name + "." + GLOBAL_AMAX] = gamax.reshape(()) if gamax.size == 1 else gamax
+            if getattr(q, "bias", None) is not None:
+                out[name + "." + BIAS] = np.asarray(q.bias.value, np.float32).transpose(0, 2, 1, 3)
     return out
 
 
@@ -90,11 +94,13 @@ def load_calibration_state(model: Any, state: Mapping[str, Any], *, strict: bool
         if not s.has_state:
             continue
         q = s.quantizer
-        for attr, key in (("amax", AMAX), ("global_amax", GLOBAL_AMAX)):
-            var = getattr(q, attr)
+        for attr, key in (("amax", AMAX), ("global_amax", GLOBAL_AMAX), ("bias", BIAS)):
+            var = getattr(q, attr, None)
             if var is None:
                 continue
             target = tuple(var.value.shape)
+            if attr == "bias":  # stored in ModelOpt's [1, heads, 1, D] layout
+                target = (target[0], target[2], target[1], target[3])
             keys = [f"{n}.{key}" for n in s.names]
             if any(k not in state for k in keys):
                 missing += [k for k in keys if k not in state]
@@ -106,6 +112,8 @@ def load_calibration_state(model: Any, state: Mapping[str, Any], *, strict: bool
                     value = np.stack(vals)
                 else:
                     value = np.asarray(state[keys[0]], np.float32).reshape(target)
+                    if attr == "bias":
+                        value = value.transpose(0, 2, 1, 3)
             except ValueError:
                 got = [tuple(np.shape(state[k])) for k in keys[:2]]
                 raise CheckpointError(

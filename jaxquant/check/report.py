@@ -38,6 +38,7 @@ RULES: dict[str, str] = {
     "kv-scale-missing": "with kv_cache_quant_algo set, every attention layer that owns a KV cache has "
                         "k_scale and v_scale (or none does: the *_cast variants)",
     "kv-scale-unexpected": "no k_scale/v_scale when kv_cache_quant_algo is null",
+    "kv-bias-unexpected": "an affine KV bias (k_bias / v_bias) comes with its k_scale / v_scale",
     "exclude-unmatched": "every exclude_modules entry matches a module of the checkpoint",
     "exclude-missing": "every unquantized linear (lm_head included) is matched by exclude_modules",
     "exclude-matches-quantized": "no quantized linear is matched by exclude_modules",

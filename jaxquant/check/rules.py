@@ -37,9 +37,10 @@ TRTLLM_ONLY_ALGOS = ("W4A16_AWQ", "W4A8_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL", "N
 NO_ENGINE_ALGOS = ("MXFP4",)
 _FAMILY = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "FP8_PB_WO": "fp8", "MXFP8": "fp8", "NVFP4": "nvfp4",
            "W4A16_NVFP4": "nvfp4", "W4A8_NVFP4_FP8": "nvfp4", "MXFP4": "nvfp4", "W4A8_MXFP4_FP8": "nvfp4",
-           "W8A16": "other", "W8A8_SQ_PER_CHANNEL": "other", "W4A16_AWQ": "nvfp4"}  # "nvfp4": U8 nibbles, "other": I8
+           "W8A16": "other", "W8A8_SQ_PER_CHANNEL": "other", "W4A16_AWQ": "nvfp4",
+           "W4A8_AWQ": "nvfp4"}  # "nvfp4": U8 nibbles, "other": I8
 _STATIC_INPUT = {"FP8": "optional", "NVFP4": "required", "W4A8_NVFP4_FP8": "required", "W4A8_MXFP4_FP8": "required",
-                 "W8A8_SQ_PER_CHANNEL": "required"}  # the others take no input_scale
+                 "W8A8_SQ_PER_CHANNEL": "required", "W4A8_AWQ": "required"}  # the others take no input_scale
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _VISION = ("vision_tower", "vision_model", "vit_large_projector")  # vLLM never quantizes these
 _ENCODERS = _VISION + ("visual.", "audio_tower", "audio_model", "audio_encoder")  # no KV cache
@@ -356,7 +357,7 @@ def _check_scales(v: View, lin: Linear, algo: str) -> list[Finding]:
     if o is None:
         return [Finding(m + ".weight", "scale-shape", f"quantized weight has shape {list(lin.shape)}; a ModelOpt "
                         "linear weight is 2-D [out, in]. Re-export the checkpoint.")]
-    need = (["weight_scale", "weight_scale_2"] if algo in ("NVFP4", "W4A16_NVFP4", "W4A8_NVFP4_FP8")
+    need = (["weight_scale", "weight_scale_2"] if algo in ("NVFP4", "W4A16_NVFP4", "W4A8_NVFP4_FP8", "W4A8_AWQ")
             else ["weight_scale"])
     static = _STATIC_INPUT.get(algo)
     if static == "required" or (static == "optional" and lin.expert):
@@ -389,13 +390,15 @@ def _check_scales(v: View, lin: Linear, algo: str) -> list[Finding]:
             _value_findings(v, ws, per_tensor=False, expert_input=False)
     elif algo in ("MXFP4", "W4A8_MXFP4_FP8"):  # weight [out, in/2]: two E2M1 codes per byte
         out += _expect(v, ws, ("U8", "F8_E8M0"), [(o, 2 * i // 32)], "E8M0 scale per 32 inputs")
-    elif algo == "W4A16_AWQ":  # weight [out/2, in]: two INT4 output rows per byte
+    elif algo in ("W4A16_AWQ", "W4A8_AWQ"):  # weight [out/2, in]: two INT4 output rows per byte
         gs = _group_size(v, m)
         if i % gs:
             out.append(Finding(m + ".weight", "scale-shape", f"{i} inputs are not a multiple of group_size {gs}; "
                                "INT4 engines need whole blocks. Leave this layer unquantized."))
         out += _expect(v, ws, ("F32",), [(2 * o, i // gs)], f"one INT4 scale per {gs} inputs of each output row") or \
             _value_findings(v, ws, per_tensor=False, expert_input=False)
+        if algo == "W4A8_AWQ":
+            out += _scalar(v, f"{m}.weight_scale_2", "W4A8_AWQ FP8 weight scale = amax/448")
     elif algo in ("W8A16", "W8A8_SQ_PER_CHANNEL"):
         out += _expect(v, ws, ("F32",), [(o,)], "one INT8 scale per output channel") or \
             _value_findings(v, ws, per_tensor=False, expert_input=False)
@@ -570,6 +573,16 @@ def check_kv(v: View) -> list[Finding]:
                                        f"{v.kv} cache at scale 1.0. Export every layer's k_scale/v_scale."))
     for n in scales:
         out += _scalar(v, n, f"{v.kv} KV-cache scale = amax/448")
+    for n in sorted(n for n in v.ck.infos if n.endswith((".k_proj.k_bias", ".v_proj.v_bias"))):  # affine KV
+        scale = n[: -len("bias")] + "scale"
+        shape = tuple(v.shape(n))
+        if not v.has(scale):
+            out.append(Finding(n, "kv-bias-unexpected", f"an affine KV bias without its {scale.rsplit('.', 1)[1]}: "
+                               "the cache it centres is not quantized. Re-export the checkpoint."))
+        elif len(shape) != 4 or shape[0] != 1 or shape[2] != 1 or v.ck.infos[n].dtype not in _FLOAT:
+            out.append(Finding(n, "scale-shape", f"{v.ck.infos[n].dtype} {list(shape)}; an affine KV bias is a "
+                               "float [1, kv heads, 1, head_dim] tensor (one value per head and channel). "
+                               "Re-export the checkpoint."))
     return out
 
 

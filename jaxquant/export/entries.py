@@ -285,8 +285,13 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
             cfg = config_of(q)
             if cfg is None or cfg.fixed_amax is not None or cfg.is_dynamic:
                 continue
-            if not activations:
+            if not activations:  # the scale and an affine bias come from the activations: placeholders
                 entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), _not_yet, late=True))
+                if q.bias is not None:
+                    shape = tuple(np.shape(variable_value(q.bias)))
+                    entries.append(Entry(f"{hf}.{proj}.{key[0]}_bias", (shape[0], shape[2], shape[1], shape[3]),
+                                         fixed_dtype or src.dtype(f"{hf}.{proj}.weight", np.dtype(np.float32)),
+                                         _not_yet, late=True))
                 continue
             amax = np.asarray(variable_value(q.amax)).astype(np.float32)
             check_amax(np.max(amax), f"{hf}.{role} amax")
@@ -294,6 +299,11 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
             if amax_out is not None:
                 amax_out[src.rename(f"{hf}.{role}")] = float(np.max(amax))
             entries.append(Entry(f"{hf}.{proj}.{key}", (), np.dtype(np.float32), lambda v=val: v, late=True))
+            if q.bias is not None:  # affine KV: ModelOpt's [1, heads, 1, head_dim] bias in the activations' dtype
+                bias = np.asarray(variable_value(q.bias), np.float32).transpose(0, 2, 1, 3)
+                dt = fixed_dtype or src.dtype(f"{hf}.{proj}.weight", np.dtype(np.float32))
+                entries.append(Entry(f"{hf}.{proj}.{key[0]}_bias", bias.shape, dt,
+                                     lambda b=bias, dt=dt: b.astype(dt), late=True))
     # ---- tensors the text model does not own, byte for byte
     taken = {e.name for e in entries}
     for name, lazy in extra_tensors.items():

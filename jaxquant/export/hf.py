@@ -152,7 +152,12 @@ def _refuse_invalid(tmp: Path) -> None:
 
     report = validate_checkpoint(tmp)
     findings = report.findings
-    algo = (json.loads((tmp / "hf_quant_config.json").read_text()).get("quantization") or {}).get("quant_algo")
+    quant = json.loads((tmp / "hf_quant_config.json").read_text()).get("quantization") or {}
+    algo, kv = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    if str(kv).upper() in TRTLLM_ONLY_ALGOS:  # NVFP4_AFFINE: a KV format ModelOpt writes for TensorRT-LLM
+        findings = [f for f in findings if f.rule != "kv-algo-unsupported"]
+        log.warning("kv_cache_quant_algo %s: TensorRT-LLM reads this KV cache; vLLM's ModelOpt loader does not (it "
+                    "accepts FP8 and NVFP4).", kv)
     if str(algo).upper() in TRTLLM_ONLY_ALGOS + NO_ENGINE_ALGOS:  # formats ModelOpt writes for other readers
         findings = [f for f in findings if f.rule != "quant-algo-unsupported"]
         if str(algo).upper() in TRTLLM_ONLY_ALGOS:

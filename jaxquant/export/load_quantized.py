@@ -40,7 +40,9 @@ from jaxquant.quantizer import TensorQuantizer
 from jaxquant.quantizer.config import QuantizerConfig
 
 FP8_CONFIG = formats.get("fp8").activation_config()  # KV caches: FP8 K/V fake quant
-_SCALE_RE = re.compile(r"\.(weight_scale|weight_scale_2|input_scale|k_scale|v_scale|pre_quant_scale)$")
+#: FP8 K/V around the exported per-head bias (``k_bias`` / ``v_bias`` of ``--kv_cache_qformat fp8_affine``)
+FP8_AFFINE_CONFIG = QuantizerConfig.from_dict({"num_bits": (4, 3), "bias": {-2: None, -4: None, "type": "static"}})
+_SCALE_RE = re.compile(r"\.(weight_scale|weight_scale_2|input_scale|k_scale|v_scale|k_bias|v_bias|pre_quant_scale)$")
 
 
 class PackedWeight(nnx.Variable):
@@ -124,7 +126,13 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
             continue
         mod = k[: -len(".weight")]
         tag = files.tensor_info(k).dtype
-        if tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
+        if (tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files
+                and files.tensor_info(f"{mod}.weight_scale").dtype == "F32"):  # INT4 row pairs + FP8 step: W4A8_AWQ
+            if f"{mod}.pre_quant_scale" in files:
+                raise UnsupportedError(f"{files.directory}: {mod} is W4A8_AWQ with an AWQ pre_quant_scale; "
+                                       "jaxquant's loader does not apply pre_quant_scale yet.")
+            out[mod] = QuantizedTensorInfo(mod, "w4a8_awq", f"{mod}.input_scale" in files)
+        elif tag == "U8" and f"{mod}.weight_scale_2" in files and f"{mod}.weight_scale" in files:
             out[mod] = QuantizedTensorInfo(mod, "nvfp4", f"{mod}.input_scale" in files)
         elif (tag == "U8" and f"{mod}.weight_scale" in files
               and files.tensor_info(f"{mod}.weight_scale").dtype == "U8"):  # E2M1 pairs + E8M0 exponents: MXFP4
@@ -298,8 +306,8 @@ def _exact_amax(known: dict, name: str, scale, divisor: float) -> np.float32:
     return amax_from_scale(scale, divisor)
 
 
-def _fake_quant_input(q: TensorQuantizer, cfg: QuantizerConfig, amax: float):
-    q.configure(cfg)
+def _fake_quant_input(q: TensorQuantizer, cfg: QuantizerConfig, amax: float, tensor_shape=None):
+    q.configure(cfg, tensor_shape=tensor_shape)
     q.amax.value = jnp.asarray(amax, jnp.float32).reshape(q.amax.value.shape)
     q.set_mode("fake_quant")
 
@@ -491,7 +499,15 @@ def _configure_kv(model, nm, files, algo: str | None, known: dict) -> None:  # f
         hf = nm.hf_name(dotted(path))
         for proj, key, role in (("k_proj", "k_scale", "k_bmm_quantizer"), ("v_proj", "v_scale", "v_bmm_quantizer")):
             name = f"{hf}.{proj}.{key}"
-            if files.has(name):
+            bias = f"{hf}.{proj}.{key[0]}_bias"
+            if files.has(name) and files.has(bias) and algo == "FP8":  # fp8_affine: fp8(x - bias) + bias
+                s = np.asarray(files.get(name)).reshape(())
+                q = getattr(node, role)
+                b = np.asarray(files.get(bias), np.float32)  # ModelOpt's [1, heads, 1, head_dim]
+                _fake_quant_input(q, FP8_AFFINE_CONFIG, _exact_amax(known, f"{hf}.{role}", s, 448.0),
+                                  tensor_shape=(1, 1, b.shape[1], b.shape[3]))
+                q.bias.value = jnp.asarray(b.transpose(0, 2, 1, 3))
+            elif files.has(name):
                 s = np.asarray(files.get(name)).reshape(())
                 _fake_quant_input(getattr(node, role), FP8_CONFIG, _exact_amax(known, f"{hf}.{role}", s, 448.0))
             elif algo == "FP8":

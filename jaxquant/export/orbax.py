@@ -166,14 +166,16 @@ def save_orbax(
     return Path(directory)
 
 
-def _set_quantizer(q, entry: dict, amax, global_amax) -> None:
-    from jaxquant.quantizer import QuantizerConfig
-    from jaxquant.quantizer.tensor_quantizer import QuantAmax, QuantGlobalAmax
+def _set_quantizer(q, entry: dict, amax, global_amax, bias=None, bias_count=None) -> None:
+    from jaxquant.quantizer.sequential import config_from_dict
+    from jaxquant.quantizer.tensor_quantizer import QuantAmax, QuantBias, QuantBiasCount, QuantGlobalAmax
 
-    cfg = QuantizerConfig.from_dict(entry["config"]) if entry["config"] is not None else None
+    cfg = config_from_dict(entry["config"]) if entry["config"] is not None else None
     q.config = cfg
     q.amax = QuantAmax(jnp.asarray(amax, jnp.float32)) if amax is not None else None
     q.global_amax = QuantGlobalAmax(jnp.asarray(global_amax, jnp.float32)) if global_amax is not None else None
+    q.bias = QuantBias(jnp.asarray(bias, jnp.float32)) if bias is not None else None  # affine K/V
+    q.bias_count = QuantBiasCount(jnp.asarray(bias_count, jnp.float32)) if bias_count is not None else None
     q.mode = entry["mode"]
 
 
@@ -204,8 +206,9 @@ def restore_orbax(directory: str | os.PathLike, *, dtype=None) -> OrbaxCheckpoin
         for part in path.split("."):
             node = node.get(part, {}) if isinstance(node, dict) else {}
         amax = node.get("amax") if isinstance(node, dict) else None
-        gamax = node.get("global_amax") if isinstance(node, dict) else None
-        _set_quantizer(q, entry, amax, gamax)
+        gamax, bias, count = (node.get(k) if isinstance(node, dict) else None
+                              for k in ("global_amax", "bias", "bias_count"))
+        _set_quantizer(q, entry, amax, gamax, bias, count)
     state = nnx.state(model)
     target = nnx.to_pure_dict(state)
 

@@ -52,6 +52,8 @@ class W4A16AWQ(WeightOnlyFormat):
     input_divisor = int4_num.INT4_MAX
 
     def match(self, weight, input) -> bool:
+        if "+" in weight.format:  # a sequential chain (INT4 then FP8: W4A8_AWQ)
+            return False
         if weight.format.startswith("int4_block") and weight.format not in self.weight_config_formats:
             raise UnsupportedError(f"INT4 weights in blocks of {weight.format[len('int4_block'):]} cannot be exported; "
                                    "jaxquant writes W4A16_AWQ with blocks of 128 (TensorRT-LLM's default).")
@@ -59,8 +61,9 @@ class W4A16AWQ(WeightOnlyFormat):
             return False
         if input is not None:
             raise UnsupportedError(f"INT4 block weights with {input.format} activations cannot be exported: W4A16_AWQ "
-                                   "is weight-only (W4A8_AWQ, INT4 + FP8 activations, is not implemented yet). "
-                                   "Disable the input quantizers.")
+                                   "is weight-only, and W4A8_AWQ (FP8 activations) quantizes the weights INT4 then "
+                                   "FP8 (cfg: [int4_per_block, fp8], --qformat w4a8_awq_beta). Disable the input "
+                                   "quantizers or use that weight config.")
         return True
 
     def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:

@@ -40,7 +40,7 @@ from jaxquant.formats.base import (
     finite_stats,
 )
 from jaxquant.numerics import fp8 as fp8_num
-from jaxquant.numerics import mx
+from jaxquant.numerics import mx, mx_kernel
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "fp4"))
@@ -203,4 +203,29 @@ class MXFP4Quantizer(MXFP8Quantizer):
         return mx.fake_quant_fp4(x)
 
 
-__all__ = ["MXFP4", "MXFP8", "MXFP4Quantizer", "MXFP8Quantizer", "W4A8MXFP4FP8"]
+class MXKernelQuantizer(PerTensorAmax):
+    """A dynamic MX ``TensorQuantizer`` whose elements ModelOpt quantizes only in its CUDA kernel: MXINT8
+    (``mxint8``), MXFP6 E3M2 (``mxfp6_e3m2``, hf_ptq's ``mxfp6``) and E2M3 (``mxfp6``); blocks of 8, 16 or 32.
+    Fake quant is ``numerics.mx_kernel``. Nothing exports them: nvidia-modelopt 0.47's export refuses them too."""
+
+    def __init__(self, name: str, element: str):
+        self.name, self.element = name, element
+        self.no_export_reason = (f"{name} weights cannot be exported: nvidia-modelopt 0.47 writes no checkpoint "
+                                 "format for them (its export_hf_checkpoint fails on MXINT8 and refuses MXFP6), "
+                                 "so no engine loads one; fake quant and evaluation work.")
+
+    def amax_shape(self, config, tensor_shape, instances):
+        if config.block_sizes.size not in (8, 16, 32):
+            raise UnsupportedError(f"{self.name} with blocks of {config.block_sizes.size}: ModelOpt's MX kernel "
+                                   "takes blocks of 8, 16 or 32.")
+        return super().amax_shape(config, tensor_shape, instances)
+
+    def fake_quant(self, x, amax, global_amax, block_size):
+        return mx_kernel.fake_quant(x, self.element, block_size)
+
+
+MX_KERNEL_QUANTIZERS = (MXKernelQuantizer("mxint8", "int8"), MXKernelQuantizer("mxfp6_e3m2", "e3m2"),
+                        MXKernelQuantizer("mxfp6", "e2m3"))
+
+__all__ = ["MXFP4", "MXFP8", "MX_KERNEL_QUANTIZERS", "MXFP4Quantizer", "MXFP8Quantizer", "MXKernelQuantizer",
+           "W4A8MXFP4FP8"]

@@ -8,13 +8,14 @@ and loading, and one satisfying ``QuantizerFormat`` for fake quant and calibrati
 from __future__ import annotations
 
 from jaxquant.errors import UnsupportedError
+from jaxquant.formats.affine import QUANTIZERS as AFFINE_QUANTIZERS
 from jaxquant.formats.base import QuantFormat, QuantizerFormat
 from jaxquant.formats.fp8 import FP8, FP8PerChannel, FP8PerChannelQuantizer, FP8PerTokenQuantizer, FP8Quantizer
 from jaxquant.formats.fp8_block import FP8BlockQuantizer, FP8BlockWeightOnly
 from jaxquant.formats.int4 import QUANTIZERS as INT4_QUANTIZERS
 from jaxquant.formats.int4 import W4A16AWQ
 from jaxquant.formats.int8 import INT8W8A8, INT8PerChannelQuantizer, INT8Quantizer, INT8WeightOnly
-from jaxquant.formats.mx import MXFP4, MXFP8, W4A8MXFP4FP8, MXFP4Quantizer, MXFP8Quantizer
+from jaxquant.formats.mx import MX_KERNEL_QUANTIZERS, MXFP4, MXFP8, W4A8MXFP4FP8, MXFP4Quantizer, MXFP8Quantizer
 from jaxquant.formats.nvfp4 import (
     NVFP4,
     W4A8NVFP4FP8,
@@ -25,6 +26,8 @@ from jaxquant.formats.nvfp4 import (
     NVFP4Static,
     NVFP4StaticQuantizer,
 )
+from jaxquant.formats.w4a8_awq import QUANTIZERS as W4A8_AWQ_QUANTIZERS
+from jaxquant.formats.w4a8_awq import W4A8AWQ
 
 #: Every exportable format, by ModelOpt format string (also the order ``for_quantizers`` tries them).
 FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
@@ -38,6 +41,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     INT8W8A8(),
     INT8WeightOnly(),
     W4A16AWQ(),
+    W4A8AWQ(),
     FP8BlockWeightOnly(),
     MXFP8(),
     MXFP4(),
@@ -59,6 +63,9 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     MXFP8Quantizer(),
     MXFP4Quantizer(),
     *INT4_QUANTIZERS,
+    *W4A8_AWQ_QUANTIZERS,
+    *AFFINE_QUANTIZERS,         # K/V caches with a calibrated bias (fp8_affine, nvfp4_affine)
+    *MX_KERNEL_QUANTIZERS,      # mxint8, mxfp6_e3m2, mxfp6: fake quant only (ModelOpt exports none of them)
 )}
 
 
@@ -101,4 +108,7 @@ def for_quantizers(weight, input) -> QuantFormat | None:
         if f.match(weight, inp):
             return f
     known = sorted({w for f in FORMATS.values() for w in f.weight_config_formats})
+    why = getattr(QUANTIZER_FORMATS.get(weight.format), "no_export_reason", None)
+    if why:
+        raise UnsupportedError(f"{why} Exportable weight formats: {', '.join(known)}")
     raise UnsupportedError(f"weight format {weight.format!r} cannot be exported; exportable: {', '.join(known)}")

@@ -326,6 +326,14 @@ class Attention(nnx.Module):
         self.k_bmm_quantizer = TensorQuantizer()
         self.v_bmm_quantizer = TensorQuantizer()
 
+    def bmm_tensor_shape(self, attr: str) -> tuple[int, ...] | None:
+        """``[1, 1, heads, head_dim]`` of the tensor a bmm quantizer sees (batch and sequence unknown: 1), for the
+        per-head bias of affine KV quantizers (``recipe.apply`` passes it to those only); None for other
+        attributes."""
+        heads = {"q_bmm_quantizer": self.num_heads, "k_bmm_quantizer": self.num_kv_heads,
+                 "v_bmm_quantizer": self.num_kv_heads}.get(attr)
+        return None if heads is None else (1, 1, heads, self.head_dim)
+
     def __call__(self, x, *, cos, sin, mask, token_mask=None):
         b, s, _ = x.shape
         hd = self.head_dim

@@ -388,6 +388,12 @@ class QuantizerConfig:
         fmt = self.format
         if fmt not in SUPPORTED_FORMATS:
             return f"format {fmt!r}"
+        if self.bias is not None:
+            from jaxquant.formats.affine import unsupported_reason
+
+            why = unsupported_reason(self)
+            if why is not None:
+                return why
         if self.calibrator != "max":
             return f"calibrator {self.calibrator!r}"
         if self.unsigned or self.narrow_range:

@@ -56,6 +56,15 @@ class QuantGlobalAmax(nnx.Variable):
     """Per-tensor global amax of a static-block (NVFP4 static) quantizer (float32 scalar)."""
 
 
+class QuantBias(QuantAmax):
+    """Calibrated affine bias of a K/V quantizer (``fp8_affine`` / ``nvfp4_affine``; ModelOpt ``_bias_value``),
+    float32 holding values of the activations' dtype. A ``QuantAmax`` so the calibration drivers carry it."""
+
+
+class QuantBiasCount(QuantAmax):
+    """How many calibration calls the affine bias has averaged (float32 scalar)."""
+
+
 def _qdq(fmt: str, block_size: int, x: jax.Array, amax: jax.Array, global_amax: jax.Array | None):
     """Quantize-dequantize ``x`` in format ``fmt``; the output has ``x``'s dtype."""
     return quantizer_format(fmt).fake_quant(x, amax, global_amax, block_size)
@@ -99,6 +108,8 @@ class TensorQuantizer(nnx.Module):
         self.instances = instances
         self.amax: QuantAmax | None = nnx.data(None)  # data: set to a QuantAmax by configure()
         self.global_amax: QuantGlobalAmax | None = nnx.data(None)
+        self.bias: QuantBias | None = nnx.data(None)
+        self.bias_count: QuantBiasCount | None = nnx.data(None)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -132,6 +143,8 @@ class TensorQuantizer(nnx.Module):
         self.config = config
         self.amax = None
         self.global_amax = None
+        self.bias = None
+        self.bias_count = None
         if config is None:
             return
         fixed = config.fixed_amax
@@ -142,6 +155,9 @@ class TensorQuantizer(nnx.Module):
         if kind.has_global_amax:
             lead = (self.instances,) + (1,) * (len(shape) - 1) if self.instances else ()
             self.global_amax = QuantGlobalAmax(jnp.full(lead, UNCALIBRATED, jnp.float32))
+        if getattr(kind, "has_bias", False):
+            self.bias = QuantBias(jnp.zeros(kind.bias_shape(config, tensor_shape), jnp.float32))
+            self.bias_count = QuantBiasCount(jnp.zeros((), jnp.float32))
 
     def uncalibrated_instances(self) -> list[int]:
         """Instances (``[0]`` for a plain quantizer) whose amax still holds ``UNCALIBRATED``.
@@ -201,8 +217,16 @@ class TensorQuantizer(nnx.Module):
         if not self.enabled or self.mode == "off":
             return x
         if self.mode == "calibrate":
-            if self.config.needs_calibration:
+            if self.bias is not None:  # affine: the running mean bias, then the amax of x - bias
+                from jaxquant.formats.affine import calibrate, reduced_axes
+
+                self.bias.value, self.bias_count.value, self.amax.value = calibrate(
+                    x, self.bias.value, self.bias_count.value, self.amax.value, reduced_axes(self.config), token_mask)
+            elif self.config.needs_calibration:
                 self.amax.value = jnp.maximum(self.amax.value, self.reduce_amax(x, token_mask))
             return x
         ga = self.global_amax.value if self.global_amax is not None else None
+        if self.bias is not None and quantizer_format(self.config.format).centred_fake_quant:
+            b = self.bias.value.astype(x.dtype)
+            return fake_quant_ste(self.config.format, self.block_size, x - b, self.amax.value, ga) + b
         return fake_quant_ste(self.config.format, self.block_size, x, self.amax.value, ga)

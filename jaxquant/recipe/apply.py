@@ -26,6 +26,7 @@ from typing import Any
 
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS
+from jaxquant.quantizer.sequential import as_quantizer_config
 from jaxquant.quantizer.tensor_quantizer import TensorQuantizer
 from jaxquant.recipe.matcher import (
     QuantizerSite,
@@ -72,7 +73,11 @@ def _natural_key(name: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
-def _tensor_shape(parent: Any, attr: str) -> tuple | None:
+def _tensor_shape(parent: Any, attr: str, cfg: Any = None) -> tuple | None:
+    bmm = getattr(parent, "bmm_tensor_shape", None)
+    if callable(bmm) and getattr(cfg, "bias", None) is not None:  # affine K/V: the per-head bias needs heads, D
+        shape = bmm(attr)
+        return tuple(shape) if shape is not None else None
     fn = getattr(parent, "quantizer_tensor_shape", None)
     if callable(fn):
         shape = fn(attr)
@@ -165,7 +170,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
                 f"them different configs ({detail}); jaxquant quantizes stacked experts with "
                 "one config"
             )
-        per_quantizer[path] = next(iter(distinct))
+        per_quantizer[path] = as_quantizer_config(next(iter(distinct)))  # a sequential chain as one config
     res.quantizers = per_quantizer
     res.instances = groups
     res.names = names
@@ -174,9 +179,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
     for path, cfg in per_quantizer.items():
         if cfg is None:
             continue
-        if isinstance(cfg, tuple):
-            bad.append(f"{path}: a sequential quantizer ({format_name(cfg)})")
-        elif cfg.unsupported_reason is not None:
+        if cfg.unsupported_reason is not None:
             bad.append(f"{path}: {cfg.unsupported_reason}")
     if bad:
         more = f"\n  ... and {len(bad) - 8} more" if len(bad) > 8 else ""
@@ -192,7 +195,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
 
     for path, q, parent, _base, attr in found:
         cfg = per_quantizer[path]
-        shape = _tensor_shape(parent, attr) if cfg is not None else None
+        shape = _tensor_shape(parent, attr, cfg) if cfg is not None else None
         try:
             q.configure(cfg, tensor_shape=shape)
         except UnsupportedError as e:

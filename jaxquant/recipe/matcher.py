@@ -28,6 +28,7 @@ from typing import Any
 
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
+from jaxquant.quantizer.sequential import as_quantizer_config
 from jaxquant.recipe.recipe import QuantCfgEntry, Recipe, loc, recipe_from_dict
 
 Config = QuantizerConfig | tuple[QuantizerConfig, ...]
@@ -168,10 +169,9 @@ class Resolution:
         for name, cfg in self.configs.items():
             if cfg is None:
                 continue
-            if isinstance(cfg, tuple):
-                out.append((name, f"a sequential quantizer ({format_name(cfg)})"))
-            elif cfg.unsupported_reason is not None:
-                out.append((name, cfg.unsupported_reason))
+            reason = as_quantizer_config(cfg).unsupported_reason
+            if reason is not None:
+                out.append((name, reason))
         return out
 
     def check_supported(self):

@@ -42,23 +42,23 @@ MODELOPT_QFORMATS = (
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
 PENDING_QFORMATS = {
-    "int4_awq": "the awq_lite calibration algorithm and the INT4 (W4A16_AWQ) format",
+    "int4_awq": "the awq_lite calibration algorithm (the INT4 format is --qformat int4_blockwise_weight_only)",
     "int8_smoothquant": "the smoothquant calibration algorithm (--qformat int8 is the same format without it)",
-    "mamba_moe_fp8_aggressive": "the Mamba / Nemotron-H model family",
-    "mamba_moe_fp8_conservative": "the Mamba / Nemotron-H model family",
-    "mamba_moe_nvfp4_aggressive": "the Mamba / Nemotron-H model family",
-    "mamba_moe_nvfp4_conservative": "the Mamba / Nemotron-H model family",
-    "mxfp6": "the MXFP6 format",
-    "mxint8": "the MXINT8 format",
     "nvfp4_awq_clip": "the awq_clip calibration algorithm",
     "nvfp4_awq_full": "the awq_full calibration algorithm",
     "nvfp4_awq_lite": "the awq_lite calibration algorithm",
     "nvfp4_four_over_six": "the mse calibration algorithm and four-over-six NVFP4 scales",
-    "nvfp4_fp8_mha": "FP8 attention (q/k/v bmm and softmax output) quantizers",
+    "nvfp4_fp8_mha": ("FP8 quantization of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
+                      "inside its Triton flash-attention kernel"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
     "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
     "nvfp4_w4a4_weight_mse_fp8_sweep": "the mse calibration algorithm (fp8_scale_sweep)",
-    "w4a8_awq_beta": "the awq_lite calibration algorithm and the INT4 + FP8 (W4A8_AWQ) format",
+    "w4a8_awq_beta": "the awq_lite calibration algorithm (its W4A8_AWQ format exports with max calibration: the "
+                     "preset's quant_cfg with algorithm max)",
+}
+#: What each ModelOpt KV preset jaxquant does not ship yet is missing.
+PENDING_KV_QFORMATS = {
+    "nvfp4_rotate": "the Hadamard rotation of the keys (and queries) before NVFP4 (rotate: true)",
 }
 MODELOPT_KV_QFORMATS = ("fp8", "fp8_affine", "fp8_cast", "nvfp4", "nvfp4_affine", "nvfp4_cast",
                         "nvfp4_rotate")
@@ -85,8 +85,8 @@ def preset_recipe(qformat: str = DEFAULT_QFORMAT,
 
     Args:
       qformat: a model preset name (``fp8``, ``nvfp4``, ``nvfp4_mlp_only``, ...).
-      kv_cache_qformat: a KV preset name (``fp8``, ``fp8_cast``, ``nvfp4``, ``nvfp4_cast``) or
-        ``none``.
+      kv_cache_qformat: a KV preset name (``fp8``, ``fp8_cast``, ``fp8_affine``, ``nvfp4``, ``nvfp4_cast``,
+        ``nvfp4_affine``) or ``none``.
 
     Raises:
       UnsupportedError: a ModelOpt preset whose format jaxquant does not implement yet.
@@ -103,8 +103,10 @@ def preset_recipe(qformat: str = DEFAULT_QFORMAT,
         raise RecipeError(f"unknown --qformat {qformat!r}; choices: {', '.join(models)}")
     if kv_cache_qformat not in kvs:
         if kv_cache_qformat in MODELOPT_KV_QFORMATS:
+            needs = PENDING_KV_QFORMATS.get(kv_cache_qformat)
+            why = f": it needs {needs}, which jaxquant does not implement yet" if needs else ""
             raise UnsupportedError(
-                f"--kv_cache_qformat {kv_cache_qformat!r} is not supported yet; supported: "
+                f"--kv_cache_qformat {kv_cache_qformat!r} is not supported yet{why}; supported: "
                 f"{', '.join(kvs)}"
             )
         raise RecipeError(

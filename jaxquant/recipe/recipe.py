@@ -24,6 +24,7 @@ from typing import Any
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
 from jaxquant.quantizer.config import _loc, _sub  # the one key-path formatter for error messages
+from jaxquant.quantizer.sequential import as_quantizer_config
 
 RECIPE_TYPES = ("ptq", "auto_quantize", "speculative_eagle", "speculative_dflash", "speculative_medusa")
 SUPPORTED_RECIPE_TYPES = ("ptq",)
@@ -228,11 +229,7 @@ def unsupported_reasons(recipe: Recipe) -> list[str]:
         if e.cfg is None or not e.effective_enable:
             continue
         at = loc(e.where) if e.where else f"quant_cfg[{i}]"
-        if isinstance(e.cfg, tuple):
-            out.append(f"{at}: {e.quantizer_name!r} uses a sequential quantizer "
-                       f"({' then '.join(c.format for c in e.cfg)})")
-            continue
-        reason = e.cfg.replace(enable=True).unsupported_reason
+        reason = as_quantizer_config(e.cfg).replace(enable=True).unsupported_reason
         if reason is not None:
             out.append(f"{at}: {e.quantizer_name!r} uses {reason}")
     return out

@@ -93,6 +93,14 @@ def modelopt_quantize(model, cfg, seed: int = 0):
     return amax
 
 
+def modelopt_biases(model) -> dict:
+    """{quantizer name: calibrated affine bias (ModelOpt ``_bias_value``, float32 numpy)} of an affine KV model."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {name: mod._bias_value.detach().float().numpy().copy() for name, mod in model.named_modules()
+            if isinstance(mod, TensorQuantizer) and getattr(mod, "_bias_value", None) is not None}
+
+
 def modelopt_export(model, out: Path, dtype):
     import torch
     from modelopt.torch.export import export_hf_checkpoint
@@ -174,7 +182,8 @@ def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: in
     export_hf(loaded, jq_out)
 
 
-def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, out: Path, n_enabled: int) -> None:
+def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, out: Path, n_enabled: int,
+                                biases: dict | None = None) -> None:
     """jaxquant's side of a comparison: load ``src``, apply the ModelOpt-style ``cfg`` (jaxquant reads it as a
     recipe), set every enabled static quantizer's amax to ModelOpt's (``n_enabled`` of them), export to ``out``."""
     import jax.numpy as jnp
@@ -189,7 +198,13 @@ def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, ou
     n = 0
     for s in quantizer_sites(loaded.model):
         if s.quantizer.enabled and not s.quantizer.config.is_dynamic:  # dynamic ones hold no amax
-            s.quantizer.amax.value = jnp.asarray(amax[s.names[0]], jnp.float32).reshape(s.quantizer.amax.value.shape)
+            q, name = s.quantizer, s.names[0]
+            if name not in amax and f"{name}.0" in amax:  # a SequentialQuantizer: INT4 blocks (0), then FP8 (1)
+                q.global_amax.value = jnp.asarray(amax[f"{name}.1"], jnp.float32).reshape(q.global_amax.value.shape)
+                name += ".0"
+            q.amax.value = jnp.asarray(amax[name], jnp.float32).reshape(q.amax.value.shape)
+            if q.bias is not None:  # ModelOpt's [1, heads, 1, D] -> jaxquant's [1, 1, heads, D]
+                q.bias.value = jnp.asarray(biases[name].transpose(0, 2, 1, 3), jnp.float32)
             n += 1
     assert n == n_enabled, n
     export_hf(loaded, out, resolution=res)
@@ -210,13 +225,14 @@ def assert_same_export(mo: Path, jq: Path) -> dict:
     return ref
 
 
-def compare_exports(tmp: Path, cfg: dict, dtype: str, n_enabled: int, make=None) -> dict:
+def compare_exports(tmp: Path, cfg: dict, dtype: str, n_enabled: int, make=None, with_biases: bool = False) -> dict:
     """Build a tiny Llama (``make(path, dtype)``, default ``make_llama`` untied), quantize and export it with
     ModelOpt (``tmp/mo``) and with jaxquant from ModelOpt's amax (``tmp/jq``), assert the two are the same
     (``assert_same_export``); returns ModelOpt's tensors."""
     src = tmp / "src"
     model = make(src, dtype) if make is not None else make_llama(src, tie=False, dtype=dtype)
     amax = modelopt_quantize(model, cfg)
+    biases = modelopt_biases(model) if with_biases else None
     modelopt_export(model, tmp / "mo", dtype)
-    export_recipe_like_modelopt(src, cfg, amax, dtype, tmp / "jq", n_enabled=n_enabled)
+    export_recipe_like_modelopt(src, cfg, amax, dtype, tmp / "jq", n_enabled=n_enabled, biases=biases)
     return assert_same_export(tmp / "mo", tmp / "jq")

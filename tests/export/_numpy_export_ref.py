@@ -179,6 +179,22 @@ def int4_dequantize(packed, scale, block: int = 128) -> np.ndarray:
     return codes * np.repeat(np.asarray(scale, np.float32), block, axis=1)
 
 
+def fp8_fake_quant(x, amax) -> np.ndarray:
+    """FP8 E4M3 quantize-dequantize of float32 ``x`` with a per-tensor ``amax`` as ModelOpt computes it:
+    ``scale = (1 / amax) * 448``, ``e4m3(clip(x * scale, +-448)) * (1 / scale)`` (amax <= 2^-24 -> 1.0)."""
+    a = np.float32(amax)
+    a = np.float32(1.0) if a <= np.float32(2.0**-24) else a
+    scale = np.float32(np.float32(np.float32(1.0) / a) * np.float32(448.0))
+    q = np.clip(_f32(x) * scale, -448, 448).astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    return (q * np.float32(np.float32(1.0) / scale)).astype(np.float32)
+
+
+def w4a8_dequantize(packed, scale, scale_2, block: int = 128) -> np.ndarray:
+    """W4A8_AWQ: ``fp8_fake_quant(code * scale, 448 * scale_2)`` (the INT4 values, then the FP8 step)."""
+    amax = np.float32(np.float32(np.asarray(scale_2, np.float32).reshape(())) * np.float32(448.0))
+    return fp8_fake_quant(int4_dequantize(packed, scale, block), amax)
+
+
 # ----------------------------------------------------------------------------------------------- NVFP4
 def e2m1_codes(x: np.ndarray) -> np.ndarray:
     """4-bit E2M1 codes (uint8, sign in bit 3) of float32 ``x``, ModelOpt ``_cast_fp4``:

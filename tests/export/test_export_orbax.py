@@ -18,8 +18,12 @@ from jaxquant.export import export_hf, restore_orbax, save_orbax  # noqa: E402
 
 
 @pytest.mark.parametrize("recipe,dtype", [("general/ptq/fp8_qkvo-nvfp4_mlp", "bfloat16"),
-                                          ("general/ptq/nvfp4_default-kv_fp8", "float32")])
+                                          ("general/ptq/nvfp4_default-kv_fp8", "float32"),
+                                          (("nvfp4", "fp8_affine"), "float32")])  # the K/V bias travels too
 def test_orbax_roundtrip(tmp_path, recipe, dtype):
+    from jaxquant.recipe import preset_recipe
+
+    recipe = preset_recipe(*recipe) if isinstance(recipe, tuple) else recipe
     R.make_llama(tmp_path / "src", tie=True)
     loaded = load_hf(tmp_path / "src", dtype=getattr(jnp, dtype))
     ids = np.random.default_rng(0).integers(0, 96, (4, 12)).astype(np.int32)

@@ -21,11 +21,12 @@ DTYPES = (np.dtype(np.float32), BF16)
 
 
 INT4 = "W4A16_AWQ"
+W4A8 = "W4A8_AWQ"
 
 
 def _shape(fmt, shape=(48, 96)):
     """A test weight shape ``fmt`` can export: INT4 wants whole blocks of 128 inputs."""
-    return (shape[0], 256) if fmt.quant_algo == INT4 else shape
+    return (shape[0], 256) if fmt.quant_algo in (INT4, W4A8) else shape
 
 
 def _weight(seed, shape=(48, 96), dtype=np.float32, kind="normal"):
@@ -52,6 +53,12 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
     if fmt.quant_algo == INT4:
         q, s = T.int4_weight(w, w_amax, compute_dtype=compute_dtype)
         return {"weight": q, "weight_scale": s}
+    if fmt.quant_algo == W4A8:  # INT4 from the block amax, weight_scale_2 from the per-tensor FP8 amax
+        q, s = T.int4_weight(w, block_amax, compute_dtype=compute_dtype)
+        out = {"weight": q, "weight_scale": s, "weight_scale_2": T.fp8_input_scale(w_amax).reshape(())}
+        if in_amax is not None:
+            out["input_scale"] = T.fp8_input_scale(in_amax).reshape(())
+        return out
     if fmt.quant_algo == "MXFP8":
         q, s = T.mxfp8_weight(w, compute_dtype=compute_dtype)
         return {"weight": q, "weight_scale": s}
@@ -111,7 +118,7 @@ def _amaxes(fmt, w, mult):
 def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
                                      "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq", "mxfp4",
-                                     "w4a8_mxfp4_fp8", "int4_awq"}
+                                     "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -167,6 +174,8 @@ def test_dequantize_inverts(name, dtype):
     assert deq.shape == w.shape and deq.dtype == np.float32
     if fmt.quant_algo == INT4:
         ref = T.int4_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
+    elif fmt.quant_algo == W4A8:
+        ref = T.w4a8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]), np.asarray(t["weight_scale_2"]))
     elif fmt.quant_algo == "MXFP8":
         ref = T.mxfp8_dequantize(np.asarray(t["weight"]), np.asarray(t["weight_scale"]))
     elif fmt.quant_algo in ("mxfp4", "W4A8_MXFP4_FP8"):
@@ -205,8 +214,8 @@ def test_input_and_kv_scales_equal_oracle():
 
 
 def test_unknown_format_name():
-    with pytest.raises(UnsupportedError, match=r"'w4a8_awq'.*fp8, fp8_pc_pt, nvfp4, nvfp4_static, w4a16_nvfp4"):
-        formats.get("w4a8_awq")
+    with pytest.raises(UnsupportedError, match=r"'nvfp4_awq'.*fp8, fp8_pc_pt, nvfp4, nvfp4_static, w4a16_nvfp4"):
+        formats.get("nvfp4_awq")
     with pytest.raises(UnsupportedError):
         formats.get(None)
 
@@ -228,7 +237,7 @@ def test_non_finite_and_bad_shapes_named():
             fmt.export_tensors(np.ones(shape, np.float32), -amax, block_amax=blk, what="x.up_proj.weight")
         if fmt.static_input_scale:
             with pytest.raises(NonFiniteError, match=r"x\.up_proj\.input_quantizer amax"):
-                fmt.export_tensors(np.ones((4, 32), np.float32), amax, block_amax=blk, in_amax=np.float32(np.nan),
+                fmt.export_tensors(np.ones(shape, np.float32), amax, block_amax=blk, in_amax=np.float32(np.nan),
                                    what="x.up_proj.weight")
             with pytest.raises(NonFiniteError, match="q_proj input amax"):
                 fmt.input_scale(np.inf, what="q_proj input amax")
@@ -239,7 +248,7 @@ def test_non_finite_and_bad_shapes_named():
             b = np.ones((4, 2), np.float32)
             b[0, 1] = np.nan
             with pytest.raises(NonFiniteError, match="block amax"):
-                fmt.export_tensors(np.ones((4, 32), np.float32), np.float32(1), block_amax=b)
+                fmt.export_tensors(np.ones(shape, np.float32), np.float32(1), block_amax=b)
 
 
 def test_fp8_per_channel_bf16_matches_modelopt():
@@ -288,5 +297,5 @@ def test_weight_shape_inverts_the_stored_weight():
         out, in_ = _shape(fmt, (8, 64))
         (suffix, shape, _), *_ = fmt.export_specs(out, in_)
         assert suffix == "weight" and fmt.weight_shape(shape) == (out, in_), name
-        if fmt.quant_algo != INT4:  # two INT4 output rows per byte; the others pack along the input axis
+        if fmt.quant_algo not in (INT4, W4A8):  # two INT4 output rows per byte; the others along the inputs
             assert shape == (out, in_ // fmt.elements_per_byte), name

@@ -90,6 +90,7 @@ def torch_attrs(q):
         "use_constant_amax": bool(getattr(q, "_use_constant_amax", False)),
         "constant_amax": getattr(q, "_constant_amax", None),
         "dynamic": bool(getattr(q, "_dynamic", False)),
+        "bias": dict(q.bias) if getattr(q, "bias", None) else None,
     }
 
 
@@ -103,4 +104,5 @@ def our_attrs(cfg):
         "use_constant_amax": cfg.use_constant_amax,
         "constant_amax": cfg.constant_amax,
         "dynamic": cfg.type == "dynamic",
+        "bias": dict(cfg.bias) if cfg.bias else None,
     }

@@ -284,33 +284,33 @@ quantize:
     - quantizer_name: '*'
       enable: false
     - quantizer_name: '*weight_quantizer'
-      cfg: {num_bits: e2m3, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
+      cfg: {num_bits: e1m2, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
     - quantizer_name: '*lm_head*'
-      cfg: {num_bits: 8, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
+      cfg: {num_bits: e0m3, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}
       enable: false
 """)
     with pytest.raises(UnsupportedError) as ei:
         load_recipe(p)
     msg = str(ei.value)
-    assert "quant_cfg[1]" in msg and "'mxfp6'" in msg and "not support yet" in msg
+    assert "quant_cfg[1]" in msg and "'mx_e1m2'" in msg and "not support yet" in msg
     assert ("fp8, fp8_per_channel, fp8_per_token, nvfp4, nvfp4_static, nvfp4_bs32, int8, int8_per_channel, "
             "fp8_2d_block, mxfp8, mxfp4, int4_block32, int4_block64, int4_block128") in msg
-    assert "mxint8" not in msg  # disabled entries do not count (MXINT8 is not implemented)
+    assert "mx_e0m3" not in msg  # disabled entries do not count (MX E0M3 is not implemented)
     r = load_recipe(p, check_supported=False)
-    assert r.unsupported() and r.quant_cfg[1].cfg.format == "mxfp6"
+    assert r.unsupported() and r.quant_cfg[1].cfg.format == "mx_e1m2"
 
 
 @pytest.mark.parametrize(
     "cfg, fmt",
     [
         ("{num_bits: e2m1, block_sizes: {-1: 64, type: dynamic, scale_bits: e4m3}}", "nvfp4_bs64"),
-        ("{num_bits: e2m3, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}", "mxfp6"),
+        ("{num_bits: e1m2, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}", "mx_e1m2"),
         ("{num_bits: e4m3, type: dynamic, block_sizes: {-1: 128, type: dynamic}}", "fp8_block128"),
-        ("{num_bits: e4m3, axis: null, bias: {-2: null, -4: null, type: static}}", "fp8_affine"),
+        ("{num_bits: e4m3, axis: null, bias: {-2: null, -4: null, type: dynamic}}", "affine bias {type: dynamic"),
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}, rotate: true}", "nvfp4_rotate"),
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3, four_over_six: true}}",
          "nvfp4_four_over_six"),
-        ("[{num_bits: 4, block_sizes: {-1: 128, type: static}}, {num_bits: e4m3}]", "int4_block128"),
+        ("[{num_bits: e4m3}, {num_bits: 4, block_sizes: {-1: 128, type: static}}]", "fp8 then int4_block128"),
     ],
 )
 def test_unsupported_formats(tmp_path, cfg, fmt):

@@ -295,8 +295,8 @@ def test_apply_recipe_rejects_differing_experts():
 def test_apply_recipe_unsupported_format_names_the_quantizer():
     r = rules({"quantizer_name": "*", "enable": False},
               {"quantizer_name": "*lm_head.weight_quantizer",
-               "cfg": {"num_bits": 8, "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}})
-    with pytest.raises(UnsupportedError, match=r"(?s)lm_head\.weight_quantizer: format 'mxint8'.*"
+               "cfg": {"num_bits": "e1m2", "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": "e8m0"}}})
+    with pytest.raises(UnsupportedError, match=r"(?s)lm_head\.weight_quantizer: format 'mx_e1m2'.*"
                                                 r"Supported formats: fp8, fp8_per_channel"):
         apply_recipe(CausalLM(), r)
 
