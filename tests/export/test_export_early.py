@@ -30,15 +30,19 @@ def _mixtral(tmp_path):
     return np.random.default_rng(0).integers(0, 96, (4, 16)).astype(np.int32)
 
 
-@pytest.mark.parametrize("sync_weights", [False, True])
-def test_early_export_same_bytes_as_export_after(tmp_path, sync_weights):
+@pytest.mark.parametrize("case", ["nvfp4", "nvfp4_sync_weights", "fp8_affine_kv"])
+def test_early_export_same_bytes_as_export_after(tmp_path, case):
+    from jaxquant.recipe import preset_recipe
+
     ids = _mixtral(tmp_path)
     # NVFP4 weights, NVFP4 inputs, FP8 KV: late input_scale / k_scale / v_scale in every layer; with
     # sync_expert_weight_amax, finalize raises the experts' weight amax after the early start, so those tensors
-    # must be written again
+    # must be written again; affine KV adds calibrated k_bias / v_bias (late too)
     recipe = load_recipe("general/ptq/nvfp4_default-kv_fp8")
-    if sync_weights:
+    if case == "nvfp4_sync_weights":
         recipe = recipe.with_entries((), algorithm={"method": "max", "sync_expert_weight_amax": True})
+    elif case == "fp8_affine_kv":
+        recipe = preset_recipe("fp8", "fp8_affine")
     loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
     started = []
 
