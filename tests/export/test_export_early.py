@@ -56,6 +56,8 @@ def test_early_export_same_bytes_as_export_after(tmp_path, case):
     export_hf(loaded, tmp_path / "after", max_shard_size="40KB")
     early, after = _files(tmp_path / "early"), _files(tmp_path / "after")
     assert list(early) == list(after)
+    if case == "fp8_affine_kv":
+        assert any(b"self_attn.k_proj.k_bias" in v for k, v in early.items() if k.endswith(".safetensors"))
     for name in after:
         assert early[name] == after[name], name
 
