@@ -6,7 +6,7 @@
 
 Steps: resolve the recipe on the model's quantizers (``apply_recipe``), run the recipe's calibration
 algorithm (``max``: weight amax from the weights, activation amax as a running max over the batches in
-one jitted call per batch), finalize (NaN/Inf check, MoE expert sync and fallbacks, NVFP4 fused-sibling
+one jitted call per batch; ``mse``: ``max``, then a search of each weight's amax), finalize (NaN/Inf check, MoE expert sync and fallbacks, NVFP4 fused-sibling
 unification), write the final amax back, and leave every enabled quantizer in ``fake_quant`` mode.
 """
 
@@ -246,6 +246,7 @@ def quantize(
             max_seq_len=max_seq_len,
             skip_forward_without_activation_calib=options.get("skip_forward_without_activation_calib", True),
             **({"layerwise": True} if (layerwise or options.get("layerwise")) else {}),
+            **{k: options[k] for k in algo.run_options if k in options},
         )
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s
