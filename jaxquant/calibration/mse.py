@@ -175,9 +175,11 @@ def candidate_amax(amax: jax.Array, global_amax: jax.Array | None, c: jax.Array,
     return amax * c
 
 
-def chunk_for(n_elements: int, n_candidates: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Candidates per vectorized chunk for a weight of ``n_elements``: three float32 temporaries each."""
-    return int(max(1, min(n_candidates, chunk_bytes // max(1, 12 * n_elements))))
+def chunk_for(n_elements: int, n_candidates: int, chunk_bytes: int | None = None) -> int:
+    """Candidates per vectorized chunk for a weight of ``n_elements``: three float32 temporaries each, at most
+    ``chunk_bytes`` (default ``CHUNK_BYTES``) in all."""
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return int(max(1, min(n_candidates, budget // max(1, 12 * n_elements))))
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "block_size", "sweep", "chunk", "has_metric"))
