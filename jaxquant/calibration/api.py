@@ -52,7 +52,7 @@ class QuantizeResult:
       calibration_state: the final ``{"<quantizer>._amax": array}`` (see ``state.py``); save it
         with ``save_calibration_state``.
       timings: seconds per phase: ``apply_recipe``, ``weights``, ``compile``, ``calibrate``,
-        ``finalize``, ``total``.
+        ``search`` (an algorithm's weight search, ``mse``), ``finalize``, ``total``.
       stats: batches, real tokens, tokens/s of the calibration forward passes.
       report: what ``finalize`` changed (MoE sync, fallbacks, fused groups, conflicts).
       algorithm: the calibration method that ran (None: none).
@@ -251,7 +251,9 @@ def quantize(
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s
         timings["calibrate"] = stats.run_s
-        timings["weights"] = max(0.0, elapsed - stats.compile_s - stats.run_s)
+        if stats.search_s:
+            timings["search"] = stats.search_s
+        timings["weights"] = max(0.0, elapsed - stats.compile_s - stats.run_s - stats.search_s)
 
     t0 = time.perf_counter()
     state = calibration_state(model, sites)

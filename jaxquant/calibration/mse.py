@@ -305,8 +305,10 @@ def mse_calibrate(model: Any, sites: list[Site], data: Any, *, settings: MseSett
     from jaxquant.calibration.max import max_calibrate
 
     stats = max_calibrate(model, sites, data, progress=progress, **max_kw)
+    t0 = time.perf_counter()
     share_global_amax(sites, shared_patterns)
     refine_weights(sites, settings, progress=progress)
+    stats.search_s = time.perf_counter() - t0
     return stats
 
 

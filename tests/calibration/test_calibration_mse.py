@@ -265,7 +265,7 @@ def test_ptq_mse_recipe_exports_searched_block_scales(tmp_path, capsys):
         assert rc == 0, err
         outs[tag] = {k: v for p in target.glob("*.safetensors") for k, v in _read(p).items()}
         if tag == "mse":
-            assert "calibration (mse)" in out
+            assert "calibration (mse)" in out and "calibrate: weight search" in out
             loaded = load_quantized(target)  # the export reloads
             assert loaded is not None
     src = _read(Path(files["model"]) / "model.safetensors")
