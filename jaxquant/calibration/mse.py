@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxquant.calibration.local_hessian import hessian_error
 from jaxquant.calibration.sites import Site
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.formats.registry import quantizer_format
@@ -191,8 +192,8 @@ def search_amax(w, amax, global_amax, cands, metric=None, *, fmt: str, block_siz
       w: the weight, ``[..., out, in]`` as its quantizer sees it (any float dtype; quantized as float32).
       amax: its ``max`` amax (the quantizer's shape); global_amax: the static-NVFP4 global amax, else None.
       cands: float32 ``[n]`` multipliers or FP8 scale candidates.
-      metric: with ``has_metric``, a function's data weighting the error (``local_hessian``: per 16-column block
-        ``[in/16, 16, 16]``); the error of a candidate is then ``dwᵀ H dw`` per block instead of ``sum dw²``.
+      metric: with ``has_metric``, the local Hessian ``[..., in / 16, 16, 16]`` (``local_hessian.py``): the error of a
+        candidate is then ``dwᵀ H dw`` per row and block (on each of the block's elements) instead of ``dw²``.
     """
     x = jnp.asarray(w).astype(jnp.float32)
     amax = jnp.asarray(amax, jnp.float32)
@@ -205,8 +206,6 @@ def search_amax(w, amax, global_amax, cands, metric=None, *, fmt: str, block_siz
         xq = kind.fake_quant(x, candidate_amax(amax, global_amax, c, sweep), global_amax, block_size)
         d = x - xq
         if has_metric:
-            from jaxquant.calibration.local_hessian import hessian_error
-
             return group_sum(fmt, hessian_error(d, metric), amax.shape, block_size)
         return group_sum(fmt, jnp.square(d), amax.shape, block_size)
 

@@ -296,3 +296,54 @@ def _block_err(tensors, base, w):
     deq = np.asarray(get("nvfp4").dequantize({s: tensors[f"{base}.{s}"] for s in
                                               ("weight", "weight_scale", "weight_scale_2")}))
     return ((deq - w) ** 2).reshape(w.shape[0], -1, 16).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------- local Hessian
+def test_local_hessian_statistic_and_search_equal_modelopts():
+    """``block_hessian`` == ModelOpt's ``_LocalHessianAccumulator``; the Hessian-weighted FP8 scale sweep ==
+    ``NVFP4MSECalibrator``'s reference sweep with its ``local_hessian_error`` (static kernel emulated, module doc)."""
+    torch = pytest.importorskip("torch")
+    from _numerics_ref import triton_static_np
+    from modelopt.torch.quantization.calib.mse import NVFP4MSECalibrator
+    from modelopt.torch.quantization.model_calib import _LocalHessianAccumulator
+
+    from jaxquant.calibration.local_hessian import block_hessian
+    from jaxquant.calibration.mse import search_amax
+
+    rng = np.random.default_rng(5)
+    cout, cin = 24, 64
+    w = (rng.standard_t(3, (cout, cin)) * 0.05).astype(F32)
+    xs = [(rng.standard_normal((3, 7, cin)) * rng.uniform(0.1, 4.0, cin)).astype(F32) for _ in range(2)]
+    acc = _LocalHessianAccumulator(cout, cin, 16)
+    h_sum, n = 0, 0
+    for x in xs:
+        acc.accumulate(torch.from_numpy(x))
+        h, k = block_hessian(jnp.asarray(x), 16)
+        h_sum, n = h_sum + np.asarray(h), n + int(k)
+    assert n == acc.num_samples == 42
+    ref_h = acc.hessian_per_block.numpy()
+    diag = np.sqrt(np.einsum("nbb->nb", ref_h))
+    bound = n * 2.0**-23 * diag[:, :, None] * diag[:, None, :]  # float32 summation of n products (Cauchy-Schwarz)
+    assert np.all(np.abs(h_sum - ref_h) <= bound)
+    hess = acc.normalized_hessian()
+    error_func = acc.build_error_func()
+
+    g = np.abs(w).max()
+    blocks = w.reshape(-1, 16)
+    bmax = np.abs(blocks).max(-1, keepdims=True)
+
+    def quant(x, amax):
+        return torch.from_numpy(triton_static_np(x.numpy().reshape(-1, 16), amax.numpy().reshape(-1, 1), g))
+
+    cal = NVFP4MSECalibrator(amax=torch.from_numpy(bmax), global_amax=torch.tensor(g), axis=(0,), quant_func=quant,
+                             error_func=error_func)
+    cal.collect(torch.from_numpy(blocks))
+    ref = cal.compute_amax().numpy().reshape(cout, -1)
+    ours = np.asarray(search_amax(jnp.asarray(w), jnp.asarray(bmax.reshape(cout, -1)), jnp.float32(g),
+                                  jnp.asarray(fp8_scale_candidates()), jnp.asarray(hess.numpy()), fmt="nvfp4_static",
+                                  block_size=16, sweep=True, chunk=16, has_metric=True))
+    plain = np.asarray(search_amax(jnp.asarray(w), jnp.asarray(bmax.reshape(cout, -1)), jnp.float32(g),
+                                   jnp.asarray(fp8_scale_candidates()), fmt="nvfp4_static", block_size=16, sweep=True,
+                                   chunk=16))
+    np.testing.assert_array_equal(ours, ref)
+    assert np.any(ours != plain)  # the Hessian weighting changes the choice
