@@ -347,3 +347,56 @@ def test_local_hessian_statistic_and_search_equal_modelopts():
                                    chunk=16))
     np.testing.assert_array_equal(ours, ref)
     assert np.any(ours != plain)  # the Hessian weighting changes the choice
+
+
+# ----------------------------------------------------------------------------------------------- dynamic NVFP4, layerwise
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 101, "hidden_size": 64,
+         "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "tie_word_embeddings": False, "max_position_embeddings": 64}
+NVFP4_DYNAMIC = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+
+
+def _heavy_llama(seed=0):
+    m = build_model(ModelConfig.from_hf_config(LLAMA), dtype=jnp.float32, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    for layer in m.model.layers:
+        for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj):
+            w = np.asarray(mod.weight[...])
+            mod.weight[...] = jnp.asarray(w * np.abs(rng.standard_t(2.5, w.shape)).clip(0, 30) ** 0.5)
+    return m
+
+
+def test_dynamic_nvfp4_weight_search_then_fused_unification():
+    """Dynamic-block NVFP4 weights: the per-tensor amax is searched over the 39 multipliers (numpy brute force with
+    the Triton kernel's emulation; ModelOpt's own needs CUDA), each sibling on its own; ``finalize`` then gives
+    q/k/v the max of their searched amax (what ModelOpt's export does)."""
+    from _numerics_ref import triton_dynamic_np
+
+    m = _heavy_llama()
+    cfg = _weights_only(NVFP4_DYNAMIC)
+    r = quantize(m, cfg, None, progress=False)
+    st = r.calibration_state
+    mults = multipliers(MseSettings())
+    searched = {}
+    for p in "qkv":
+        w = np.asarray(getattr(m.model.layers[0].self_attn, f"{p}_proj").weight[...])
+        a0 = F32(np.abs(w).max())
+        errs = [((w - triton_dynamic_np(w, a0 * c)) ** 2).sum() for c in mults]
+        searched[p] = a0 * mults[int(np.argmin(errs))]
+    assert len(set(searched.values())) > 1  # the siblings' own searches differ
+    for p in "qkv":
+        assert st[f"model.layers.0.self_attn.{p}_proj.weight_quantizer._amax"] == max(searched.values())
+
+
+def test_layerwise_mse_gives_the_same_state():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 101, (4, 12)).astype(np.int32)
+    batches = [(ids[:2], np.ones_like(ids[:2])), (ids[2:], np.ones_like(ids[2:]))]
+    states = []
+    for layerwise in (False, True):
+        m = _heavy_llama()
+        r = quantize(m, "general/ptq/nvfp4_mlp_only_mse-kv_fp8_cast", batches, progress=False, layerwise=layerwise)
+        states.append(r.calibration_state)
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        np.testing.assert_array_equal(states[0][k], states[1][k], err_msg=k)
