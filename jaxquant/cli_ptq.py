@@ -387,8 +387,9 @@ class EarlyHF:
         return [self.export.finish().describe()]
 
 
-def _calib_state_metadata(args, recipe_desc: str, model_desc: str) -> dict:
-    return {"recipe": recipe_desc, "model": model_desc, "algorithm": "max", "dataset": args.dataset or "lee_news",
+def _calib_state_metadata(args, recipe_desc: str, model_desc: str, resolution=None) -> dict:
+    method = getattr(getattr(resolution, "recipe", None), "method", None) or "max"
+    return {"recipe": recipe_desc, "model": model_desc, "algorithm": method, "dataset": args.dataset or "lee_news",
             "calib_seq": str(args.calib_seq or DEFAULT_CALIB_SEQ)}
 
 
@@ -562,12 +563,14 @@ def run_ptq(args) -> int:
         timer.add("calibrate: weights", t.get("weights", 0.0))
         timer.add("calibrate: compile", t.get("compile", 0.0))
         timer.add("calibrate: forward passes", t.get("calibrate", 0.0))
+        if t.get("search"):
+            timer.add("calibrate: weight search", t["search"])
         timer.add("calibrate: finalize", t.get("finalize", 0.0))
         _out(result.summary())
         state = result.calibration_state
         if args.save_calib_state is not None:
             p = save_calibration_state(args.save_calib_state, state,
-                                       _calib_state_metadata(args, recipe_desc, model_desc))
+                                       _calib_state_metadata(args, recipe_desc, model_desc, resolution))
             _out(f"calibration state written to {p}")
 
     # ---- quantized perplexity
@@ -594,7 +597,7 @@ def run_ptq(args) -> int:
         try:
             lines = early.finish() or _export(args, loaded, result or _StateOnly(resolution))
         except (JaxquantError, OSError) as e:
-            saved = _save_state_after_failure(args, state, recipe_desc, model_desc)
+            saved = _save_state_after_failure(args, state, recipe_desc, model_desc, resolution)
             msg = str(e)
             if saved is not None:
                 msg += (f" The calibration state was saved to {saved}; rerun with --load-calib-state {saved} "
@@ -616,7 +619,7 @@ class _StateOnly:
         self.resolution = resolution
 
 
-def _save_state_after_failure(args, state, recipe_desc, model_desc) -> Path | None:
+def _save_state_after_failure(args, state, recipe_desc, model_desc, resolution=None) -> Path | None:
     if args.load_calib_state is not None:
         return None  # it is on disk already
     target = Path(args.export_path).expanduser().absolute()
@@ -624,7 +627,7 @@ def _save_state_after_failure(args, state, recipe_desc, model_desc) -> Path | No
     try:
         from jaxquant.calibration import save_calibration_state
 
-        return save_calibration_state(path, state, _calib_state_metadata(args, recipe_desc, model_desc))
+        return save_calibration_state(path, state, _calib_state_metadata(args, recipe_desc, model_desc, resolution))
     except Exception:  # never hide the export error behind a second one
         return None
 

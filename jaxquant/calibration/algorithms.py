@@ -2,10 +2,11 @@
 
 The field is ModelOpt's: a string (``"max"``), a mapping with a ``method`` key
 (``{"method": "max", "sync_expert_weight_amax": false}``) or None (no calibration). Each algorithm
-is an ``Algorithm`` with ``run(model, sites, data, options, **kw) -> CalibrationStats`` and the
-finalize options it implies; ``max`` is implemented. ``mse``, ``awq_lite``, ``smoothquant`` and
-``gptq`` slot in by adding an entry to ``ALGORITHMS``: each runs ``max`` first in ModelOpt, so
-they can call ``max_calibrate`` and then refine weights / amax on the same sites.
+is an ``Algorithm``: ``run(model, sites, data, **kw) -> CalibrationStats`` and ``parse(options)`` (its own
+module's option parser; the parsed options carry the finalize options they imply, and those named in
+``run_options`` are passed to ``run``). ``max`` and ``mse`` (``mse.py``) are implemented; ``awq_lite``,
+``smoothquant`` and ``gptq`` slot in by adding an entry to ``ALGORITHMS``: each runs ``max`` first in
+ModelOpt, so they can call ``max_calibrate`` and then refine weights / amax on the same sites.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxquant.calibration import max as max_mod
+from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("mse", "local_hessian", "nvfp4_act_headroom", "smoothquant", "awq_lite", "awq_clip",
+KNOWN_UNSUPPORTED = ("local_hessian", "nvfp4_act_headroom", "smoothquant", "awq_lite", "awq_clip",
                      "awq_full", "svdquant", "gptq", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
@@ -40,6 +42,8 @@ class Algorithm:
     name: str
     run: Callable[..., Any]
     options: tuple[str, ...] = ()
+    parse: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None  # options -> parsed options
+    run_options: tuple[str, ...] = ()  # parsed options passed to ``run`` as keywords
     #: ``run`` fixes the weights and their amax before its first forward pass and then calls its
     #: ``on_weights_calibrated()`` argument (``jaxquant ptq`` starts writing the export there)
     early_weights: bool = False
@@ -70,7 +74,12 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
     raise RecipeError(f"algorithm must be a name, a mapping with 'method', or null; got {algorithm!r}")
 
 
-def _max_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def parse_max_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The parsed options of ``max`` (MaxCalibConfig); ``mse`` parses the fields it shares with it here.
+
+    Raises:
+      UnsupportedError: an unknown or unimplemented option.
+    """
     out: dict[str, Any] = {"sync_expert_weight_amax": False, "shared_patterns": None,
                            "skip_forward_without_activation_calib": True, "layerwise": False}
     out.update(parse_layerwise(options.get("layerwise")))
@@ -132,7 +141,9 @@ def parse_layerwise(v: Any) -> dict[str, Any]:
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "max": Algorithm("max", max_mod.max_calibrate, tuple(_MAX_OPTIONS), early_weights=True),
+    "max": Algorithm("max", max_mod.max_calibrate, tuple(_MAX_OPTIONS), parse_max_options, early_weights=True),
+    "mse": Algorithm("mse", mse_mod.mse_calibrate, (*mse_mod.MSE_DEFAULTS, *mse_mod.SHARED_OPTIONS),
+                     mse_mod.parse_options, ("settings", "shared_patterns")),
 }
 
 
@@ -162,9 +173,7 @@ def resolve_algorithm(algorithm: Any) -> tuple[Algorithm | None, dict[str, Any]]
     if method is None:
         return None, {}
     algo = get_algorithm(method)
-    if algo.name == "max":
-        return algo, _max_options(options)
-    return algo, dict(options)  # pragma: no cover - future algorithms
+    return algo, (algo.parse(options) if algo.parse is not None else dict(options))
 
 
 __all__ = [
@@ -174,6 +183,7 @@ __all__ = [
     "get_algorithm",
     "parse_algorithm",
     "parse_layerwise",
+    "parse_max_options",
     "resolve_algorithm",
     "supported_algorithms",
 ]

@@ -6,7 +6,7 @@
 
 Steps: resolve the recipe on the model's quantizers (``apply_recipe``), run the recipe's calibration
 algorithm (``max``: weight amax from the weights, activation amax as a running max over the batches in
-one jitted call per batch), finalize (NaN/Inf check, MoE expert sync and fallbacks, NVFP4 fused-sibling
+one jitted call per batch; ``mse``: ``max``, then a search of each weight's amax), finalize (NaN/Inf check, MoE expert sync and fallbacks, NVFP4 fused-sibling
 unification), write the final amax back, and leave every enabled quantizer in ``fake_quant`` mode.
 """
 
@@ -52,7 +52,7 @@ class QuantizeResult:
       calibration_state: the final ``{"<quantizer>._amax": array}`` (see ``state.py``); save it
         with ``save_calibration_state``.
       timings: seconds per phase: ``apply_recipe``, ``weights``, ``compile``, ``calibrate``,
-        ``finalize``, ``total``.
+        ``search`` (an algorithm's weight search, ``mse``), ``finalize``, ``total``.
       stats: batches, real tokens, tokens/s of the calibration forward passes.
       report: what ``finalize`` changed (MoE sync, fallbacks, fused groups, conflicts).
       algorithm: the calibration method that ran (None: none).
@@ -262,11 +262,14 @@ def quantize(
             **_layerwise_kwargs(layerwise, layerwise_checkpoint, options),
             **({"on_weights_calibrated": on_weights_calibrated}
                if on_weights_calibrated is not None and algo.early_weights else {}),
+            **{k: options[k] for k in algo.run_options if k in options},
         )
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s
         timings["calibrate"] = stats.run_s
-        timings["weights"] = max(0.0, elapsed - stats.compile_s - stats.run_s)
+        if stats.search_s:
+            timings["search"] = stats.search_s
+        timings["weights"] = max(0.0, elapsed - stats.compile_s - stats.run_s - stats.search_s)
 
     t0 = time.perf_counter()
     state = calibration_state(model, sites)

@@ -253,6 +253,7 @@ class CalibrationStats:
     tokens: int = 0  # real (unmasked) tokens
     compile_s: float = 0.0
     run_s: float = 0.0
+    search_s: float = 0.0  # an algorithm's weight search after the forward passes (mse)
     shapes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     #: a layerwise run resumed from a checkpoint: ``(file, the stage it resumed at)``
     resumed: tuple[str, str] | None = None

@@ -56,8 +56,6 @@ _IMPORT = "$import"
 _NOT_SHIPPED = {
     "general/ptq/nvfp4_default-kv_none-gptq": "GPTQ calibration and static NVFP4 weights",
     "general/ptq/nvfp4_act_headroom-kv_fp8_cast": "the nvfp4_act_headroom calibration algorithm",
-    "general/ptq/nvfp4_mlp_only_mse-kv_fp8_cast": "MSE calibration (FP8 scale sweep)",
-    "general/ptq/nvfp4_experts_only_mse-kv_fp8_cast": "MSE calibration (FP8 scale sweep)",
     "general/ptq/nvfp4_experts_only_input_scale1-kv_fp8_cast":
         "skip_forward_without_activation_calib calibration",
 }

@@ -47,12 +47,11 @@ PENDING_QFORMATS = {
     "nvfp4_awq_clip": "the awq_clip calibration algorithm",
     "nvfp4_awq_full": "the awq_full calibration algorithm",
     "nvfp4_awq_lite": "the awq_lite calibration algorithm",
-    "nvfp4_four_over_six": "the mse calibration algorithm and four-over-six NVFP4 scales",
+    "nvfp4_four_over_six": "the four-over-six NVFP4 format (its mse search is implemented)",
     "nvfp4_fp8_mha": ("FP8 quantization of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
                       "inside its Triton flash-attention kernel"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
     "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
-    "nvfp4_w4a4_weight_mse_fp8_sweep": "the mse calibration algorithm (fp8_scale_sweep)",
     "w4a8_awq_beta": "the awq_lite calibration algorithm (its W4A8_AWQ format exports with max calibration: the "
                      "preset's quant_cfg with algorithm max)",
 }

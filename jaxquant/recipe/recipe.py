@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxquant.calibration.algorithms import supported_algorithms
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
 from jaxquant.quantizer.config import _loc, _sub  # the one key-path formatter for error messages
@@ -28,7 +29,7 @@ from jaxquant.quantizer.sequential import as_quantizer_config
 
 RECIPE_TYPES = ("ptq", "auto_quantize", "speculative_eagle", "speculative_dflash", "speculative_medusa")
 SUPPORTED_RECIPE_TYPES = ("ptq",)
-SUPPORTED_ALGORITHMS = ("max",)
+SUPPORTED_ALGORITHMS = supported_algorithms()  # the one list: calibration.algorithms.ALGORITHMS
 DEFAULT_DESCRIPTION = "Model optimization recipe."
 
 _ENTRY_KEYS = ("quantizer_name", "parent_class", "cfg", "enable")

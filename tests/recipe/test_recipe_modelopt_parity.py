@@ -27,6 +27,7 @@ from jaxquant.recipe import (
     recipe_from_dict,
     resolve,
 )
+from jaxquant.recipe.recipe import algorithm_method
 
 mo_recipe = pytest.importorskip("modelopt.recipe")
 
@@ -67,7 +68,8 @@ def test_recipe_rules_equal_modelopt(name):
     ref = recipe_from_dict(theirs, source=f"modelopt:{name}", check_supported=False)
     assert _canon(ours.quant_cfg) == _canon(ref.quant_cfg)
     assert ours.algorithm == theirs["algorithm"]
-    assert ours.method == ("max" if theirs["algorithm"] is not None else None)  # null: no calibration at all
+    assert ours.method == algorithm_method(theirs["algorithm"])  # null: no calibration at all
+    assert not ours.unsupported(), ours.unsupported()
     if name not in OWN:
         desc = _quiet(mo_recipe.load_recipe, name).metadata
         assert ours.metadata.recipe_type == desc.recipe_type.value
@@ -101,7 +103,7 @@ def test_presets_equal_hf_ptq_composition(qformat, torch_oracles):
                          KV_QUANT_CFG_CHOICES[kv]["quant_cfg"])
         ref = recipe_from_dict(cfg, source=f"hf_ptq {qformat}/{kv}", check_supported=False)
         assert _canon(ours.quant_cfg) == _canon(ref.quant_cfg), (qformat, kv)
-        assert ours.algorithm == cfg["algorithm"] and cfg["algorithm"] in ("max", None)
+        assert ours.algorithm == cfg["algorithm"] and not ours.unsupported()
         for oracle in (torch_oracles["llama"], torch_oracles["qwen3_moe"]):
             expected = oracle.apply(cfg["quant_cfg"])
             got = {n: our_attrs(c) for n, c in resolve(ours, oracle.sites()).configs.items()}
