@@ -170,6 +170,7 @@ def quantize(
     strict: bool | str = False,
     max_seq_len: int | None = None,
     layerwise: bool = False,
+    mesh: Any = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with ``recipe`` and calibration ``data``; leaves it fake-quantized.
 
@@ -191,6 +192,11 @@ def quantize(
       layerwise: calibrate layer by layer over all batches (``calibration/layerwise.py``; also what a recipe's
         ``algorithm: {method: max, layerwise: {enable: true}}`` asks for): the same statistics, one decoder
         layer's parameters on the device at a time.
+      mesh: calibrate over a ``jax.sharding.Mesh`` (``jaxquant.mesh``): a ``Mesh`` from ``jaxquant.mesh.make_mesh``
+        or a spec for it (``"tensor=2,fsdp=4"``, ``{"fsdp": 8}``, ``""`` for every device on ``fsdp``). The model's
+        state is placed on it (parameters by their family's partition rules, unless already laid out over it) and
+        the batches are split by rows. None: the mesh the parameters are already laid out over (a model loaded
+        with ``load_hf(..., mesh=...)``), else one device.
 
     Returns:
       A ``QuantizeResult``.
@@ -215,6 +221,11 @@ def quantize(
         resolution = apply_recipe(model, recipe, strict=strict)
     algo, options = resolve_algorithm(_recipe_algorithm(resolution, recipe))
     sites: list[Site] = quantizer_sites(model)
+    from jaxquant.mesh import place_model, resolve
+
+    mesh = resolve(model, mesh)
+    if mesh is not None:
+        place_model(model, mesh)
     timings["apply_recipe"] = time.perf_counter() - t0
     check_params_finite(model)  # before any forward: XLA:CPU's max can hide a NaN from the statistics
 
@@ -228,7 +239,7 @@ def quantize(
     stats = CalibrationStats()
     if algo is None:
         t0 = time.perf_counter()
-        calibrate_weights(sites, model)
+        calibrate_weights(sites, model, mesh)
         timings["weights"] = time.perf_counter() - t0
         needing = [s.names[0] for s in sites if s.calibrates_from_data]
         if needing:
@@ -246,6 +257,7 @@ def quantize(
             max_seq_len=max_seq_len,
             skip_forward_without_activation_calib=options.get("skip_forward_without_activation_calib", True),
             **({"layerwise": True} if (layerwise or options.get("layerwise")) else {}),
+            **({"mesh": mesh} if mesh is not None else {}),
         )
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s

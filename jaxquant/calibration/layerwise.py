@@ -38,8 +38,11 @@ def _bar(total: int, enabled: bool):
 
 
 def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[Any], *, forward: Any = None,
-                              progress: bool = True, max_seq_len: int | None = None) -> CalibrationStats:
-    """Calibrate ``model`` (quantizer modes already set) layer by layer over ``batches``.
+                              progress: bool = True, max_seq_len: int | None = None,
+                              mesh=None) -> CalibrationStats:
+    """Calibrate ``model`` (quantizer modes already set) layer by layer over ``batches``. ``mesh``: the model's
+    state is laid out over this ``jax.sharding.Mesh``; each stage's parameters stay where they are (sharded) and
+    the batches are split by rows (``jaxquant.mesh``).
 
     Raises:
       UnsupportedError: a model without the stage protocol or a custom ``forward`` (their forward is one call).
@@ -54,8 +57,8 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
                                "classes) and the default forward; calibrate this model without layerwise.")
     stats = CalibrationStats()
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    step = StagedStep(model)
-    data = list(device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len))
+    step = StagedStep(model, mesh)
+    data = list(device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len, mesh=mesh))
     if not data:
         raise DataError("no calibration batch: the data iterable was empty.")
     t0 = time.perf_counter()
@@ -73,15 +76,15 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
     bar = _bar(len(step.layers) + 2, progress)
     t0 = time.perf_counter()
     for part in [step.shell, *step.layers]:  # statistics are small: all on the device, wherever the weights are
-        part.amax = on_default_device(part.amax)
+        part.amax = on_default_device(part.amax, mesh)
     try:
-        rest = on_default_device(step.shell.rest)
+        rest = on_default_device(step.shell.rest, mesh)
         acts = [step.run_prologue(ids, mask, rest) for _, ids, mask, _ in data]  # (x, ctx, ok) per batch
         check([a[2] for a in acts], "the embeddings")
         if bar is not None:
             bar.update(1)
         for i, part in enumerate(step.layers):
-            rest_i = on_default_device(part.rest)
+            rest_i = on_default_device(part.rest, mesh)
             acts = [step.run_layer(i, x, ctx, ok, rest_i) for x, ctx, ok in acts]
             del rest_i
             check([a[2] for a in acts], f"decoder layer {i}")
