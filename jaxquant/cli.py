@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate layer by layer over all batches instead of batch by batch (the same statistics; "
                         "what a recipe's algorithm.layerwise.enable asks for); on an accelerator the parameters stay "
                         "in host memory and one decoder layer at a time goes to the device")
+    p.add_argument("--mesh", nargs="?", const="", default=None, metavar="AXIS=N[,AXIS=N...]",
+                   help="calibrate and export over a jax Mesh of all devices (axes data, fsdp, tensor; e.g. "
+                        "tensor=2,fsdp=4; the sizes multiply to the device count); --mesh alone puts every device "
+                        "on fsdp (default: no mesh, one device). docs/scale.md")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed (calibration is deterministic: first-N samples, no shuffling; kept for hf_ptq "
                         "compatibility)")

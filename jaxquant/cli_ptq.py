@@ -98,9 +98,10 @@ def parking_device():
     return jax.devices("cpu")[0]
 
 
-def load_model(spec: str | None, dtype, *, device=None) -> tuple[Any, str]:
+def load_model(spec: str | None, dtype, *, device=None, mesh=None) -> tuple[Any, str]:
     """``(LoadedModel, description)`` for ``--model`` (None: the embedded demo); ``device``: put the parameters
-    there instead of the default device (``parking_device``)."""
+    there instead of the default device (``parking_device``); ``mesh``: lay them out over a ``jax.sharding.Mesh``
+    by the family's partition rules (``jaxquant.mesh``)."""
     from jaxquant.converters import load_hf
 
     if spec is None:
@@ -127,7 +128,7 @@ def load_model(spec: str | None, dtype, *, device=None) -> tuple[Any, str]:
 
         sharding = jax.sharding.SingleDeviceSharding(device)
     try:
-        loaded = load_hf(path, dtype=dtype, sharding=sharding)
+        loaded = load_hf(path, dtype=dtype, sharding=sharding, mesh=mesh)
     except ImportError as e:  # an optional loader dependency (gguf) missing
         raise UnsupportedError(f"loading {path} needs a package that is not installed ({e}).") from None
     return loaded, what
@@ -447,9 +448,17 @@ def run_ptq(args) -> int:
     dtype = resolve_dtype_arg(args.dtype)
     from jaxquant import cli_overlap
 
-    parked = parking_device() if getattr(args, "layerwise", False) else None
-    overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ, compile_ahead=parked is None)
-    loaded, model_desc = load_model(args.model, dtype, device=parked)
+    mesh = None
+    if getattr(args, "mesh", None) is not None:
+        from jaxquant.mesh import describe, make_mesh
+
+        mesh = make_mesh(args.mesh)
+        _out(f"mesh: {describe(mesh)} (parameters sharded by the family's partition rules; docs/scale.md)")
+    # with a mesh, --layerwise keeps the parameters sharded over the mesh's devices instead of in host memory
+    parked = parking_device() if getattr(args, "layerwise", False) and mesh is None else None
+    overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ,
+                                compile_ahead=parked is None and mesh is None)
+    loaded, model_desc = load_model(args.model, dtype, device=parked, mesh=mesh)
     model = loaded.model
     tokenizer = overlap.tokenizer(loaded)
     timer.add("load model", time.perf_counter() - t0)
@@ -516,7 +525,7 @@ def run_ptq(args) -> int:
         result = None
     else:
         result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty(),
-                          layerwise=getattr(args, "layerwise", False))
+                          layerwise=getattr(args, "layerwise", False), mesh=mesh)
         t = result.timings
         timer.add("calibrate: weights", t.get("weights", 0.0))
         timer.add("calibrate: compile", t.get("compile", 0.0))
