@@ -214,7 +214,9 @@ def nll_fn(model):
             return m.nll(ids, mask)
         return token_nll(m(ids, mask), ids, mask)
 
-    return lambda ids, mask: f(state, ids, mask)
+    from jaxquant.mesh import settle
+
+    return lambda ids, mask: settle(f(state, ids, mask))  # waits only over a CPU mesh
 
 
 def eval_seq_for(args, tokenizer, model, bos_id=None) -> int:

@@ -185,10 +185,9 @@ def global_batches(items: Iterable[tuple[int, Any, Any, int]], mesh: Mesh):
     def flush():
         i0 = group[0][0]
         shape = np.shape(group[0][1])
-        need_mask = any(g[2] is None for g in group) and (len(group) < per or any(g[2] is not None for g in group))
         ids = [np.asarray(g[1]) for g in group] + [np.zeros(shape, np.int32)] * (per - len(group))
         masks = None
-        if need_mask or any(g[2] is not None for g in group):
+        if len(group) < per or any(g[2] is not None for g in group):  # a mask where one is given or rows are filled
             masks = [np.ones(shape, np.int32) if g[2] is None else np.asarray(g[2]) for g in group]
             masks += [np.zeros(shape, np.int32)] * (per - len(group))
         where = batch_sharding(mesh, (per * shape[0],) + tuple(shape[1:]))
@@ -245,26 +244,49 @@ def _keep_axes(spec: PartitionSpec, keep: Sequence[str]) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def compute_shardings(mesh: Mesh | None, leaves: Sequence[Any]) -> list[NamedSharding] | None:
+def compute_shardings(mesh: Mesh | None, leaves: Sequence[Any]) -> list[NamedSharding | None] | None:
     """The shardings a stage computes with for its parameter ``leaves`` (arrays or ``ShapeDtypeStruct``s with
     a sharding): each one's sharding without the ``fsdp`` (and ``data``) axes, so XLA all-gathers a weight over
     ``fsdp`` where the stage uses it (FSDP: stored split, computed whole) and keeps only the ``tensor`` split.
-    None without a mesh. Apply with ``constrain(leaves, shardings)`` inside the jitted stage."""
+    None without a mesh (and for a leaf that is not an array). Apply with ``constrain(leaves, shardings)`` inside the
+    jitted stage."""
     if mesh is None:
         return None
-    out = []
+    out: list[NamedSharding | None] = []
     for x in leaves:
+        if not hasattr(x, "shape"):
+            out.append(None)
+            continue
         s = getattr(x, "sharding", None)
         spec = s.spec if isinstance(s, NamedSharding) else PartitionSpec()
         out.append(NamedSharding(mesh, _keep_axes(spec, COMPUTE_AXES)))
     return out
 
 
-def constrain(tree: Any, shardings: Any) -> Any:
-    """``jax.lax.with_sharding_constraint(tree, shardings)`` inside a jitted function; identity for None."""
+def constrain(leaves: Sequence[Any], shardings: Sequence[NamedSharding | None] | None) -> Any:
+    """Inside a jitted function: each of ``leaves`` constrained to its sharding (``compute_shardings``); ``leaves``
+    as they are for None."""
     if shardings is None:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, shardings)
+        return leaves
+    return [x if s is None else jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings)]
+
+
+def settle(tree: Any) -> Any:
+    """Wait for ``tree``'s arrays when they span several CPU devices; return it.
+
+    XLA:CPU runs the per-device parts of a multi-device program as tasks on a pool with about one thread per
+    device. With two such programs in flight, the parts of one can hold every thread, waiting in a collective for
+    a part that waits on its device's in-flight semaphore behind the other program: a deadlock (seen with 8 virtual
+    devices: 7 parts in an all-reduce, the 8th blocked; XLA aborts after 40 s). So on the CPU backend each
+    multi-device computation is waited for before the next is launched. Accelerators run collectives on device
+    streams and keep asynchronous dispatch."""
+    for x in jax.tree_util.tree_leaves(tree):
+        if isinstance(x, jax.Array):
+            devices = x.sharding.device_set
+            if len(devices) > 1 and next(iter(devices)).platform == "cpu":
+                jax.block_until_ready(tree)
+            break
+    return tree
 
 
 def on_mesh(mesh: Mesh, x: Any) -> bool:
@@ -327,4 +349,4 @@ def resolve(model: Any, mesh: Mesh | str | Mapping[str, int] | None) -> Mesh | N
 
 __all__ = ["AXES", "BATCH_AXES", "MeshError", "batch_sharding", "batch_tree_sharding", "constrain_batch",
            "constrain_replicated", "compute_shardings", "constrain", "describe", "global_batches", "make_mesh", "mesh_of", "on_mesh", "param_sharding", "param_spec",
-           "place_model", "parse_mesh_spec", "replicate", "replicated", "resolve", "to_mesh"]
+           "place_model", "parse_mesh_spec", "replicate", "replicated", "resolve", "settle", "to_mesh"]

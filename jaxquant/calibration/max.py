@@ -103,8 +103,10 @@ def calibrate_weights(sites: list[Site], model: Any = None, mesh=None) -> int:
 
     with weight_parts(model) as parts:
         exes = ahead.compile_all(weight_jobs(parts, mesh))
+        from jaxquant.mesh import settle
+
         for (module, _, stats, rest), exe in zip(parts, exes):
-            nnx.update(module, exe(stats, rest))
+            nnx.update(module, exe(stats, rest) if mesh is None else settle(exe(stats, rest)))
     return len(todo)
 
 
@@ -274,18 +276,19 @@ class CalibrationStats:
         return self.tokens / self.run_s if self.run_s > 0 else float("nan")
 
 
-def make_step(graphdef, amax_def, rest_def, forward: ForwardFn = default_forward, mesh=None):
+def make_step(graphdef, amax_def, rest_def, forward: ForwardFn = default_forward, mesh=None, rest_shardings=None):
     """The jitted calibration step ``(amax_leaves, rest_leaves, ids, mask) -> (amax_leaves, all_finite)``.
 
     The model state travels as flat lists of arrays (not ``nnx.State`` pytrees): flattening an NNX
     state of a few hundred variables costs milliseconds of Python per call, more than a small
-    model's whole step on an accelerator. ``amax_leaves`` is donated (with a ``mesh``: replicated in and out).
+    model's whole step on an accelerator. ``amax_leaves`` is donated (with a ``mesh``: replicated in and out;
+    ``rest_shardings``: what the parameters are constrained to inside the step, ``jaxquant.mesh.compute_shardings``).
     """
-    from jaxquant.mesh import constrain_replicated
+    from jaxquant.mesh import constrain, constrain_replicated
 
     def step(amax_leaves, rest_leaves, ids, mask):
         amax = jax.tree_util.tree_unflatten(amax_def, amax_leaves)
-        rest = jax.tree_util.tree_unflatten(rest_def, rest_leaves)
+        rest = jax.tree_util.tree_unflatten(rest_def, constrain(rest_leaves, rest_shardings))
         m = nnx.merge(graphdef, amax, rest)
         forward(m, ids, mask)
         new_leaves, new_def = jax.tree_util.tree_flatten(nnx.state(m, QuantAmax))
@@ -310,11 +313,12 @@ class WholeModelStep:
         self.graphdef, amax_state, rest = nnx.split(model, QuantAmax, ...)
         self.amax, self.amax_def = jax.tree_util.tree_flatten(amax_state)
         self.rest, self.rest_def = jax.tree_util.tree_flatten(rest)
-        if mesh is not None:
-            from jaxquant.mesh import replicate
+        from jaxquant.mesh import compute_shardings, replicate
 
+        if mesh is not None:
             self.amax = replicate(mesh, self.amax)
-        self._step = make_step(self.graphdef, self.amax_def, self.rest_def, forward, mesh)
+        self._step = make_step(self.graphdef, self.amax_def, self.rest_def, forward, mesh,
+                               compute_shardings(mesh, self.rest))
         self._exe: dict[tuple, Any] = {}
 
     def compile_jobs(self, ids_shape: tuple[int, int], has_mask: bool) -> list:
@@ -340,7 +344,12 @@ class WholeModelStep:
 
     def run(self, ids, mask):
         """One batch; returns its device "all amax finite" flag."""
-        self.amax, flag = self._exe[(tuple(ids.shape), mask is not None)](self.amax, self.rest, ids, mask)
+        out = self._exe[(tuple(ids.shape), mask is not None)](self.amax, self.rest, ids, mask)
+        if self.mesh is not None:
+            from jaxquant.mesh import settle
+
+            out = settle(out)
+        self.amax, flag = out
         return flag
 
     def amax_leaves(self):

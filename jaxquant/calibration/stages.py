@@ -125,6 +125,14 @@ class StagedStep:
         self.carried = tuple(getattr(self.text, "carried_kwargs", ()))
         self._exe: dict[tuple, dict] = {}
 
+    def _settle(self, out):
+        """A stage's outputs; with a mesh on the CPU backend, waited for (``jaxquant.mesh.settle``)."""
+        if self.mesh is None:
+            return out
+        from jaxquant.mesh import settle
+
+        return settle(out)
+
     def _avals(self, tree):
         """``avals`` of ``tree``; with a mesh, each keeps its array's sharding (what the executable is compiled for)."""
         if self.mesh is None:
@@ -257,8 +265,8 @@ class StagedStep:
         """``(x [B, S, hidden], ctx, ok)`` of one batch (``compile`` first); updates the shell's amax. ``rest``: the
         shell's non-amax leaves to use instead of its own (e.g. copies staged on the device)."""
         shell = self.shell
-        x, ctx, shell.amax, ok = self._executables(ids.shape, mask is not None)["prologue"](
-            shell.amax, shell.rest if rest is None else rest, ids, mask)
+        x, ctx, shell.amax, ok = self._settle(self._executables(ids.shape, mask is not None)["prologue"](
+            shell.amax, shell.rest if rest is None else rest, ids, mask))
         return x, ctx, ok
 
     def run_layer(self, i: int, x: jax.Array, ctx: dict, ok: jax.Array, rest=None) -> tuple[jax.Array, dict, jax.Array]:
@@ -267,16 +275,16 @@ class StagedStep:
         part = self.layers[i]
         shape = ctx["token_mask"].shape if ctx.get("token_mask") is not None else x.shape[:2]
         exe = self._executables(shape, ctx.get("token_mask") is not None)["layers"][i]
-        x, carried, part.amax, ok = exe(part.amax, part.rest if rest is None else rest, ok, x,
-                                        self.text.layer_kwargs(i, ctx))
+        x, carried, part.amax, ok = self._settle(exe(part.amax, part.rest if rest is None else rest, ok, x,
+                                                     self.text.layer_kwargs(i, ctx)))
         return x, ({**ctx, **carried} if carried else ctx), ok
 
     def run_epilogue(self, x: jax.Array, ctx: dict, ok: jax.Array, rest=None) -> jax.Array:
         """The head on one batch's last-layer output; updates the shell's amax; returns ``ok``."""
         shell = self.shell
         shape = ctx["token_mask"].shape if ctx.get("token_mask") is not None else x.shape[:2]
-        shell.amax, ok = self._executables(shape, ctx.get("token_mask") is not None)["epilogue"](
-            shell.amax, shell.rest if rest is None else rest, ok, x, ctx["token_mask"])
+        shell.amax, ok = self._settle(self._executables(shape, ctx.get("token_mask") is not None)["epilogue"](
+            shell.amax, shell.rest if rest is None else rest, ok, x, ctx["token_mask"]))
         return ok
 
     def amax_leaves(self) -> list[jax.Array]:

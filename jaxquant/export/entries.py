@@ -163,7 +163,9 @@ def linear_entries(it: ExportLinear, export_dtype: np.dtype, checks: DeferredChe
         checks.poll()
         out, check = qf.export_tensors_deferred(it.weight.on_device(), it.w_amax, **kw)
         checks.add(check)
-        return out
+        from jaxquant.mesh import settle
+
+        return settle(out)  # one computation at a time over a CPU mesh (jaxquant.mesh.settle)
 
     once = _Once(compute, [k for k, _, _ in specs])
     return [Entry(f"{it.hf}.{k}", s, d, (lambda k=k: once.get(k))) for k, s, d in specs]
