@@ -6,11 +6,15 @@ with ``tensor`` innermost (neighbouring devices) and ``data`` outermost. What go
 * parameters: by their family's partition rules (``models/partition.py``, ``FamilySpec.partition_rules``):
   rows over ``fsdp``, heads / MLP features / experts over ``tensor``; a tensor with a dimension its axes do not
   divide is replicated (``param_spec``);
-* calibration batches: their rows over ``data`` and ``fsdp`` together (``batch_sharding``; fewer axes, then
-  none, when the batch does not divide);
+* inside each jitted stage, a weight is gathered over ``fsdp`` (``compute_shardings``): stored split, computed
+  whole, so every dot product has its single-device shape; the ``tensor`` split stays (tensor parallelism);
+* calibration batches: each device of a ``tensor`` group gets whole batches of the shape a single device would
+  see, ``data x fsdp`` of them per step (``global_batches``), so XLA runs the same code on them and the statistics
+  are the single-device ones bit for bit (docs/scale.md says why the shape matters);
 * everything else the calibration holds (quantizer statistics, flags) and the activations' feature dimensions:
   replicated. XLA's SPMD partitioner (GSPMD) places the rest inside each jitted stage; the amax reductions are
-  ``jnp.max`` over sharded arrays, which XLA reduces across the devices (a max is exact in any order).
+  ``jnp.max`` over sharded arrays, which XLA reduces across the devices (a max is exact in any order);
+* on the CPU backend, each multi-device computation is waited for before the next (``settle``).
 
 Export reads one tensor at a time (``np.asarray`` of a sharded array gathers it), so host memory holds one
 gathered tensor per writer thread, never the model.
