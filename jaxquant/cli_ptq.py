@@ -460,7 +460,7 @@ def run_ptq(args) -> int:
     parked = parking_device() if getattr(args, "layerwise", False) and mesh is None else None
     overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ,
                                 compile_ahead=parked is None and mesh is None)
-    loaded, model_desc = load_model(args.model, dtype, device=parked, mesh=mesh)
+    loaded, model_desc = load_model(args.model, dtype, device=parked, **({"mesh": mesh} if mesh is not None else {}))
     model = loaded.model
     tokenizer = overlap.tokenizer(loaded)
     timer.add("load model", time.perf_counter() - t0)
