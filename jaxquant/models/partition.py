@@ -11,8 +11,8 @@ replicated; so is every tensor one of whose dimensions is not divisible by the p
 The axes (``jaxquant.mesh.AXES``):
 
 * ``fsdp``: every large weight's rows (its first dimension: a linear's output features ``[out, in]``, the
-  vocabulary of the embeddings, the experts' ``[E, out, in]`` output rows) are split over ``fsdp``, so each
-  device stores 1/fsdp of the model; XLA gathers a layer's weights where they are used.
+  vocabulary of the embeddings; the experts' ``[E, out, in]`` output rows) are split over ``fsdp``, so each
+  device stores 1/fsdp of the model; each calibration stage gathers its layer's weights where they are used.
 * ``tensor``: the attention heads (q/k/v's output rows), the MLP's intermediate features (gate/up rows, and
   down's rows too, see below) and the MoE experts are split over ``tensor``.
 * ``data``: no parameter is split over it; the calibration batches are (``jaxquant.mesh.batch_sharding``).
@@ -20,8 +20,10 @@ The axes (``jaxquant.mesh.AXES``):
 ``o_proj`` and ``down_proj`` are split by their *output* rows like every other linear, not by their input
 features as Megatron's row-parallel layers are: splitting the input features splits the contraction, whose
 partial sums are then added across devices in another order than one device adds them, which changes the
-activations in the last bit and with them the calibrated amax. Splitting rows keeps every dot product whole on
-one device, so a sharded calibration gives the single-device statistics bit for bit.
+activations in the last bit and with them the calibrated amax. Splitting rows keeps every contraction whole on one
+device. Inside each calibration stage the weights are gathered over ``fsdp`` (``jaxquant.mesh.compute_shardings``),
+so with ``fsdp`` and ``data`` alone a sharded calibration gives the single-device statistics bit for bit; a ``tensor``
+split leaves each device a narrower matmul, which XLA may round differently in the last bit (docs/scale.md).
 
 Norm weights, biases of the output projections, routers and other small vectors are replicated: they are a
 negligible share of the model, and splitting them would make XLA split the normalisation's reductions.

@@ -69,6 +69,33 @@ def compare(ref: Path, got: Path) -> dict:
     return {"identical": identical, "differ": differ, "ulps": ulps}
 
 
+def api_check() -> dict:
+    """The Python API on a model built in memory (not loaded with a mesh): ``quantize(..., mesh=...)`` places it and
+    gives the single-device calibration state; ``quantize(layerwise=True)`` on the placed model too."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxquant.calibration import quantize
+    from jaxquant.mesh import mesh_of
+    from jaxquant.models import ModelConfig, build_model
+
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 96, "hidden_size": 32,
+          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 64, "tie_word_embeddings": False}
+    ids = np.random.default_rng(0).integers(1, 96, (12, 16)).astype(np.int32)
+    out = {}
+    for name, mesh, layerwise in (("none", None, False), ("fsdp=8", "fsdp=8", False),
+                                  ("data=2,fsdp=4+layerwise", "data=2,fsdp=4", True)):
+        model = build_model(ModelConfig.from_hf_config(hf), dtype=jnp.float32, rngs=nnx.Rngs(0))
+        r = quantize(model, "general/ptq/nvfp4_default-kv_fp8", {"input_ids": ids}, batch_size=2, progress=False,
+                     mesh=mesh, layerwise=layerwise)
+        out[name] = {"state": {k: np.asarray(v).tobytes().hex() for k, v in r.calibration_state.items()},
+                     "placed": mesh_of(model) is not None}
+    ref = out.pop("none")["state"]
+    return {k: {"placed": v["placed"], "differ": sorted(n for n in ref if v["state"].get(n) != ref[n])}
+            for k, v in out.items()}
+
+
 def main(out: str, root: str, families: str, configs: str) -> None:
     from _tiny_families import FAMILIES, write_tiny_family
 
@@ -77,7 +104,7 @@ def main(out: str, root: str, families: str, configs: str) -> None:
     import jax
 
     assert len(jax.devices()) == 8, jax.devices()
-    result: dict = {}
+    result: dict = {"api": api_check()}
     for n, fam in enumerate(families.split(",")):
         recipe = KV_FP8 if FAMILIES.index(fam) % 2 == 0 else MIXED
         model = write_tiny_family(fam, Path(root) / fam)
