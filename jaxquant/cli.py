@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with layer-by-layer calibration (implies --layerwise): save the state after each layer in DIR "
                         "and, when DIR holds a checkpoint of the same model, recipe and data, resume from it (what a "
                         "recipe's algorithm.layerwise.checkpoint_dir asks for)")
+    p.add_argument("--mesh", nargs="?", const="", default=None, metavar="AXIS=N[,AXIS=N...]",
+                   help="calibrate and export over a jax Mesh of all devices (axes data, fsdp, tensor; e.g. "
+                        "tensor=2,fsdp=4; the sizes multiply to the device count); --mesh alone puts every device "
+                        "on fsdp (default: no mesh, one device). docs/scale.md")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed (calibration is deterministic: first-N samples, no shuffling; kept for hf_ptq "
                         "compatibility)")

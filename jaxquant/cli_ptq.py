@@ -98,9 +98,10 @@ def parking_device():
     return jax.devices("cpu")[0]
 
 
-def load_model(spec: str | None, dtype, *, device=None) -> tuple[Any, str]:
+def load_model(spec: str | None, dtype, *, device=None, mesh=None) -> tuple[Any, str]:
     """``(LoadedModel, description)`` for ``--model`` (None: the embedded demo); ``device``: put the parameters
-    there instead of the default device (``parking_device``)."""
+    there instead of the default device (``parking_device``); ``mesh``: lay them out over a ``jax.sharding.Mesh``
+    by the family's partition rules (``jaxquant.mesh``)."""
     from jaxquant.converters import load_hf
 
     if spec is None:
@@ -127,7 +128,7 @@ def load_model(spec: str | None, dtype, *, device=None) -> tuple[Any, str]:
 
         sharding = jax.sharding.SingleDeviceSharding(device)
     try:
-        loaded = load_hf(path, dtype=dtype, sharding=sharding)
+        loaded = load_hf(path, dtype=dtype, sharding=sharding, mesh=mesh)
     except ImportError as e:  # an optional loader dependency (gguf) missing
         raise UnsupportedError(f"loading {path} needs a package that is not installed ({e}).") from None
     return loaded, what
@@ -213,7 +214,9 @@ def nll_fn(model):
             return m.nll(ids, mask)
         return token_nll(m(ids, mask), ids, mask)
 
-    return lambda ids, mask: f(state, ids, mask)
+    from jaxquant.mesh import settle
+
+    return lambda ids, mask: settle(f(state, ids, mask))  # waits only over a CPU mesh
 
 
 def eval_seq_for(args, tokenizer, model, bos_id=None) -> int:
@@ -482,9 +485,17 @@ def run_ptq(args) -> int:
 
     if getattr(args, "layerwise_checkpoint", None) is not None:
         args.layerwise = True
-    parked = parking_device() if getattr(args, "layerwise", False) else None
-    overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ, compile_ahead=parked is None)
-    loaded, model_desc = load_model(args.model, dtype, device=parked)
+    mesh = None
+    if getattr(args, "mesh", None) is not None:
+        from jaxquant.mesh import describe, make_mesh
+
+        mesh = make_mesh(args.mesh)
+        _out(f"mesh: {describe(mesh)} (parameters sharded by the family's partition rules; docs/scale.md)")
+    # with a mesh, --layerwise keeps the parameters sharded over the mesh's devices instead of in host memory
+    parked = parking_device() if getattr(args, "layerwise", False) and mesh is None else None
+    overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ,
+                                compile_ahead=parked is None and mesh is None)
+    loaded, model_desc = load_model(args.model, dtype, device=parked, **({"mesh": mesh} if mesh is not None else {}))
     model = loaded.model
     tokenizer = overlap.tokenizer(loaded)
     timer.add("load model", time.perf_counter() - t0)
@@ -550,12 +561,13 @@ def run_ptq(args) -> int:
         _out(f"calibration state loaded from {args.load_calib_state} (recipe {meta.get('recipe', '?')})")
         result = None
     else:
-        early = EarlyHF(args, loaded, resolution, enabled=parked is None)
+        # not under a mesh: its device programs are launched from one thread only (jaxquant.mesh)
+        early = EarlyHF(args, loaded, resolution, enabled=parked is None and mesh is None)
         try:
             result = quantize(model, resolution, batches, progress=not args.quiet and sys.stderr.isatty(),
                               layerwise=getattr(args, "layerwise", False), on_weights_calibrated=early.start,
                               check_finite=False,  # checked while loading
-                              layerwise_checkpoint=getattr(args, "layerwise_checkpoint", None))
+                              layerwise_checkpoint=getattr(args, "layerwise_checkpoint", None), mesh=mesh)
         except BaseException:
             early.cancel()
             raise

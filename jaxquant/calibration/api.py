@@ -175,6 +175,7 @@ def quantize(
     on_weights_calibrated: Callable[[], Any] | None = None,
     check_finite: bool = True,
     layerwise_checkpoint: str | None = None,
+    mesh: Any = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place with ``recipe`` and calibration ``data``; leaves it fake-quantized.
 
@@ -204,6 +205,11 @@ def quantize(
       layerwise_checkpoint: a directory for per-layer checkpoints of a layerwise calibration (implies
         ``layerwise``; overrides the recipe's ``layerwise.checkpoint_dir``): a run interrupted after layer i resumes
         at layer i + 1 when started again with the same directory, model, recipe and data (``calibration/resume.py``).
+      mesh: calibrate over a ``jax.sharding.Mesh`` (``jaxquant.mesh``): a ``Mesh`` from ``jaxquant.mesh.make_mesh``
+        or a spec for it (``"tensor=2,fsdp=4"``, ``{"fsdp": 8}``, ``""`` for every device on ``fsdp``). The model's
+        state is placed on it (parameters by their family's partition rules, unless already laid out over it) and
+        the batches are split by rows. None: the mesh the parameters are already laid out over (a model loaded
+        with ``load_hf(..., mesh=...)``), else one device.
 
     Returns:
       A ``QuantizeResult``.
@@ -228,6 +234,11 @@ def quantize(
         resolution = apply_recipe(model, recipe, strict=strict)
     algo, options = resolve_algorithm(_recipe_algorithm(resolution, recipe))
     sites: list[Site] = quantizer_sites(model)
+    from jaxquant.mesh import place_model, resolve
+
+    mesh = resolve(model, mesh)
+    if mesh is not None:
+        place_model(model, mesh)
     timings["apply_recipe"] = time.perf_counter() - t0
     if check_finite:
         check_params_finite(model)  # before any forward: XLA:CPU's max can hide a NaN from the statistics
@@ -242,7 +253,7 @@ def quantize(
     stats = CalibrationStats()
     if algo is None:
         t0 = time.perf_counter()
-        calibrate_weights(sites, model)
+        calibrate_weights(sites, model, mesh)
         timings["weights"] = time.perf_counter() - t0
         needing = [s.names[0] for s in sites if s.calibrates_from_data]
         if needing:
@@ -263,6 +274,7 @@ def quantize(
             **({"on_weights_calibrated": on_weights_calibrated}
                if on_weights_calibrated is not None and algo.early_weights else {}),
             **{k: options[k] for k in algo.run_options if k in options},
+            **({"mesh": mesh} if mesh is not None else {}),
         )
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s

@@ -84,12 +84,13 @@ def _weight_sites(sites: list[Site]) -> list[Site]:
             if s.role == "weight" and s.quantizer.enabled and s.quantizer.config.fixed_amax is None]
 
 
-def calibrate_weights(sites: list[Site], model: Any = None) -> int:
+def calibrate_weights(sites: list[Site], model: Any = None, mesh=None) -> int:
     """Weight amax from the weights (ModelOpt ``weight_only_quantize``). Returns the count.
 
     With ``model`` given, the weights are reduced by jitted calls: one per decoder layer and one for the rest of a
     causal LM (equal layers share one executable, ``weight_parts``), else one for the whole model; otherwise
-    quantizer by quantizer, eagerly.
+    quantizer by quantizer, eagerly. ``mesh``: the model's state is laid out over it (``jaxquant.mesh``); the
+    amax come back replicated.
     """
     todo = _weight_sites(sites)
     if not todo:
@@ -101,9 +102,11 @@ def calibrate_weights(sites: list[Site], model: Any = None) -> int:
     from jaxquant.calibration import ahead
 
     with weight_parts(model) as parts:
-        exes = ahead.compile_all(weight_jobs(parts))
+        exes = ahead.compile_all(weight_jobs(parts, mesh))
+        from jaxquant.mesh import settle
+
         for (module, _, stats, rest), exe in zip(parts, exes):
-            nnx.update(module, exe(stats, rest))
+            nnx.update(module, exe(stats, rest) if mesh is None else settle(exe(stats, rest)))
     return len(todo)
 
 
@@ -126,16 +129,19 @@ def weight_parts(model):
         yield [split(shell)] + [split(layer) for layer in layers]
 
 
-def weight_jobs(parts) -> list:
+def weight_jobs(parts, mesh=None) -> list:
     """``[(store key, lower)]`` of the weight reduction of each of ``weight_parts``' parts (for
     ``ahead.compile_all``)."""
-    return [(weight_reducer_key(g, stats, rest), lambda g=g, stats=stats, rest=rest: weight_reducer(g).lower(stats, rest))
+    return [(weight_reducer_key(g, stats, rest),
+             lambda g=g, stats=stats, rest=rest: weight_reducer(g, mesh).lower(stats, rest))
             for _, g, stats, rest in parts]
 
 
-def weight_reducer(graphdef) -> Callable:
+def weight_reducer(graphdef, mesh=None) -> Callable:
     """The jitted ``(amax state, rest) -> amax state`` that sets every enabled weight quantizer's amax
-    (and NVFP4-static global amax) from its weight."""
+    (and NVFP4-static global amax) from its weight; with a ``mesh``, the amax state comes back replicated."""
+    from jaxquant.mesh import constrain_replicated
+
     from jaxquant.calibration.sites import quantizer_sites
     from jaxquant.quantizer.tensor_quantizer import QuantGlobalAmax
 
@@ -144,7 +150,7 @@ def weight_reducer(graphdef) -> Callable:
         m = nnx.merge(graphdef, stats, rest)
         for s in _weight_sites(quantizer_sites(m)):
             s.quantizer.calibrate_weight(s.weight())
-        return nnx.state(m, (QuantAmax, QuantGlobalAmax))
+        return constrain_replicated(mesh, nnx.state(m, (QuantAmax, QuantGlobalAmax)))
 
     return reduce
 
@@ -219,24 +225,34 @@ def batch_tokens(ids, mask) -> int:
     return int(np.asarray(mask).sum()) if mask is not None else int(ids.size)
 
 
-def device_batches(batches: Iterable[Any], *, vocab_size: int | None, max_seq_len: int | None):
+def device_batches(batches: Iterable[Any], *, vocab_size: int | None, max_seq_len: int | None, mesh=None):
     """``(index, ids, mask, real tokens)`` per batch of ``batches``, validated (``as_batch``, length, token ids) and
-    sent to the device; a generator, so a batch is sent while the previous one computes.
+    sent to the device; a generator, so a batch is sent while the previous one computes. With a ``mesh``, each
+    device gets whole batches of the given shape (``jaxquant.mesh.global_batches``: ``data x fsdp`` of them per
+    step, ``index`` the first one's).
 
     Raises:
       DataError: a malformed batch, sequences longer than ``max_seq_len``, token ids outside the vocabulary.
     """
     from jaxquant.data.batching import check_token_ids
 
-    for i, raw in enumerate(batches):
-        ids, mask = as_batch(raw, i)
-        if max_seq_len is not None and ids.shape[1] > max_seq_len:
-            raise DataError(
-                f"calibration batch {i} has sequences of {ids.shape[1]} tokens, more than the model's "
-                f"max_position_embeddings ({max_seq_len}); use a shorter --calib-seq."
-            )
-        check_token_ids(ids, vocab_size, mask=mask, what=f"calibration batch {i}")
-        n_tok = batch_tokens(ids, mask)
+    def checked():
+        for i, raw in enumerate(batches):
+            ids, mask = as_batch(raw, i)
+            if max_seq_len is not None and ids.shape[1] > max_seq_len:
+                raise DataError(
+                    f"calibration batch {i} has sequences of {ids.shape[1]} tokens, more than the model's "
+                    f"max_position_embeddings ({max_seq_len}); use a shorter --calib-seq."
+                )
+            check_token_ids(ids, vocab_size, mask=mask, what=f"calibration batch {i}")
+            yield i, ids, mask, batch_tokens(ids, mask)
+
+    if mesh is not None:
+        from jaxquant.mesh import global_batches
+
+        yield from global_batches(checked(), mesh)
+        return
+    for i, ids, mask, n_tok in checked():
         yield i, jax.device_put(ids), None if mask is None else jax.device_put(mask), n_tok
 
 
@@ -263,17 +279,19 @@ class CalibrationStats:
         return self.tokens / self.run_s if self.run_s > 0 else float("nan")
 
 
-def make_step(graphdef, amax_def, rest_def, forward: ForwardFn = default_forward):
+def make_step(graphdef, amax_def, rest_def, forward: ForwardFn = default_forward, mesh=None, rest_shardings=None):
     """The jitted calibration step ``(amax_leaves, rest_leaves, ids, mask) -> (amax_leaves, all_finite)``.
 
     The model state travels as flat lists of arrays (not ``nnx.State`` pytrees): flattening an NNX
     state of a few hundred variables costs milliseconds of Python per call, more than a small
-    model's whole step on an accelerator. ``amax_leaves`` is donated.
+    model's whole step on an accelerator. ``amax_leaves`` is donated (with a ``mesh``: replicated in and out;
+    ``rest_shardings``: what the parameters are constrained to inside the step, ``jaxquant.mesh.compute_shardings``).
     """
+    from jaxquant.mesh import constrain, constrain_replicated
 
     def step(amax_leaves, rest_leaves, ids, mask):
         amax = jax.tree_util.tree_unflatten(amax_def, amax_leaves)
-        rest = jax.tree_util.tree_unflatten(rest_def, rest_leaves)
+        rest = jax.tree_util.tree_unflatten(rest_def, constrain(rest_leaves, rest_shardings))
         m = nnx.merge(graphdef, amax, rest)
         forward(m, ids, mask)
         new_leaves, new_def = jax.tree_util.tree_flatten(nnx.state(m, QuantAmax))
@@ -281,7 +299,7 @@ def make_step(graphdef, amax_def, rest_def, forward: ForwardFn = default_forward
             raise RuntimeError("the calibration forward changed the structure of the quantizer state")
         finite = (jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in new_leaves]))) if new_leaves
                   else jnp.bool_(True))
-        return new_leaves, finite
+        return constrain_replicated(mesh, (new_leaves, finite))
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -291,20 +309,31 @@ class WholeModelStep:
     ``stages.StagedStep``: ``compile(ids_shape, has_mask)``, ``run(ids, mask) -> flag``, ``amax_leaves()``,
     ``write_back()``."""
 
-    def __init__(self, model, forward: ForwardFn = default_forward):
+    def __init__(self, model, forward: ForwardFn = default_forward, mesh=None):
         self.model = model
         self.forward = forward
+        self.mesh = mesh
         self.graphdef, amax_state, rest = nnx.split(model, QuantAmax, ...)
         self.amax, self.amax_def = jax.tree_util.tree_flatten(amax_state)
         self.rest, self.rest_def = jax.tree_util.tree_flatten(rest)
-        self._step = make_step(self.graphdef, self.amax_def, self.rest_def, forward)
+        from jaxquant.mesh import compute_shardings, replicate
+
+        if mesh is not None:
+            self.amax = replicate(mesh, self.amax)
+        self._step = make_step(self.graphdef, self.amax_def, self.rest_def, forward, mesh,
+                               compute_shardings(mesh, self.rest))
         self._exe: dict[tuple, Any] = {}
 
     def compile_jobs(self, ids_shape: tuple[int, int], has_mask: bool) -> list:
         """``[(store key, lower)]`` of the step for ``[B, S]`` batches, for ``ahead.compile_all``."""
         key = step_key(self.graphdef, self.amax_def, self.rest_def, self.amax, self.rest, ids_shape, has_mask,
                        self.forward)
-        ids = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32)
+        sharding = None
+        if self.mesh is not None:
+            from jaxquant.mesh import batch_sharding
+
+            sharding = batch_sharding(self.mesh, ids_shape)
+        ids = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32, sharding=sharding)
         return [(key, lambda: self._step.lower(self.amax, self.rest, ids, ids if has_mask else None))]
 
     def compile(self, ids_shape: tuple[int, int], has_mask: bool) -> int:
@@ -318,7 +347,12 @@ class WholeModelStep:
 
     def run(self, ids, mask):
         """One batch; returns its device "all amax finite" flag."""
-        self.amax, flag = self._exe[(tuple(ids.shape), mask is not None)](self.amax, self.rest, ids, mask)
+        out = self._exe[(tuple(ids.shape), mask is not None)](self.amax, self.rest, ids, mask)
+        if self.mesh is not None:
+            from jaxquant.mesh import settle
+
+            out = settle(out)
+        self.amax, flag = out
         return flag
 
     def amax_leaves(self):
@@ -328,12 +362,13 @@ class WholeModelStep:
         nnx.update(self.model, jax.tree_util.tree_unflatten(self.amax_def, self.amax))
 
 
-def calibration_step(model, forward: ForwardFn = default_forward):
+def calibration_step(model, forward: ForwardFn = default_forward, mesh=None):
     """The step ``run_calibration`` uses: stage by stage (``stages.StagedStep``) for a causal LM with the stage
-    protocol and the default forward, else one whole-model call (``WholeModelStep``)."""
+    protocol and the default forward, else one whole-model call (``WholeModelStep``); ``mesh``: the model's state
+    is laid out over it (``jaxquant.mesh``)."""
     from jaxquant.calibration.stages import StagedStep, supports_stages
 
-    return StagedStep(model) if supports_stages(model, forward) else WholeModelStep(model, forward)
+    return StagedStep(model, mesh) if supports_stages(model, forward) else WholeModelStep(model, forward, mesh)
 
 
 def non_finite_activations(sites: list[Site], where: str, batch: int | None = None) -> NonFiniteError:
@@ -369,7 +404,7 @@ def _progress(total: int | None, enabled: bool):
 
 def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
                     forward: ForwardFn = default_forward, progress: bool = True,
-                    total_tokens: int | None = None, max_seq_len: int | None = None) -> CalibrationStats:
+                    total_tokens: int | None = None, max_seq_len: int | None = None, mesh=None) -> CalibrationStats:
     """Run the calibration forward passes over ``batches`` (modes must already be set).
 
     Args:
@@ -378,6 +413,8 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
       progress: show a tqdm bar (tokens, tokens/s) on stderr.
       total_tokens: for the bar, when known.
       max_seq_len: refuse longer batches (the model's ``max_position_embeddings``).
+      mesh: the ``jax.sharding.Mesh`` the model's state is laid out over (``jaxquant.mesh.place_model``); the
+        batches are split by rows over it. None: one device.
 
     Raises:
       NonFiniteError: a batch produced NaN/Inf activations (names the batch and quantizers).
@@ -386,7 +423,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
     """
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)  # XLA gathers clamp silently
     stats = CalibrationStats()
-    step = calibration_step(model, forward)
+    step = calibration_step(model, forward, mesh)
     compiled: set[tuple] = set()
     bar = _progress(total_tokens, progress)
     pending: collections.deque = collections.deque()  # (batch index, finite flag, tokens), oldest first
@@ -401,7 +438,7 @@ def run_calibration(model: Any, sites: list[Site], batches: Iterable[Any], *,
             bar.update(n_tok)
 
     try:
-        source = device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len)  # one batch ahead
+        source = device_batches(batches, vocab_size=vocab_size, max_seq_len=max_seq_len, mesh=mesh)  # one ahead
         nxt = next(source, None)
         while nxt is not None:
             i, ids, mask, n_tok = nxt
@@ -465,7 +502,8 @@ def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardF
                   progress: bool = True, total_tokens: int | None = None, max_seq_len: int | None = None,
                   skip_forward_without_activation_calib: bool = True, layerwise: bool = False,
                   on_weights_calibrated: Callable[[], Any] | None = None, layerwise_checkpoint_dir: str | None = None,
-                  layerwise_save_every: int = 1) -> CalibrationStats:
+                  layerwise_save_every: int = 1,
+                  mesh=None) -> CalibrationStats:
     """ModelOpt's ``max`` up to (not including) ``finalize``: weights, then the forward passes.
 
     ``data``: an iterable of batches, a ``forward_loop(model)`` callable, or None (weights only;
@@ -474,8 +512,9 @@ def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardF
     ``on_weights_calibrated()`` is called once the weight amax are set and checked, before any forward pass.
     ``layerwise_checkpoint_dir`` / ``layerwise_save_every``: per-layer checkpoints to resume from
     (``calibration/resume.py``; layerwise only).
+    ``mesh``: the model's state is laid out over this ``jax.sharding.Mesh`` (``jaxquant.mesh.place_model``).
     """
-    calibrate_weights(sites, model)
+    calibrate_weights(sites, model, mesh)
     check_weights_finite(sites)
     if on_weights_calibrated is not None:
         on_weights_calibrated()
@@ -497,12 +536,12 @@ def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardF
 
         return run_calibration_layerwise(model, sites, data, forward=forward, progress=progress,
                                          max_seq_len=max_seq_len, checkpoint_dir=layerwise_checkpoint_dir,
-                                         save_every=layerwise_save_every)
+                                         save_every=layerwise_save_every, mesh=mesh)
     if layerwise_checkpoint_dir is not None:
         raise UnsupportedError("a layerwise checkpoint directory needs layer-by-layer calibration (layerwise: "
                                "{enable: true}, or --layerwise).")
     return run_calibration(model, sites, data, forward=forward, progress=progress, total_tokens=total_tokens,
-                           max_seq_len=max_seq_len)
+                           max_seq_len=max_seq_len, mesh=mesh)
 
 
 __all__ = [

@@ -88,9 +88,14 @@ def avals(tree):
     return jax.tree_util.tree_map(_aval, tree)
 
 
-def on_default_device(leaves: list[Any]) -> list[Any]:
+def on_default_device(leaves: list[Any], mesh=None) -> list[Any]:
     """``leaves`` on the default device: arrays already there as they are, others copied (a model whose parameters
-    are kept elsewhere, e.g. host memory beside an accelerator)."""
+    are kept elsewhere, e.g. host memory beside an accelerator). With a ``mesh``: on the mesh instead (arrays laid
+    out over it as they are, others replicated onto it: ``jaxquant.mesh.to_mesh``)."""
+    if mesh is not None:
+        from jaxquant.mesh import to_mesh
+
+        return to_mesh(mesh, leaves)
     dev = jax.devices()[0]
     if all(not isinstance(x, jax.Array) or x.sharding.device_set == {dev} for x in leaves):
         return leaves
@@ -105,80 +110,124 @@ class StagedStep:
     hands the model its live amax arrays (they are donated between calls).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, mesh=None):
         self.model = model
         self.text = model.model
+        self.mesh = mesh
         with without_layers(model) as shell:
             self.shell = _Part(shell)
         self.layers = [_Part(layer) for layer in self.text.layers]
+        if mesh is not None:  # statistics replicated over the mesh (so each call's outputs match its inputs)
+            from jaxquant.mesh import replicate
+
+            for part in [self.shell, *self.layers]:
+                part.amax = replicate(mesh, part.amax)
         self.carried = tuple(getattr(self.text, "carried_kwargs", ()))
         self._exe: dict[tuple, dict] = {}
 
+    def _settle(self, out):
+        """A stage's outputs; with a mesh on the CPU backend, waited for (``jaxquant.mesh.settle``)."""
+        if self.mesh is None:
+            return out
+        from jaxquant.mesh import settle
+
+        return settle(out)
+
+    def _avals(self, tree):
+        """``avals`` of ``tree``; with a mesh, each keeps its array's sharding (what the executable is compiled for)."""
+        if self.mesh is None:
+            return avals(tree)
+        return jax.tree_util.tree_map(
+            lambda x: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+            tree)
+
+    def _batch_avals(self, tree, batch: int):
+        """Activation / context avals: with a mesh, rows split as ``jaxquant.mesh.batch_sharding`` says."""
+        if self.mesh is None:
+            return tree
+        from jaxquant.mesh import batch_tree_sharding
+
+        shardings = batch_tree_sharding(self.mesh, tree, batch)
+        return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
     # ------------------------------------------------------------------ the stage functions (traced)
     def _prologue_fn(self):
-        shell = self.shell
+        from jaxquant.mesh import compute_shardings, constrain, constrain_batch, constrain_replicated
+
+        shell, mesh = self.shell, self.mesh
+        rest_sh = compute_shardings(mesh, shell.rest)
 
         def prologue(amax, rest, ids, mask):
-            m = shell.merge(amax, rest)
+            m = shell.merge(amax, constrain(rest, rest_sh))
             x, ctx = m.model.prologue(ids, mask)
-            new = jax.tree_util.tree_leaves(nnx.state(m, QuantAmax))
-            return x, ctx, new, _finite(jnp.bool_(True), new)
+            new = constrain_replicated(mesh, jax.tree_util.tree_leaves(nnx.state(m, QuantAmax)))
+            x, ctx = constrain_batch(mesh, (x, ctx), ids.shape[0])
+            return x, ctx, new, constrain_replicated(mesh, _finite(jnp.bool_(True), new))
 
         return jax.jit(prologue, donate_argnums=(0,))
 
     def _layer_fn(self, part: _Part):
-        carried = self.carried
+        from jaxquant.mesh import compute_shardings, constrain, constrain_batch, constrain_replicated
+
+        carried, mesh = self.carried, self.mesh
+        rest_sh = compute_shardings(mesh, part.rest)
 
         def layer(amax, rest, ok, x, kwargs):
-            m = part.merge(amax, rest)
+            m = part.merge(amax, constrain(rest, rest_sh))
             y = m(x, **kwargs)
-            new = jax.tree_util.tree_leaves(nnx.state(m, QuantAmax))
-            return y, {k: kwargs[k] for k in carried}, new, _finite(ok, new)
+            new = constrain_replicated(mesh, jax.tree_util.tree_leaves(nnx.state(m, QuantAmax)))
+            y, out = constrain_batch(mesh, (y, {k: kwargs[k] for k in carried}), x.shape[0])
+            return y, out, new, constrain_replicated(mesh, _finite(ok, new))
 
         return jax.jit(layer, donate_argnums=(0,))
 
     def _epilogue_fn(self):
-        shell = self.shell
+        from jaxquant.mesh import compute_shardings, constrain, constrain_replicated
+
+        shell, mesh = self.shell, self.mesh
+        rest_sh = compute_shardings(mesh, shell.rest)
 
         def epilogue(amax, rest, ok, x, token_mask):
-            m = shell.merge(amax, rest)
+            m = shell.merge(amax, constrain(rest, rest_sh))
             m.logits(m.model.epilogue(x), token_mask)  # the head's input quantizer sees what the full model gives it
-            new = jax.tree_util.tree_leaves(nnx.state(m, QuantAmax))
-            return new, _finite(ok, new)
+            new = constrain_replicated(mesh, jax.tree_util.tree_leaves(nnx.state(m, QuantAmax)))
+            return new, constrain_replicated(mesh, _finite(ok, new))
 
         return jax.jit(epilogue, donate_argnums=(0,))
 
     # ------------------------------------------------------------------ compilation
     def _job(self, part: _Part, kind: str, fn, *inputs):
         """``(store key, lower)`` of one stage for ``ahead.compile_all``; ``inputs``: the avals after (amax, rest)."""
-        return part.key(kind, *inputs), lambda: fn.lower(avals(part.amax), avals(part.rest), *inputs)
+        return part.key(kind, *inputs), lambda: fn.lower(self._avals(part.amax), self._avals(part.rest), *inputs)
 
     def _plan(self, ids_shape: tuple[int, int], has_mask: bool) -> tuple[list, list[int]]:
         """The compile jobs for ``[B, S]`` batches (prologue first, epilogue last, one per distinct layer between)
         and, per layer, the index of its job."""
-        ids = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32)
-        mask = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32) if has_mask else None
-        ok = jax.ShapeDtypeStruct((), jnp.bool_)
+        b = ids_shape[0]
+        ids = self._batch_avals(jax.ShapeDtypeStruct(tuple(ids_shape), jnp.int32), b)
+        mask = ids if has_mask else None
+        ok = self._batch_avals(jax.ShapeDtypeStruct((), jnp.bool_), b)
         pro_fn = self._prologue_fn()
         jobs = [self._job(self.shell, "prologue", pro_fn, ids, mask)]
-        x, ctx, _, _ = jax.eval_shape(pro_fn, avals(self.shell.amax), avals(self.shell.rest), ids, mask)
+        x, ctx, _, _ = jax.eval_shape(pro_fn, self._avals(self.shell.amax), self._avals(self.shell.rest), ids, mask)
+        x, ctx = self._batch_avals((x, ctx), b)
         layer_jobs = []
         seen: list[tuple[Any, int, Any]] = []  # (key, job index, output avals) of the distinct layers so far
         for i, part in enumerate(self.layers):
-            kwargs = jax.eval_shape(lambda c, i=i: self.text.layer_kwargs(i, c), ctx)
+            kwargs = self._batch_avals(jax.eval_shape(lambda c, i=i: self.text.layer_kwargs(i, c), ctx), b)
             key = part.key("layer", ok, x, kwargs)
             hit = next((h for h in seen if h[0] == key), None)
             if hit is None:  # equal key = equal graph and input shapes, hence equal output shapes: trace once
                 fn = self._layer_fn(part)
                 jobs.append(self._job(part, "layer", fn, ok, x, kwargs))
-                y, carried, _, _ = jax.eval_shape(fn, avals(part.amax), avals(part.rest), ok, x, kwargs)
-                hit = (key, len(jobs) - 1, (y, carried))
+                y, carried, _, _ = jax.eval_shape(fn, self._avals(part.amax), self._avals(part.rest), ok, x, kwargs)
+                hit = (key, len(jobs) - 1, self._batch_avals((y, carried), b))
                 seen.append(hit)
             layer_jobs.append(hit[1])
             y, carried = hit[2]
             ctx = {**ctx, **carried}
             x = y
-        token_mask = jax.ShapeDtypeStruct(tuple(ids_shape), jnp.bool_) if has_mask else None
+        token_mask = self._batch_avals(jax.ShapeDtypeStruct(tuple(ids_shape), jnp.bool_), b) if has_mask else None
         jobs.append(self._job(self.shell, "epilogue", self._epilogue_fn(), ok, x, token_mask))
         return jobs, layer_jobs
 
@@ -216,8 +265,8 @@ class StagedStep:
         """``(x [B, S, hidden], ctx, ok)`` of one batch (``compile`` first); updates the shell's amax. ``rest``: the
         shell's non-amax leaves to use instead of its own (e.g. copies staged on the device)."""
         shell = self.shell
-        x, ctx, shell.amax, ok = self._executables(ids.shape, mask is not None)["prologue"](
-            shell.amax, shell.rest if rest is None else rest, ids, mask)
+        x, ctx, shell.amax, ok = self._settle(self._executables(ids.shape, mask is not None)["prologue"](
+            shell.amax, shell.rest if rest is None else rest, ids, mask))
         return x, ctx, ok
 
     def run_layer(self, i: int, x: jax.Array, ctx: dict, ok: jax.Array, rest=None) -> tuple[jax.Array, dict, jax.Array]:
@@ -226,16 +275,16 @@ class StagedStep:
         part = self.layers[i]
         shape = ctx["token_mask"].shape if ctx.get("token_mask") is not None else x.shape[:2]
         exe = self._executables(shape, ctx.get("token_mask") is not None)["layers"][i]
-        x, carried, part.amax, ok = exe(part.amax, part.rest if rest is None else rest, ok, x,
-                                        self.text.layer_kwargs(i, ctx))
+        x, carried, part.amax, ok = self._settle(exe(part.amax, part.rest if rest is None else rest, ok, x,
+                                                     self.text.layer_kwargs(i, ctx)))
         return x, ({**ctx, **carried} if carried else ctx), ok
 
     def run_epilogue(self, x: jax.Array, ctx: dict, ok: jax.Array, rest=None) -> jax.Array:
         """The head on one batch's last-layer output; updates the shell's amax; returns ``ok``."""
         shell = self.shell
         shape = ctx["token_mask"].shape if ctx.get("token_mask") is not None else x.shape[:2]
-        shell.amax, ok = self._executables(shape, ctx.get("token_mask") is not None)["epilogue"](
-            shell.amax, shell.rest if rest is None else rest, ok, x, ctx["token_mask"])
+        shell.amax, ok = self._settle(self._executables(shape, ctx.get("token_mask") is not None)["epilogue"](
+            shell.amax, shell.rest if rest is None else rest, ok, x, ctx["token_mask"]))
         return ok
 
     def amax_leaves(self) -> list[jax.Array]:

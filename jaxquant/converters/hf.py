@@ -351,13 +351,16 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{p}: not valid JSON ({e}).") from None
 
 
-def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding = None) -> LoadedModel:
+def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding = None, mesh=None) -> LoadedModel:
     """Load an HF checkpoint directory (``config.json`` + safetensors) as a Flax NNX model.
 
     Args:
       path: the directory.
       dtype: parameter / activation dtype: ``jnp.bfloat16`` (default), ``jnp.float16`` or ``jnp.float32``.
       sharding: a ``jax.sharding.Sharding`` for every parameter, or ``fn(nnx_path, shape) -> Sharding``.
+      mesh: lay the parameters out over a ``jax.sharding.Mesh`` by the family's partition rules
+        (``jaxquant.mesh``; a ``Mesh`` or a spec such as ``"tensor=2,fsdp=4"``): each tensor is read once and
+        each device receives its part. Not together with ``sharding``.
 
     Raises:
       UnsupportedError: unknown architecture (the message lists the supported ones).
@@ -365,10 +368,18 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
     """
     dtype = resolve_dtype(dtype)
     d = Path(path)
+    if mesh is not None and sharding is not None:
+        raise UnsupportedError("load_hf: pass mesh= or sharding=, not both (mesh= derives the sharding from the "
+                               "family's partition rules).")
     if d.is_file() and d.suffix == ".gguf":
         from jaxquant.converters.gguf import load_gguf
 
-        return load_gguf(d, dtype=dtype, sharding=sharding)
+        loaded = load_gguf(d, dtype=dtype, sharding=sharding)
+        if mesh is not None:
+            from jaxquant.mesh import make_mesh, place_model
+
+            place_model(loaded.model, make_mesh(mesh))
+        return loaded
     hf_config = read_hf_config(d)
     plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     ModelConfig.from_hf_config(plain, source=str(d / "config.json"))  # an unknown architecture first
@@ -384,6 +395,10 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
         )
     config = ModelConfig.from_hf_config(hf_config, source=str(d / "config.json"))
     nm = NameMap.for_config(config)
+    if mesh is not None:
+        from jaxquant.mesh import make_mesh, param_sharding
+
+        sharding = param_sharding(make_mesh(mesh), config)
     source = SafetensorsSource(files, nm)
     if config.spec.tensor_adapter:  # MoE families: stacked experts from per-expert / fused checkpoint tensors
         from jaxquant.models.config import import_object

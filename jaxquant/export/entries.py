@@ -165,7 +165,9 @@ def linear_entries(it: ExportLinear, export_dtype: np.dtype, checks: DeferredChe
         checks.poll()
         out, check = qf.export_tensors_deferred(it.weight.on_device(), it.w_amax, **kw)
         checks.add(check)
-        return out
+        from jaxquant.mesh import settle
+
+        return settle(out)  # one computation at a time over a CPU mesh (jaxquant.mesh.settle)
 
     def input_scale():  # apart from the weight's kernel: the one tensor that depends on the activations
         return qf.input_scale(np.float32(it.in_amax), what=f"{it.hf}.input_quantizer amax").reshape(())

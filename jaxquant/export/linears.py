@@ -132,7 +132,9 @@ class ExpertWeight:
 
     def on_device(self):
         """Expert ``e``'s weight, sliced where the stacked parameter lives (no host copy)."""
-        return self.stacked[self.e]
+        from jaxquant.mesh import settle
+
+        return settle(self.stacked[self.e])  # settle: one computation at a time over a CPU mesh
 
 
 class Walked(NamedTuple):

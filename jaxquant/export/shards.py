@@ -222,6 +222,11 @@ def _start_host_copy(a: Any) -> Any:
     sharding = getattr(a, "sharding", None)
     if sharding is None or not hasattr(a, "copy_to_host_async"):
         return a
+    if len(sharding.device_set) > 1:
+        # sharded over a mesh (jaxquant.mesh): gathered here, one tensor at a time, on the thread that launches
+        # every device computation, so no program with collectives ever runs concurrently with another one (on
+        # the CPU backend two such programs can starve each other of threads)
+        return np.asarray(a)
     try:
         devices = list(sharding.device_set)
         if (getattr(sharding, "memory_kind", None) == "device" and devices[0].platform != "cpu"

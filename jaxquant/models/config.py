@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxquant.errors import CheckpointError, UnsupportedError
+from jaxquant.models.partition import DECODER_RULES, MOE_RULES
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -146,6 +147,9 @@ class FamilySpec:
     # "module:function(config, source) -> TensorSource": a view of the checkpoint in the NNX layout (MoE families
     # stack per-expert / split fused expert tensors); the view's ``consumes(hf_name)`` marks tensors it uses.
     tensor_adapter: str | None = None
+    # how the parameters are laid out over a jax Mesh: ``(NNX path regex, per-dimension mesh axes)`` pairs
+    # (``models/partition.py``; used by ``jaxquant.mesh``)
+    partition_rules: tuple[tuple[str, tuple], ...] = DECODER_RULES
 
 
 _LLAMA_DEFAULTS = (
@@ -219,6 +223,7 @@ _GEMMA4 = dict(
     config_hook="jaxquant.models.gemma4:gemma4_config_hook",  # per-layer geometry, PLE, KV sharing, MoE
     model_class="jaxquant.models.gemma4:Gemma4ForCausalLM",
     tensor_adapter="jaxquant.models.moe:moe_tensor_source",
+    partition_rules=MOE_RULES,
 )
 
 ARCHITECTURES: dict[str, FamilySpec] = {
@@ -278,6 +283,7 @@ ARCHITECTURES: dict[str, FamilySpec] = {
         mlp_classes=(("moe", "jaxquant.models.moe:SparseMoeBlock"),),
         layer_class="jaxquant.models.moe:MixtralDecoderLayer",
         tensor_adapter="jaxquant.models.moe:moe_tensor_source",
+        partition_rules=MOE_RULES,
     ),
     "Qwen3MoeForCausalLM": FamilySpec(
         family="qwen3_moe",
@@ -290,6 +296,7 @@ ARCHITECTURES: dict[str, FamilySpec] = {
         config_hook="jaxquant.models.moe:qwen3_moe_config_hook",
         mlp_classes=(("dense", "jaxquant.models.layers:MLP"), ("moe", "jaxquant.models.moe:SparseMoeBlock")),
         tensor_adapter="jaxquant.models.moe:moe_tensor_source",
+        partition_rules=MOE_RULES,
     ),
     "Gemma4ForCausalLM": FamilySpec(family="gemma4", **_GEMMA4),
     "Gemma4ForConditionalGeneration": FamilySpec(

@@ -51,7 +51,9 @@ def nonfinite_params(model) -> list[str]:
     flat = [(".".join(str(k) for k in path), v.get_value() if hasattr(v, "get_value") else v.value)
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     flat = [(p, a) for p, a in flat if jnp.issubdtype(a.dtype, jnp.inexact)]
-    ok = jax.device_get([_all_finite(a) for _, a in flat])
+    from jaxquant.mesh import settle
+
+    ok = jax.device_get([settle(_all_finite(a)) for _, a in flat])  # settle: one at a time over a CPU mesh
     return [p for (p, _), good in zip(flat, ok) if not bool(good)]
 
 
