@@ -18,7 +18,7 @@ from jaxquant.calibration import max as max_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("mse", "local_hessian", "nvfp4_act_headroom", "smoothquant", "awq_lite", "awq_clip",
+KNOWN_UNSUPPORTED = ("mse", "local_hessian", "nvfp4_act_headroom", "awq_clip",
                      "awq_full", "svdquant", "gptq", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
@@ -39,6 +39,8 @@ class Algorithm:
     name: str
     run: Callable[..., Any]
     options: tuple[str, ...] = ()
+    #: ``parse(options) -> dict``: the algorithm's own option parser; its result reaches ``run(..., options=...)``.
+    parse: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
 
 
 def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
@@ -112,6 +114,14 @@ ALGORITHMS: dict[str, Algorithm] = {
     "max": Algorithm("max", max_mod.max_calibrate, tuple(_MAX_OPTIONS)),
 }
 
+# ---- activation smoothing (calibration/smoothquant.py, calibration/awq.py)
+from jaxquant.calibration import awq as _awq, smoothquant as _smoothquant  # noqa: E402
+
+ALGORITHMS.update({
+    "smoothquant": Algorithm("smoothquant", _smoothquant.smoothquant, _smoothquant.OPTIONS, _smoothquant.parse_options),
+    "awq_lite": Algorithm("awq_lite", _awq.awq_lite, _awq.OPTIONS, _awq.parse_options),
+})
+
 
 def supported_algorithms() -> tuple[str, ...]:
     return tuple(ALGORITHMS)
@@ -141,6 +151,8 @@ def resolve_algorithm(algorithm: Any) -> tuple[Algorithm | None, dict[str, Any]]
     algo = get_algorithm(method)
     if algo.name == "max":
         return algo, _max_options(options)
+    if algo.parse is not None:
+        return algo, algo.parse(options)
     return algo, dict(options)  # pragma: no cover - future algorithms
 
 

@@ -246,6 +246,7 @@ def quantize(
             max_seq_len=max_seq_len,
             skip_forward_without_activation_calib=options.get("skip_forward_without_activation_calib", True),
             **({"layerwise": True} if (layerwise or options.get("layerwise")) else {}),
+            **({"options": options} if algo.parse is not None else {}),
         )
         elapsed = time.perf_counter() - t0
         timings["compile"] = stats.compile_s

@@ -1,0 +1,182 @@
+"""SmoothQuant (``int8_smoothquant``) and AWQ-lite (``int4_awq``) against nvidia-modelopt 0.47 on CPU, on the same
+tiny Llama and the same calibration tokens.
+
+What must be identical, and is:
+* given ModelOpt's per-channel activation amax, jaxquant's SmoothQuant scale, ``pre_quant_scale`` and smoothed weight
+  amax (bit for bit);
+* given ModelOpt's AWQ statistics, jaxquant's ``weight_scale`` (a function of the weight only) and the chosen
+  alpha of every linear;
+* given ModelOpt's calibrated state (``pre_quant_scale``, amax), the exported checkpoint, byte for byte: averaged q/k/v
+  and gate/up ``pre_quant_scale`` with re-smoothed weights, AWQ's folding into the layernorms, ``pre_quant_scale``
+  tensors, hf_quant_config.json and config.json.
+
+What differs, and why: jaxquant's own activations differ from torch's in the last bits (XLA's RMSNorm ``rsqrt``,
+softmax and matmul accumulation order are not torch's), so the per-channel activation statistics of a full
+calibration run differ by a few ulps; the end-to-end tests measure that fraction and bound the relative difference
+by 4 ulps (2.4e-7 x 4 ~ 1e-6 of float32... see ``_ULPS``) while the alphas AWQ picks stay identical.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("modelopt.torch.export")
+
+import _export_modelopt_ref as R  # noqa: E402
+from test_export_int4 import make_llama128  # noqa: E402
+
+_ULPS = 16  # end-to-end statistics: relative difference bound in float32 ulps (cause: module doc)
+
+
+def _batches():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 96, (2, 12), generator=g) for _ in range(2)]
+
+
+def _modelopt(tmp_path, qformat, dtype="float32", debug=False):
+    import modelopt.torch.quantization as mtq
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    cfg = copy.deepcopy(QUANT_CFG_CHOICES[qformat])
+    if debug:
+        cfg["algorithm"] = {**cfg["algorithm"], "debug": True}
+    src = tmp_path / "src"
+    model = make_llama128(src, dtype)
+    batches = _batches()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, copy.deepcopy(cfg), forward_loop=lambda m: [m(b) for b in batches])
+    return model, src, cfg, batches
+
+
+def _linears(model):
+    from modelopt.torch.quantization.nn import QuantLinear  # noqa: F401
+
+    return {n: m for n, m in model.named_modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.is_enabled}
+
+
+def _state_from_modelopt(model):
+    """jaxquant's calibration state for ModelOpt's calibrated model: its pre_quant_scale p on the input quantizer,
+    1/p (float32, what ModelOpt folded into the weight) on the weight quantizer, its amax."""
+    st = {}
+    for name, m in _linears(model).items():
+        iq, wq = m.input_quantizer, m.weight_quantizer
+        p = iq._pre_quant_scale.float().numpy().copy()  # export changes the buffers in place
+        st[f"{name}.input_quantizer._pre_quant_scale"] = p
+        st[f"{name}.weight_quantizer._pre_quant_scale"] = np.float32(1.0) / p
+        st[f"{name}.weight_quantizer._amax"] = wq._amax.float().numpy().copy()
+        if iq.is_enabled:
+            st[f"{name}.input_quantizer._amax"] = iq._amax.float().numpy().copy()
+    return st
+
+
+def _jaxquant(src, cfg, batches=None, dtype="float32"):
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+    from jaxquant.recipe import apply_recipe
+
+    loaded = load_hf(src, dtype=getattr(jnp, dtype))
+    if batches is None:
+        return loaded, apply_recipe(loaded.model, copy.deepcopy(cfg), warn=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = quantize(loaded.model, copy.deepcopy(cfg), [(b.numpy(), None) for b in batches], progress=False)
+    return loaded, res
+
+
+def _export_both(tmp_path, model, src, cfg):
+    from jaxquant.calibration import load_calibration_state
+    from jaxquant.calibration.max import set_quant_mode
+    from jaxquant.export import export_hf
+
+    st = _state_from_modelopt(model)
+    R.modelopt_export(model, tmp_path / "mo", "float32")
+    loaded, res = _jaxquant(src, cfg)
+    load_calibration_state(loaded.model, st)
+    set_quant_mode(loaded.model, "fake_quant")
+    export_hf(loaded, tmp_path / "jq", resolution=res)
+    return R.assert_same_export(tmp_path / "mo", tmp_path / "jq")
+
+
+def _close(a, b, what):
+    a, b = np.asarray(a, np.float32).reshape(-1), np.asarray(b, np.float32).reshape(-1)
+    rel = np.abs(a - b) / np.maximum(np.abs(a), np.finfo(np.float32).tiny)
+    assert rel.max() <= _ULPS * np.finfo(np.float32).eps, (what, rel.max(), (a != b).mean())
+    return (a != b).mean()
+
+
+# ----------------------------------------------------------------------------------------------- SmoothQuant
+def test_smoothquant_scale_given_modelopt_statistics(tmp_path):
+    """ModelOpt's ``_amax_for_smoothing`` (per-channel activation amax) in, its pre_quant_scale and weight amax out."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration.smoothing import SmoothLinear, apply_smoothing
+    from jaxquant.calibration.smoothquant import smoothing_scale
+
+    model, src, cfg, _ = _modelopt(tmp_path, "int8_smoothquant")
+    loaded, _ = _jaxquant(src, cfg)
+    mods = dict(_linears(model))
+    assert len(mods) == 14
+    for name, m in mods.items():
+        path = name.split(".")
+        lin = loaded.model
+        for p in path:
+            lin = lin[int(p)] if p.isdigit() else getattr(lin, p)
+        act = m.input_quantizer._amax_for_smoothing.float().numpy().reshape(-1)
+        s = smoothing_scale(act, lin.weight[...], 1.0)
+        np.testing.assert_array_equal(s, m.input_quantizer._pre_quant_scale.float().numpy(), err_msg=name)
+        apply_smoothing(SmoothLinear(name, lin, lin.weight_quantizer, lin.input_quantizer), s, act)
+        np.testing.assert_array_equal(np.asarray(lin.weight_quantizer.amax.value),
+                                      m.weight_quantizer._amax.float().numpy(), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(lin.input_quantizer.amax.value).reshape(()),
+                                      m.input_quantizer._amax.float().numpy().reshape(()), err_msg=name)
+        w_smoothed = np.asarray(lin.weight_quantizer.scaled(jnp.asarray(lin.weight[...])))
+        np.testing.assert_array_equal(w_smoothed, m.weight.detach().numpy(), err_msg=name)
+
+
+def test_smoothquant_end_to_end_and_export(tmp_path):
+    model, src, cfg, batches = _modelopt(tmp_path, "int8_smoothquant")
+    _, res = _jaxquant(src, cfg, batches)
+    st = res.calibration_state
+    fracs = []
+    for name, m in _linears(model).items():
+        fracs.append(_close(m.input_quantizer._pre_quant_scale.float().numpy(),
+                            st[f"{name}.input_quantizer._pre_quant_scale"], name))
+        _close(m.weight_quantizer._amax.float().numpy(), st[f"{name}.weight_quantizer._amax"], name)
+        _close(m.input_quantizer._amax.float().numpy(), st[f"{name}.input_quantizer._amax"], name)
+    print(f"smoothquant end to end: {np.mean(fracs):.1%} of pre_quant_scale elements differ (ulps)")
+    ref = _export_both(tmp_path, model, src, cfg)
+    assert ref["model.layers.0.self_attn.q_proj.pre_quant_scale"][:2] == ("F32", (128,))
+    assert ref["model.layers.0.self_attn.q_proj.pre_quant_scale"] == ref["model.layers.0.self_attn.k_proj.pre_quant_scale"]
+
+
+# ----------------------------------------------------------------------------------------------- AWQ-lite
+def test_awq_lite_statistics_alphas_and_export(tmp_path):
+    from jaxquant.calibration.awq import alpha_grid, candidate_scale, weight_scale
+
+    model, src, cfg, batches = _modelopt(tmp_path, "int4_awq", debug=True)
+    loaded, _ = _jaxquant(src, cfg)
+    _, res = _jaxquant(src, cfg, batches)
+    alphas = res.stats.awq_alphas
+    assert alpha_grid(0.1) == tuple(model.model.layers[0].self_attn.q_proj.awq_lite.loss)
+    mods = _linears(model)
+    assert len(mods) == 14 and set(alphas) == set(mods)
+    for name, m in mods.items():
+        h = m.awq_lite
+        lin = loaded.model
+        for p in name.split("."):
+            lin = lin[int(p)] if p.isdigit() else getattr(lin, p)
+        np.testing.assert_array_equal(weight_scale(lin.weight[...], 128), h.weight_scale.numpy(), err_msg=name)
+        assert alphas[name] == h.best_alpha, (name, alphas[name], h.best_alpha, h.loss)
+        _close(candidate_scale(h.act_scale.numpy(), h.weight_scale.numpy(), h.best_alpha), h.best_scale.numpy(), name)
+        _close(1.0 / h.best_scale.numpy(), res.calibration_state[f"{name}.input_quantizer._pre_quant_scale"], name)
+    ref = _export_both(tmp_path, model, src, cfg)
+    assert "model.layers.0.self_attn.q_proj.pre_quant_scale" not in ref  # folded into input_layernorm
+    assert ref["model.layers.0.self_attn.o_proj.pre_quant_scale"][:2] == ("F32", (128,))
