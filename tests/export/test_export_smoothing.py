@@ -4,16 +4,17 @@ tiny Llama and the same calibration tokens.
 What must be identical, and is:
 * given ModelOpt's per-channel activation amax, jaxquant's SmoothQuant scale, ``pre_quant_scale`` and smoothed weight
   amax (bit for bit);
-* given ModelOpt's AWQ statistics, jaxquant's ``weight_scale`` (a function of the weight only) and the chosen
-  alpha of every linear;
+* the alpha AWQ-lite chooses for every linear (end to end);
 * given ModelOpt's calibrated state (``pre_quant_scale``, amax), the exported checkpoint, byte for byte: averaged q/k/v
   and gate/up ``pre_quant_scale`` with re-smoothed weights, AWQ's folding into the layernorms, ``pre_quant_scale``
   tensors, hf_quant_config.json and config.json.
 
 What differs, and why: jaxquant's own activations differ from torch's in the last bits (XLA's RMSNorm ``rsqrt``,
 softmax and matmul accumulation order are not torch's), so the per-channel activation statistics of a full
-calibration run differ by a few ulps; the end-to-end tests measure that fraction and bound the relative difference
-by 4 ulps (2.4e-7 x 4 ~ 1e-6 of float32... see ``_ULPS``) while the alphas AWQ picks stay identical.
+calibration run differ by a few ulps (about half of the SmoothQuant pre_quant_scale elements); AWQ's weight_scale, a
+mean over the weight's rows, differs in about a quarter of its elements by 1-2 ulps (torch's CPU summation order);
+and float32 ``pow`` is torch's vectorised Sleef pow vs a float64 pow rounded once. The tests bound all of these by
+``_ULPS`` float32 ulps (relative), and the alphas AWQ picks are identical.
 """
 
 import copy
@@ -173,7 +174,8 @@ def test_awq_lite_statistics_alphas_and_export(tmp_path):
         lin = loaded.model
         for p in name.split("."):
             lin = lin[int(p)] if p.isdigit() else getattr(lin, p)
-        np.testing.assert_array_equal(weight_scale(lin.weight[...], 128), h.weight_scale.numpy(), err_msg=name)
+        # the mean over 128 rows: torch's CPU sum order is not XLA's; ~25% of the means differ by 1-2 ulps
+        _close(weight_scale(lin.weight[...], 128), h.weight_scale.numpy(), name)
         assert alphas[name] == h.best_alpha, (name, alphas[name], h.best_alpha, h.loss)
         _close(candidate_scale(h.act_scale.numpy(), h.weight_scale.numpy(), h.best_alpha), h.best_scale.numpy(), name)
         _close(1.0 / h.best_scale.numpy(), res.calibration_state[f"{name}.input_quantizer._pre_quant_scale"], name)
