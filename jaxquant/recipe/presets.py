@@ -42,8 +42,6 @@ MODELOPT_QFORMATS = (
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
 PENDING_QFORMATS = {
-    "int4_awq": "the awq_lite calibration algorithm and the INT4 (W4A16_AWQ) format",
-    "int8_smoothquant": "the smoothquant calibration algorithm (--qformat int8 is the same format without it)",
     "mamba_moe_fp8_aggressive": "the Mamba / Nemotron-H model family",
     "mamba_moe_fp8_conservative": "the Mamba / Nemotron-H model family",
     "mamba_moe_nvfp4_aggressive": "the Mamba / Nemotron-H model family",

@@ -27,7 +27,11 @@ from jaxquant.quantizer.config import _loc, _sub  # the one key-path formatter f
 
 RECIPE_TYPES = ("ptq", "auto_quantize", "speculative_eagle", "speculative_dflash", "speculative_medusa")
 SUPPORTED_RECIPE_TYPES = ("ptq",)
-SUPPORTED_ALGORITHMS = ("max",)
+def supported_algorithm_names() -> tuple[str, ...]:
+    """The calibration algorithms jaxquant runs (``calibration.algorithms``' registry: one list)."""
+    from jaxquant.calibration.algorithms import supported_algorithms
+
+    return supported_algorithms()
 DEFAULT_DESCRIPTION = "Model optimization recipe."
 
 _ENTRY_KEYS = ("quantizer_name", "parent_class", "cfg", "enable")
@@ -198,7 +202,7 @@ class Recipe:
                 f"{src} needs features jaxquant does not support yet:\n  - "
                 + "\n  - ".join(problems)
                 + f"\nSupported formats: {', '.join(SUPPORTED_FORMATS)}; supported calibration "
-                f"algorithms: {', '.join(SUPPORTED_ALGORITHMS)}."
+                f"algorithms: {', '.join(supported_algorithm_names())}."
             )
         return self
 
@@ -222,7 +226,7 @@ def unsupported_reasons(recipe: Recipe) -> list[str]:
     method = recipe.method
     # null (no calibration, as ModelOpt's mxfp8 preset): fine when every quantizer is dynamic or constant;
     # jaxquant.quantize names the quantizer otherwise, once the model's quantizers are known
-    if method is not None and method not in SUPPORTED_ALGORITHMS:
+    if method is not None and method not in supported_algorithm_names():
         out.append(f"calibration algorithm {method!r}")
     for i, e in enumerate(recipe.quant_cfg):
         if e.cfg is None or not e.effective_enable:

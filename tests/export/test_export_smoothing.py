@@ -56,7 +56,6 @@ def _modelopt(tmp_path, qformat, dtype="float32", debug=False):
 
 
 def _linears(model):
-    from modelopt.torch.quantization.nn import QuantLinear  # noqa: F401
 
     return {n: m for n, m in model.named_modules() if hasattr(m, "weight_quantizer") and m.weight_quantizer.is_enabled}
 

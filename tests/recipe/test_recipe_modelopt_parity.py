@@ -101,7 +101,7 @@ def test_presets_equal_hf_ptq_composition(qformat, torch_oracles):
                          KV_QUANT_CFG_CHOICES[kv]["quant_cfg"])
         ref = recipe_from_dict(cfg, source=f"hf_ptq {qformat}/{kv}", check_supported=False)
         assert _canon(ours.quant_cfg) == _canon(ref.quant_cfg), (qformat, kv)
-        assert ours.algorithm == cfg["algorithm"] and cfg["algorithm"] in ("max", None)
+        assert ours.algorithm == cfg["algorithm"]
         for oracle in (torch_oracles["llama"], torch_oracles["qwen3_moe"]):
             expected = oracle.apply(cfg["quant_cfg"])
             got = {n: our_attrs(c) for n, c in resolve(ours, oracle.sites()).configs.items()}
@@ -177,5 +177,5 @@ def test_every_modelopt_preset_either_ships_or_names_what_it_needs():
     for name, needs in PENDING_QFORMATS.items():
         with pytest.raises(UnsupportedError, match="it needs " + re.escape(needs)):
             preset_recipe(name)
-    with pytest.raises(UnsupportedError, match="the smoothquant calibration algorithm"):
-        preset_recipe("int8_smoothquant")
+    assert preset_recipe("int8_smoothquant").algorithm == "smoothquant"
+    assert preset_recipe("int4_awq").algorithm == {"method": "awq_lite", "alpha_step": 0.1}
