@@ -181,3 +181,43 @@ def test_awq_lite_statistics_alphas_and_export(tmp_path):
     ref = _export_both(tmp_path, model, src, cfg)
     assert "model.layers.0.self_attn.q_proj.pre_quant_scale" not in ref  # folded into input_layernorm
     assert ref["model.layers.0.self_attn.o_proj.pre_quant_scale"][:2] == ("F32", (128,))
+
+
+# ----------------------------------------------------------------------------------------------- load back
+@pytest.mark.parametrize("qformat", ["int8_smoothquant", "int4_awq"])
+def test_smoothed_export_loads_back(tmp_path, qformat):
+    """jaxquant's own calibration, exported and loaded with ``load_quantized``: the pre_quant_scale tensors reach
+    the loaded input quantizers and the logits match the fake-quant model's. They are not bit-equal: the export
+    averages the pre_quant_scale of fused siblings and re-smooths their weights (ModelOpt's export does the same), and
+    AWQ's q/k/v and gate/up scales are folded into the norms."""
+    import jax.numpy as jnp
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    from jaxquant.export import export_hf
+    from jaxquant.export.load_quantized import load_quantized
+    from jaxquant.io.safetensors import CheckpointFiles
+
+    src = tmp_path / "src"
+    make_llama128(src, "float32")
+    loaded, res = _jaxquant(src, copy.deepcopy(QUANT_CFG_CHOICES[qformat]), _batches())
+    ids = jnp.asarray(np.asarray(_batches()[0]))
+    ref = np.asarray(loaded.model(ids, None))
+    export_hf(loaded, tmp_path / "out")
+    files = CheckpointFiles.open(tmp_path / "out")
+    back = load_quantized(tmp_path / "out", dtype=jnp.float32)
+    o = back.model.model.layers[0].self_attn.o_proj
+    np.testing.assert_array_equal(np.asarray(o.input_quantizer.pre_quant_scale.value),
+                                  np.asarray(files.get("model.layers.0.self_attn.o_proj.pre_quant_scale")))
+    np.testing.assert_array_equal(np.asarray(o.input_quantizer.pre_quant_scale.value),
+                                  res.calibration_state["model.layers.0.self_attn.o_proj.input_quantizer._pre_quant_scale"])
+    q = back.model.model.layers[0].self_attn.q_proj
+    assert (q.input_quantizer.pre_quant_scale is None) == (qformat == "int4_awq")
+    got = np.asarray(back.model(ids, None))
+    plain, _ = _jaxquant(src, {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": None})
+    exact = np.asarray(plain.model(ids, None))
+
+    def err(a):
+        return float(np.abs(a - exact).max() / np.abs(exact).max())
+
+    print(f"{qformat}: relative logit error vs unquantized: fake quant {err(ref):.3f}, loaded export {err(got):.3f}")
+    assert np.all(np.isfinite(got)) and err(got) < 2 * err(ref), (err(got), err(ref))
