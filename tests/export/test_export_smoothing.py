@@ -221,3 +221,16 @@ def test_smoothed_export_loads_back(tmp_path, qformat):
 
     print(f"{qformat}: relative logit error vs unquantized: fake quant {err(ref):.3f}, loaded export {err(got):.3f}")
     assert np.all(np.isfinite(got)) and err(got) < 2 * err(ref), (err(got), err(ref))
+
+    # jaxquant check: a zero or mis-shaped pre_quant_scale is an integrity finding
+    from jaxquant.check import validate_checkpoint
+    from jaxquant.io.safetensors import SafetensorsFile, save_file
+
+    f = SafetensorsFile(tmp_path / "out" / "model.safetensors")
+    t = {k: np.array(f.get(k)) for k in f.tensors}
+    f.close()
+    assert validate_checkpoint(tmp_path / "out").rules <= {"quant-algo-unsupported"}  # TensorRT-LLM only
+    key = "model.layers.0.self_attn.o_proj.pre_quant_scale"
+    for bad, rule in ((np.zeros_like(t[key]), "scale-nonpositive"), (t[key][:-1], "scale-shape")):
+        save_file({**t, key: bad}, tmp_path / "out" / "model.safetensors", metadata={"format": "pt"})
+        assert [x.rule for x in validate_checkpoint(tmp_path / "out").findings if x.key == key] == [rule]
