@@ -76,12 +76,12 @@ def test_state_reloads_into_a_fresh_model(cfg):
     assert not np.array_equal(np.asarray(fresh(ids, mask)), ref)
 
 
-def test_awq_alphas_and_fallback_statistics():
-    m = _model()
-    res = quantize(m, INT4_AWQ, _data(), progress=False)
-    alphas = res.stats.awq_alphas
-    assert len(alphas) == 14 and set(alphas.values()) <= {round(0.1 * i, 7) for i in range(11)} | set(
-        float(np.float32(0.1 * i)) for i in range(11))
+def test_awq_alphas_are_on_modelopts_grid():
+    from jaxquant.calibration.awq import alpha_grid
+
+    res = quantize(_model(), INT4_AWQ, _data(), progress=False)
+    assert len(res.stats.awq_alphas) == 14 and set(res.stats.awq_alphas.values()) <= set(alpha_grid(0.1))
+    assert alpha_grid(0.1)[9] == 0.8999999761581421 and len(alpha_grid(0.1)) == 11 and alpha_grid(1.0) == (0.0, 1.0)
 
 
 def test_smoothing_refuses_stacked_experts():
