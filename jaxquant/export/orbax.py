@@ -206,6 +206,7 @@ def restore_orbax(directory: str | os.PathLike, *, dtype=None) -> OrbaxCheckpoin
         amax = node.get("amax") if isinstance(node, dict) else None
         gamax = node.get("global_amax") if isinstance(node, dict) else None
         _set_quantizer(q, entry, amax, gamax)
+        q.set_pre_quant_scale(node.get("pre_quant_scale") if isinstance(node, dict) else None)  # SmoothQuant / AWQ
     state = nnx.state(model)
     target = nnx.to_pure_dict(state)
 
