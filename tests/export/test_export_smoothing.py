@@ -2,8 +2,8 @@
 tiny Llama and the same calibration tokens.
 
 What must be identical, and is:
-* given ModelOpt's per-channel activation amax, jaxquant's SmoothQuant scale, ``pre_quant_scale`` and smoothed weight
-  amax (bit for bit);
+* given ModelOpt's per-channel activation amax, jaxquant's SmoothQuant scale, ``pre_quant_scale``, smoothed weight and
+  weight / input amax (bit for bit, float32 and bfloat16);
 * the alpha AWQ-lite chooses for every linear (end to end);
 * given ModelOpt's calibrated state (``pre_quant_scale``, amax), the exported checkpoint, byte for byte: averaged q/k/v
   and gate/up ``pre_quant_scale`` with re-smoothed weights, AWQ's folding into the layernorms, ``pre_quant_scale``
@@ -113,15 +113,17 @@ def _close(a, b, what):
 
 
 # ----------------------------------------------------------------------------------------------- SmoothQuant
-def test_smoothquant_scale_given_modelopt_statistics(tmp_path):
-    """ModelOpt's ``_amax_for_smoothing`` (per-channel activation amax) in, its pre_quant_scale and weight amax out."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smoothquant_scale_given_modelopt_statistics(tmp_path, dtype):
+    """ModelOpt's ``_amax_for_smoothing`` (per-channel activation amax) in, its pre_quant_scale (rounded to the model
+    dtype), smoothed weight and weight / input amax out, bit for bit."""
     import jax.numpy as jnp
 
-    from jaxquant.calibration.smoothing import SmoothLinear, apply_smoothing
+    from jaxquant.calibration.smoothing import SmoothLinear, apply_smoothing, round_to
     from jaxquant.calibration.smoothquant import smoothing_scale
 
-    model, src, cfg, _ = _modelopt(tmp_path, "int8_smoothquant")
-    loaded, _ = _jaxquant(src, cfg)
+    model, src, cfg, _ = _modelopt(tmp_path, "int8_smoothquant", dtype)
+    loaded, _ = _jaxquant(src, cfg, dtype=dtype)
     mods = dict(_linears(model))
     assert len(mods) == 14
     for name, m in mods.items():
@@ -131,14 +133,17 @@ def test_smoothquant_scale_given_modelopt_statistics(tmp_path):
             lin = lin[int(p)] if p.isdigit() else getattr(lin, p)
         act = m.input_quantizer._amax_for_smoothing.float().numpy().reshape(-1)
         s = smoothing_scale(act, lin.weight[...], 1.0)
-        np.testing.assert_array_equal(s, m.input_quantizer._pre_quant_scale.float().numpy(), err_msg=name)
+        np.testing.assert_array_equal(round_to(s, lin.weight.dtype), m.input_quantizer._pre_quant_scale.float().numpy(),
+                                      err_msg=name)
         apply_smoothing(SmoothLinear(name, lin, lin.weight_quantizer, lin.input_quantizer), s, act)
+        np.testing.assert_array_equal(np.asarray(lin.input_quantizer.pre_quant_scale.value),
+                                      m.input_quantizer._pre_quant_scale.float().numpy(), err_msg=name)
         np.testing.assert_array_equal(np.asarray(lin.weight_quantizer.amax.value),
                                       m.weight_quantizer._amax.float().numpy(), err_msg=name)
         np.testing.assert_array_equal(np.asarray(lin.input_quantizer.amax.value).reshape(()),
                                       m.input_quantizer._amax.float().numpy().reshape(()), err_msg=name)
-        w_smoothed = np.asarray(lin.weight_quantizer.scaled(jnp.asarray(lin.weight[...])))
-        np.testing.assert_array_equal(w_smoothed, m.weight.detach().numpy(), err_msg=name)
+        w_smoothed = np.asarray(lin.weight_quantizer.scaled(jnp.asarray(lin.weight[...])).astype(jnp.float32))
+        np.testing.assert_array_equal(w_smoothed, m.weight.detach().float().numpy(), err_msg=name)
 
 
 def test_smoothquant_end_to_end_and_export(tmp_path):
