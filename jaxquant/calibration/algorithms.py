@@ -3,9 +3,10 @@
 The field is ModelOpt's: a string (``"max"``), a mapping with a ``method`` key
 (``{"method": "max", "sync_expert_weight_amax": false}``) or None (no calibration). Each algorithm
 is an ``Algorithm`` with ``run(model, sites, data, options, **kw) -> CalibrationStats`` and the
-finalize options it implies; ``max`` is implemented. ``mse``, ``awq_lite``, ``smoothquant`` and
-``gptq`` slot in by adding an entry to ``ALGORITHMS``: each runs ``max`` first in ModelOpt, so
-they can call ``max_calibrate`` and then refine weights / amax on the same sites.
+finalize options it implies; ``max``, ``smoothquant`` and ``awq_lite`` are implemented (each algorithm module
+parses its own options: ``Algorithm.parse``). ``mse`` and ``gptq`` slot in by adding an entry to ``ALGORITHMS``:
+each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then refine weights / amax on the same
+sites.
 """
 
 from __future__ import annotations

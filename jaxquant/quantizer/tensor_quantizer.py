@@ -15,6 +15,11 @@ it unchanged. It holds:
   ``load_calibration_state`` and the loaders replace it; ``is_calibrated`` tells, and the exporters
   refuse a model that still holds it instead of writing placeholder scales.
 
+* ``pre_quant_scale``: an optional ``QuantPreScale`` ``[in]`` factor applied to the tensor before anything else, also
+  when the quantizer is disabled or off (ModelOpt's ``_pre_quant_scale``; SmoothQuant / AWQ set it);
+* ``calibrator``: an optional algorithm statistic collector (``collect(x, token_mask)`` in calibrate mode; see
+  ``calibration/smoothing.py``); None for max calibration.
+
 Modes:
 * ``off``: identity.
 * ``calibrate``: identity on the values; updates ``amax = max(amax, max|x|)`` over the positions
