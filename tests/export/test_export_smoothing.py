@@ -189,7 +189,6 @@ def test_awq_lite_statistics_alphas_and_export(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- load back
-@pytest.mark.slow
 @pytest.mark.parametrize("qformat", ["int8_smoothquant", "int4_awq"])
 def test_smoothed_export_loads_back(tmp_path, qformat):
     """jaxquant's own calibration, exported and loaded with ``load_quantized``: the pre_quant_scale tensors reach
