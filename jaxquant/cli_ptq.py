@@ -390,9 +390,9 @@ class EarlyHF:
         return [self.export.finish().describe()]
 
 
-def _calib_state_metadata(args, recipe_desc: str, model_desc: str, resolution=None) -> dict:
-    method = getattr(getattr(resolution, "recipe", None), "method", None) or "max"
-    return {"recipe": recipe_desc, "model": model_desc, "algorithm": method, "dataset": args.dataset or "lee_news",
+def _calib_state_metadata(args, recipe_desc: str, model_desc: str, algorithm: str | None = "max") -> dict:
+    return {"recipe": recipe_desc, "model": model_desc, "algorithm": algorithm or "none",
+            "dataset": args.dataset or "lee_news",
             "calib_seq": str(args.calib_seq or DEFAULT_CALIB_SEQ)}
 
 
@@ -582,7 +582,7 @@ def run_ptq(args) -> int:
         state = result.calibration_state
         if args.save_calib_state is not None:
             p = save_calibration_state(args.save_calib_state, state,
-                                       _calib_state_metadata(args, recipe_desc, model_desc, resolution))
+                                       _calib_state_metadata(args, recipe_desc, model_desc, result.algorithm))
             _out(f"calibration state written to {p}")
 
     # ---- quantized perplexity

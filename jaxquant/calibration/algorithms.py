@@ -4,9 +4,10 @@ The field is ModelOpt's: a string (``"max"``), a mapping with a ``method`` key
 (``{"method": "max", "sync_expert_weight_amax": false}``) or None (no calibration). Each algorithm
 is an ``Algorithm``: ``run(model, sites, data, **kw) -> CalibrationStats`` and ``parse(options)`` (its own
 module's option parser; the parsed options carry the finalize options they imply, and those named in
-``run_options`` are passed to ``run``). ``max`` and ``mse`` (``mse.py``) are implemented; ``awq_lite``,
-``smoothquant`` and ``gptq`` slot in by adding an entry to ``ALGORITHMS``: each runs ``max`` first in
-ModelOpt, so they can call ``max_calibrate`` and then refine weights / amax on the same sites.
+``run_options`` are passed to ``run``, ``"options"`` meaning the whole parsed dict). ``max``, ``mse`` (``mse.py``),
+``smoothquant`` (``smoothquant.py``) and ``awq_lite`` (``awq.py``) are implemented; ``gptq`` and the others slot in by
+adding an entry to ``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then
+refine weights / amax on the same sites.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("local_hessian", "nvfp4_act_headroom", "smoothquant", "awq_lite", "awq_clip",
+KNOWN_UNSUPPORTED = ("local_hessian", "nvfp4_act_headroom", "awq_clip",
                      "awq_full", "svdquant", "gptq", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
@@ -43,7 +44,7 @@ class Algorithm:
     run: Callable[..., Any]
     options: tuple[str, ...] = ()
     parse: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None  # options -> parsed options
-    run_options: tuple[str, ...] = ()  # parsed options passed to ``run`` as keywords
+    run_options: tuple[str, ...] = ()  # parsed options passed to ``run`` as keywords ("options": all)
     #: ``run`` fixes the weights and their amax before its first forward pass and then calls its
     #: ``on_weights_calibrated()`` argument (``jaxquant ptq`` starts writing the export there)
     early_weights: bool = False
@@ -145,6 +146,15 @@ ALGORITHMS: dict[str, Algorithm] = {
     "mse": Algorithm("mse", mse_mod.mse_calibrate, (*mse_mod.MSE_DEFAULTS, *mse_mod.SHARED_OPTIONS),
                      mse_mod.parse_options, ("settings", "shared_patterns")),
 }
+
+# ---- activation smoothing (calibration/smoothquant.py, calibration/awq.py)
+from jaxquant.calibration import awq as _awq, smoothquant as _smoothquant  # noqa: E402
+
+ALGORITHMS.update({
+    "smoothquant": Algorithm("smoothquant", _smoothquant.smoothquant, _smoothquant.OPTIONS, _smoothquant.parse_options,
+                             ("options",)),
+    "awq_lite": Algorithm("awq_lite", _awq.awq_lite, _awq.OPTIONS, _awq.parse_options, ("options",)),
+})
 
 
 def supported_algorithms() -> tuple[str, ...]:

@@ -274,6 +274,7 @@ def quantize(
             **({"on_weights_calibrated": on_weights_calibrated}
                if on_weights_calibrated is not None and algo.early_weights else {}),
             **{k: options[k] for k in algo.run_options if k in options},
+            **({"options": options} if "options" in algo.run_options else {}),
             **({"mesh": mesh} if mesh is not None else {}),
         )
         elapsed = time.perf_counter() - t0

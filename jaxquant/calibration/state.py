@@ -8,10 +8,13 @@ for static-block NVFP4 weights), so a state reads like ModelOpt's quantizer stat
     model.layers.0.self_attn.q_proj.weight_quantizer._amax    float32 []
     model.layers.0.self_attn.k_bmm_quantizer._amax            float32 []
     model.layers.1.mlp.experts.5.gate_proj.input_quantizer._amax   (one entry per expert)
+    model.layers.0.self_attn.q_proj.input_quantizer._pre_quant_scale   float32 [in]   (SmoothQuant / AWQ)
+    model.layers.0.self_attn.q_proj.weight_quantizer._pre_quant_scale  float32 [in]   (its inverse, weight side)
 
 Only quantizers that carry calibrated state appear: enabled weight quantizers and data-calibrated
 activation quantizers. Disabled, dynamic and constant-amax (KV ``*_cast``) quantizers have none,
-as in ModelOpt. Values are float32 numpy arrays: scalars for per-tensor formats, ``[out, 1]`` per
+as in ModelOpt. ``_pre_quant_scale`` appears for every quantizer that holds one (``TensorQuantizer.pre_quant_scale``,
+disabled input quantizers of W4A16 AWQ included). Values are float32 numpy arrays: scalars for per-tensor formats, ``[out, 1]`` per
 channel, ``[out, in/16]`` per block (static NVFP4); a stacked expert quantizer contributes one
 entry per expert, each without the expert axis.
 
@@ -37,6 +40,7 @@ from jaxquant.errors import CheckpointError, JaxquantError
 AMAX = "_amax"
 GLOBAL_AMAX = "_global_amax"
 BIAS = "_bias_value"  # affine K/V quantizers: ModelOpt's buffer, in its [1, heads, 1, head_dim] layout
+PRE_QUANT_SCALE = "_pre_quant_scale"
 FILE_FORMAT = "jaxquant.calibration_state"
 FILE_VERSION = "1"
 
@@ -54,6 +58,10 @@ def calibration_state(model: Any, sites: list[Site] | None = None) -> dict[str, 
     sites = quantizer_sites(model) if sites is None else sites
     out: dict[str, np.ndarray] = {}
     for s in sites:
+        if s.quantizer.pre_quant_scale is not None:
+            if s.stacked:
+                raise JaxquantError(f"{s.path}: a pre_quant_scale on stacked experts is not supported")
+            out[s.names[0] + "." + PRE_QUANT_SCALE] = np.asarray(s.quantizer.pre_quant_scale.value, np.float32)
         if not s.has_state:
             continue
         q = s.quantizer
@@ -91,6 +99,11 @@ def load_calibration_state(model: Any, state: Mapping[str, Any], *, strict: bool
     used: set[str] = set()
     missing: list[str] = []
     for s in sites:
+        pkey = f"{s.names[0]}.{PRE_QUANT_SCALE}"
+        if not s.stacked:  # the state holds every pre_quant_scale there is: absent means none
+            s.quantizer.set_pre_quant_scale(state.get(pkey))
+            if pkey in state:
+                used.add(pkey)
         if not s.has_state:
             continue
         q = s.quantizer
@@ -180,6 +193,7 @@ def read_calibration_state(path: str | os.PathLike) -> tuple[dict[str, np.ndarra
 __all__ = [
     "AMAX",
     "GLOBAL_AMAX",
+    "PRE_QUANT_SCALE",
     "calibration_state",
     "load_calibration_state",
     "read_calibration_state",

@@ -29,11 +29,11 @@ RULES: dict[str, str] = {
     "fused-format-mismatch": "q/k/v, gate/up and expert w1/w3 share one format",
     "fused-scale-mismatch": "NVFP4 q/k/v, gate/up and expert w1/w3 share one weight_scale_2 and input_scale",
     "scale-missing": "a quantized linear has every scale tensor of its format",
-    "scale-unexpected": "no input_scale on weight-only formats",
+    "scale-unexpected": "no input_scale on weight-only formats; pre_quant_scale only on AWQ / SmoothQuant formats",
     "scale-dtype": "scale tensors have the dtype of their format",
     "scale-shape": "weights and scales have the shapes of their format",
     "scale-nonfinite": "no NaN/Inf in any scale (per tensor or per block)",
-    "scale-nonpositive": "per-tensor scales > 0; block scales >= 0",
+    "scale-nonpositive": "per-tensor scales and pre_quant_scale > 0; block scales >= 0",
     "expert-input-scale": "every MoE expert of a static-activation format has a finite, positive input_scale",
     "kv-scale-missing": "with kv_cache_quant_algo set, every attention layer that owns a KV cache has "
                         "k_scale and v_scale (or none does: the *_cast variants)",

@@ -413,7 +413,25 @@ def _check_scales(v: View, lin: Linear, algo: str) -> list[Finding]:
         out += _scalar(v, f"{m}.weight_scale_2", "NVFP4 global weight scale = amax/2688")
     if v.has(f"{m}.input_scale") and static is not None:
         out += _scalar(v, f"{m}.input_scale", "per-tensor input scale", expert_input=lin.expert)
+    out += _check_pre_quant_scale(v, m, algo, i)
     return out
+
+
+#: Formats whose linears may scale their input by a ``pre_quant_scale`` (SmoothQuant, AWQ, SVDQuant).
+_PQS_ALGOS = ("W4A16_AWQ", "W4A8_AWQ", "W8A8_SQ_PER_CHANNEL", "NVFP4_AWQ", "NVFP4_SVD")
+
+
+def _check_pre_quant_scale(v: View, m: str, algo: str, i: int) -> list[Finding]:
+    """A ``<linear>.pre_quant_scale``: only on smoothing formats, one positive finite factor per input feature."""
+    name = f"{m}.pre_quant_scale"
+    if not v.has(name):
+        return []
+    if algo not in _PQS_ALGOS:
+        return [Finding(name, "scale-unexpected", f"{algo} linears take no pre_quant_scale (only "
+                        f"{', '.join(_PQS_ALGOS)}); an engine would ignore it and run on unscaled inputs. Re-export.")]
+    n_in = i if algo in ("W4A16_AWQ", "W4A8_AWQ", "W8A8_SQ_PER_CHANNEL") else 2 * i  # NVFP4: [out, in/2] nibbles
+    return (_expect(v, name, ("F32", "BF16", "F16"), [(n_in,)], "one smoothing factor per input feature")
+            or _value_findings(v, name, per_tensor=True, expert_input=False))
 
 
 def check_linears(v: View) -> list[Finding]:

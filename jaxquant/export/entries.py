@@ -35,10 +35,11 @@ from jaxquant.export.linears import (
     variable_value,
     walk,
 )
+from jaxquant.export.prequant import resmooth
 from jaxquant.export.shards import Entry
 from jaxquant.formats.base import check_amax
 
-SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale")
+SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale", ".pre_quant_scale")
 _TAG_OF = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
            np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(np.uint8): "U8"}
 _NP_OF_TAG = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -255,6 +256,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
 
     walked = walk(model, nm, need_amax=True, activations=activations)
     items = walked.linears
+    norms = resmooth(items, model)
     unify(items)
     kv = kv_algo(walked.kv)
 
@@ -266,13 +268,15 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         if dotted_path in consumed:
             continue
         name = nm.hf_name(dotted_path)
-        arr = variable_value(var)
+        arr = norms.get(dotted_path, variable_value(var))
         entries.append(_cast_entry(name, arr, fixed_dtype or src.dtype(name, _np_dtype(arr))))
     # ---- linears (per expert for stacked experts): quantized, or the weight in [out, in]
     for it in items:
         target = fixed_dtype or src.dtype(it.hf + ".weight", _np_dtype(it.weight))
         if it.fmt is not None:
             entries.extend(linear_entries(it, target, checks))
+            if it.pqs is not None:
+                entries.append(_cast_entry(it.hf + ".pre_quant_scale", it.pqs, target))
         else:
             entries.append(_cast_entry(it.hf + ".weight", it.weight, target))
         if amax_out is not None and it.expert is None and it.fmt is not None:

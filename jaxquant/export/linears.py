@@ -90,6 +90,7 @@ class ExportLinear:
     w_block_amax: Any = None  # static NVFP4 per-block amax
     in_amax: Any = None  # input amax (None: no input_scale)
     expert: tuple[str, int, str] | None = None  # (experts module name, e, ModelOpt leaf name) for MoE
+    pqs: Any = None  # the input's pre_quant_scale to write (float32 [in]; export/prequant.py), or None
 
 
 class SiteWeight:
@@ -104,12 +105,13 @@ class SiteWeight:
         self.dtype = np.dtype(param.dtype)
 
     def __array__(self, dtype=None, copy=None):
-        a = np.asarray(self.site.weight())
+        a = np.asarray(self.on_device())
         return a if dtype is None else a.astype(dtype)
 
     def on_device(self):
-        """The weight as a jax array where it lives."""
-        return jnp.asarray(self.site.weight())
+        """The weight as a jax array where it lives, times the weight quantizer's pre_quant_scale if it has one
+        (a smoothed weight, as ModelOpt folds it)."""
+        return self.site.quantizer.scaled(jnp.asarray(self.site.weight()))
 
 
 class ExpertWeight:

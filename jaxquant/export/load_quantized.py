@@ -12,6 +12,8 @@ ones) into the Flax model, so JAX users can evaluate quantized checkpoints on TP
   checkpoint's format and ``amax = input_scale * 448`` (FP8) or ``* 2688`` (NVFP4), in fake-quant
   mode, so the forward emulates what a serving engine computes (``activations="off"`` skips it).
   ``k_scale`` / ``v_scale`` likewise configure FP8 ``k_bmm`` / ``v_bmm`` quantizers.
+* ``<linear>.pre_quant_scale`` (SmoothQuant / AWQ) becomes the input quantizer's pre-quantization scale: the
+  activation is multiplied by it before it is quantized (or, for W4A16, before the matmul).
 * Formats are detected from the tensors themselves (``weight`` U8 + ``weight_scale_2`` = NVFP4,
   ``weight`` F8_E4M3 + ``weight_scale`` = FP8), so checkpoints whose ``hf_quant_config.json`` is
   missing still load; ``config.json["quantization_config"]`` is kept in ``hf_config``.
@@ -151,12 +153,10 @@ def detect_quantized(files) -> dict[str, QuantizedTensorInfo]:
             out[mod] = QuantizedTensorInfo(mod, "fp8", f"{mod}.input_scale" in files)
         elif (tag == "U8" and f"{mod}.weight_scale" in files
               and files.tensor_info(f"{mod}.weight_scale").dtype == "F32"):  # INT4 row pairs + block scales
-            if f"{mod}.pre_quant_scale" in files:
-                raise UnsupportedError(f"{files.directory}: {mod} is W4A16_AWQ with an AWQ pre_quant_scale; "
-                                       "jaxquant's loader does not apply pre_quant_scale yet.")
             out[mod] = QuantizedTensorInfo(mod, "int4_awq", f"{mod}.input_scale" in files)
         elif tag == "I8" and f"{mod}.weight_scale" in files and files.tensor_info(f"{mod}.weight_scale").dtype == "F32":
-            out[mod] = QuantizedTensorInfo(mod, "int8_wo", f"{mod}.input_scale" in files)
+            has_in = f"{mod}.input_scale" in files  # static INT8 activations: W8A8 (int8_sq)
+            out[mod] = QuantizedTensorInfo(mod, "int8_sq" if has_in else "int8_wo", has_in)
         elif tag in ("U8", "I8", "F8_E4M3", "F8_E5M2") and not mod.endswith(("embed_tokens",)):
             raise UnsupportedError(f"{files.directory}: {k} is {tag} without the scales of a ModelOpt FP8/NVFP4 "
                                    "layer; this quantization format is not supported by jaxquant's loader.")
@@ -428,6 +428,12 @@ def load_quantized(
             )
             setattr(parent, attr, new)
             lin = new
+        if f"{info.module}.pre_quant_scale" in files:  # SmoothQuant / AWQ: the input is scaled before the GEMM
+            pqs = np.asarray(files.get(info.module + ".pre_quant_scale"), np.float32).reshape(-1)
+            if pqs.shape != (lin.in_features,):
+                raise CheckpointError(f"{d}: {info.module}.pre_quant_scale has shape {list(pqs.shape)}, expected "
+                                      f"[{lin.in_features}] (one factor per input feature).")
+            lin.input_quantizer.set_pre_quant_scale(pqs)
         if activations == "fake_quant" and info.has_input_scale:
             s = np.asarray(files.get(info.module + ".input_scale")).reshape(())
             qname = mod + ".input_quantizer"

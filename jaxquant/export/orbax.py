@@ -209,6 +209,7 @@ def restore_orbax(directory: str | os.PathLike, *, dtype=None) -> OrbaxCheckpoin
         gamax, bias, count = (node.get(k) if isinstance(node, dict) else None
                               for k in ("global_amax", "bias", "bias_count"))
         _set_quantizer(q, entry, amax, gamax, bias, count)
+        q.set_pre_quant_scale(node.get("pre_quant_scale") if isinstance(node, dict) else None)  # SmoothQuant / AWQ
     state = nnx.state(model)
     target = nnx.to_pure_dict(state)
 

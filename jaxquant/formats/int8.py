@@ -75,8 +75,8 @@ class INT8W8A8(FormatBase):
     """INT8 per-channel weights with static per-tensor INT8 activations (ModelOpt ``int8_sq``, ``quant_algo``
     W8A8_SQ_PER_CHANNEL; hf_ptq ``--qformat int8``; TensorRT-LLM serves it). ``input_scale`` F32 ``[]`` =
     ``amax / 127``. Fused siblings share one ``input_scale`` (ModelOpt's export unifies a one-element input amax);
-    the per-channel weight scales stay their own. A SmoothQuant ``pre_quant_scale`` (``int8_smoothquant``) needs
-    the SmoothQuant algorithm."""
+    the per-channel weight scales stay their own. SmoothQuant (``int8_smoothquant``) adds ``pre_quant_scale``
+    (``export/prequant.py``)."""
 
     name = "int8_sq"
     quant_algo = "W8A8_SQ_PER_CHANNEL"

@@ -83,8 +83,16 @@ class Linear(nnx.Module):
         self.output_quantizer = TensorQuantizer()
 
     def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None, preferred_element_type=None):
+        calib = self.input_quantizer.calibrator
+        if calib is not None and self.input_quantizer.mode == "calibrate" and hasattr(calib, "linear_call"):
+            return calib.linear_call(self, x, token_mask)  # an algorithm that searches on the linear (AWQ)
         x = self.input_quantizer(x, token_mask=token_mask)
         w = self.weight_quantizer(self.weight[...])
+        y = self.matmul(x, w, preferred_element_type)
+        return self.output_quantizer(y, token_mask=token_mask)
+
+    def matmul(self, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+        """``x @ w.T + bias`` with this linear's contraction (``w`` in ``[out, in]``), no quantizer."""
         if x.dtype != w.dtype:
             x = x.astype(w.dtype)
         y = self.dot_general(
@@ -96,7 +104,7 @@ class Linear(nnx.Module):
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
-        return self.output_quantizer(y, token_mask=token_mask)
+        return y
 
 
 class Embedding(nnx.Module):

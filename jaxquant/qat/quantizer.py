@@ -78,6 +78,7 @@ class QATQuantizer(TensorQuantizer):
     def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None) -> jax.Array:
         if not self.enabled or self.mode != "fake_quant":
             return super().__call__(x, token_mask=token_mask)
+        x = self.scaled(x)  # SmoothQuant / AWQ pre_quant_scale (a constant: not trained)
         cfg = self.config
         if self.amax_mode == "dynamic" and cfg.fixed_amax is None:
             amax, ga = self._dynamic_amax(x, token_mask)

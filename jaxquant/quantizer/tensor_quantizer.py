@@ -15,6 +15,11 @@ it unchanged. It holds:
   ``load_calibration_state`` and the loaders replace it; ``is_calibrated`` tells, and the exporters
   refuse a model that still holds it instead of writing placeholder scales.
 
+* ``pre_quant_scale``: an optional ``QuantPreScale`` ``[in]`` factor applied to the tensor before anything else, also
+  when the quantizer is disabled or off (ModelOpt's ``_pre_quant_scale``; SmoothQuant / AWQ set it);
+* ``calibrator``: an optional algorithm statistic collector (``collect(x, token_mask)`` in calibrate mode; see
+  ``calibration/smoothing.py``); None for max calibration.
+
 Modes:
 * ``off``: identity.
 * ``calibrate``: identity on the values; updates ``amax = max(amax, max|x|)`` over the positions
@@ -65,6 +70,19 @@ class QuantBiasCount(QuantAmax):
     """How many calibration calls the affine bias has averaged (float32 scalar)."""
 
 
+class QuantPreScale(nnx.Variable):
+    """Per-input-channel factor multiplied into the tensor before quantization (ModelOpt's ``_pre_quant_scale``;
+    float32 ``[in]``). On an input quantizer it is the activation side of SmoothQuant / AWQ smoothing (its values are
+    those of the model dtype); on a weight quantizer the weight side (``1 / that``, exact float32), so the source
+    weights are never rewritten."""
+
+
+def apply_pre_quant_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * scale`` along the last axis, computed in float32 and rounded to ``x``'s dtype (what torch gives for a
+    model-dtype tensor times a model-dtype or float32 scale)."""
+    return (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
+
+
 def _qdq(fmt: str, block_size: int, x: jax.Array, amax: jax.Array, global_amax: jax.Array | None):
     """Quantize-dequantize ``x`` in format ``fmt``; the output has ``x``'s dtype."""
     return quantizer_format(fmt).fake_quant(x, amax, global_amax, block_size)
@@ -110,6 +128,8 @@ class TensorQuantizer(nnx.Module):
         self.global_amax: QuantGlobalAmax | None = nnx.data(None)
         self.bias: QuantBias | None = nnx.data(None)
         self.bias_count: QuantBiasCount | None = nnx.data(None)
+        self.pre_quant_scale: QuantPreScale | None = nnx.data(None)  # kept by configure(): it is part of the model
+        self.calibrator = nnx.data(None)  # an algorithm's statistic collector (``collect(x, token_mask)``)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -202,18 +222,40 @@ class TensorQuantizer(nnx.Module):
         kind = quantizer_format(self.config.format)
         return kind.reduce_amax(a, self.amax.value.shape, self.instances, self.block_size)
 
+    def set_pre_quant_scale(self, scale) -> None:
+        """Set (an ``[in]`` array) or clear (None) the pre-quantization scale (see ``QuantPreScale``)."""
+        self.pre_quant_scale = None if scale is None else QuantPreScale(jnp.asarray(scale, jnp.float32))
+
+    def scaled(self, x: jax.Array) -> jax.Array:
+        """``x`` times the pre-quantization scale, if any."""
+        return x if self.pre_quant_scale is None else apply_pre_quant_scale(x, self.pre_quant_scale.value)
+
+    def quantize_with_own_amax(self, x: jax.Array) -> jax.Array:
+        """Fake quant of ``x`` with the amax (and global amax) reduced from ``x`` itself, as a ModelOpt quantizer
+        without a calibrated amax does (AWQ's search). ``x`` is used as given (no pre-quantization scale)."""
+        amax = self.reduce_amax(x)
+        ga = None
+        if self.global_amax is not None:
+            ga = jnp.max(amax, axis=tuple(range(1 if self.instances else 0, amax.ndim)), keepdims=bool(self.instances))
+        return fake_quant_ste(self.config.format, self.block_size, x, amax, ga)
+
     def calibrate_weight(self, w: jax.Array):
-        """Max calibration of a weight quantizer: amax from the weight itself (no data)."""
+        """Max calibration of a weight quantizer: amax from the weight itself (no data), after the
+        pre-quantization scale."""
         if not self.enabled or self.config.fixed_amax is not None:
             return
-        self.amax.value = self.reduce_amax(w)
+        self.amax.value = self.reduce_amax(self.scaled(w))
         if self.global_amax is not None:
             axes = tuple(range(1 if self.instances else 0, self.amax.value.ndim))
             self.global_amax.value = jnp.max(self.amax.value, axis=axes, keepdims=bool(self.instances))
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None) -> jax.Array:
-        """Apply the quantizer to ``x`` according to ``mode`` (see module docstring)."""
+        """Apply the quantizer to ``x`` according to ``mode`` (see module docstring). A pre-quantization scale is
+        applied first, also when the quantizer is disabled or off (as in ModelOpt)."""
+        x = self.scaled(x)
+        if self.calibrator is not None and self.mode == "calibrate":
+            self.calibrator.collect(x, token_mask)
         if not self.enabled or self.mode == "off":
             return x
         if self.mode == "calibrate":

@@ -31,7 +31,7 @@ from jaxquant.recipe.matcher import (
 )
 from jaxquant.recipe.presets import kv_cache_qformat_choices, preset_recipe, qformat_choices
 from jaxquant.recipe.recipe import (
-    SUPPORTED_ALGORITHMS,
+    supported_algorithm_names,
     QuantCfgEntry,
     Recipe,
     RecipeMetadata,
@@ -46,7 +46,7 @@ __all__ = [
     "RecipeMetadata",
     "Resolution",
     "RuleRef",
-    "SUPPORTED_ALGORITHMS",
+    "supported_algorithm_names",
     "UnmatchedRuleWarning",
     "apply_recipe",
     "builtin_root",

@@ -42,8 +42,6 @@ MODELOPT_QFORMATS = (
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
 PENDING_QFORMATS = {
-    "int4_awq": "the awq_lite calibration algorithm (the INT4 format is --qformat int4_blockwise_weight_only)",
-    "int8_smoothquant": "the smoothquant calibration algorithm (--qformat int8 is the same format without it)",
     "nvfp4_awq_clip": "the awq_clip calibration algorithm",
     "nvfp4_awq_full": "the awq_full calibration algorithm",
     "nvfp4_awq_lite": "the awq_lite calibration algorithm",
@@ -52,8 +50,9 @@ PENDING_QFORMATS = {
                       "inside its Triton flash-attention kernel"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
     "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
-    "w4a8_awq_beta": "the awq_lite calibration algorithm (its W4A8_AWQ format exports with max calibration: the "
-                     "preset's quant_cfg with algorithm max)",
+    "w4a8_awq_beta": "awq_lite on the INT4 + FP8 (W4A8_AWQ) sequential quantizers, not checked against ModelOpt yet "
+                     "(each exists: the format exports with the preset's quant_cfg and algorithm max, and awq_lite "
+                     "runs for int4_awq)",
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {

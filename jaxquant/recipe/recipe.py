@@ -21,7 +21,6 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxquant.calibration.algorithms import supported_algorithms
 from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.config import SUPPORTED_FORMATS, QuantizerConfig
 from jaxquant.quantizer.config import _loc, _sub  # the one key-path formatter for error messages
@@ -29,7 +28,11 @@ from jaxquant.quantizer.sequential import as_quantizer_config
 
 RECIPE_TYPES = ("ptq", "auto_quantize", "speculative_eagle", "speculative_dflash", "speculative_medusa")
 SUPPORTED_RECIPE_TYPES = ("ptq",)
-SUPPORTED_ALGORITHMS = supported_algorithms()  # the one list: calibration.algorithms.ALGORITHMS
+def supported_algorithm_names() -> tuple[str, ...]:
+    """The calibration algorithms jaxquant runs (``calibration.algorithms``' registry: one list)."""
+    from jaxquant.calibration.algorithms import supported_algorithms
+
+    return supported_algorithms()
 DEFAULT_DESCRIPTION = "Model optimization recipe."
 
 _ENTRY_KEYS = ("quantizer_name", "parent_class", "cfg", "enable")
@@ -200,7 +203,7 @@ class Recipe:
                 f"{src} needs features jaxquant does not support yet:\n  - "
                 + "\n  - ".join(problems)
                 + f"\nSupported formats: {', '.join(SUPPORTED_FORMATS)}; supported calibration "
-                f"algorithms: {', '.join(SUPPORTED_ALGORITHMS)}."
+                f"algorithms: {', '.join(supported_algorithm_names())}."
             )
         return self
 
@@ -224,7 +227,7 @@ def unsupported_reasons(recipe: Recipe) -> list[str]:
     method = recipe.method
     # null (no calibration, as ModelOpt's mxfp8 preset): fine when every quantizer is dynamic or constant;
     # jaxquant.quantize names the quantizer otherwise, once the model's quantizers are known
-    if method is not None and method not in SUPPORTED_ALGORITHMS:
+    if method is not None and method not in supported_algorithm_names():
         out.append(f"calibration algorithm {method!r}")
     for i, e in enumerate(recipe.quant_cfg):
         if e.cfg is None or not e.effective_enable:

@@ -243,8 +243,16 @@ def test_algorithm_field_forms():
     algo, opts = resolve_algorithm({"method": "max", "sync_expert_weight_amax": True,
                                     "shared_states": {"weight_global_amax": {"patterns": ["x"]}}})
     assert algo.name == "max" and opts["sync_expert_weight_amax"] and opts["shared_patterns"] == ("x",)
-    with pytest.raises(UnsupportedError, match="supported: max"):
-        resolve_algorithm("awq_lite")
+    with pytest.raises(UnsupportedError, match="does not implement yet; supported: max"):
+        resolve_algorithm("gptq")
+    assert resolve_algorithm({"method": "smoothquant", "alpha": 0.5})[1]["alpha"] == 0.5
+    assert resolve_algorithm({"method": "awq_lite", "alpha_step": 1})[1]["alpha_step"] == 1.0
+    with pytest.raises(UnsupportedError, match="'beta'"):
+        resolve_algorithm({"method": "smoothquant", "beta": 1})
+    with pytest.raises(UnsupportedError, match="'max_co_batch_size'"):
+        resolve_algorithm({"method": "awq_lite", "max_co_batch_size": 8})
+    with pytest.raises(RecipeError, match="alpha"):
+        resolve_algorithm({"method": "smoothquant", "alpha": 2})
     with pytest.raises(UnsupportedError, match="supported: max"):
         resolve_algorithm({"method": "bogus"})
     with pytest.raises(RecipeError):

@@ -71,7 +71,7 @@ def test_ptq_hf_ptq_spellings_and_presets(files, capsys):
     [
         (lambda f: ["ptq", "--model", f["root"] + "/missing", "--eval-windows", "0"], "no such file or directory"),
         (lambda f: _ptq(f, "--recipe", "general/ptq/no_such_recipe"), "no recipe"),
-        (lambda f: _ptq(f, "--qformat", "int4_awq"), "not supported yet"),
+        (lambda f: _ptq(f, "--qformat", "nvfp4_awq_lite"), "not supported yet"),
         (lambda f: _ptq(f, "--qformat", "bogus"), "unknown --qformat"),
         (lambda f: _ptq(f) + ["--calib-size", "0"], "--calib-size must be positive"),
         (lambda f: _ptq(f) + ["--calib-seq", "129"], "max_position_embeddings = 128"),
@@ -311,3 +311,25 @@ def test_layerwise_keeps_the_parameters_parked_and_exports_the_same(files, tmp_p
     assert len(tables) == 2 and "parameters stay in host memory" in r.stdout
     rows = [[ln for ln in t.splitlines() if ln.startswith(("original", "quantized"))] for t in tables]
     assert rows[0] == rows[1] and len(rows[0]) == 2, rows
+
+
+def test_ptq_int8_smoothquant_export_and_state(files, capsys, tmp_path):
+    """--qformat int8_smoothquant: SmoothQuant runs, the export carries pre_quant_scale, and the saved calibration
+    state (pre_quant_scale included) reproduces the quantized perplexity without calibrating."""
+    state, target = tmp_path / "state.safetensors", tmp_path / "exported"
+    argv = _ptq(files, "--qformat", "int8_smoothquant", "--kv_cache_qformat", "none", "--save-calib-state",
+                str(state), "--export-path", str(target))
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0, err
+    assert "calibration (smoothquant)" in out
+    hfq = json.loads((target / "hf_quant_config.json").read_text())
+    assert hfq["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
+    from jaxquant.io.safetensors import CheckpointFiles
+
+    assert "model.layers.0.self_attn.o_proj.pre_quant_scale" in set(CheckpointFiles.open(target).keys())
+    ppl = [float(line.split()[1]) for line in out.splitlines() if line.startswith("quantized ")]
+    rc, out2, err = _run(_ptq(files, "--qformat", "int8_smoothquant", "--kv_cache_qformat", "none",
+                              "--load-calib-state", str(state)), capsys)
+    assert rc == 0, err
+    ppl2 = [float(line.split()[1]) for line in out2.splitlines() if line.startswith("quantized ")]
+    assert ppl2 == ppl

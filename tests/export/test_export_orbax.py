@@ -60,3 +60,23 @@ def test_orbax_refusal_and_incomplete(tmp_path):
         save_orbax(loaded, tmp_path / "ck")
     with pytest.raises(CheckpointError, match="not a complete"):
         restore_orbax(tmp_path / "ck")
+
+
+def test_orbax_roundtrip_keeps_pre_quant_scale(tmp_path):
+    """A SmoothQuant model restores with its pre_quant_scales: identical logits and export."""
+    R.make_llama(tmp_path / "src", tie=False)
+    loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
+    ids = np.random.default_rng(0).integers(0, 96, (4, 12)).astype(np.int32)
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                         {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+                         {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}},
+                         {"quantizer_name": "*lm_head*", "enable": False}], "algorithm": "smoothquant"}
+    result = quantize(loaded.model, cfg, (ids, np.ones_like(ids)), batch_size=2, progress=False)
+    ref = np.asarray(loaded.model(jnp.asarray(ids), None))
+    save_orbax(loaded, tmp_path / "ck", resolution=result.resolution)
+    ck = restore_orbax(tmp_path / "ck")
+    assert ck.model.model.layers[0].mlp.down_proj.input_quantizer.pre_quant_scale is not None
+    np.testing.assert_array_equal(np.asarray(ck.model(jnp.asarray(ids), None)), ref)
+    export_hf(loaded, tmp_path / "hf")
+    export_hf(ck.loaded, tmp_path / "hf2", source_dir=tmp_path / "src")
+    assert R.tensors_of(tmp_path / "hf2") == R.tensors_of(tmp_path / "hf")

@@ -323,15 +323,15 @@ def test_unsupported_formats(tmp_path, cfg, fmt):
 def test_unsupported_algorithm(tmp_path):
     p = write(tmp_path, "r.yaml", RECIPE_HEAD + """
 quantize:
-  algorithm: {method: awq_lite, alpha_step: 0.1}
+  algorithm: {method: gptq, perc_damp: 0.01}
   quant_cfg:
     - quantizer_name: '*weight_quantizer'
       cfg: {num_bits: e4m3}
 """)
-    with pytest.raises(UnsupportedError, match="calibration algorithm 'awq_lite'"):
+    with pytest.raises(UnsupportedError, match="calibration algorithm 'gptq'"):
         load_recipe(p)
     r = load_recipe(p, check_supported=False)
-    assert r.method == "awq_lite" and r.algorithm_options == {"alpha_step": 0.1}
+    assert r.method == "gptq" and r.algorithm_options == {"perc_damp": 0.01}
 
 
 # ------------------------------------------------------------------------------ legacy + dicts

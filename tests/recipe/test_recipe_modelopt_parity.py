@@ -31,7 +31,7 @@ from jaxquant.recipe.recipe import algorithm_method
 
 mo_recipe = pytest.importorskip("modelopt.recipe")
 
-SHIPPED = list_recipes("general/ptq")
+SHIPPED = list_recipes("general/ptq") + list_recipes("huggingface/gemma/ptq")
 OWN = {"general/ptq/fp8_qkvo-nvfp4_mlp"}  # not a ModelOpt built-in
 
 
@@ -179,5 +179,5 @@ def test_every_modelopt_preset_either_ships_or_names_what_it_needs():
     for name, needs in PENDING_QFORMATS.items():
         with pytest.raises(UnsupportedError, match="it needs " + re.escape(needs)):
             preset_recipe(name)
-    with pytest.raises(UnsupportedError, match="the smoothquant calibration algorithm"):
-        preset_recipe("int8_smoothquant")
+    assert preset_recipe("int8_smoothquant").algorithm == "smoothquant"
+    assert preset_recipe("int4_awq").algorithm == {"method": "awq_lite", "alpha_step": 0.1}
