@@ -112,6 +112,14 @@ def parse_max_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def refuse_unknown(options: Mapping[str, Any], known, method: str) -> None:
+    """``UnsupportedError`` naming the options of ``method`` that are not in ``known`` (each algorithm's parser)."""
+    unknown = sorted(k for k in options if k not in set(known))
+    if unknown:
+        raise UnsupportedError(f"{method} option(s) {', '.join(map(repr, unknown))} unknown; known: "
+                               f"{', '.join(known)}")
+
+
 def parse_layerwise(v: Any) -> dict[str, Any]:
     """ModelOpt's ``layerwise`` option (a bool, or ``{enable, checkpoint_dir, save_every, calib_mutates_weights,
     get_qdq_activations_from_prev_layer}``) as ``{"layerwise": bool, "layerwise_checkpoint_dir": str | None,
@@ -194,6 +202,7 @@ __all__ = [
     "parse_algorithm",
     "parse_layerwise",
     "parse_max_options",
+    "refuse_unknown",
     "resolve_algorithm",
     "supported_algorithms",
 ]

@@ -67,12 +67,9 @@ def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
       UnsupportedError: an unknown option (named), or ``layerwise`` (not implemented for AWQ yet).
       RecipeError: ``alpha_step`` not in (0, 1].
     """
-    from jaxquant.calibration.algorithms import parse_max_options
+    from jaxquant.calibration.algorithms import parse_max_options, refuse_unknown
 
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise UnsupportedError(f"awq_lite option(s) {', '.join(map(repr, unknown))} unknown; known: "
-                               f"{', '.join(OPTIONS)}")
+    refuse_unknown(options, OPTIONS, "awq_lite")
     step = options.get("alpha_step", 0.1)
     step = 0.1 if step is None else step
     if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0.0 < float(step) <= 1.0:

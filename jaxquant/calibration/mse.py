@@ -54,7 +54,7 @@ import numpy as np
 
 from jaxquant.calibration.local_hessian import hessian_error
 from jaxquant.calibration.sites import Site
-from jaxquant.errors import RecipeError, UnsupportedError
+from jaxquant.errors import RecipeError
 from jaxquant.formats.registry import quantizer_format
 
 log = logging.getLogger("jaxquant.calibration")
@@ -120,12 +120,9 @@ def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
         option), or one jaxquant does not implement (``moe_calib_experts_ratio``).
       RecipeError: a bad value.
     """
-    from jaxquant.calibration.algorithms import parse_max_options
+    from jaxquant.calibration.algorithms import parse_max_options, refuse_unknown
 
-    unknown = [k for k in options if k not in MSE_DEFAULTS and k not in SHARED_OPTIONS]
-    if unknown:
-        raise UnsupportedError(f"mse calibration option {unknown[0]!r} is unknown; known: "
-                               f"{', '.join((*MSE_DEFAULTS, *SHARED_OPTIONS))}")
+    refuse_unknown(options, (*MSE_DEFAULTS, *SHARED_OPTIONS), "mse")
     out = parse_max_options({k: v for k, v in options.items() if k in SHARED_OPTIONS})
     out["settings"] = parse_settings(options)
     return out

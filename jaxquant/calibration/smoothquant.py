@@ -25,7 +25,7 @@ import numpy as np
 from jaxquant.calibration.max import CalibrationStats, max_calibrate
 from jaxquant.calibration.sites import Site
 from jaxquant.calibration.smoothing import ChannelMax, apply_smoothing, power, round_to, smooth_linears
-from jaxquant.errors import DataError, RecipeError, UnsupportedError
+from jaxquant.errors import DataError, RecipeError
 
 log = logging.getLogger("jaxquant.calibration")
 
@@ -40,12 +40,9 @@ def parse_options(options: Mapping[str, Any]) -> dict[str, Any]:
       UnsupportedError: an option jaxquant does not know (named).
       RecipeError: ``alpha`` outside [0, 1].
     """
-    from jaxquant.calibration.algorithms import parse_max_options
+    from jaxquant.calibration.algorithms import parse_max_options, refuse_unknown
 
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise UnsupportedError(f"smoothquant option(s) {', '.join(map(repr, unknown))} unknown; known: "
-                               f"{', '.join(OPTIONS)}")
+    refuse_unknown(options, OPTIONS, "smoothquant")
     alpha = options.get("alpha", 1.0)
     alpha = 1.0 if alpha is None else alpha
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:

@@ -65,7 +65,21 @@ def kv_scale(amax) -> jax.Array:
     return fp8_num.scale_from_amax(amax)
 
 
-class FP8(FormatBase):
+class FP8Activations:
+    """Static per-tensor FP8 activations, the mixin of every format with a calibrated FP8 ``input_scale``
+    (``amax / 448``; the loader fake-quantizes the inputs with FP8): FP8, W4A8 NVFP4 / MXFP4 + FP8, W4A8_AWQ."""
+
+    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
+        check_amax(amax, what)
+        return fp8_num.scale_from_amax(jnp.asarray(amax, jnp.float32))
+
+    def activation_config(self):
+        from jaxquant.quantizer.config import QuantizerConfig
+
+        return QuantizerConfig(num_bits=(4, 3))
+
+
+class FP8(FP8Activations, FormatBase):
     """FP8 per-tensor weights (ModelOpt ``fp8``, ``quant_algo`` FP8)."""
 
     name = "fp8"
@@ -100,15 +114,6 @@ class FP8(FormatBase):
         ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
         out, stats = _export(w, amax, ia, compute_dtype=cd, per_channel=self.per_channel)
         return out, DeferredCheck(stats, what, w, amax, None, ia)
-
-    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
-        check_amax(amax, what)
-        return fp8_num.scale_from_amax(jnp.asarray(amax, jnp.float32))
-
-    def activation_config(self):
-        from jaxquant.quantizer.config import QuantizerConfig
-
-        return QuantizerConfig(num_bits=(4, 3))
 
     def dequantize(self, tensors, dtype=jnp.float32) -> jax.Array:
         return _dequantize(jnp.asarray(tensors["weight"]), jnp.asarray(tensors["weight_scale"]), jnp.dtype(dtype))

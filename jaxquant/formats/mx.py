@@ -36,11 +36,11 @@ from jaxquant.formats.base import (
     FormatBase,
     PerTensorAmax,
     TensorSpec,
-    check_amax,
     finite_stats,
 )
 from jaxquant.numerics import fp8 as fp8_num
 from jaxquant.numerics import mx, mx_kernel
+from jaxquant.formats.fp8 import FP8Activations
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "fp4"))
@@ -151,7 +151,7 @@ class MXFP4(MXFP8):
                                  jnp.dtype(dtype))
 
 
-class W4A8MXFP4FP8(MXFP4):
+class W4A8MXFP4FP8(FP8Activations, MXFP4):
     """MXFP4 weights with static per-tensor FP8 activations (ModelOpt ``w4a8_mxfp4_fp8``; TensorRT-LLM)."""
 
     name = "w4a8_mxfp4_fp8"
@@ -164,15 +164,6 @@ class W4A8MXFP4FP8(MXFP4):
 
     def hf_layer_entry(self, block: int) -> dict:
         return {"quant_algo": self.quant_algo, "group_size": block}
-
-    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
-        check_amax(amax, what)
-        return fp8_num.scale_from_amax(jnp.asarray(amax, jnp.float32))
-
-    def activation_config(self):
-        from jaxquant.quantizer.config import QuantizerConfig
-
-        return QuantizerConfig(num_bits=(4, 3))
 
     def dynamic_activation_config(self):
         return None

@@ -35,6 +35,7 @@ from jaxquant.formats.base import (
 )
 from jaxquant.numerics import fp8 as fp8_num
 from jaxquant.numerics import nvfp4 as nvfp4_num
+from jaxquant.formats.fp8 import FP8Activations
 
 
 def _input_scale(amax) -> jax.Array:
@@ -168,7 +169,7 @@ class W4A16NVFP4BS32(W4A16NVFP4):
     weight_config_formats = ("nvfp4_bs32",)
 
 
-class W4A8NVFP4FP8(NVFP4):
+class W4A8NVFP4FP8(FP8Activations, NVFP4):
     """NVFP4 weights in blocks of 32 with static FP8 activations (ModelOpt ``w4a8_nvfp4_fp8``, ``quant_algo``
     W4A8_NVFP4_FP8; TensorRT-LLM serves it). The kernels dequantize the weight to FP8, so ModelOpt exports
     ``weight_scale_2 = amax / 448`` (not / 2688) and the block scales against it; ``input_scale = amax / 448``.
@@ -189,15 +190,6 @@ class W4A8NVFP4FP8(NVFP4):
             raise UnsupportedError(f"NVFP4 weights in blocks of 32 with {input.format} activations cannot be "
                                    "exported; W4A8_NVFP4_FP8 wants static per-tensor FP8 activations.")
         return True
-
-    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
-        check_amax(amax, what)
-        return fp8_num.scale_from_amax(jnp.asarray(amax, jnp.float32))
-
-    def activation_config(self):
-        from jaxquant.quantizer.config import QuantizerConfig
-
-        return QuantizerConfig(num_bits=(4, 3))
 
     def config_group(self, group_size=None) -> dict:
         return {"input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},

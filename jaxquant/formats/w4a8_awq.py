@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.errors import ExportError, UnsupportedError
-from jaxquant.formats.base import F32, DeferredCheck, TensorSpec, check_amax, finite_stats
+from jaxquant.formats.base import F32, DeferredCheck, TensorSpec, finite_stats
 from jaxquant.formats.int4 import BLOCKS, W4A16AWQ, INT4BlockQuantizer
 from jaxquant.numerics import fp8 as fp8_num
 from jaxquant.numerics import int4 as int4_num
+from jaxquant.formats.fp8 import FP8Activations
 
 
 def _per_tensor(global_amax, ndim: int) -> jax.Array:
@@ -59,7 +60,7 @@ def _dequantize(packed, scale, scale_2, dtype):
     return fp8_num.fake_quant(w, jnp.asarray(scale_2, jnp.float32) * fp8_num.E4M3_MAX).astype(dtype)
 
 
-class W4A8AWQ(W4A16AWQ):
+class W4A8AWQ(FP8Activations, W4A16AWQ):
     """INT4 block-128 + FP8 weights, static FP8 activations (ModelOpt ``w4a8_awq``, ``quant_algo`` W4A8_AWQ)."""
 
     name = "w4a8_awq"
@@ -107,15 +108,6 @@ class W4A8AWQ(W4A16AWQ):
         ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
         out_t, stats = _export(w, amax, blk, ia, compute_dtype=cd)
         return out_t, DeferredCheck(stats, what, w, amax, blk, ia)
-
-    def input_scale(self, amax, what: str = "input amax") -> jax.Array:
-        check_amax(amax, what)
-        return fp8_num.scale_from_amax(jnp.asarray(amax, jnp.float32))
-
-    def activation_config(self):
-        from jaxquant.quantizer.config import QuantizerConfig
-
-        return QuantizerConfig(num_bits=(4, 3))
 
     def dequantize(self, tensors, dtype=jnp.float32) -> jax.Array:
         """``fp8_fq(code * weight_scale, 448 * weight_scale_2)``: the INT4 values, then the FP8 step of fake quant
