@@ -153,7 +153,7 @@ def test_w4a8_preset_names_awq_lite_and_weights_without_fp8_inputs_are_refused(t
     from jaxquant.export import export_hf
     from jaxquant.recipe import preset_recipe
 
-    with pytest.raises(UnsupportedError, match="awq_lite calibration algorithm"):
+    with pytest.raises(UnsupportedError, match="awq_lite on the INT4 \+ FP8"):
         preset_recipe("w4a8_awq_beta")
     cfg = w4a8_max_cfg()
     cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e["quantizer_name"] != "*input_quantizer"]
