@@ -61,3 +61,28 @@ def test_float32_activation_unchanged(name):
     x = jnp.asarray(np.random.default_rng(0).normal(0, 3, 4096), jnp.float32)
     assert ACTIVATIONS[name](x).dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(ACTIVATIONS[name](x)), np.asarray(plain(x)))
+
+
+def test_bf16_calibration_amax_is_a_bf16_value(tmp_path):
+    """The amax of a bf16 tensor is one of its values, so a bf16 number. Before ``reduce_amax`` pinned the
+    rounding, XLA fused ``act(gate) * up`` (and RoPE) into the max without the bf16 round trip, and the
+    ``down_proj`` / ``k_bmm`` amax were float32 values the bf16 model never produced."""
+    import jax.numpy as jnp
+    from test_gemma4_parity import GEMMA4_31B, make_gemma4
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+
+    cfg = dict(GEMMA4_31B, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    make_gemma4(cfg, tmp_path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg["vocab_size"], (4, 24)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :5] = 0
+    r = quantize(load_hf(tmp_path, dtype=jnp.bfloat16).model, "general/ptq/fp8_default-kv_fp8", [(ids, mask)],
+                 progress=False)
+    amax = {k: np.float32(v) for k, v in r.calibration_state.items()
+            if k.endswith("._amax") and ("input_quantizer" in k or "bmm_quantizer" in k)}
+    assert any(".down_proj." in k for k in amax) and any("k_bmm" in k for k in amax)
+    bad = {k: float(v) for k, v in amax.items() if v.view(np.uint32) & 0xFFFF}
+    assert not bad, f"activation amax that are not bfloat16 values: {bad}"
