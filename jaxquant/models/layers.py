@@ -28,13 +28,28 @@ from flax import nnx
 from jaxquant.models.config import FULL, ModelConfig, RopeConfig
 from jaxquant.quantizer import TensorQuantizer
 
+def _in_float32(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """``fn`` evaluated in float32 and rounded once to the input's dtype, as torch's activation kernels do for
+    bf16/fp16 tensors (CPU and CUDA compute in float32 internally). Applied to a bf16 array, jax's ``gelu`` /
+    ``silu`` would round after every elementwise op and, for tanh-GELU, use its constants rounded to bf16
+    (sqrt(2/pi) -> 0.796875, 0.044715 -> 0.04468): a systematic bias that grows through the layers. A float32
+    or wider input is computed as before."""
+
+    def act(x: jax.Array) -> jax.Array:
+        if jnp.finfo(x.dtype).bits >= 32:
+            return fn(x)
+        return fn(x.astype(jnp.float32)).astype(x.dtype)
+
+    return act
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": _in_float32(jax.nn.silu),
+    "swish": _in_float32(jax.nn.silu),
+    "gelu": _in_float32(lambda x: jax.nn.gelu(x, approximate=False)),
+    "gelu_pytorch_tanh": _in_float32(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu_new": _in_float32(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu_fast": _in_float32(lambda x: jax.nn.gelu(x, approximate=True)),
     "relu": jax.nn.relu,
 }
 

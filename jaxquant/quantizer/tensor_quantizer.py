@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.formats.registry import quantizer_format
+from jaxquant.numerics._exact import round_to_dtype
 from jaxquant.quantizer.config import QuantizerConfig
 
 Mode = Literal["off", "calibrate", "fake_quant"]
@@ -214,8 +215,17 @@ class TensorQuantizer(nnx.Module):
 
     # ------------------------------------------------------------------ statistics
     def reduce_amax(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
-        """max|x| reduced to ``amax``'s shape (float32), ignoring positions where mask is False."""
-        a = jnp.abs(x.astype(jnp.float32))
+        """max|x| reduced to ``amax``'s shape (float32), ignoring positions where mask is False.
+
+        A bf16 / fp16 ``x`` is read back from its bits (``round_to_dtype``): the same values, but XLA (CPU and GPU,
+        ``xla_allow_excess_precision``) otherwise drops the round trip float32 -> bf16 -> float32 when ``x`` is
+        computed in the same program (``act(gate) * up``, RoPE, ``v_norm``), and the statistic saw the unrounded
+        float32 values instead of the bf16 tensor the next op (and ModelOpt's hook) gets.
+        """
+        if x.dtype in (jnp.bfloat16, jnp.float16):
+            a = jnp.abs(round_to_dtype(x.astype(jnp.float32), x.dtype))
+        else:
+            a = jnp.abs(x.astype(jnp.float32))
         m = _mask_like(token_mask, a)
         if m is not None:
             a = jnp.where(m, a, 0.0)
