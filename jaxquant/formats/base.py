@@ -318,9 +318,14 @@ class DeferredCheck:
 
 
 def check_amax(amax, what: str) -> None:
-    """``NonFiniteError`` / ``ExportError`` unless the (small) ``amax`` is finite and >= 0."""
-    a = jnp.asarray(amax, jnp.float32)
-    raise_on_bad({"a": _stats(a)}, {"a": int(a.size)}, {"a": what}, amax_keys=("a",))
+    """``NonFiniteError`` / ``ExportError`` unless the (small) ``amax`` is finite and >= 0. A host value (numpy, a
+    Python number) is checked on the host: no device round trip per call (the export checks one per linear)."""
+    if isinstance(amax, jax.Array):
+        stats, size = _stats(amax), int(amax.size)
+    else:
+        a = np.asarray(amax, np.float32)
+        stats, size = (np.sum(~np.isfinite(a)), a.min() if a.size else np.float32(0)), int(a.size)
+    raise_on_bad({"a": stats}, {"a": size}, {"a": what}, amax_keys=("a",))
 
 
 @jax.jit

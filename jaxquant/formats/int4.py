@@ -76,14 +76,19 @@ class W4A16AWQ(WeightOnlyFormat):
                                    "export partial blocks. Leave this layer unquantized.")
         return [("weight", (out // 2, in_), U8), ("weight_scale", (out, in_ // block), F32)]
 
+    def check_packable(self, shape: tuple[int, ...], what: str) -> tuple[int, ...]:
+        """``shape`` (``[..., out, in]``), or ``ExportError`` unless it packs as whole INT4 blocks and row pairs."""
+        *_, out, n = shape
+        if n % self.block_size or out % 2:
+            raise ExportError(f"{what}: input dimension {n} is not a multiple of the INT4 block size {self.block_size}"
+                              f" or output dimension {out} is odd; ModelOpt's {self.quant_algo} packs whole blocks and "
+                              "row pairs only. Leave this layer unquantized.")
+        return tuple(shape)
+
     def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
                                 what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
         w = jnp.asarray(weight)
-        *lead, out, n = w.shape
-        if n % self.block_size or out % 2:
-            raise ExportError(f"{what}: input dimension {n} is not a multiple of the INT4 block size {self.block_size}"
-                              f" or output dimension {out} is odd; ModelOpt's W4A16_AWQ packs whole blocks and row "
-                              "pairs only. Leave this layer unquantized.")
+        *lead, out, n = self.check_packable(w.shape, what)
         amax = jnp.asarray(w_amax, jnp.float32)
         want = (*lead, out, n // self.block_size, 1)
         if amax.ndim < len(want):

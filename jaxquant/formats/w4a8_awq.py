@@ -95,11 +95,7 @@ class W4A8AWQ(FP8Activations, W4A16AWQ):
     def export_tensors_deferred(self, weight, w_amax, *, block_amax=None, in_amax=None, compute_dtype=None,
                                 what: str = "weight") -> tuple[dict[str, jax.Array], DeferredCheck]:
         w = jnp.asarray(weight)
-        *lead, out, n = w.shape
-        if n % self.block_size or out % 2:
-            raise ExportError(f"{what}: input dimension {n} is not a multiple of the INT4 block size {self.block_size}"
-                              f" or output dimension {out} is odd; ModelOpt's W4A8_AWQ packs whole blocks and row "
-                              "pairs only. Leave this layer unquantized.")
+        *lead, out, n = self.check_packable(w.shape, what)
         if block_amax is None:
             raise ExportError(f"{what}: W4A8_AWQ needs the weight quantizer's per-block amax.")
         cd = jnp.dtype(compute_dtype) if compute_dtype is not None else w.dtype
