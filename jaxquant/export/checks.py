@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-from flax import nnx
 
 from jaxquant import formats
 from jaxquant.calibration.finalize import fused_sibling_groups
@@ -189,8 +188,9 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
             warnings.append("lm_head is quantized: vLLM cannot load a quantized lm_head from ModelOpt checkpoints "
                             "(vllm#45102); ModelOpt's recipes exclude it.")
     from jaxquant.export.load_quantized import QuantizedLinear
+    from jaxquant.recipe.apply import module_table
 
-    if any(isinstance(n, QuantizedLinear) for _, n in nnx.iter_graph(model)):
+    if any(isinstance(m, QuantizedLinear) for m in module_table(model).values()):
         raise UnsupportedError("this model was loaded from a quantized checkpoint (load_quantized): its weights "
                                "are already packed and cannot be exported again; copy the checkpoint directory "
                                "instead, or export from the original model.")

@@ -5,13 +5,15 @@ bytes per layer) depend on the activations; the quantized weights and their scal
 their amax, which ``max`` calibration fixes before its first forward pass. So ``jaxquant ptq`` starts the export
 there (``quantize(on_weights_calibrated=...)``):
 
-1. ``EarlyExport(loaded, dir, ...)`` plans the export with the weights' amax (``plan_export(activations=False)``:
-   the activation scales are ``late`` placeholders; the same validation as ``export_hf``) on the calling thread,
-   then writes every other tensor on a thread, into the atomic temporary directory, while the caller calibrates.
-2. ``finish()`` after the calibration plans the export again from the final model and writes its late tensors at
-   their planned offsets, plus any tensor whose weight statistics changed in between (``finalize`` can raise a
-   fused sibling's or an expert's weight amax): the files are byte for byte what ``export_hf`` writes after
-   the calibration (tests/export/test_export_early.py). Then the usual checks, validation and atomic publish.
+1. ``EarlyExport(loaded, dir, ...)`` starts a thread that plans the export with the weights' amax
+   (``plan_export(activations=False)``: the activation scales are ``late`` placeholders; the same validation as
+   ``export_hf``) and writes every other tensor into the atomic temporary directory while the caller calibrates.
+   The caller's forward passes do not wait for the plan; a validation error surfaces from ``finish()``.
+2. ``finish()`` after the calibration plans the export again from the final model, on the calling thread while
+   the writer may still be finishing its first pass, and the writer then puts the late tensors at their planned
+   offsets, plus any tensor whose weight statistics changed in between (``finalize`` can raise a fused sibling's
+   or an expert's weight amax): the files are byte for byte what ``export_hf`` writes after the calibration
+   (tests/export/test_export_early.py). Then the usual checks, validation and atomic publish.
 3. ``cancel()`` when the calibration fails: the thread stops and the temporary directory is removed.
 
 Only for calibrations that leave the weights alone (``max``): an algorithm that changes weights must export after.
@@ -34,23 +36,24 @@ class ExportCancelled(JaxquantError):
 class EarlyExport:
     """``export_hf(loaded, export_dir, **kwargs)`` started before the activations are calibrated (module doc).
 
-    The constructor raises what ``export_hf``'s validation raises; write errors surface from ``finish()``.
+    Validation and write errors surface from ``finish()``.
     """
 
     def __init__(self, loaded: Any, export_dir, **kwargs: Any):
         self._loaded, self._dir, self._kwargs = loaded, export_dir, kwargs
-        plan = plan_export(loaded, export_dir, activations=False, **kwargs)
-        plan.entries = [dataclasses.replace(e, produce=self._unless_cancelled(e.produce)) for e in plan.entries]
         self._calibrated = threading.Event()
         self._cancelled = False
+        self._final: list = []  # the plan of the calibrated model (or the exception planning it raised)
         self._result: list = []
         # not a daemon thread, and joined by finish() / cancel(): a thread still releasing device arrays while the
         # interpreter shuts down aborts the process (seen on a GPU: "FATAL: exception not rethrown")
-        self._thread = threading.Thread(target=self._write, args=(plan,), name="jaxquant-early-export")
+        self._thread = threading.Thread(target=self._write, name="jaxquant-early-export")
         self._thread.start()
 
-    def _write(self, plan) -> None:
+    def _write(self) -> None:
         try:
+            plan = plan_export(self._loaded, self._dir, activations=False, **self._kwargs)
+            plan.entries = [dataclasses.replace(e, produce=self._unless_cancelled(e.produce)) for e in plan.entries]
             self._result.append(write_export(plan, final_plan=self._final_plan))
         except BaseException as e:  # noqa: BLE001 - re-raised by finish()
             self._result.append(e)
@@ -67,10 +70,17 @@ class EarlyExport:
         self._calibrated.wait()
         if self._cancelled:
             raise ExportCancelled(f"export to {self._dir} cancelled: the calibration did not finish")
-        return plan_export(self._loaded, self._dir, **self._kwargs)
+        if isinstance(self._final[0], BaseException):
+            raise self._final[0]
+        return self._final[0]
 
     def finish(self) -> ExportSummary:
         """Write the activation scales of the now calibrated model, validate and publish; the ``ExportSummary``."""
+        if not self._result:  # still writing: plan the late tensors here meanwhile
+            try:
+                self._final.append(plan_export(self._loaded, self._dir, **self._kwargs))
+            except BaseException as e:  # noqa: BLE001 - raised on the writer thread, which then cleans up
+                self._final.append(e)
         self._calibrated.set()
         self._thread.join()
         r = self._result[0]

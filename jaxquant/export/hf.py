@@ -62,6 +62,7 @@ from jaxquant.export.checks import (  # noqa: F401 - re-exported: the export API
 )
 from jaxquant.export.entries import _TAG_OF, SCALE_SUFFIXES, DeferredChecks, plan_entries, warm_export_kernels  # noqa: F401
 from jaxquant.export.shards import Entry, parse_size, same_inputs, write_sharded
+from jaxquant.recipe.apply import same_structure
 
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,14 @@ def plan_export(model_or_loaded, export_dir, *, resolution=None, max_shard_size=
                 hf_config=None, source_dir=None, allow_unquantized=False, activations: bool = True) -> ExportPlan:
     """Validate and plan an export (``export_hf``'s arguments); nothing is written. ``activations`` False: the
     activations are not calibrated yet, so their scales are ``late`` placeholders (``export.early``)."""
+    with same_structure():
+        return _plan_export(model_or_loaded, export_dir, resolution=resolution, max_shard_size=max_shard_size,
+                            overwrite=overwrite, dtype=dtype, hf_config=hf_config, source_dir=source_dir,
+                            allow_unquantized=allow_unquantized, activations=activations)
+
+
+def _plan_export(model_or_loaded, export_dir, *, resolution, max_shard_size, overwrite, dtype, hf_config, source_dir,
+                 allow_unquantized, activations) -> ExportPlan:
     loaded = model_or_loaded if is_loaded(model_or_loaded) else None
     cfg = dict(hf_config if hf_config is not None else (getattr(loaded, "hf_config", None) or {}))
     if not cfg:

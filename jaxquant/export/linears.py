@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxquant import formats
 from jaxquant.calibration.finalize import fused_sibling_groups
 from jaxquant.calibration.sites import Site, quantizer_sites
 from jaxquant.errors import UnsupportedError
+from jaxquant.recipe.apply import module_table
 from jaxquant.export import quant_config as qc
 
 
@@ -227,7 +227,7 @@ def walk(model, name_map=None, *, need_amax: bool, activations: bool = True) -> 
                 expert=(module, e, leaf)))
     linears.sort(key=lambda it: hf_order_key(it.hf))
     kv = {k: v for k, v in kv.items() if "k_bmm_quantizer" in v and "v_bmm_quantizer" in v}
-    embeddings = [nm.hf_name(".".join(map(str, p))) for p, m in nnx.iter_modules(model)
+    embeddings = [nm.hf_name(".".join(map(str, p))) for p, m in module_table(model).items()
                   if getattr(m, "modelopt_class", None) == "nn.Embedding" and getattr(m, "scale", None) is None]
     return Walked(sites, linears, kv, embeddings)
 

@@ -21,7 +21,9 @@ may define:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from jaxquant.errors import RecipeError, UnsupportedError
@@ -47,13 +49,41 @@ def parent_class_of(module: Any) -> str:
     return getattr(module, "modelopt_class", None) or type(module).__name__
 
 
+_TABLES: contextvars.ContextVar[dict[int, tuple[Any, dict]] | None] = contextvars.ContextVar("jaxquant_module_tables",
+                                                                                           default=None)
+
+
+@contextlib.contextmanager
+def same_structure() -> Iterator[None]:
+    """Within this block (on this thread) the models' module trees do not change, so ``module_table`` walks each
+    model once: an export plan asks for its quantizers from several places (checks, the walk, the sites)."""
+    token = _TABLES.set({})
+    try:
+        yield
+    finally:
+        _TABLES.reset(token)
+
+
+def module_table(model: Any) -> dict[tuple, Any]:
+    """``{nnx path tuple: module}`` for every module of ``model`` (``nnx.iter_modules``), walked once per
+    ``same_structure()`` block."""
+    from flax import nnx
+
+    tables = _TABLES.get()
+    hit = None if tables is None else tables.get(id(model))
+    if hit is not None and hit[0] is model:
+        return hit[1]
+    table = {tuple(p): m for p, m in nnx.iter_modules(model)}
+    if tables is not None:
+        tables[id(model)] = (model, table)
+    return table
+
+
 def find_quantizers(model: Any) -> list[tuple[str, TensorQuantizer, Any, str, str]]:
     """``(path, quantizer, parent module, parent path, attribute name)`` for every
     ``TensorQuantizer``, in natural path order. The parent is the nearest enclosing module; the
     attribute name is the quantizer's path below it (``"weight_quantizer"``)."""
-    from flax import nnx
-
-    modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
+    modules = module_table(model)
     out = []
     for path, m in modules.items():
         if not isinstance(m, TensorQuantizer):
