@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -172,14 +173,35 @@ def _ieee_gpu_division() -> None:
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
 
 
-def _import_runtime() -> None:
+def _start_tokenizer_process(args) -> None:
+    """For ``ptq`` on an HF checkpoint directory: start the tokenizer's child process (``jaxquant.tokenizer``) before
+    anything heavy is imported, as ``args.tokenizer_process`` (None when not used)."""
+    args.tokenizer_process = None
+    if getattr(args, "command", None) != "ptq" or not getattr(args, "model", None):
+        return
+    from jaxquant.tokenizer import TokenizerProcess, process_wanted
+
+    d = Path(args.model).expanduser()
+    if not process_wanted() or not (d / "config.json").is_file() or (d / "hf_quant_config.json").is_file():
+        return
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return
+    try:
+        args.tokenizer_process = TokenizerProcess(d)
+    except OSError:  # no second interpreter: the tokenizer loads in this process
+        args.tokenizer_process = None
+
+
+def _import_runtime(*, transformers: bool = True) -> None:
     """Import the heavy runtime (JAX, Flax, the commands) in one place. transformers, which only the
     tokenizer needs (and whose ``AutoTokenizer`` imports torch unless ``console_main`` hid it), is imported
-    on a thread meanwhile; a failure there is reported by the import that needs it."""
-    from jaxquant.cli_overlap import spawn
-    from jaxquant.transformers_import import auto_tokenizer
+    on a thread meanwhile (unless ``transformers`` is False: a child process serves the tokenizer); a failure
+    there is reported by the import that needs it."""
+    if transformers:
+        from jaxquant.cli_overlap import spawn
+        from jaxquant.transformers_import import auto_tokenizer
 
-    spawn("import-transformers", auto_tokenizer)
+        spawn("import-transformers", auto_tokenizer)
     import jax  # noqa: F401
 
     import jaxquant.calibration  # noqa: F401
@@ -202,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             _ieee_gpu_division()
         parser = build_parser()
         args = parser.parse_args(argv)
+        _start_tokenizer_process(args)
         with interrupt.deferred():
-            _import_runtime()
+            _import_runtime(transformers=args.tokenizer_process is None)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_LowerLevelFormatter())
         root = logging.getLogger()

@@ -3,7 +3,8 @@
 Loading a checkpoint is mostly waiting on the disk and the host-to-device link; two other slow
 steps need nothing from the weights:
 
-* the tokenizer (``AutoTokenizer`` imports a large part of transformers), and
+* the tokenizer (``AutoTokenizer`` imports a large part of transformers; on a machine with cores to spare it is
+  served by a child process the command started first, ``jaxquant.tokenizer``), and
 * XLA's compilation of the calibration computations (``calibration.ahead``: it needs the config,
   the recipe and the batch shape only), followed on the same thread by the export's kernels (needed only
   after the calibration, so they stay off the path to its first batch).
@@ -145,9 +146,15 @@ def start(args, dtype, recipe, n_rows: int, default_calib_seq: int, *, compile_a
     config = _checkpoint_config(args.model)
     if config is None:
         return Overlap()
-    from jaxquant.converters.hf import load_tokenizer
+    proc = getattr(args, "tokenizer_process", None)
+    if proc is not None:  # started by the command before its imports (jaxquant.tokenizer)
+        from jaxquant.tokenizer import tokenizer_via_process
 
-    out = Overlap(tokenizer_future=spawn("tokenizer", load_tokenizer, Path(args.model).expanduser()))
+        out = Overlap(tokenizer_future=spawn("tokenizer", tokenizer_via_process, proc))
+    else:
+        from jaxquant.converters.hf import load_tokenizer
+
+        out = Overlap(tokenizer_future=spawn("tokenizer", load_tokenizer, Path(args.model).expanduser()))
     if (not compile_ahead or args.load_calib_state is not None
             or (jax.default_backend() == "cpu" and not COMPILE_AHEAD_ON_CPU)):
         return out

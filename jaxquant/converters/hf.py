@@ -35,6 +35,7 @@ from jaxquant.io.safetensors import CheckpointFiles, SafetensorsFile
 from jaxquant.models.config import ModelConfig
 from jaxquant.models.decoder import abstract_model
 from jaxquant.numerics.checks import host_all_finite
+from jaxquant.tokenizer import load_tokenizer, refuse_tokenizer_code  # noqa: F401 - the loaders' API
 
 log = logging.getLogger(__name__)
 
@@ -488,60 +489,6 @@ def _owned(nnx_path: str, config: ModelConfig) -> bool:
         owned = frozenset(param_paths(abstract_model(config, dtype=jnp.float32)))
         _OWNED_CACHE[config] = owned
     return nnx_path in owned
-
-
-def load_tokenizer(path: str | os.PathLike, *, gguf_file: str | None = None):
-    """``transformers.AutoTokenizer`` from a checkpoint directory, or from a GGUF file.
-
-    ``path`` may be the ``.gguf`` file itself. GGUF tokenizers are built from the file's metadata
-    (transformers' converter; no torch needed).
-    """
-    p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
-        p, gguf_file = p.parent, p.name
-    if gguf_file is not None:
-        from jaxquant.converters.gguf import gguf_tokenizer
-
-        return gguf_tokenizer(p / gguf_file)
-    refuse_tokenizer_code(p)
-    from jaxquant.transformers_import import auto_tokenizer
-
-    return auto_tokenizer().from_pretrained(str(p), trust_remote_code=False, local_files_only=True)
-
-
-def refuse_tokenizer_code(path: str | os.PathLike) -> None:
-    """Raise ``CheckpointError`` when the checkpoint at ``path`` asks for its own Python tokenizer class.
-
-    ``auto_map`` in ``tokenizer_config.json`` (a legacy ``[slow, fast]`` list or an ``AutoTokenizer`` entry) or an
-    ``AutoTokenizer`` entry of ``config.json``'s ``auto_map`` names a ``.py`` file of the checkpoint that
-    transformers would import (it prompts for it, runs it on "y", and tracebacks without a terminal). jaxquant
-    never runs checkpoint code, so it refuses such a checkpoint before transformers sees it.
-    """
-    d = Path(path)
-    for name in ("tokenizer_config.json", "config.json"):
-        f = d / name
-        if not f.is_file():
-            continue
-        try:
-            cfg = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            continue  # transformers reports an unreadable file itself
-        amap = cfg.get("auto_map") if isinstance(cfg, dict) else None
-        if isinstance(amap, (list, tuple)) and name == "tokenizer_config.json":
-            ref = amap
-        elif isinstance(amap, dict):
-            ref = amap.get("AutoTokenizer")
-        else:
-            ref = None
-        if not ref:
-            continue
-        refs = [r for r in (ref if isinstance(ref, (list, tuple)) else [ref]) if r]
-        raise CheckpointError(
-            f"{f}: \"auto_map\" asks for the tokenizer class {', '.join(map(str, refs)) or ref!r}, Python code "
-            "shipped with the checkpoint; jaxquant never runs checkpoint code. Use a tokenizer class transformers "
-            f"ships: delete \"auto_map\" from {name} and set \"tokenizer_class\" in tokenizer_config.json to "
-            "\"PreTrainedTokenizerFast\" (needs tokenizer.json) or to the model's transformers tokenizer class."
-        )
 
 
 def model_state_dict(loaded: LoadedModel, *, include_extra: bool = False) -> Mapping[str, Any]:
