@@ -213,8 +213,9 @@ def _import_runtime(*, transformers: bool = True) -> None:
     import jaxquant.recipe  # noqa: F401
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``jaxquant`` console script and of ``python -m jaxquant``."""
+def main(argv: list[str] | None = None, *, on_imported=None) -> int:
+    """Entry point of the ``jaxquant`` console script and of ``python -m jaxquant``. ``on_imported()`` is called once
+    the runtime is imported, before the command runs (benchmarks time the imports with it)."""
     from jaxquant import interrupt
 
     interrupt.install()  # first: a Ctrl-C from here on always ends with status 130
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         _start_tokenizer_process(args)
         with interrupt.deferred():
             _import_runtime(transformers=args.tokenizer_process is None)
+        if on_imported is not None:
+            on_imported()
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_LowerLevelFormatter())
         root = logging.getLogger()
