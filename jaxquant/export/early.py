@@ -8,7 +8,8 @@ there (``quantize(on_weights_calibrated=...)``):
 1. ``EarlyExport(loaded, dir, ...)`` starts a thread that plans the export with the weights' amax
    (``plan_export(activations=False)``: the activation scales are ``late`` placeholders; the same validation as
    ``export_hf``) and writes every other tensor into the atomic temporary directory while the caller calibrates.
-   The caller's forward passes do not wait for the plan; a validation error surfaces from ``finish()``.
+   The caller's forward passes do not wait for the plan (it reads a copy of the quantizer statistics, which the
+   calibration step donates from call to call); a validation error surfaces from ``finish()``.
 2. ``finish()`` after the calibration plans the export again from the final model, on the calling thread while
    the writer may still be finishing its first pass, and the writer then puts the late tensors at their planned
    offsets, plus any tensor whose weight statistics changed in between (``finalize`` can raise a fused sibling's
@@ -25,8 +26,27 @@ import dataclasses
 import threading
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from jaxquant.errors import JaxquantError
+from jaxquant.export.checks import is_loaded
 from jaxquant.export.hf import ExportSummary, plan_export, write_export
+
+
+def _with_own_statistics(model_or_loaded):
+    """The model (or ``LoadedModel``) as a new module tree over the same parameter arrays with copies of the quantizer
+    statistics: the writer thread plans from it while the calibration step donates (deletes) the model's own
+    statistic arrays from call to call."""
+    from flax import nnx
+
+    from jaxquant.quantizer.tensor_quantizer import QuantAmax, QuantGlobalAmax
+
+    loaded = model_or_loaded if is_loaded(model_or_loaded) else None
+    model = loaded.model if loaded is not None else model_or_loaded
+    graphdef, stats, rest = nnx.split(model, (QuantAmax, QuantGlobalAmax), ...)
+    clone = nnx.merge(graphdef, jax.tree.map(jnp.copy, stats), rest)
+    return dataclasses.replace(loaded, model=clone) if loaded is not None else clone
 
 
 class ExportCancelled(JaxquantError):
@@ -41,6 +61,7 @@ class EarlyExport:
 
     def __init__(self, loaded: Any, export_dir, **kwargs: Any):
         self._loaded, self._dir, self._kwargs = loaded, export_dir, kwargs
+        self._snapshot = _with_own_statistics(loaded)
         self._calibrated = threading.Event()
         self._cancelled = False
         self._final: list = []  # the plan of the calibrated model (or the exception planning it raised)
@@ -52,7 +73,8 @@ class EarlyExport:
 
     def _write(self) -> None:
         try:
-            plan = plan_export(self._loaded, self._dir, activations=False, **self._kwargs)
+            plan = plan_export(self._snapshot, self._dir, activations=False, **self._kwargs)
+            self._snapshot = None
             plan.entries = [dataclasses.replace(e, produce=self._unless_cancelled(e.produce)) for e in plan.entries]
             self._result.append(write_export(plan, final_plan=self._final_plan))
         except BaseException as e:  # noqa: BLE001 - re-raised by finish()

@@ -102,3 +102,50 @@ def test_cancel_leaves_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["src"]  # no target, no temporary directory
     with pytest.raises(ExportCancelled):
         started[0].finish()
+
+
+def test_early_plan_survives_the_calibration_donating_its_statistics(tmp_path, monkeypatch):
+    """On a GPU the calibration step donates (deletes) every quantizer amax array from call to call while the writer
+    thread plans: the early export must plan from its own copies. Simulated here: the writer thread's plan waits
+    until the model's arrays are deleted, and the model gets fresh copies back once the plan is done."""
+    import threading
+
+    from flax import nnx
+
+    from jaxquant.export import early as early_mod
+    from jaxquant.quantizer.tensor_quantizer import QuantAmax, QuantGlobalAmax
+
+    ids = _mixtral(tmp_path)
+    loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
+    deleted, planned = threading.Event(), threading.Event()
+    plan = early_mod.plan_export
+
+    def plan_after_the_deletion(*args, **kwargs):
+        if threading.current_thread().name != "jaxquant-early-export":
+            return plan(*args, **kwargs)
+        deleted.wait()
+        try:
+            return plan(*args, **kwargs)
+        finally:
+            planned.set()
+
+    monkeypatch.setattr(early_mod, "plan_export", plan_after_the_deletion)
+    started = []
+
+    def start():
+        started.append(EarlyExport(loaded, tmp_path / "early"))
+        held = [(var, var.get_value()) for _, var in nnx.to_flat_state(nnx.state(loaded.model,
+                                                                                  (QuantAmax, QuantGlobalAmax)))]
+        copies = [jnp.copy(a) for _, a in held]
+        for _, a in held:
+            a.delete()  # what a donating step does to the arrays the model still holds
+        deleted.set()
+        assert planned.wait(120)
+        for (var, _), c in zip(held, copies):
+            var.set_value(c)  # the step's write-back
+
+    quantize(loaded.model, "general/ptq/nvfp4_default-kv_fp8", (ids, np.ones_like(ids)), batch_size=2,
+             progress=False, on_weights_calibrated=start)
+    started[0].finish()
+    export_hf(loaded, tmp_path / "after")
+    assert _files(tmp_path / "early") == _files(tmp_path / "after")
