@@ -138,6 +138,10 @@ _JOB_PATCHES = {
     "job": "",
     # the HF export written after the calibration instead of from its start (export/early.py)
     "job-noearly": "import jaxquant.cli_ptq as c\nc.EARLY_EXPORT = False\n",
+    # the loader leaves the interpreter's thread switch interval at Python's default (converters/hf.py)
+    "job-switch5ms": "import jaxquant.converters.hf as h\nh.LOAD_SWITCH_INTERVAL = None\n",
+    # the tokenizer loaded in the command's process instead of a child process (jaxquant/tokenizer.py)
+    "job-tokthread": "import os\nos.environ['JAXQUANT_TOKENIZER_PROCESS'] = '0'\n",
     # the calibration is compiled after loading instead of on a thread while the weights load
     "job-noahead": (
         "import jaxquant.cli_overlap as o\n"

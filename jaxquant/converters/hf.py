@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import logging
 import mmap
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,6 +138,11 @@ Sharding = jax.sharding.Sharding | Callable[[str, tuple[int, ...]], jax.sharding
 LOAD_WORKERS = 8
 #: Bytes of tensors being copied at once (a bound on the host memory that dtype casts hold).
 LOAD_INFLIGHT_BYTES = 2 << 30
+#: The interpreter's thread switch interval (s) while the loader's threads run (Python's default is 0.005): each
+#: tensor's read, cast, check and copy hand the interpreter lock back and forth, and beside a thread that runs
+#: Python for seconds (the calibration's tracing on the compile thread) every handoff could wait a full interval.
+#: None leaves the interval alone.
+LOAD_SWITCH_INTERVAL: float | None = 0.0005
 
 
 def materialize(
@@ -208,7 +215,8 @@ def materialize(
         return nnx.merge(graphdef, state)
     pending: collections.deque = collections.deque()
     inflight = 0
-    with cf.ThreadPoolExecutor(workers, thread_name_prefix="jaxquant-load") as pool:
+    with (_switch_interval(LOAD_SWITCH_INTERVAL),
+          cf.ThreadPoolExecutor(workers, thread_name_prefix="jaxquant-load") as pool):
         try:
             for var, hf, shd, n in plan:
                 while pending and inflight + n > LOAD_INFLIGHT_BYTES:
@@ -226,6 +234,20 @@ def materialize(
             raise
     _refuse_nonfinite(nonfinite, plan, source)
     return nnx.merge(graphdef, state)
+
+
+@contextlib.contextmanager
+def _switch_interval(seconds: float | None):
+    """``sys.setswitchinterval(seconds)`` inside the block (unless None or already shorter)."""
+    old = sys.getswitchinterval()
+    if seconds is None or seconds >= old:
+        yield
+        return
+    sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 def _refuse_nonfinite(names: list[str], plan, source) -> None:
