@@ -54,8 +54,6 @@ PENDING_QFORMATS = {
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {
-    "nvfp4_rotate": ("the Hadamard rotation of the keys (and queries) before NVFP4 (rotate: true; ModelOpt's "
-                     "needs the CUDA-only fast_hadamard_transform package)"),
 }
 MODELOPT_KV_QFORMATS = ("fp8", "fp8_affine", "fp8_cast", "nvfp4", "nvfp4_affine", "nvfp4_cast",
                         "nvfp4_rotate")
