@@ -36,9 +36,10 @@ def golden():
 
 
 def test_every_registered_format_has_goldens(golden):
+    from jaxquant.formats.examples import CONFIGS
     from jaxquant.formats.registry import FORMATS, QUANTIZER_FORMATS
 
-    assert set(mg.CONFIGS) == set(QUANTIZER_FORMATS), f"add the new format to CONFIGS, then {REGENERATE}"
+    assert set(CONFIGS) == set(QUANTIZER_FORMATS), f"add the new format to formats/examples.py, then {REGENERATE}"
     for dt in mg.DTYPES:
         for name in QUANTIZER_FORMATS:
             assert f"fake_quant|{name}|{dt}" in golden and f"amax|{name}|{dt}" in golden, (name, REGENERATE)

@@ -6,8 +6,8 @@
     python tests/numerics/golden/make_format_golden.py --check tests/numerics/golden/formats_cpu.json \
         --report golden_formats_gpu.json
 
-Driven by ``jaxquant.formats.registry`` (``tests/numerics/test_format_golden.py`` fails when a registered format has
-no entry here), for fixed inputs (a seeded draw with edge rows: zeros, e2m1 / e4m3 ties, saturation, subnormals) in
+Driven by ``jaxquant.formats.registry`` and ``jaxquant.formats.examples.CONFIGS`` (``tests/numerics/
+test_format_golden.py`` fails when a registered format has no entry there), for fixed inputs (a seeded draw with edge rows: zeros, e2m1 / e4m3 ties, saturation, subnormals) in
 float32, bfloat16 and float16:
 
 * every ``QUANTIZER_FORMATS`` entry through a ``TensorQuantizer`` (``configure``, amax from the tensor itself as
@@ -38,41 +38,6 @@ FORMAT_VERSION = 1
 WEIGHT_SHAPE = (128, 256)  # multiples of the 128x128 FP8 blocks and the INT4 blocks
 KV_SHAPE = (2, 8, 4, 64)  # [B, S, heads, head_dim] for the affine K/V formats
 
-E4M3, E2M1, E8M0 = (4, 3), (2, 1), (8, 0)
-
-
-def _mx(nb):
-    return {"num_bits": nb, "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": E8M0}}
-
-
-def _nvfp4(block=16, kind="dynamic"):
-    return {"num_bits": E2M1, "block_sizes": {-1: block, "type": kind, "scale_bits": E4M3}}
-
-
-#: A ModelOpt attribute config (a list: a sequential quantizer) per quantizer format name.
-CONFIGS: dict[str, object] = {
-    "fp8": {"num_bits": E4M3},
-    "fp8_per_channel": {"num_bits": E4M3, "axis": 0},
-    "fp8_per_token": {"num_bits": E4M3, "type": "dynamic", "block_sizes": {-1: None, "type": "dynamic"}},
-    "nvfp4": _nvfp4(),
-    "nvfp4_static": _nvfp4(kind="static"),
-    "nvfp4_bs32": _nvfp4(32),
-    "int8": {"num_bits": 8},
-    "int8_per_channel": {"num_bits": 8, "axis": 0},
-    "fp8_2d_block": {"num_bits": E4M3, "block_sizes": {-1: 128, -2: 128}},
-    "mxfp8": _mx(E4M3),
-    "mxfp4": _mx(E2M1),
-    "mxint8": _mx(8),
-    "mxfp6_e3m2": _mx((3, 2)),
-    "mxfp6": _mx((2, 3)),
-    "fp8_affine": {"num_bits": E4M3, "bias": {-2: None, -4: None, "type": "static"}},
-    "nvfp4_affine": {**_nvfp4(), "bias": {-2: None, -4: None, "type": "static"}},
-    **{f"int4_block{b}": {"num_bits": 4, "block_sizes": {-1: b, "type": "static"}} for b in (32, 64, 128)},
-    **{f"int4_block{b}+fp8": [{"num_bits": 4, "block_sizes": {-1: b, "type": "static"}}, {"num_bits": E4M3}]
-       for b in (32, 64, 128)},
-}
-
-
 def _edges(cols: int) -> np.ndarray:
     """Edge rows tiled to ``cols``: zeros and signs, tiny values, e2m1 / e4m3 rounding ties, saturation, a zero block
     and a 1e-7..1e4 range (all finite in float16)."""
@@ -95,30 +60,13 @@ def build_inputs(seed: int = SEED) -> dict[str, np.ndarray]:
     return {"weight": w, "kv": kv, "kv_bias": bias}
 
 
-def _quantizer(name: str, x, bias=None):
-    """A ``TensorQuantizer`` configured for ``name`` on ``x``, its amax reduced from ``x`` (max calibration of a
-    weight), in fake-quant mode."""
-    import jax.numpy as jnp
-
-    from jaxquant.quantizer import TensorQuantizer
-    from jaxquant.quantizer.sequential import config_from_dict
-
-    q = TensorQuantizer()
-    q.configure(config_from_dict(CONFIGS[name]), tensor_shape=tuple(x.shape))
-    if q.bias is not None:
-        q.bias.value = jnp.asarray(bias, jnp.float32)
-    q.calibrate_weight(x)
-    q.set_mode("fake_quant")
-    return q
-
-
 def compute(inputs: dict[str, np.ndarray], dtypes=DTYPES, only=None) -> dict[str, np.ndarray]:
     """``{"<kind>|<format>|<dtype>[|<tensor>]": host array}`` on JAX's default device (module doc), for ``dtypes``
     and the format names in ``only`` (None: all, and the rotation)."""
     import jax
     import jax.numpy as jnp
 
-    from jaxquant.export.linears import _amaxes
+    from jaxquant.formats.examples import export_inputs, is_kv_only, quantizer
     from jaxquant.formats.registry import FORMATS, QUANTIZER_FORMATS
     from jaxquant.numerics.hadamard import rotate
 
@@ -129,8 +77,8 @@ def compute(inputs: dict[str, np.ndarray], dtypes=DTYPES, only=None) -> dict[str
         for name in QUANTIZER_FORMATS:
             if only is not None and name not in only:
                 continue
-            x = kv if isinstance(CONFIGS[name], dict) and "bias" in CONFIGS[name] else w
-            q = _quantizer(name, x, inputs["kv_bias"])
+            x = kv if is_kv_only(name) else w
+            q = quantizer(name, x, inputs["kv_bias"])
             out[f"fake_quant|{name}|{dt}"] = q(x)
             out[f"amax|{name}|{dt}"] = q.amax[...]
             if q.global_amax is not None:
@@ -138,16 +86,7 @@ def compute(inputs: dict[str, np.ndarray], dtypes=DTYPES, only=None) -> dict[str
         for fmt, qf in FORMATS.items():
             if only is not None and fmt not in only:
                 continue
-            wq = _quantizer(qf.weight_config_formats[0], w)
-            icfg = qf.activation_config() if qf.static_input_scale else None
-            iq = None
-            if icfg is not None:
-                from jaxquant.quantizer import TensorQuantizer
-
-                iq = TensorQuantizer()
-                iq.configure(icfg, tensor_shape=tuple(w.shape))
-                iq.calibrate_weight(w)
-            w_amax, blk, in_amax = _amaxes(fmt, wq, iq, icfg, None)
+            w_amax, blk, in_amax = export_inputs(fmt, w)
             tensors = qf.export_tensors(w, w_amax, block_amax=blk, in_amax=in_amax)
             for k, v in tensors.items():
                 out[f"export|{fmt}|{dt}|{k}"] = v
