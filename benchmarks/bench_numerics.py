@@ -1,18 +1,22 @@
-"""Throughput of the numerics kernels: fake quant and export quantize of FP8, NVFP4, INT8, INT4, MXFP8 and MXFP4, next to a
-plain copy of the same tensor (the device's practical bandwidth).
+"""Throughput of every registered format: fake quant (each ``QUANTIZER_FORMATS`` entry) and quantize-to-storage (each
+``FORMATS`` entry's ``export_tensors``), next to a plain copy of the same tensor (the device's practical bandwidth).
 
-Each kernel is jitted once, warmed up, then timed over ``--iters`` calls (blocking on the result).
-GB/s counts the bytes the kernel must read and write at least (input once, outputs once), so it
-compares directly with the device's memory bandwidth (an H100 SXM copy reaches about 3 TB/s).
+    python benchmarks/bench_numerics.py --out bench_numerics.json     # 8192x8192 bf16 on GPU, 1024x1024 on CPU
+    python benchmarks/bench_numerics.py --size 4096 16384 --dtype float32
+    python benchmarks/bench_numerics.py --division hardware           # what the exact division costs
 
-    python benchmarks/bench_numerics.py                       # 8192x8192 bf16 on GPU, 2048x2048 on CPU
-    python benchmarks/bench_numerics.py --size 4096 16384 --out bench.json
-    python benchmarks/bench_numerics.py --division hardware   # what the exact division costs
+Fake quant runs a ``TensorQuantizer`` set up by ``jaxquant.formats.examples.quantizer`` (amax from the tensor, as max
+calibration of a weight), jitted as a model calls it; the K/V-only affine formats run on ``[B, S, heads, 128]`` of the
+same element count. Quantize-to-storage is ``export_tensors`` as the exporter calls it (its kernels are jitted; the
+host-side shape and finiteness checks are included). Each is warmed up, then timed over ``--iters`` calls (blocking
+on the result): the median. GB/s counts the bytes the kernel must at least read and write (the input once, the
+outputs once), so it compares directly with the copy's GB/s (an H100 SXM copy reaches about 3 TB/s); ``vs copy`` is
+the ratio.
 
-``--division hardware`` swaps the kernels' exactly rounded division (``_exact.div``) for the
-backend's own (``_exact.hardware_div``: approximate on GPUs and TPUs), to measure its cost. On a
-CUDA GPU ``_exact.div`` is the hardware division already when ``XLA_FLAGS`` has
-``--xla_backend_extra_options=-nvptx-prec-divf32=2`` (IEEE ``div.rn``; the report says which).
+``--division hardware`` swaps the kernels' exactly rounded division (``_exact.div``) for the backend's own
+(``_exact.hardware_div``: approximate on GPUs and TPUs), to measure its cost. On a CUDA GPU ``_exact.div`` is the
+hardware division already when ``XLA_FLAGS`` has ``--xla_backend_extra_options=-nvptx-prec-divf32=2`` (IEEE
+``div.rn``; the report says which).
 """
 
 from __future__ import annotations
@@ -22,16 +26,43 @@ import platform
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from _timing import median_seconds, write_report
 
-from jaxquant.numerics import _exact, fp8, int4, int8, mx, nvfp4
+from jaxquant.formats.examples import export_inputs, is_kv_only, quantizer
+from jaxquant.formats.registry import FORMATS, QUANTIZER_FORMATS
+from jaxquant.numerics import _exact, fp8, nvfp4
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree))
+
+
+def cases(x: jax.Array):
+    """``[(kind, name, zero-argument call, bytes read + written)]``: the copy, every fake quant, every export."""
+    n, item = x.size, x.dtype.itemsize
+    out = [("copy", "x + 0", (lambda f: lambda: f(x))(jax.jit(lambda a: a + jnp.zeros((), a.dtype))), 2 * n * item)]
+    for name in QUANTIZER_FORMATS:
+        t = x
+        if is_kv_only(name):  # [B, 8, 4 heads, 128]; skipped when the element count does not split so
+            if n % (8 * 4 * 128):
+                continue
+            t = x.reshape(-1, 8, 4, 128)
+        q = quantizer(name, t)
+        out.append(("fake_quant", name, (lambda f, a: lambda: f(a))(jax.jit(lambda a, q=q: q(a)), t), 2 * n * item))
+    for fmt, qf in FORMATS.items():
+        w_amax, blk, in_amax = export_inputs(fmt, x)
+        call = (lambda qf, w_amax, blk, in_amax: lambda: qf.export_tensors_deferred(
+            x, w_amax, block_amax=blk, in_amax=in_amax)[0])(qf, w_amax, blk, in_amax)
+        out.append(("export", fmt, call, n * item + _nbytes(call())))
+    return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
-                   help="tensor shape (default 8192 8192 on an accelerator, 2048 2048 on CPU)")
+                   help="tensor shape (default 8192 8192 on an accelerator, 1024 1024 on CPU); multiples of 128")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -43,42 +74,22 @@ def main(argv=None) -> dict:
         fp8.div = nvfp4.div = _exact.hardware_div
 
     backend = jax.default_backend()
-    rows, cols = args.size or ((8192, 8192) if backend != "cpu" else (2048, 2048))
+    rows, cols = args.size or ((8192, 8192) if backend != "cpu" else (1024, 1024))
     dtype = jnp.dtype(args.dtype)
     x = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32).astype(dtype)
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)))
     n = rows * cols
-    item = dtype.itemsize
-    blk128 = jnp.max(jnp.abs(int4.to_blocks(x.astype(jnp.float32), 128)), axis=-1, keepdims=True)  # [rows, cols/128, 1]
-
-    cases = [
-        # name, function, args, bytes read + written
-        ("copy (x + 0)", lambda a: a + jnp.zeros((), a.dtype), (x,), 2 * n * item),
-        ("fp8.fake_quant", fp8.fake_quant, (x, amax), 2 * n * item),
-        ("fp8.quantize", fp8.quantize, (x, amax), n * item + n),
-        ("nvfp4.fake_quant_dynamic", nvfp4.fake_quant_dynamic, (x, amax), 2 * n * item),
-        ("nvfp4.quantize", lambda a, g: nvfp4.quantize(a, global_amax=g), (x, amax), n * item + n // 2 + n // 16),
-        ("int8.fake_quant", int8.fake_quant, (x, amax), 2 * n * item),
-        ("int8.quantize (per channel)", int8.quantize, (x, jnp.max(jnp.abs(x.astype(jnp.float32)), axis=1,
-                                                                  keepdims=True)), n * item + n + rows * 4),
-        ("int4.fake_quant (blocks of 128)", lambda a, b: int4.fake_quant(a, b, 128), (x, blk128), 2 * n * item),
-        ("int4.quantize + pack_rows", lambda a, b: int4.pack_rows(int4.quantize(a, b[..., 0])[0]), (x, blk128),
-         n * item + n // 2),
-        ("mx.fake_quant (MXFP8)", mx.fake_quant, (x,), 2 * n * item),
-        ("mx.quantize (MXFP8)", mx.quantize, (x,), n * item + n + n // 32),
-        ("mx.fake_quant_fp4 (MXFP4)", mx.fake_quant_fp4, (x,), 2 * n * item),
-        ("mx.quantize_fp4 (MXFP4)", mx.quantize_fp4, (x,), n * item + n // 2 + n // 32),
-    ]
-    results = []
     print(f"backend={backend} device={jax.devices()[0].device_kind} shape={rows}x{cols} dtype={args.dtype} "
           f"division={args.division} ieee_gpu_division_flag={_exact.gpu_division_is_ieee()}")
-    print(f"{'kernel':28s} {'time (ms)':>10s} {'GB/s':>10s} {'Gelem/s':>10s}")
-    for name, fn, fargs, nbytes in cases:
-        jitted = jax.jit(fn)
-        t = median_seconds(lambda: jitted(*fargs), jax.block_until_ready, args.iters, args.warmup)
-        row = {"kernel": name, "seconds": t, "bytes": nbytes, "gb_per_s": nbytes / t / 1e9, "gelem_per_s": n / t / 1e9}
+    print(f"{'kind':10s} {'format':20s} {'time (ms)':>10s} {'GB/s':>9s} {'vs copy':>8s} {'Gelem/s':>9s}")
+    results, copy_gbs = [], None
+    for kind, name, fn, nbytes in cases(x):
+        t = median_seconds(fn, jax.block_until_ready, args.iters, args.warmup)
+        gbs = nbytes / t / 1e9
+        copy_gbs = copy_gbs or gbs
+        row = {"kind": kind, "format": name, "seconds": t, "bytes": nbytes, "gb_per_s": gbs,
+               "vs_copy": gbs / copy_gbs, "gelem_per_s": n / t / 1e9}
         results.append(row)
-        print(f"{name:28s} {t * 1e3:10.3f} {row['gb_per_s']:10.1f} {row['gelem_per_s']:10.2f}")
+        print(f"{kind:10s} {name:20s} {t * 1e3:10.3f} {gbs:9.1f} {row['vs_copy']:8.2f} {row['gelem_per_s']:9.2f}")
 
     report = {
         "backend": backend,
@@ -90,7 +101,8 @@ def main(argv=None) -> dict:
         "division": args.division,
         "gpu_division_is_ieee": _exact.gpu_division_is_ieee(),
         "iters": args.iters,
-        "timing": "median wall time of jitted calls, blocking on the result",
+        "timing": "median wall time of jitted calls (export: export_tensors as the exporter calls it), blocking",
+        "copy_gb_per_s": copy_gbs,
         "results": results,
     }
     write_report(report, args.out)

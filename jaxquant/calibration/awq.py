@@ -52,7 +52,8 @@ from jaxquant.calibration.smoothing import (
 )
 from jaxquant.errors import DataError, RecipeError, UnsupportedError
 from jaxquant.numerics._exact import div
-from jaxquant.quantizer.tensor_quantizer import apply_pre_quant_scale
+from jaxquant.quantizer.sequential import SequentialConfig
+from jaxquant.quantizer.tensor_quantizer import apply_pre_quant_scale, fake_quant_ste
 
 log = logging.getLogger("jaxquant.calibration")
 
@@ -134,7 +135,7 @@ class AwqSearch(nnx.Module):
             s = self.scales.value[k]
             xs = apply_pre_quant_scale(x, self.inverse.value[k].astype(w.dtype))
             ws = apply_pre_quant_scale(w, s.astype(w.dtype))
-            out = linear.matmul(xs, linear.weight_quantizer.quantize_with_own_amax(ws))
+            out = linear.matmul(xs, search_quantize(linear.weight_quantizer, ws))
             d = (out - y).astype(jnp.float32)
             sq = d * d if m is None else jnp.where(m, d * d, 0.0)
             losses.append(jnp.sum(sq) / (jnp.maximum(n_tok, 1) * y.shape[-1]))
@@ -142,6 +143,15 @@ class AwqSearch(nnx.Module):
         self.loss.value = self.loss.value + jnp.where(seen, jnp.stack(losses), 0.0)
         self.steps.value = self.steps.value + seen.astype(jnp.float32)
         return y
+
+
+def search_quantize(wq, ws: jax.Array) -> jax.Array:
+    """The weight fake quant AWQ's search scores a candidate with: ``wq`` with the amax of ``ws`` itself. A sequential
+    weight quantizer (W4A8_AWQ: INT4 blocks then FP8) searches with its first part only, as ModelOpt's
+    ``awq`` runs inside ``SequentialQuantizer.convert_to_single_quantizer`` (the FP8 part is max-calibrated after)."""
+    if isinstance(wq.config, SequentialConfig):
+        return fake_quant_ste(wq.config.parts[0].format, wq.block_size, ws, wq.reduce_amax(ws), None)
+    return wq.quantize_with_own_amax(ws)
 
 
 def weight_scale(w: jax.Array, block: int | None) -> np.ndarray:

@@ -23,7 +23,7 @@ from jaxquant.errors import UnsupportedError
 from jaxquant.numerics._exact import div
 
 #: Export formats whose linears may carry a pre_quant_scale (ModelOpt's INT8 SmoothQuant and INT4 AWQ).
-PQS_FORMATS = ("int8_sq", "int4_awq")
+PQS_FORMATS = ("int8_sq", "int4_awq", "w4a8_awq")
 #: Formats whose fused groups ModelOpt leaves alone (``QUANTIZATION_FP8``, ``QUANTIZATION_FP8_PB_REAL``).
 _NO_FUSION = ("fp8", "fp8_pb_real")
 _NORM_OF = {"self_attn": ("input_layernorm",), "mlp": ("pre_feedforward_layernorm", "post_attention_layernorm")}
@@ -114,7 +114,11 @@ def resmooth(items: list, model) -> dict[str, Any]:
             w = jnp.asarray(m.weight.on_device())
             new = div(w.astype(jnp.float32) * jnp.asarray(m.pqs), jnp.asarray(avg)[None, :]).astype(w.dtype)
             m.weight = ArrayWeight(new)
-            m.w_amax = np.asarray(m.wq.reduce_amax(new), np.float32).reshape(np.shape(m.w_amax))
+            amax = np.asarray(m.wq.reduce_amax(new), np.float32)
+            if m.w_block_amax is not None:  # W4A8_AWQ: the INT4 block amax, and the FP8 (global) amax max|w|
+                m.w_block_amax = amax.reshape(np.shape(m.w_block_amax))
+                amax = amax.max()
+            m.w_amax = amax.reshape(np.shape(m.w_amax))
             m.pqs = avg
         if "awq" in members[0].fmt:
             found = _feeding_norm(model, members[0])

@@ -327,13 +327,35 @@ class QuantizerConfig:
     def format(self) -> str:
         """Short format name: 'fp8', 'fp8_per_channel', 'nvfp4', 'nvfp4_static', or a descriptive
         name of a format jaxquant does not implement (e.g. 'int8', 'mxfp4', 'int4_block128',
-        'fp8_per_token', 'nvfp4_rotate', 'fp8_affine')."""
+        'fp8_per_token', 'fp8_affine'). A Hadamard rotation (``rotate``) is not part of the format: it transforms the
+        input first (``rotation``)."""
         base = self._base_format()
         if self.bias is not None:
             base += "_affine"
-        if self.rotate not in (False, None) and _truthy_rotate(self.rotate):
-            base += "_rotate"
         return base
+
+    @property
+    def rotation(self) -> tuple[int | None, bool] | None:
+        """``(block_size, rotate_fp32)`` of the normalized Hadamard rotation ModelOpt applies to this quantizer's
+        input (also when the quantizer is disabled: ``kv_nvfp4_rotate``'s query quantizer), None without one."""
+        r = self.rotate
+        if r in (False, None) or not _truthy_rotate(r):
+            return None
+        if r is True:
+            return (None, False)
+        d = dict(r)
+        return (d.get("block_size"), bool(d.get("rotate_fp32", False)))
+
+    @property
+    def rotation_unsupported_reason(self) -> str | None:
+        """Why jaxquant cannot apply this config's ``rotate`` (None when it can, or there is none)."""
+        if self.rotation is None or self.rotate is True:
+            return None
+        d = dict(self.rotate)
+        if d.get("mode", "rotate") != "rotate":
+            return f"rotate mode {d['mode']!r} (jaxquant rotates the input only: mode 'rotate')"
+        extra = set(d) - {"enable", *_ROTATE_DEFAULTS}
+        return f"rotate options {sorted(extra)}" if extra else None
 
     def _base_format(self) -> str:
         nb, bs = self.num_bits, self.block_sizes
@@ -383,6 +405,8 @@ class QuantizerConfig:
         (``trt_high_precision_dtype``, ``effective_bits``, ``pass_through_bwd``, ``fake_quant``)
         are ignored.
         """
+        if self.rotation_unsupported_reason is not None:
+            return self.rotation_unsupported_reason
         if not self.enable:
             return None
         fmt = self.format

@@ -54,6 +54,7 @@ class SequentialConfig:
     type = "static"
     bias = None
     rotate = False
+    rotation = None  # no Hadamard rotation on a chain
     fixed_amax = None
     use_constant_amax = False
     constant_amax = None

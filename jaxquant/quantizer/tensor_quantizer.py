@@ -17,6 +17,9 @@ it unchanged. It holds:
 
 * ``pre_quant_scale``: an optional ``QuantPreScale`` ``[in]`` factor applied to the tensor before anything else, also
   when the quantizer is disabled or off (ModelOpt's ``_pre_quant_scale``; SmoothQuant / AWQ set it);
+* ``rotation``: ``(block_size, fp32)`` when the config has ``rotate: true``: the input (after ``pre_quant_scale``) is
+  rotated by the normalized Hadamard matrix (``numerics/hadamard.py``) before anything else, also when the config
+  disables the quantizer (ModelOpt does; ``kv_nvfp4_rotate`` rotates the queries with a disabled quantizer);
 * ``calibrator``: an optional algorithm statistic collector (``collect(x, token_mask)`` in calibrate mode; see
   ``calibration/smoothing.py``); None for max calibration.
 
@@ -44,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.formats.registry import quantizer_format
+from jaxquant.numerics import hadamard
 from jaxquant.numerics._exact import round_to_dtype
 from jaxquant.quantizer.config import QuantizerConfig
 
@@ -131,6 +135,7 @@ class TensorQuantizer(nnx.Module):
         self.bias_count: QuantBiasCount | None = nnx.data(None)
         self.pre_quant_scale: QuantPreScale | None = nnx.data(None)  # kept by configure(): it is part of the model
         self.calibrator = nnx.data(None)  # an algorithm's statistic collector (``collect(x, token_mask)``)
+        self.rotation: tuple[int | None, bool] | None = None  # (block_size, fp32) of a Hadamard rotation (rotate)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -158,6 +163,8 @@ class TensorQuantizer(nnx.Module):
           tensor_shape: shape of the tensor this quantizer sees; required for per-channel and
             static-block formats (weights), optional for per-tensor ones.
         """
+        # ModelOpt rotates a quantizer's input even when it is disabled (kv_nvfp4_rotate's query quantizer)
+        self.rotation = config.rotation if config is not None else None
         if config is not None and not config.enable:
             config = None
         kind = quantizer_format(config.format) if config is not None else None  # UnsupportedError if unknown
@@ -264,6 +271,8 @@ class TensorQuantizer(nnx.Module):
         """Apply the quantizer to ``x`` according to ``mode`` (see module docstring). A pre-quantization scale is
         applied first, also when the quantizer is disabled or off (as in ModelOpt)."""
         x = self.scaled(x)
+        if self.rotation is not None:  # ModelOpt: after the pre_quant_scale, before (or without) quantization
+            x = hadamard.rotate(x, *self.rotation)
         if self.calibrator is not None and self.mode == "calibrate":
             self.calibrator.collect(x, token_mask)
         if not self.enabled or self.mode == "off":

@@ -225,7 +225,9 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
 
     for path, q, parent, _base, attr in found:
         cfg = per_quantizer[path]
-        shape = _tensor_shape(parent, attr, cfg) if cfg is not None else None
+        if cfg is None and names[path][0] in res.disabled_rotating:  # disabled, but rotates its input
+            cfg = res.disabled_rotating[names[path][0]]
+        shape = _tensor_shape(parent, attr, cfg) if cfg is not None and cfg.enable else None
         try:
             q.configure(cfg, tensor_shape=shape)
         except UnsupportedError as e:

@@ -128,6 +128,9 @@ class Resolution:
     last_rule: dict[str, int | None]
     match_counts: tuple[int, ...]
     quantizers: dict[str, Config | None] = dataclasses.field(default_factory=dict)
+    #: disabled quantizers whose config still rotates their input (ModelOpt rotates a disabled quantizer's input:
+    #: ``kv_nvfp4_rotate``'s ``q_bmm_quantizer``) -> that config; ``configs`` has None for them
+    disabled_rotating: dict[str, QuantizerConfig] = dataclasses.field(default_factory=dict)
     instances: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     names: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     recipe: Recipe | None = None
@@ -394,6 +397,8 @@ def resolve(quant_cfg: Any, sites: Iterable[QuantizerSite | str | tuple]) -> Res
             last[j] = i
         counts.append(n_matched)
     configs = {n: _final(c) for n, c in zip(names, state)}
+    rotating = {n: c for n, c in zip(names, state)
+                if configs[n] is None and not isinstance(c, tuple) and c.rotation is not None}
     return Resolution(
         configs=configs,
         sites=sites,
@@ -403,6 +408,7 @@ def resolve(quant_cfg: Any, sites: Iterable[QuantizerSite | str | tuple]) -> Res
         quantizers=dict(configs),
         names={n: (n,) for n in names},
         recipe=recipe,
+        disabled_rotating=rotating,
     )
 
 

@@ -46,17 +46,14 @@ PENDING_QFORMATS = {
     "nvfp4_awq_full": "the awq_full calibration algorithm",
     "nvfp4_awq_lite": "the awq_lite calibration algorithm",
     "nvfp4_four_over_six": "the four-over-six NVFP4 format (its mse search is implemented)",
-    "nvfp4_fp8_mha": ("FP8 quantization of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
-                      "inside its Triton flash-attention kernel"),
+    "nvfp4_fp8_mha": ("FP8 fake quant of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
+                      "inside its CUDA-only Triton flash-attention kernel to the unnormalised, tile-wise P (so its "
+                      "rounding depends on the kernel's tiling)"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
     "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
-    "w4a8_awq_beta": "awq_lite on the INT4 + FP8 (W4A8_AWQ) sequential quantizers, not checked against ModelOpt yet "
-                     "(each exists: the format exports with the preset's quant_cfg and algorithm max, and awq_lite "
-                     "runs for int4_awq)",
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {
-    "nvfp4_rotate": "the Hadamard rotation of the keys (and queries) before NVFP4 (rotate: true)",
 }
 MODELOPT_KV_QFORMATS = ("fp8", "fp8_affine", "fp8_cast", "nvfp4", "nvfp4_affine", "nvfp4_cast",
                         "nvfp4_rotate")

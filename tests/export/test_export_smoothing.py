@@ -45,7 +45,8 @@ def _modelopt(tmp_path, qformat, dtype="float32", debug=False):
 
     cfg = copy.deepcopy(QUANT_CFG_CHOICES[qformat])
     if debug:
-        cfg["algorithm"] = {**cfg["algorithm"], "debug": True}
+        algo = cfg["algorithm"]
+        cfg["algorithm"] = {**({"method": algo} if isinstance(algo, str) else algo), "debug": True}
     src = tmp_path / "src"
     model = make_llama128(src, dtype)
     batches = _batches()
@@ -63,12 +64,17 @@ def _linears(model):
 def _state_from_modelopt(model):
     """jaxquant's calibration state for ModelOpt's calibrated model: its pre_quant_scale p on the input quantizer,
     1/p (float32, what ModelOpt folded into the weight) on the weight quantizer, its amax."""
+    from modelopt.torch.quantization.nn import SequentialQuantizer
+
     st = {}
     for name, m in _linears(model).items():
         iq, wq = m.input_quantizer, m.weight_quantizer
         p = iq._pre_quant_scale.float().numpy().copy()  # export changes the buffers in place
         st[f"{name}.input_quantizer._pre_quant_scale"] = p
         st[f"{name}.weight_quantizer._pre_quant_scale"] = np.float32(1.0) / p
+        if isinstance(wq, SequentialQuantizer):  # W4A8_AWQ: INT4 block amax, then the FP8 part's (global) amax
+            st[f"{name}.weight_quantizer._global_amax"] = wq[1]._amax.float().numpy().copy()
+            wq = wq[0]
         st[f"{name}.weight_quantizer._amax"] = wq._amax.float().numpy().copy()
         if iq.is_enabled:
             st[f"{name}.input_quantizer._amax"] = iq._amax.float().numpy().copy()

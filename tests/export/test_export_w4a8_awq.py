@@ -1,7 +1,8 @@
 """W4A8_AWQ (INT4 block-128 weights then FP8 per tensor, static FP8 activations; hf_ptq ``--qformat w4a8_awq_beta``
 with max calibration): the same tiny Llama (dims multiples of 128) and amax exported by nvidia-modelopt (CPU) and by
 jaxquant are byte-identical; the sequential fake quant equals ModelOpt's ``SequentialQuantizer`` bit for bit; the
-export loads back and passes ``jaxquant check``; the preset itself still names the awq_lite algorithm it needs."""
+export loads back and passes ``jaxquant check``; the preset itself (awq_lite) picks ModelOpt's alphas and exports the
+same bytes."""
 
 import copy
 
@@ -144,17 +145,33 @@ def test_w4a8_export_loads_back_and_validates(tmp_path):
     assert any(k == "model.layers.1.mlp.up_proj.weight_scale_2" for k, _ in found)
 
 
-def test_w4a8_preset_names_awq_lite_and_weights_without_fp8_inputs_are_refused(tmp_path):
+@pytest.mark.slow  # ~100 s on 2 cores: two awq_lite runs and two exports
+def test_w4a8_awq_beta_preset_awq_lite_alphas_and_export_match_modelopt(tmp_path):
+    """The preset as hf_ptq runs it (awq_lite): ModelOpt searches with the INT4 part of the sequential weight
+    quantizer only (``convert_to_single_quantizer``), then max-calibrates INT4 + FP8 on the smoothed weight. jaxquant
+    picks the same alpha for all 14 linears; from ModelOpt's calibrated state its export is byte-identical."""
+    import test_export_smoothing as S
+
+    from jaxquant.recipe import preset_recipe
+
+    assert preset_recipe("w4a8_awq_beta", "none").algorithm == "awq_lite"
+    model, src, cfg, batches = S._modelopt(tmp_path, "w4a8_awq_beta", debug=True)
+    _, res = S._jaxquant(src, cfg, batches)
+    want = {n: m.awq_lite.best_alpha for n, m in S._linears(model).items()}
+    assert len(want) == 14 and res.stats.awq_alphas == want
+    ref = S._export_both(tmp_path, model, src, cfg)
+    assert ref["model.layers.0.self_attn.o_proj.pre_quant_scale"][:2] == ("F32", (128,))
+    assert ref["model.layers.0.mlp.down_proj.weight_scale_2"][:2] == ("F32", ())
+
+
+def test_w4a8_weights_without_fp8_inputs_are_refused(tmp_path):
     import jax.numpy as jnp
 
     from jaxquant.calibration import quantize
     from jaxquant.converters import load_hf
     from jaxquant.errors import UnsupportedError
     from jaxquant.export import export_hf
-    from jaxquant.recipe import preset_recipe
 
-    with pytest.raises(UnsupportedError, match="awq_lite on the INT4 \+ FP8"):
-        preset_recipe("w4a8_awq_beta")
     cfg = w4a8_max_cfg()
     cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e["quantizer_name"] != "*input_quantizer"]
     make_llama128(tmp_path / "src", "float32")

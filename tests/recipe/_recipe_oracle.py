@@ -1,6 +1,7 @@
 """ModelOpt as the oracle for recipe resolution: tiny HF torch models converted by ModelOpt."""
 
 import copy
+import re
 import warnings
 
 # parent_class names the shipped recipes use; a torch quantizer's site lists those its parent is.
@@ -106,3 +107,23 @@ def our_attrs(cfg):
         "dynamic": cfg.type == "dynamic",
         "bias": dict(cfg.bias) if cfg.bias else None,
     }
+
+
+def ours_with_chains(configs):
+    """Our resolved configs as attributes; a chain as the tuple of its parts' attributes."""
+    return {n: tuple(our_attrs(p) for p in c) if isinstance(c, tuple) else our_attrs(c) for n, c in configs.items()}
+
+
+def collapse_sequential(expected):
+    """ModelOpt's ``q.0``, ``q.1`` (the parts of a SequentialQuantizer) as one entry ``q``: the parts' attributes,
+    or None when every part is disabled."""
+    out, parts = {}, {}
+    for name, attrs in expected.items():
+        base, _, i = name.rpartition(".")
+        if i.isdigit() and re.search(r"_quantizer$|_quantizers\.\d+$", base):
+            parts.setdefault(base, []).append(attrs)
+        else:
+            out[name] = attrs
+    for base, ps in parts.items():
+        out[base] = None if all(p is None for p in ps) else tuple(ps)
+    return out

@@ -307,7 +307,8 @@ quantize:
         ("{num_bits: e1m2, block_sizes: {-1: 32, type: dynamic, scale_bits: e8m0}}", "mx_e1m2"),
         ("{num_bits: e4m3, type: dynamic, block_sizes: {-1: 128, type: dynamic}}", "fp8_block128"),
         ("{num_bits: e4m3, axis: null, bias: {-2: null, -4: null, type: dynamic}}", "affine bias {type: dynamic"),
-        ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}, rotate: true}", "nvfp4_rotate"),
+        ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3}, rotate: {enable: true, "
+         "mode: rotate_back}}", "rotate mode 'rotate_back'"),
         ("{num_bits: e2m1, block_sizes: {-1: 16, type: dynamic, scale_bits: e4m3, four_over_six: true}}",
          "nvfp4_four_over_six"),
         ("[{num_bits: e4m3}, {num_bits: 4, block_sizes: {-1: 128, type: static}}]", "fp8 then int4_block128"),

@@ -3,35 +3,15 @@
 torch models, part by part (``weight_quantizer.0`` / ``.1``), and one ``TensorQuantizer`` holds the chain."""
 
 import copy
-import re
 
 import pytest
-from _recipe_oracle import our_attrs
+from _recipe_oracle import collapse_sequential as _collapse
+from _recipe_oracle import ours_with_chains as _ours
 
 from jaxquant.quantizer.sequential import SequentialConfig, as_quantizer_config
 from jaxquant.recipe import recipe_from_dict, resolve
 
 pytest.importorskip("modelopt.torch.quantization")
-
-
-def _ours(configs):
-    """Our resolved configs as attributes; a chain as the tuple of its parts' attributes."""
-    return {n: tuple(our_attrs(p) for p in c) if isinstance(c, tuple) else our_attrs(c) for n, c in configs.items()}
-
-
-def _collapse(expected):
-    """ModelOpt's ``q.0``, ``q.1`` (the parts of a SequentialQuantizer) as one entry ``q``: the parts' attributes,
-    or None when every part is disabled."""
-    out, parts = {}, {}
-    for name, attrs in expected.items():
-        base, _, i = name.rpartition(".")
-        if i.isdigit() and re.search(r"_quantizer$|_quantizers\.\d+$", base):
-            parts.setdefault(base, []).append(attrs)
-        else:
-            out[name] = attrs
-    for base, ps in parts.items():
-        out[base] = None if all(p is None for p in ps) else tuple(ps)
-    return out
 
 
 def test_w4a8_awq_beta_resolves_like_modelopt(torch_oracles):
