@@ -21,7 +21,7 @@ from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("local_hessian", "nvfp4_act_headroom", "awq_clip",
+KNOWN_UNSUPPORTED = ("nvfp4_act_headroom", "awq_clip",
                      "awq_full", "svdquant", "gptq", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
@@ -162,6 +162,15 @@ ALGORITHMS.update({
     "smoothquant": Algorithm("smoothquant", _smoothquant.smoothquant, _smoothquant.OPTIONS, _smoothquant.parse_options,
                              ("options",)),
     "awq_lite": Algorithm("awq_lite", _awq.awq_lite, _awq.OPTIONS, _awq.parse_options, ("options",)),
+})
+
+# ---- accuracy algorithms on top of max (calibration/local_hessian.py, ...)
+from jaxquant.calibration import local_hessian as _local_hessian  # noqa: E402
+
+ALGORITHMS.update({
+    "local_hessian": Algorithm("local_hessian", _local_hessian.local_hessian_calibrate,
+                               (*_local_hessian.LOCAL_HESSIAN_DEFAULTS, *_local_hessian.SHARED_OPTIONS),
+                               _local_hessian.parse_options, ("options",)),
 })
 
 

@@ -49,7 +49,6 @@ PENDING_QFORMATS = {
     "nvfp4_fp8_mha": ("FP8 quantization of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
                       "inside its Triton flash-attention kernel"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
-    "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
     "w4a8_awq_beta": "awq_lite on the INT4 + FP8 (W4A8_AWQ) sequential quantizers, not checked against ModelOpt yet "
                      "(each exists: the format exports with the preset's quant_cfg and algorithm max, and awq_lite "
                      "runs for int4_awq)",
