@@ -21,8 +21,7 @@ from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("nvfp4_act_headroom", "awq_clip",
-                     "awq_full", "svdquant", "gptq", "lsq")
+KNOWN_UNSUPPORTED = ("awq_clip", "awq_full", "svdquant", "gptq", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
 _MAX_OPTIONS = {
@@ -165,12 +164,14 @@ ALGORITHMS.update({
 })
 
 # ---- accuracy algorithms on top of max (calibration/local_hessian.py, ...)
-from jaxquant.calibration import local_hessian as _local_hessian  # noqa: E402
+from jaxquant.calibration import act_headroom as _act_headroom, local_hessian as _local_hessian  # noqa: E402
 
 ALGORITHMS.update({
     "local_hessian": Algorithm("local_hessian", _local_hessian.local_hessian_calibrate,
                                (*_local_hessian.LOCAL_HESSIAN_DEFAULTS, *_local_hessian.SHARED_OPTIONS),
                                _local_hessian.parse_options, ("options",)),
+    "nvfp4_act_headroom": Algorithm("nvfp4_act_headroom", _act_headroom.nvfp4_act_headroom, _act_headroom.OPTIONS,
+                                    _act_headroom.parse_options, ("options",)),
 })
 
 

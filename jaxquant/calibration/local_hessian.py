@@ -194,9 +194,10 @@ def collect_hessians(model: Any, sites: list[Site], data: Any, block_size: int, 
     for s in sites:
         on = s.quantizer.enabled and s.role != "weight"
         s.quantizer.set_mode("fake_quant" if on else "off")
-    iqs = []
+    iqs, saved = [], []
     for s in todo:
         iq = s.parent.input_quantizer
+        saved.append(iq.calibrator)  # another algorithm's (nvfp4_act_headroom's histogram) comes back after
         iq.calibrator = HessianCollector(int(s.weight().shape[1]), block_size)
         iq.set_mode("calibrate")
         iqs.append(iq)
@@ -217,8 +218,8 @@ def collect_hessians(model: Any, sites: list[Site], data: Any, block_size: int, 
             if n > 0:
                 out[s.path] = np.asarray(iq.calibrator.hessian.value, np.float32) / np.float32(n)
     finally:
-        for iq in iqs:
-            iq.calibrator = None
+        for iq, c in zip(iqs, saved):
+            iq.calibrator = c
     return out, stats
 
 
