@@ -24,7 +24,10 @@ from jaxquant.formats.nvfp4 import (
     NVFP4BS32Quantizer,
     NVFP4Quantizer,
     NVFP4Static,
+    NVFP4StaticFourOverSix,
+    NVFP4StaticFourOverSixQuantizer,
     NVFP4StaticQuantizer,
+    W4A16NVFP4FourOverSix,
 )
 from jaxquant.formats.w4a8_awq import QUANTIZERS as W4A8_AWQ_QUANTIZERS
 from jaxquant.formats.w4a8_awq import W4A8AWQ
@@ -35,7 +38,9 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     FP8PerChannel(),
     NVFP4(),
     NVFP4Static(),
+    NVFP4StaticFourOverSix(),
     W4A16NVFP4(),
+    W4A16NVFP4FourOverSix(),
     W4A16NVFP4BS32(),
     W4A8NVFP4FP8(),
     INT8W8A8(),
@@ -56,6 +61,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     FP8PerTokenQuantizer(),
     NVFP4Quantizer(),
     NVFP4StaticQuantizer(),
+    NVFP4StaticFourOverSixQuantizer(),
     NVFP4BS32Quantizer(),
     INT8Quantizer(),
     INT8PerChannelQuantizer(),
