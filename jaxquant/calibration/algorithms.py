@@ -21,7 +21,7 @@ from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("awq_clip", "awq_full", "svdquant", "gptq", "lsq")
+KNOWN_UNSUPPORTED = ("svdquant", "gptq", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
 _MAX_OPTIONS = {
@@ -164,7 +164,8 @@ ALGORITHMS.update({
 })
 
 # ---- accuracy algorithms on top of max (calibration/local_hessian.py, ...)
-from jaxquant.calibration import act_headroom as _act_headroom, local_hessian as _local_hessian  # noqa: E402
+from jaxquant.calibration import act_headroom as _act_headroom, awq_clip as _awq_clip  # noqa: E402
+from jaxquant.calibration import local_hessian as _local_hessian  # noqa: E402
 
 ALGORITHMS.update({
     "local_hessian": Algorithm("local_hessian", _local_hessian.local_hessian_calibrate,
@@ -172,6 +173,9 @@ ALGORITHMS.update({
                                _local_hessian.parse_options, ("options",)),
     "nvfp4_act_headroom": Algorithm("nvfp4_act_headroom", _act_headroom.nvfp4_act_headroom, _act_headroom.OPTIONS,
                                     _act_headroom.parse_options, ("options",)),
+    "awq_clip": Algorithm("awq_clip", _awq_clip.awq_clip, _awq_clip.OPTIONS, _awq_clip.parse_options, ("options",)),
+    "awq_full": Algorithm("awq_full", _awq_clip.awq_full, tuple(dict.fromkeys((*_awq.OPTIONS, *_awq_clip.OPTIONS))),
+                          _awq_clip.parse_full_options, ("options",)),
 })
 
 

@@ -42,9 +42,6 @@ MODELOPT_QFORMATS = (
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
 PENDING_QFORMATS = {
-    "nvfp4_awq_clip": "the awq_clip calibration algorithm",
-    "nvfp4_awq_full": "the awq_full calibration algorithm",
-    "nvfp4_awq_lite": "the awq_lite calibration algorithm",
     "nvfp4_fp8_mha": ("FP8 quantization of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
                       "inside its Triton flash-attention kernel"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
