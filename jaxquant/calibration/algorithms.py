@@ -53,8 +53,8 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
     """``(method, options)`` from a recipe's ``algorithm`` field.
 
     Raises:
-      RecipeError: a malformed field (a mapping without ``method``, a non-string method).
-      UnsupportedError: a list of algorithms (ModelOpt's sequential calibration).
+      RecipeError: a malformed field (a mapping without ``method``, a non-string method), or a list (only
+        ``resolve_algorithm`` takes one).
     """
     if algorithm is None:
         return None, {}
@@ -68,9 +68,8 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
             raise RecipeError(f"algorithm {dict(algorithm)!r} has no 'method' key")
         return method, {k: v for k, v in algorithm.items() if k != "method"}
     if isinstance(algorithm, (list, tuple)):
-        raise UnsupportedError(
-            "a list of calibration algorithms (applied in sequence) is not supported yet; use one algorithm."
-        )
+        raise RecipeError(f"a list of algorithms ({algorithm!r}) is accepted only as a recipe's algorithm field "
+                          "(resolve_algorithm), not here.")
     raise RecipeError(f"algorithm must be a name, a mapping with 'method', or null; got {algorithm!r}")
 
 
@@ -200,7 +199,16 @@ def get_algorithm(method: str) -> Algorithm:
 
 
 def resolve_algorithm(algorithm: Any) -> tuple[Algorithm | None, dict[str, Any]]:
-    """``(Algorithm or None, parsed options)`` for a recipe's ``algorithm`` field."""
+    """``(Algorithm or None, parsed options)`` for a recipe's ``algorithm`` field; a list is its algorithms in
+    sequence (``sequence.py``: an ``Algorithm`` named ``"a+b"``; None when no element calibrates)."""
+    if isinstance(algorithm, (list, tuple)):
+        from jaxquant.calibration.sequence import parse_sequence, run_sequence
+
+        options = parse_sequence(algorithm)
+        if not options["steps"]:
+            return None, {}
+        name = "+".join(a.name for a, _ in options["steps"])
+        return Algorithm(name, run_sequence, run_options=("options",)), options
     method, options = parse_algorithm(algorithm)
     if method is None:
         return None, {}
