@@ -1,13 +1,15 @@
 """Calibration algorithms by name, as a recipe's ``algorithm`` field names them.
 
 The field is ModelOpt's: a string (``"max"``), a mapping with a ``method`` key
-(``{"method": "max", "sync_expert_weight_amax": false}``) or None (no calibration). Each algorithm
+(``{"method": "max", "sync_expert_weight_amax": false}``), None (no calibration), or a list of those. Each algorithm
 is an ``Algorithm``: ``run(model, sites, data, **kw) -> CalibrationStats`` and ``parse(options)`` (its own
 module's option parser; the parsed options carry the finalize options they imply, and those named in
 ``run_options`` are passed to ``run``, ``"options"`` meaning the whole parsed dict). ``max``, ``mse`` (``mse.py``),
-``smoothquant`` (``smoothquant.py``) and ``awq_lite`` (``awq.py``) are implemented; ``gptq`` and the others slot in by
-adding an entry to ``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then
-refine weights / amax on the same sites.
+``local_hessian`` (``local_hessian.py``), ``nvfp4_act_headroom`` (``act_headroom.py``), ``smoothquant``
+(``smoothquant.py``), ``awq_lite`` (``awq.py``), ``awq_clip`` and ``awq_full`` (``awq_clip.py``) are implemented, and a
+list of algorithms runs them in sequence (``sequence.py``); ``gptq`` and the others slot in by adding an entry to
+``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then refine weights / amax
+on the same sites.
 """
 
 from __future__ import annotations
