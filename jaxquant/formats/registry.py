@@ -38,9 +38,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     FP8PerChannel(),
     NVFP4(),
     NVFP4Static(),
-    NVFP4StaticFourOverSix(),
     W4A16NVFP4(),
-    W4A16NVFP4FourOverSix(),
     W4A16NVFP4BS32(),
     W4A8NVFP4FP8(),
     INT8W8A8(),
@@ -51,6 +49,8 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     MXFP8(),
     MXFP4(),
     W4A8MXFP4FP8(),
+    NVFP4StaticFourOverSix(),
+    W4A16NVFP4FourOverSix(),
 )}
 
 
