@@ -61,7 +61,6 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     FP8PerTokenQuantizer(),
     NVFP4Quantizer(),
     NVFP4StaticQuantizer(),
-    NVFP4StaticFourOverSixQuantizer(),
     NVFP4BS32Quantizer(),
     INT8Quantizer(),
     INT8PerChannelQuantizer(),
@@ -72,6 +71,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     *W4A8_AWQ_QUANTIZERS,
     *AFFINE_QUANTIZERS,         # K/V caches with a calibrated bias (fp8_affine, nvfp4_affine)
     *MX_KERNEL_QUANTIZERS,      # mxint8, mxfp6_e3m2, mxfp6: fake quant only (ModelOpt exports none of them)
+    NVFP4StaticFourOverSixQuantizer(),  # static NVFP4 with Four-over-Six's block-scale normalization 256
 )}
 
 
