@@ -155,3 +155,27 @@ def test_preset_runs_and_needs_data():
     from jaxquant.calibration.mse import fp8_scale_candidates
 
     assert amax.shape == (32, 3) and np.all(np.isin(amax, np.float32(g) * fp8_scale_candidates()))  # exact codes
+
+
+@pytest.mark.parametrize("algorithm", [{"method": "local_hessian"},
+                                       {"method": "nvfp4_act_headroom", "anchor_percentile": 5, "rho": 64,
+                                        "weight_scale_algorithm": {"method": "local_hessian"}}],
+                         ids=["local_hessian", "act_headroom"])
+def test_layerwise_gives_the_same_state(algorithm):
+    """Both passes layer by layer (the Hessians and the histograms travel in the stage executables like any amax)."""
+    from test_calibration_mse import _heavy_llama
+
+    cfg = _cfg(True)
+    cfg["algorithm"] = algorithm
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, 101, (4, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    batches = [(ids[:2], mask[:2]), (ids[2:], mask[2:])]
+    states = []
+    for layerwise in (False, True):
+        states.append(quantize(_heavy_llama(), copy.deepcopy(cfg), batches, progress=False,
+                               layerwise=layerwise).calibration_state)
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        np.testing.assert_array_equal(states[0][k], states[1][k], err_msg=k)
