@@ -15,12 +15,15 @@ each such linear (``AwqClipSearch``, the linear's ``linear_call`` hook):
 The first ratio of least total loss wins; the weight amax becomes ``float32(amax_max) * float32(r)``. A linear that
 saw no token keeps its max amax (ModelOpt leaves its weight quantizer disabled there).
 
-Implemented: weights whose amax is one per tensor although they are blocked (dynamic NVFP4: ModelOpt's "only the
-per-tensor amax is clipped", the ``nvfp4_awq_clip`` / ``nvfp4_awq_full`` presets). Not yet (UnsupportedError):
-static per-block weights (INT4 blocks, static NVFP4: ModelOpt's per-block search over ``max_tokens_per_batch``
-sampled tokens), stacked MoE experts, ``layerwise``. ``max_co_batch_size`` only splits ModelOpt's work (no effect
-on the result); ``debug`` is ignored. Deviations: padding tokens count in no loss (ModelOpt's include them); the
-batch mean is summed in another order than torch's, so ratios whose losses tie to the last bits may differ.
+Weights with one amax per tensor although blocked (dynamic NVFP4: ModelOpt's "only the per-tensor amax is clipped",
+the ``nvfp4_awq_clip`` / ``nvfp4_awq_full`` presets) use that loss. Integer per-block weights (INT4 blocks) get
+ModelOpt's per-block search instead: per batch every ``step``-th token (``step = max(1, tokens // max_tokens_per_batch)``),
+and per output row and block the mean over those tokens of ``(x_blk . Q_r(W)_blk - x_blk . W_blk)^2``; each block
+keeps its own best ratio. Not yet (UnsupportedError): static NVFP4 blocks (a global amax), stacked MoE experts,
+``layerwise``. ``max_co_batch_size`` only splits ModelOpt's work (no effect on the result); ``debug`` is ignored.
+Deviations: padding tokens count in no loss and are never sampled (ModelOpt's include them); sums run in another
+order than torch's (the block partial products are accumulated in float32 and rounded once to the weight dtype),
+so ratios whose losses tie to the last bits may differ.
 """
 
 from __future__ import annotations
@@ -79,12 +82,16 @@ def clip_ratios(min_clip_ratio: float = 0.5, shrink_step: float = 0.05) -> tuple
 
 
 class AwqClipSearch(nnx.Module):
-    """The calibrator of one linear's input quantizer in the clip pass: the loss of each clip ratio."""
+    """The calibrator of one linear's input quantizer in the clip pass: the loss of each clip ratio (one per tensor,
+    or ``[ratios, *amax.shape]`` per block)."""
 
-    def __init__(self, ratios: tuple[float, ...], w_amax: np.ndarray):
+    def __init__(self, ratios: tuple[float, ...], w_amax: np.ndarray, max_tokens: int = 64):
         self.ratios = ratios
+        self.max_tokens = max_tokens
+        self.per_block = np.size(w_amax) != 1
         self.amax = SmoothingStat(jnp.asarray(w_amax, jnp.float32))  # constant: the weight's max amax
-        self.loss = SmoothingStat(jnp.zeros((len(ratios),), jnp.float32))
+        shape = (len(ratios), *np.shape(w_amax)) if self.per_block else (len(ratios),)
+        self.loss = SmoothingStat(jnp.zeros(shape, jnp.float32))
         self.tokens = SmoothingStat(jnp.zeros((), jnp.float32))
 
     def collect(self, x, token_mask):  # pragma: no cover - the linear's hook takes the call
@@ -95,6 +102,9 @@ class AwqClipSearch(nnx.Module):
         xs = linear.input_quantizer(x, token_mask=token_mask)  # calibrate mode: pre_quant_scale applied, amax
         wq = linear.weight_quantizer
         w = wq.scaled(linear.weight[...])
+        if self.per_block:
+            self._block_losses(wq, w, xs, token_mask)
+            return linear.output_quantizer(linear.matmul(xs, w), token_mask=token_mask)
         xw = xs.astype(w.dtype)
         dims = (((xw.ndim - 1,), (1,)), ((), ()))
         ref = jax.lax.dot_general(xw, w, dims)
@@ -115,6 +125,38 @@ class AwqClipSearch(nnx.Module):
         y = linear.matmul(xs, w)
         return linear.output_quantizer(y, token_mask=token_mask)
 
+    def _block_losses(self, wq, w: jax.Array, xs: jax.Array, token_mask: jax.Array | None) -> None:
+        """ModelOpt's per-block search: every ``step``-th real token (``step = max(1, tokens // max_tokens)``), per
+        output row and block of the weight quantizer the mean over those tokens of the squared difference of the
+        block's partial dot products (``x_blk . Q_r(w)_blk`` vs ``x_blk . w_blk``)."""
+        bs = wq.block_size
+        co, ci = w.shape
+        x2 = xs.reshape(-1, ci).astype(w.dtype)
+        real = jnp.ones(x2.shape[:1], bool) if token_mask is None else token_mask.reshape(-1).astype(bool)
+        rank = jnp.cumsum(real.astype(jnp.int32)) - 1
+        step = jnp.maximum(1, jnp.sum(real, dtype=jnp.int32) // self.max_tokens)
+        sel = real & (rank % step == 0)
+        n_sel = jnp.sum(sel, dtype=jnp.int32)
+        pad = -ci % bs
+        xb = jnp.pad(x2, ((0, 0), (0, pad))).reshape(x2.shape[0], -1, bs)
+
+        def partial(wt):  # [co, T, n_block]: each block's partial dot product, in the weight dtype
+            wb = jnp.pad(wt, ((0, 0), (0, pad))).reshape(co, -1, bs)
+            out = jnp.einsum("tnb,cnb->ctn", xb, wb, precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=jnp.float32)
+            return out.astype(w.dtype)
+
+        org = partial(w)
+        losses = []
+        for r in self.ratios:
+            wr = fake_quant_ste(wq.config.format, bs, w, self.amax.value * jnp.float32(r), None)
+            d = (partial(wr) - org).astype(jnp.float32)
+            sq = jnp.where(sel[None, :, None], d * d, 0.0)
+            losses.append((jnp.sum(sq, axis=1) / jnp.maximum(n_sel, 1).astype(jnp.float32)).reshape(
+                self.amax.value.shape))
+        self.loss.value = self.loss.value + jnp.where(n_sel > 0, jnp.stack(losses), 0.0)
+        self.tokens.value = self.tokens.value + n_sel.astype(jnp.float32)
+
 
 def clip_sites(sites: list[Site], method: str = "awq_clip") -> list[Site]:
     """The weight sites awq_clip searches (enabled, blocked: ModelOpt's ``block_sizes is not None``).
@@ -132,9 +174,10 @@ def clip_sites(sites: list[Site], method: str = "awq_clip") -> list[Site]:
         if not isinstance(getattr(s.parent, "input_quantizer", None), TensorQuantizer) \
                 or not callable(getattr(s.parent, "matmul", None)) or s.attr != "weight_quantizer":
             raise UnsupportedError(f"{method}: {s.path} is not a jaxquant Linear's weight quantizer.")
-        if np.size(s.quantizer.amax.value) != 1 or cfg.block_sizes.type != "dynamic":
-            raise UnsupportedError(f"{method}: {s.path} ({cfg.format}) has one amax per block; the per-block clip "
-                                   "search is not implemented yet (dynamic NVFP4 weights are: nvfp4_awq_clip).")
+        per_tensor = np.size(s.quantizer.amax.value) == 1 and cfg.block_sizes.type == "dynamic"
+        if not per_tensor and (s.quantizer.global_amax is not None or not isinstance(cfg.num_bits, int)):
+            raise UnsupportedError(f"{method}: {s.path} ({cfg.format}): the per-block clip search is implemented "
+                                   "for integer blocks (INT4) and the per-tensor one for dynamic NVFP4, not this.")
         out.append(s)
     return out
 
@@ -168,7 +211,8 @@ def awq_clip(model: Any, sites: list[Site], data: Any, *, options: Mapping[str, 
         iq = s.parent.input_quantizer
         if iq.enabled and iq.config.needs_calibration:
             iq.amax.value = jnp.full(iq.amax.value.shape, UNCALIBRATED, jnp.float32)
-        iq.calibrator = searches[s.path] = AwqClipSearch(opts["ratios"], np.asarray(s.quantizer.amax.value))
+        iq.calibrator = searches[s.path] = AwqClipSearch(opts["ratios"], np.asarray(s.quantizer.amax.value),
+                                                         opts["max_tokens_per_batch"])
         iq.set_mode("calibrate")
     try:
         stats = _forward(model, sites, data, kw)
@@ -182,11 +226,12 @@ def awq_clip(model: Any, sites: list[Site], data: Any, *, options: Mapping[str, 
         if tokens <= 0:
             log.warning("%s: %s saw no calibration token; its weight keeps the max amax.", method, s.path)
             continue
-        r = opts["ratios"][int(np.argmin(loss))]
-        chosen[s.module_names[0]] = r
+        idx = np.argmin(loss, axis=0)  # per block (or one): the first ratio of least loss
+        best = np.asarray(opts["ratios"], np.float32)[idx]
+        chosen[s.module_names[0]] = opts["ratios"][int(idx)] if idx.ndim == 0 else best
         a = s.quantizer.amax
-        a.value = jnp.asarray(np.asarray(a.value, np.float32) * np.float32(r))
-    log.info("%s: clipped %d weight amax, ratios %s", method, len(chosen), sorted(set(chosen.values())))
+        a.value = jnp.asarray(np.asarray(a.value, np.float32) * best)
+    log.info("%s: clipped the weight amax of %d linear(s)", method, len(chosen))
     stats.awq_clip_ratios = chosen  # type: ignore[attr-defined]
     return stats
 

@@ -87,3 +87,36 @@ def test_preset_equals_modelopt(tiny_llama, monkeypatch, qformat):
                 assert res.stats.awq_clip_ratios[n] == round(theirs, 2), n
     if qformat != "nvfp4_awq_lite":
         assert any(r < 1.0 for r in res.stats.awq_clip_ratios.values()), res.stats.awq_clip_ratios
+
+
+def test_int4_block_clip_equals_modelopt(tiny_llama):
+    """INT4 blocks of 32: every block's clipped amax equal to ModelOpt's per-block search (16 tokens a batch of 32:
+    the sampling step is 2), and the search clipped a good part of the blocks."""
+    from test_calibration_local_hessian import _ids, _modelopt
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                         {"quantizer_name": "*weight_quantizer",
+                          "cfg": {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}}},
+                         {"quantizer_name": "*lm_head*", "enable": False},
+                         {"quantizer_name": "*embed*", "enable": False}],
+           "algorithm": {"method": "awq_clip", "max_tokens_per_batch": 16}}
+    tmodel, d = tiny_llama
+    ids = _ids()
+    ref = dict(_modelopt(tmodel, cfg, ids).named_modules())
+    loaded = load_hf(d, dtype=jnp.float32)
+    batches = [(ids[i:i + 2].astype(np.int32), np.ones((2, 16), np.int32)) for i in range(0, len(ids), 2)]
+    state = quantize(loaded.model, cfg, batches, progress=False).calibration_state
+    n = clipped = 0
+    for name, mod in ref.items():
+        q = getattr(mod, "weight_quantizer", None)
+        if q is None or not q.is_enabled:
+            continue
+        ours = state[f"{name}.weight_quantizer._amax"]
+        np.testing.assert_array_equal(ours, q._amax.detach().numpy().reshape(ours.shape), name)
+        bmax = np.abs(mod.weight.detach().numpy()).reshape(ours.shape[0], -1, 32).max(-1).reshape(ours.shape)
+        n += ours.size
+        clipped += int(np.sum(ours < bmax))
+    assert n > 0 and clipped > n // 4, (clipped, n)
