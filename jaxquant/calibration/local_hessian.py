@@ -182,15 +182,16 @@ def hessian_sites(sites: list[Site], block_size: int) -> list[Site]:
 
 
 def collect_hessians(model: Any, sites: list[Site], data: Any, block_size: int, *, layerwise: bool = False,
-                     **kw) -> tuple[dict[str, np.ndarray], Any]:
+                     todo: list[Site] | None = None, **kw) -> tuple[dict[str, np.ndarray], Any]:
     """Pass 2 (module doc, step 2): ``({weight site path: H / tokens [in / bs, bs, bs] float32}, stats)``.
 
-    Linears that saw no token get no entry (squared error, as ModelOpt's ``None`` error function). ``kw``:
-    ``run_calibration``'s keywords (``forward``, ``progress``, ``total_tokens``, ``max_seq_len``, ``mesh``).
+    Linears that saw no token get no entry (squared error, as ModelOpt's ``None`` error function). ``todo``: the
+    sites that collect (default ``hessian_sites``). ``kw``: ``run_calibration``'s keywords (``forward``,
+    ``progress``, ``total_tokens``, ``max_seq_len``, ``mesh``).
     """
     from jaxquant.calibration.max import run_calibration, run_forward_loop
 
-    todo = hessian_sites(sites, block_size)
+    todo = hessian_sites(sites, block_size) if todo is None else todo
     for s in sites:
         on = s.quantizer.enabled and s.role != "weight"
         s.quantizer.set_mode("fake_quant" if on else "off")
@@ -247,12 +248,12 @@ def local_hessian_calibrate(model: Any, sites: list[Site], data: Any, *, options
                                "second forward pass is not checkpointed); drop layerwise.checkpoint_dir.")
     if isinstance(data, collections.abc.Iterator):
         data = list(data)  # two passes
-    hessian_sites(sites, opts["block_size"])  # refuse what cannot run before the first pass
+    todo = hessian_sites(sites, opts["block_size"])  # refuse what cannot run before the first pass
     max_kw.pop("layerwise_save_every", None)
     stats = max_calibrate(model, sites, data, progress=progress, layerwise=layerwise, **max_kw)
     share_global_amax(sites, opts.get("shared_patterns"))
     pass_kw = {k: max_kw[k] for k in ("forward", "total_tokens", "max_seq_len", "mesh") if k in max_kw}
-    hessians, stats2 = collect_hessians(model, sites, data, opts["block_size"], layerwise=layerwise,
+    hessians, stats2 = collect_hessians(model, sites, data, opts["block_size"], layerwise=layerwise, todo=todo,
                                         progress=progress, **pass_kw)
     t0 = time.perf_counter()
     metrics = {p: jnp.asarray(h) for p, h in hessians.items()}
