@@ -165,7 +165,7 @@ class W4A16NVFP4(NVFP4):
 
     name = "w4a16_nvfp4"
     quant_algo = "W4A16_NVFP4"
-    weight_config_formats = ("nvfp4", "nvfp4_static")
+    weight_config_formats = ("nvfp4",)
     static_input_scale = False
 
     def match(self, weight, input) -> bool:
@@ -173,6 +173,16 @@ class W4A16NVFP4(NVFP4):
 
     def config_group(self, group_size=None) -> dict:
         return {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}}
+
+
+class W4A16NVFP4Static(W4A16NVFP4):
+    """Static NVFP4 weights (calibrated per-block amax, e.g. by mse), unquantized activations (``quant_algo``
+    W4A16_NVFP4): block scales from the per-block amax, as ModelOpt's ``get_weights_scaling_factor_from_quantizer``
+    takes them whenever the quantizer has a global amax."""
+
+    name = "w4a16_nvfp4_static"
+    weight_config_formats = ("nvfp4_static",)
+    static_blocks = True
 
 
 class W4A16NVFP4FourOverSix(W4A16NVFP4):

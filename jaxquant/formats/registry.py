@@ -28,6 +28,7 @@ from jaxquant.formats.nvfp4 import (
     NVFP4StaticFourOverSixQuantizer,
     NVFP4StaticQuantizer,
     W4A16NVFP4FourOverSix,
+    W4A16NVFP4Static,
 )
 from jaxquant.formats.w4a8_awq import QUANTIZERS as W4A8_AWQ_QUANTIZERS
 from jaxquant.formats.w4a8_awq import W4A8AWQ
@@ -51,6 +52,7 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     W4A8MXFP4FP8(),
     NVFP4StaticFourOverSix(),
     W4A16NVFP4FourOverSix(),
+    W4A16NVFP4Static(),
 )}
 
 

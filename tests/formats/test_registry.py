@@ -120,7 +120,7 @@ def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
                                      "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq", "mxfp4",
                                      "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq", "nvfp4_static_four_over_six",
-                                     "w4a16_nvfp4_four_over_six"}
+                                     "w4a16_nvfp4_four_over_six", "w4a16_nvfp4_static"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
