@@ -1,13 +1,15 @@
 """Calibration algorithms by name, as a recipe's ``algorithm`` field names them.
 
 The field is ModelOpt's: a string (``"max"``), a mapping with a ``method`` key
-(``{"method": "max", "sync_expert_weight_amax": false}``) or None (no calibration). Each algorithm
+(``{"method": "max", "sync_expert_weight_amax": false}``), None (no calibration), or a list of those. Each algorithm
 is an ``Algorithm``: ``run(model, sites, data, **kw) -> CalibrationStats`` and ``parse(options)`` (its own
 module's option parser; the parsed options carry the finalize options they imply, and those named in
 ``run_options`` are passed to ``run``, ``"options"`` meaning the whole parsed dict). ``max``, ``mse`` (``mse.py``),
-``smoothquant`` (``smoothquant.py``) and ``awq_lite`` (``awq.py``) are implemented; ``gptq`` and the others slot in by
-adding an entry to ``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then
-refine weights / amax on the same sites.
+``local_hessian`` (``local_hessian.py``), ``nvfp4_act_headroom`` (``act_headroom.py``), ``smoothquant``
+(``smoothquant.py``), ``awq_lite`` (``awq.py``), ``awq_clip`` and ``awq_full`` (``awq_clip.py``) are implemented, and a
+list of algorithms runs them in sequence (``sequence.py``); ``gptq`` and the others slot in by adding an entry to
+``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then refine weights / amax
+on the same sites.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("local_hessian", "nvfp4_act_headroom", "awq_clip",
-                     "awq_full", "svdquant", "gptq", "lsq")
+KNOWN_UNSUPPORTED = ("svdquant", "gptq", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
 _MAX_OPTIONS = {
@@ -54,8 +55,8 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
     """``(method, options)`` from a recipe's ``algorithm`` field.
 
     Raises:
-      RecipeError: a malformed field (a mapping without ``method``, a non-string method).
-      UnsupportedError: a list of algorithms (ModelOpt's sequential calibration).
+      RecipeError: a malformed field (a mapping without ``method``, a non-string method), or a list (only
+        ``resolve_algorithm`` takes one).
     """
     if algorithm is None:
         return None, {}
@@ -69,9 +70,8 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
             raise RecipeError(f"algorithm {dict(algorithm)!r} has no 'method' key")
         return method, {k: v for k, v in algorithm.items() if k != "method"}
     if isinstance(algorithm, (list, tuple)):
-        raise UnsupportedError(
-            "a list of calibration algorithms (applied in sequence) is not supported yet; use one algorithm."
-        )
+        raise RecipeError(f"a list of algorithms ({algorithm!r}) is accepted only as a recipe's algorithm field "
+                          "(resolve_algorithm), not here.")
     raise RecipeError(f"algorithm must be a name, a mapping with 'method', or null; got {algorithm!r}")
 
 
@@ -164,6 +164,21 @@ ALGORITHMS.update({
     "awq_lite": Algorithm("awq_lite", _awq.awq_lite, _awq.OPTIONS, _awq.parse_options, ("options",)),
 })
 
+# ---- accuracy algorithms on top of max (calibration/local_hessian.py, ...)
+from jaxquant.calibration import act_headroom as _act_headroom, awq_clip as _awq_clip  # noqa: E402
+from jaxquant.calibration import local_hessian as _local_hessian  # noqa: E402
+
+ALGORITHMS.update({
+    "local_hessian": Algorithm("local_hessian", _local_hessian.local_hessian_calibrate,
+                               (*_local_hessian.LOCAL_HESSIAN_DEFAULTS, *_local_hessian.SHARED_OPTIONS),
+                               _local_hessian.parse_options, ("options",)),
+    "nvfp4_act_headroom": Algorithm("nvfp4_act_headroom", _act_headroom.nvfp4_act_headroom, _act_headroom.OPTIONS,
+                                    _act_headroom.parse_options, ("options",)),
+    "awq_clip": Algorithm("awq_clip", _awq_clip.awq_clip, _awq_clip.OPTIONS, _awq_clip.parse_options, ("options",)),
+    "awq_full": Algorithm("awq_full", _awq_clip.awq_full, tuple(dict.fromkeys((*_awq.OPTIONS, *_awq_clip.OPTIONS))),
+                          _awq_clip.parse_full_options, ("options",)),
+})
+
 
 def supported_algorithms() -> tuple[str, ...]:
     return tuple(ALGORITHMS)
@@ -186,7 +201,16 @@ def get_algorithm(method: str) -> Algorithm:
 
 
 def resolve_algorithm(algorithm: Any) -> tuple[Algorithm | None, dict[str, Any]]:
-    """``(Algorithm or None, parsed options)`` for a recipe's ``algorithm`` field."""
+    """``(Algorithm or None, parsed options)`` for a recipe's ``algorithm`` field; a list is its algorithms in
+    sequence (``sequence.py``: an ``Algorithm`` named ``"a+b"``; None when no element calibrates)."""
+    if isinstance(algorithm, (list, tuple)):
+        from jaxquant.calibration.sequence import parse_sequence, run_sequence
+
+        options = parse_sequence(algorithm)
+        if not options["steps"]:
+            return None, {}
+        name = "+".join(a.name for a, _ in options["steps"])
+        return Algorithm(name, run_sequence, run_options=("options",)), options
     method, options = parse_algorithm(algorithm)
     if method is None:
         return None, {}

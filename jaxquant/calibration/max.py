@@ -530,18 +530,34 @@ def max_calibrate(model: Any, sites: list[Site], data: Any, *, forward: ForwardF
     if callable(data) and not hasattr(data, "__iter__"):
         if layerwise:
             raise UnsupportedError("layerwise calibration needs calibration batches, not a forward_loop callable.")
-        return run_forward_loop(model, sites, data)
-    if layerwise:
+        stats = run_forward_loop(model, sites, data)
+    elif layerwise:
         from jaxquant.calibration.layerwise import run_calibration_layerwise
 
-        return run_calibration_layerwise(model, sites, data, forward=forward, progress=progress,
-                                         max_seq_len=max_seq_len, checkpoint_dir=layerwise_checkpoint_dir,
-                                         save_every=layerwise_save_every, mesh=mesh)
-    if layerwise_checkpoint_dir is not None:
-        raise UnsupportedError("a layerwise checkpoint directory needs layer-by-layer calibration (layerwise: "
-                               "{enable: true}, or --layerwise).")
-    return run_calibration(model, sites, data, forward=forward, progress=progress, total_tokens=total_tokens,
-                           max_seq_len=max_seq_len, mesh=mesh)
+        stats = run_calibration_layerwise(model, sites, data, forward=forward, progress=progress,
+                                          max_seq_len=max_seq_len, checkpoint_dir=layerwise_checkpoint_dir,
+                                          save_every=layerwise_save_every, mesh=mesh)
+    else:
+        if layerwise_checkpoint_dir is not None:
+            raise UnsupportedError("a layerwise checkpoint directory needs layer-by-layer calibration (layerwise: "
+                                   "{enable: true}, or --layerwise).")
+        stats = run_calibration(model, sites, data, forward=forward, progress=progress, total_tokens=total_tokens,
+                                max_seq_len=max_seq_len, mesh=mesh)
+    load_calibrator_amax(sites)
+    return stats
+
+
+def load_calibrator_amax(sites: list[Site]) -> int:
+    """Let every activation calibrator that computes its quantizer's amax (``load_amax(quantizer)``, e.g.
+    ``act_headroom.HeadroomHistogram``) replace the max amax, as ModelOpt's ``load_calib_amax`` after the max
+    forward. Returns how many did."""
+    n = 0
+    for s in sites:
+        load = getattr(s.quantizer.calibrator, "load_amax", None)
+        if callable(load):
+            load(s.quantizer)
+            n += 1
+    return n
 
 
 __all__ = [
@@ -549,6 +565,7 @@ __all__ = [
     "as_batch",
     "calibrate_weights",
     "default_forward",
+    "load_calibrator_amax",
     "make_step",
     "max_calibrate",
     "run_calibration",

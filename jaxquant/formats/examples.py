@@ -29,6 +29,8 @@ CONFIGS: dict[str, object] = {
     "nvfp4": _nvfp4(),
     "nvfp4_static": _nvfp4(kind="static"),
     "nvfp4_bs32": _nvfp4(32),
+    "nvfp4_static_four_over_six": {"num_bits": E2M1, "block_sizes": {-1: 16, "type": "static", "scale_bits": E4M3,
+                                                                    "four_over_six": True}},
     "int8": {"num_bits": 8},
     "int8_per_channel": {"num_bits": 8, "axis": 0},
     "fp8_2d_block": {"num_bits": E4M3, "block_sizes": {-1: 128, -2: 128}},

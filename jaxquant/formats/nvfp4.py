@@ -43,14 +43,16 @@ def _input_scale(amax) -> jax.Array:
     return nvfp4_num.global_scale(jnp.where(a == 0, jnp.float32(nvfp4_num.E2M1_MAX), a))
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype", "block_size", "global_divisor", "fp8_input"))
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "block_size", "global_divisor", "fp8_input", "fp8_norm"))
 def _export(w, amax, block_amax, in_amax, *, compute_dtype, block_size: int,
-            global_divisor: float = nvfp4_num.GLOBAL_SCALE_DIVISOR, fp8_input: bool = False):
+            global_divisor: float = nvfp4_num.GLOBAL_SCALE_DIVISOR, fp8_input: bool = False,
+            fp8_norm: float = fp8_num.E4M3_MAX):
     stats = {"w": finite_stats(w), "amax": finite_stats(amax)}
     if block_amax is not None:
         stats["blk"] = finite_stats(block_amax)
     t = nvfp4_num.quantize(w, global_amax=jnp.asarray(amax, jnp.float32).reshape(()), block_amax=block_amax,
-                           block_size=block_size, compute_dtype=compute_dtype, global_divisor=global_divisor)
+                           block_size=block_size, compute_dtype=compute_dtype, global_divisor=global_divisor,
+                           fp8_norm=fp8_norm)
     out = {"weight": t.packed, "weight_scale": t.block_scale, "weight_scale_2": t.global_scale.reshape(())}
     if in_amax is not None:
         stats["in"] = finite_stats(in_amax)
@@ -75,6 +77,7 @@ class NVFP4(FormatBase):
     shares_fused_scales = True
     input_divisor = nvfp4_num.GLOBAL_SCALE_DIVISOR
     global_divisor = nvfp4_num.GLOBAL_SCALE_DIVISOR  # weight_scale_2 = amax / global_divisor
+    fp8_norm = fp8_num.E4M3_MAX  # the E4M3 value of a static block whose amax is the global amax
     elements_per_byte = 2  # two E2M1 codes per uint8
 
     def match(self, weight, input) -> bool:
@@ -115,7 +118,8 @@ class NVFP4(FormatBase):
             blk = jnp.asarray(block_amax, jnp.float32)
         ia = None if in_amax is None else jnp.asarray(in_amax, jnp.float32)
         out, stats = _export(w, amax, blk, ia, compute_dtype=cd, block_size=self.block_size,
-                             global_divisor=self.global_divisor, fp8_input=self.input_divisor == fp8_num.E4M3_MAX)
+                             global_divisor=self.global_divisor, fp8_input=self.input_divisor == fp8_num.E4M3_MAX,
+                             fp8_norm=self.fp8_norm)
         return out, DeferredCheck(stats, what, w, amax, blk, ia)
 
     def input_scale(self, amax, what: str = "input amax") -> jax.Array:
@@ -145,12 +149,23 @@ class NVFP4Static(NVFP4):
     static_blocks = True
 
 
+class NVFP4StaticFourOverSix(NVFP4Static):
+    """Static NVFP4 weights with Four-over-Six scaling (``four_over_six: true``; ``quant_algo`` NVFP4, as ModelOpt
+    writes it): ``weight_scale_2 = global_amax / 1536`` and block scales normalised to 256 (``numerics.nvfp4``);
+    a reader dequantizes it like any NVFP4 checkpoint."""
+
+    name = "nvfp4_static_four_over_six"
+    weight_config_formats = ("nvfp4_static_four_over_six",)
+    global_divisor = nvfp4_num.E2M1_MAX * nvfp4_num.FOUR_OVER_SIX_FP8_NORM
+    fp8_norm = nvfp4_num.FOUR_OVER_SIX_FP8_NORM
+
+
 class W4A16NVFP4(NVFP4):
     """NVFP4 weights, unquantized activations (ModelOpt ``w4a16_nvfp4``, ``quant_algo`` W4A16_NVFP4)."""
 
     name = "w4a16_nvfp4"
     quant_algo = "W4A16_NVFP4"
-    weight_config_formats = ("nvfp4", "nvfp4_static")
+    weight_config_formats = ("nvfp4",)
     static_input_scale = False
 
     def match(self, weight, input) -> bool:
@@ -158,6 +173,26 @@ class W4A16NVFP4(NVFP4):
 
     def config_group(self, group_size=None) -> dict:
         return {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": group_size}}
+
+
+class W4A16NVFP4Static(W4A16NVFP4):
+    """Static NVFP4 weights (calibrated per-block amax, e.g. by mse), unquantized activations (``quant_algo``
+    W4A16_NVFP4): block scales from the per-block amax, as ModelOpt's ``get_weights_scaling_factor_from_quantizer``
+    takes them whenever the quantizer has a global amax."""
+
+    name = "w4a16_nvfp4_static"
+    weight_config_formats = ("nvfp4_static",)
+    static_blocks = True
+
+
+class W4A16NVFP4FourOverSix(W4A16NVFP4):
+    """Four-over-Six static NVFP4 weights, unquantized activations (``quant_algo`` W4A16_NVFP4)."""
+
+    name = "w4a16_nvfp4_four_over_six"
+    weight_config_formats = ("nvfp4_static_four_over_six",)
+    static_blocks = True
+    global_divisor = NVFP4StaticFourOverSix.global_divisor
+    fp8_norm = NVFP4StaticFourOverSix.fp8_norm
 
 
 class W4A16NVFP4BS32(W4A16NVFP4):
@@ -239,3 +274,13 @@ class NVFP4StaticQuantizer(NVFP4Quantizer):
         k = shape[-1]
         a = jnp.asarray(amax, jnp.float32).reshape(*shape[:-1], -1)
         return jnp.repeat(a, block_size, axis=-1)[..., :k]
+
+
+class NVFP4StaticFourOverSixQuantizer(NVFP4StaticQuantizer):
+    """Static NVFP4 with Four-over-Six's block-scale normalization 256 (``nvfp4_static_four_over_six``)."""
+
+    name = "nvfp4_static_four_over_six"
+
+    def fake_quant(self, x, amax, global_amax, block_size):
+        return nvfp4_num.fake_quant_static(x, amax, global_amax, block_size=block_size,
+                                           fp8_norm=nvfp4_num.FOUR_OVER_SIX_FP8_NORM)

@@ -24,7 +24,11 @@ from jaxquant.formats.nvfp4 import (
     NVFP4BS32Quantizer,
     NVFP4Quantizer,
     NVFP4Static,
+    NVFP4StaticFourOverSix,
+    NVFP4StaticFourOverSixQuantizer,
     NVFP4StaticQuantizer,
+    W4A16NVFP4FourOverSix,
+    W4A16NVFP4Static,
 )
 from jaxquant.formats.w4a8_awq import QUANTIZERS as W4A8_AWQ_QUANTIZERS
 from jaxquant.formats.w4a8_awq import W4A8AWQ
@@ -46,6 +50,9 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     MXFP8(),
     MXFP4(),
     W4A8MXFP4FP8(),
+    NVFP4StaticFourOverSix(),
+    W4A16NVFP4FourOverSix(),
+    W4A16NVFP4Static(),
 )}
 
 
@@ -66,6 +73,7 @@ QUANTIZER_FORMATS: dict[str, QuantizerFormat] = {q.name: q for q in (
     *W4A8_AWQ_QUANTIZERS,
     *AFFINE_QUANTIZERS,         # K/V caches with a calibrated bias (fp8_affine, nvfp4_affine)
     *MX_KERNEL_QUANTIZERS,      # mxint8, mxfp6_e3m2, mxfp6: fake quant only (ModelOpt exports none of them)
+    NVFP4StaticFourOverSixQuantizer(),  # static NVFP4 with Four-over-Six's block-scale normalization 256
 )}
 
 

@@ -15,6 +15,10 @@ Three ModelOpt computations are ported, each bit-exact (docs/numerics.md lists t
   ``[2^-9, 448]``, zero block -> 1.0, elements divided by the scale and rounded to 4-bit codes, two
   codes per byte) and, with ``block_amax``, ``get_weights_scaling_factor_from_quantizer``.
 
+Four-over-Six (``four_over_six: true`` on static blocks): ``fp8_norm`` 256 instead of 448 in the static fake quant
+and export (``weight_scale_2 = global_amax / 1536``), so a block whose amax the calibration multiplied by 1.5 (its
+largest element mapped onto 4 instead of 6) still has an E4M3 scale (at most 384).
+
 Leading axes are batch axes (e.g. ``[E, out, in]`` stacked experts with a global amax of shape
 ``[E, 1, 1]``). A last axis that is not a multiple of the block is zero-padded, as ModelOpt pads
 (``reduce_block_padding`` on export, zero-filled tiles in the Triton kernel); fake quant crops the
@@ -38,6 +42,8 @@ from jaxquant.numerics.fp8 import fake_quant as _fp8_fake_quant
 E2M1_MAX = e2m1.E2M1_MAX
 #: ``E2M1_MAX * E4M3_MAX``: the global scale maps amax onto the largest element times the largest scale.
 GLOBAL_SCALE_DIVISOR = E2M1_MAX * E4M3_MAX  # 2688.0
+#: Four-over-Six's block-scale normalization (ModelOpt ``E4M3_MAX_46``): the global amax maps onto 256, not 448.
+FOUR_OVER_SIX_FP8_NORM = 256.0
 #: Export clamps block scales to the smallest positive E4M3 subnormal from below.
 E4M3_MIN_SCALE = 2.0**-9
 
@@ -152,24 +158,29 @@ def _as_block_shape(block_amax, x_shape, block_size):
     return block_amax
 
 
-def static_block_scale(block_amax, global_amax) -> jax.Array:
+def static_block_scale(block_amax, global_amax, fp8_norm: float = E4M3_MAX) -> jax.Array:
     """Fake-quant block scale of the static kernel (float32, block_amax's shape).
 
-    ``fp8_fake_quant(block_amax / 6, amax=global_amax / 6)`` (ModelOpt ``compute_fp4_scales``).
+    ``fp8_fake_quant(block_amax / 6, amax=global_amax * (448 / fp8_norm) / 6)`` (ModelOpt ``compute_fp4_scales``;
+    ``fp8_norm`` is 256 for Four-over-Six, ``FOUR_OVER_SIX_FP8_NORM``, so M=4 blocks (amax x 1.5) fit under 448).
     """
     scale = div(block_amax, E2M1_MAX)
+    if fp8_norm != E4M3_MAX:
+        global_amax = _f32(global_amax) * jnp.float32(E4M3_MAX / fp8_norm)
     scale_amax = div(global_amax, E2M1_MAX)
     return opaque(_fp8_fake_quant(scale, scale_amax))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size",))
-def fake_quant_static(x: jax.Array, block_amax, global_amax, block_size: int = 16) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("block_size", "fp8_norm"))
+def fake_quant_static(x: jax.Array, block_amax, global_amax, block_size: int = 16,
+                      fp8_norm: float = E4M3_MAX) -> jax.Array:
     """NVFP4 fake quant with calibrated per-block amax (ModelOpt ``static_blockwise_fp4_fake_quant``).
 
     Args:
       x: ``[..., K]``, any float dtype.
       block_amax: ``[..., ceil(K/block_size)]`` per-block amax (or any shape with as many elements).
       global_amax: scalar or broadcastable to ``block_amax`` (``[E, 1, 1]`` for stacked experts).
+      fp8_norm: the E4M3 value the global amax's blocks map onto: 448, or 256 for Four-over-Six.
 
     Per block: ``s = fp8_fake_quant(block_amax/6, global_amax/6)``; a zero ``s`` zeroes the block,
     a NaN/Inf ``s`` is replaced by 1; then ``y = sign(x) * round_e2m1(|x| / s) * s``. There is no
@@ -177,7 +188,7 @@ def fake_quant_static(x: jax.Array, block_amax, global_amax, block_size: int = 1
     """
     _check_block_size(block_size)
     block_amax = _as_block_shape(block_amax, x.shape, block_size)
-    scale = static_block_scale(block_amax, _f32(global_amax))[..., None]
+    scale = static_block_scale(block_amax, _f32(global_amax), fp8_norm)[..., None]
     safe = jnp.where((scale == 0) | ~jnp.isfinite(scale), jnp.float32(1.0), scale)
     xb = _blocks(x, block_size).astype(jnp.float32)
     y = _apply_block_scale(xb, safe)
@@ -192,20 +203,21 @@ def _export_block_scale(block_amax, wsf2) -> jax.Array:
     return to_e4m3(jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX))
 
 
-def _export_block_scale_static(block_amax, global_amax) -> jax.Array:
+def _export_block_scale_static(block_amax, global_amax, fp8_norm: float = E4M3_MAX) -> jax.Array:
     """Static export (``get_weights_scaling_factor_from_quantizer``)::
 
-    s = where(amax/6 == 0, 1, amax/6) * 448 / (global_amax/6), clamp to [2^-9, 448], e4m3.
+    s = where(amax/6 == 0, 1, amax/6) * fp8_norm / (global_amax/6), clamp to [2^-9, 448], e4m3.
     """
     s = div(block_amax, E2M1_MAX)
     s = jnp.where(s == 0, jnp.float32(1.0), s)
-    s = div(s * E4M3_MAX, div(global_amax, E2M1_MAX))
+    s = div(s * jnp.float32(fp8_norm), div(global_amax, E2M1_MAX))
     return to_e4m3(jnp.clip(s, E4M3_MIN_SCALE, E4M3_MAX))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "compute_dtype", "global_divisor"))
+@functools.partial(jax.jit, static_argnames=("block_size", "compute_dtype", "global_divisor", "fp8_norm"))
 def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int = 16,
-             compute_dtype=None, global_divisor: float = GLOBAL_SCALE_DIVISOR) -> NVFP4Tensor:
+             compute_dtype=None, global_divisor: float = GLOBAL_SCALE_DIVISOR,
+             fp8_norm: float = E4M3_MAX) -> NVFP4Tensor:
     """Real NVFP4 quantization for export (ModelOpt ``NVFP4QTensor.quantize``).
 
     Args:
@@ -219,7 +231,8 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
         come from the weight as it is; with a ``compute_dtype`` other than ``x``'s, the elements are
         cast to it before the division (default: none, the elements are ``x``'s).
       global_divisor: ``weight_scale_2 = global_amax / global_divisor``: 2688 (6 x 448) for NVFP4; 448 for
-        ModelOpt's W4A8_NVFP4_FP8, whose kernels dequantize the weight to FP8.
+        ModelOpt's W4A8_NVFP4_FP8, whose kernels dequantize the weight to FP8; 1536 (6 x 256) for Four-over-Six.
+      fp8_norm: the E4M3 value a static block of amax ``global_amax`` gets (448; 256 for Four-over-Six).
 
     A ``global_amax`` of 0 (an all-zero tensor) is replaced by 6, the quantizer's maxbound, as
     ModelOpt's ``export_amax`` does for activation scales: the result is zero codes, block scales 1.0
@@ -235,7 +248,7 @@ def quantize(x: jax.Array, *, global_amax=None, block_amax=None, block_size: int
     if block_amax is None:
         scale = _export_block_scale(jnp.max(jnp.abs(xb), axis=-1), opaque(wsf2))
     else:
-        scale = _export_block_scale_static(_as_block_shape(block_amax, x.shape, block_size), global_amax)
+        scale = _export_block_scale_static(_as_block_shape(block_amax, x.shape, block_size), global_amax, fp8_norm)
     denom = opaque(decode_e4m3(scale) * wsf2)
     if compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype:
         xb = _blocks(x.astype(compute_dtype), block_size).astype(jnp.float32)

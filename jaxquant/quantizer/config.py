@@ -101,9 +101,10 @@ class BlockSizes:
                     pairs.append((sa, sv))
                 kw["scale_block_sizes"] = tuple(sorted(pairs))
             elif k == "four_over_six":
-                if not isinstance(v, bool):
+                # ModelOpt's validated configs hold it as 1 / 0 (its block_sizes value type tries int before bool)
+                if not isinstance(v, bool) and v not in (0, 1):
                     raise RecipeError(f"{_sub(where, 'four_over_six')}: must be true or false, got {v!r}")
-                kw["four_over_six"] = v
+                kw["four_over_six"] = bool(v)
             else:
                 raise RecipeError(
                     f"{_sub(where, k)}: unknown block_sizes key; expected integer axes or one of "

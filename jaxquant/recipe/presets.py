@@ -42,15 +42,10 @@ MODELOPT_QFORMATS = (
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
 PENDING_QFORMATS = {
-    "nvfp4_awq_clip": "the awq_clip calibration algorithm",
-    "nvfp4_awq_full": "the awq_full calibration algorithm",
-    "nvfp4_awq_lite": "the awq_lite calibration algorithm",
-    "nvfp4_four_over_six": "the four-over-six NVFP4 format (its mse search is implemented)",
     "nvfp4_fp8_mha": ("FP8 fake quant of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
                       "inside its CUDA-only Triton flash-attention kernel to the unnormalised, tile-wise P (so its "
                       "rounding depends on the kernel's tiling)"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
-    "nvfp4_w4a4_weight_local_hessian": "the local_hessian calibration algorithm",
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {

@@ -224,11 +224,12 @@ def algorithm_method(algorithm: Any) -> str | None:
 
 def unsupported_reasons(recipe: Recipe) -> list[str]:
     out = []
-    method = recipe.method
+    algo = recipe.algorithm
     # null (no calibration, as ModelOpt's mxfp8 preset): fine when every quantizer is dynamic or constant;
-    # jaxquant.quantize names the quantizer otherwise, once the model's quantizers are known
-    if method is not None and method not in supported_algorithm_names():
-        out.append(f"calibration algorithm {method!r}")
+    # jaxquant.quantize names the quantizer otherwise, once the model's quantizers are known; a list: each element
+    for method in ([algorithm_method(a) for a in algo] if isinstance(algo, (list, tuple)) else [recipe.method]):
+        if method is not None and method not in supported_algorithm_names():
+            out.append(f"calibration algorithm {method!r}")
     for i, e in enumerate(recipe.quant_cfg):
         if e.cfg is None or not e.effective_enable:
             continue

@@ -71,7 +71,7 @@ def test_ptq_hf_ptq_spellings_and_presets(files, capsys):
     [
         (lambda f: ["ptq", "--model", f["root"] + "/missing", "--eval-windows", "0"], "no such file or directory"),
         (lambda f: _ptq(f, "--recipe", "general/ptq/no_such_recipe"), "no recipe"),
-        (lambda f: _ptq(f, "--qformat", "nvfp4_awq_lite"), "not supported yet"),
+        (lambda f: _ptq(f, "--qformat", "nvfp4_svdquant"), "not supported yet"),
         (lambda f: _ptq(f, "--qformat", "bogus"), "unknown --qformat"),
         (lambda f: _ptq(f) + ["--calib-size", "0"], "--calib-size must be positive"),
         (lambda f: _ptq(f) + ["--calib-seq", "129"], "max_position_embeddings = 128"),
@@ -333,3 +333,25 @@ def test_ptq_int8_smoothquant_export_and_state(files, capsys, tmp_path):
     assert rc == 0, err
     ppl2 = [float(line.split()[1]) for line in out2.splitlines() if line.startswith("quantized ")]
     assert ppl2 == ppl
+
+
+@pytest.mark.parametrize("how, export", [
+    (("--qformat", "nvfp4_w4a4_weight_local_hessian", "--kv_cache_qformat", "none"), True),
+    (("--recipe", "general/ptq/nvfp4_act_headroom-kv_fp8_cast"), True),
+    (("--qformat", "nvfp4_four_over_six", "--kv_cache_qformat", "none"), True),
+    (("--qformat", "nvfp4_awq_clip", "--kv_cache_qformat", "none"), True),
+    pytest.param(("--qformat", "nvfp4_awq_full", "--kv_cache_qformat", "none"), False, marks=pytest.mark.slow),
+], ids=["local_hessian", "act_headroom", "four_over_six", "awq_clip", "awq_full"])
+def test_ptq_accuracy_algorithms(files, capsys, tmp_path, how, export):
+    """The algorithms of docs/ptq.md section 3c run from the CLI; the exports reload (NVFP4 with AWQ's pre_quant_scale
+    is refused at export, naming it)."""
+    from jaxquant.export import load_quantized
+
+    argv = ["ptq", "--model", files["model"], "--dataset", files["calib"], "--calib-size", "8", "--calib-seq", "16",
+            "--batch-size", "4", "--eval-windows", "0", "--quiet", *how, "--export-path", str(tmp_path / "out")]
+    rc, out, err = _run(argv, capsys)
+    if export:
+        assert rc == 0, err
+        assert load_quantized(tmp_path / "out") is not None
+    else:
+        assert rc == 2 and "pre_quant_scale" in err and "Traceback" not in err, err

@@ -232,8 +232,10 @@ def nvfp4_weight(
     compute_dtype=None,
     what: str = "weight",
     global_divisor=NVFP4_GLOBAL,
+    fp8_norm=E4M3_MAX,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NVFP4 export of ``w [..., out, in]`` (``global_divisor`` 448 for W4A8_NVFP4_FP8).
+    """NVFP4 export of ``w [..., out, in]`` (``global_divisor`` 448 for W4A8_NVFP4_FP8; 1536 with ``fp8_norm`` 256
+    for Four-over-Six static blocks).
 
     Args:
       amax: per-tensor amax (the global amax; ``[E]`` for stacked experts ``[E, out, in]``).
@@ -270,7 +272,7 @@ def nvfp4_weight(
         per_block_max = gamax / E2M1_MAX
         if per_block_max.ndim:
             per_block_max = per_block_max.reshape((-1,) + (1,) * (w32.ndim - 1))
-        per_block = (per_block * E4M3_MAX) / per_block_max
+        per_block = (per_block * np.float32(fp8_norm)) / per_block_max
     scale = np.clip(per_block, SCALE_MIN, E4M3_MAX).astype(F8)
     denom = scale.astype(np.float32) * wsf2_b
     w_np = np.asarray(w)

@@ -84,7 +84,8 @@ def _oracle(fmt, w, w_amax, block_amax, in_amax, compute_dtype):
             out["input_scale"] = T.fp8_input_scale(in_amax).reshape(())
     else:
         p, s, s2 = T.nvfp4_weight(w, w_amax, block_amax=block_amax, compute_dtype=compute_dtype,
-                                  block_size=fmt.block_size, global_divisor=fmt.global_divisor)
+                                  block_size=fmt.block_size, global_divisor=fmt.global_divisor,
+                                  fp8_norm=fmt.fp8_norm)
         out = {"weight": p, "weight_scale": s, "weight_scale_2": np.asarray(s2, np.float32).reshape(())}
         if in_amax is not None:
             in_scale = T.fp8_input_scale if fmt.input_divisor == 448 else T.nvfp4_input_scale
@@ -118,7 +119,8 @@ def _amaxes(fmt, w, mult):
 def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
                                      "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq", "mxfp4",
-                                     "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq"}
+                                     "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq", "nvfp4_static_four_over_six",
+                                     "w4a16_nvfp4_four_over_six", "w4a16_nvfp4_static"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt

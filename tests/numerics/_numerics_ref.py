@@ -147,19 +147,21 @@ def triton_dynamic_np(x: np.ndarray, global_amax, bs: int = 16) -> np.ndarray:
     return y.reshape(*y.shape[:-2], -1)[..., :k]
 
 
-def static_scale_mo(block_amax: np.ndarray, global_amax) -> np.ndarray:
-    """``compute_fp4_scales`` (ModelOpt gemm/fp4_kernel.py) with ModelOpt's own CPU ``scaled_e4m3_impl``."""
+def static_scale_mo(block_amax: np.ndarray, global_amax, fp8_max: float = 448.0) -> np.ndarray:
+    """``compute_fp4_scales`` (ModelOpt gemm/fp4_kernel.py, which imports triton: its torch lines here) with ModelOpt's
+    own CPU ``scaled_e4m3_impl``; ``fp8_max`` 256: Four-over-Six."""
     amax = torch.from_numpy(np.asarray(block_amax, F32)).float()
     scale = amax / 6.0
     global_amax = torch.as_tensor(np.asarray(global_amax, F32)).float()
-    scale_fp8_quant_amax = global_amax * (448.0 / 448.0) / 6.0
+    scale_fp8_quant_amax = global_amax * (448.0 / fp8_max) / 6.0
     return mo_tq.scaled_e4m3_impl(scale, scale_fp8_quant_amax).numpy()
 
 
-def triton_static_np(x: np.ndarray, block_amax: np.ndarray, global_amax, bs: int = 16) -> np.ndarray:
+def triton_static_np(x: np.ndarray, block_amax: np.ndarray, global_amax, bs: int = 16,
+                     fp8_max: float = 448.0) -> np.ndarray:
     """Static kernel: ModelOpt's block scale, then ``nvfp4_scalar_quant`` emulated in numpy."""
     k = x.shape[-1]
-    scale = static_scale_mo(block_amax, global_amax)[..., None]
+    scale = static_scale_mo(block_amax, global_amax, fp8_max)[..., None]
     zero = scale == 0
     safe = np.where(zero | ~np.isfinite(scale), F32(1.0), scale).astype(F32)
     xb = _blocks_np(np.asarray(x, F32), bs)
