@@ -1,0 +1,95 @@
+"""``jaxquant ptq --layerwise`` streamed (``cli_stream``, ``calibration/streaming.py``, ``export/streamed.py``): the
+export is byte for byte the non-streamed one, and what cannot stream says so."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _tiny_cli import cli_files  # noqa: E402
+from _tiny_families import write_tiny_family  # noqa: E402
+
+from jaxquant.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return cli_files(tmp_path_factory.mktemp("stream"))
+
+
+def _argv(model, calib, recipe, target, *extra):
+    return ["ptq", "--model", str(model), "--dataset", calib, "--calib-size", "12", "--calib-seq", "24",
+            "--batch-size", "4", "--eval-windows", "0", "--quiet", "--recipe", recipe, "--export-path", str(target),
+            *extra]
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("family,recipe", [
+    ("llama", "general/ptq/fp8_qkvo-nvfp4_mlp"),
+    ("llama", "general/ptq/nvfp4_default-kv_fp8"),
+    ("qwen3_moe", "general/ptq/nvfp4_default-kv_fp8"),
+    ("gemma4", "general/ptq/fp8_qkvo-nvfp4_mlp"),
+])
+def test_streamed_export_is_byte_identical(files, tmp_path, capsys, family, recipe):
+    """Every file of the streamed export (safetensors, JSON, amax sidecar, tokenizer) equals the whole-model one."""
+    model = write_tiny_family(family, tmp_path / family)
+    assert main(_argv(model, files["calib"], recipe, tmp_path / "plain")) == 0
+    assert main(_argv(model, files["calib"], recipe, tmp_path / "streamed", "--layerwise")) == 0
+    out = capsys.readouterr().out
+    assert "(streamed: each decoder layer is read when its stage runs" in out
+    plain, streamed = _files(tmp_path / "plain"), _files(tmp_path / "streamed")
+    assert "model.safetensors" in plain and "jaxquant_quant_state.json" in plain
+    assert sorted(plain) == sorted(streamed)
+    for name in plain:
+        assert plain[name] == streamed[name], name
+
+
+def test_streamed_export_shards_like_the_whole_model(files, tmp_path, monkeypatch):
+    """Several shards (each file's header is planned before any layer is read): the same files and index."""
+    from jaxquant.export import hf as export_hf_module
+
+    real = export_hf_module.plan_export
+
+    def small_shards(*a, **kw):
+        kw["max_shard_size"] = 20_000
+        return real(*a, **kw)
+
+    monkeypatch.setattr(export_hf_module, "plan_export", small_shards)
+    import jaxquant.export.streamed as streamed
+
+    monkeypatch.setattr(streamed, "plan_export", small_shards)
+    from jaxquant import cli_ptq
+
+    monkeypatch.setattr(cli_ptq, "EARLY_EXPORT", False)  # the plain path goes through export_hf -> plan_export
+    recipe = "general/ptq/nvfp4_default-kv_fp8"
+    assert main(_argv(files["model"], files["calib"], recipe, tmp_path / "plain")) == 0
+    assert main(_argv(files["model"], files["calib"], recipe, tmp_path / "streamed", "--layerwise")) == 0
+    plain, streamed_files = _files(tmp_path / "plain"), _files(tmp_path / "streamed")
+    assert "model.safetensors.index.json" in plain and len([n for n in plain if n.endswith(".safetensors")]) >= 2
+    assert plain == streamed_files
+
+
+def test_what_cannot_stream_says_so(files, tmp_path, capsys):
+    """Perplexity is refused with a streamed run; a non-max algorithm and --no-stream fall back with a note."""
+    recipe = "general/ptq/fp8_default-kv_fp8"
+    assert main(_argv(files["model"], files["calib"], recipe, tmp_path / "a", "--layerwise", "--eval-windows",
+                      "2")) != 0
+    assert "perplexity needs the whole model" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    from jaxquant.calibration.streaming import streaming_refusal
+
+    assert "cannot stream yet" in streaming_refusal("mse")
+    assert streaming_refusal("max") is None
+    assert main(_argv(files["model"], files["calib"], recipe, tmp_path / "b", "--layerwise", "--no-stream")) == 0
+    out = capsys.readouterr().out
+    assert "streamed" not in out.split("model:", 1)[1].splitlines()[0]
+    assert main(_argv(files["model"], files["calib"], recipe, tmp_path / "c", "--layerwise", "--export-format",
+                      "orbax")) == 0
+    assert "note: not streaming" in capsys.readouterr().out
