@@ -145,7 +145,7 @@ def _finalize_stage(model, sites: list[Site], options: dict[str, Any], report: F
 
 def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterable[Any], *, dtype,
                       export: Any = None, progress: bool = True, max_seq_len: int | None = None,
-                      park: Any = None, options: dict[str, Any] | None = None):
+                      park: Any = None, options: dict[str, Any] | None = None, workers: int | None = None):
     """Calibrate (``max``, layer by layer) and export the model of ``loaded`` reading its parameters from
     ``source`` one stage at a time (module doc). Returns ``(QuantizeResult, timings)``.
 
@@ -158,6 +158,7 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
       park: where the shell's parameters live between its stages (a CPU device beside an accelerator; None: the
         default device).
       options: the recipe algorithm's parsed options (finalize's ``shared_patterns``, ``sync_expert_weight_amax``).
+      workers: reader threads (``converters.hf.load_params``; a synthetic source is thread-safe: ``LOAD_WORKERS``).
 
     Raises:
       UnsupportedError: a model without decoder stages.
@@ -189,7 +190,7 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
         items = stages.load[stage]
         if where is not None:
             items = [dataclasses.replace(it, sharding=jax.sharding.SingleDeviceSharding(where)) for it in items]
-        timed("load", load_params, items, source, dtype=dtype)
+        timed("load", load_params, items, source, dtype=dtype, workers=workers)
 
     # ---- the shell: parameters, weight amax, its tensors of the export
     load(None, park)
