@@ -211,9 +211,14 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
         stats.shapes.append(key[0])
     timings["compile"] = stats.compile_s = time.perf_counter() - t0
 
+    def shell_write_back():  # the shell's live amax arrays (donated to the stage calls) back into the model
+        with without_layers(model) as shell:
+            nnx.update(shell, step.shell.amax_state())
+
     def check(oks, where: str):
         bad = [i for (i, *_), ok in zip(data, jax.device_get(oks)) if not bool(ok)]
         if bad:
+            shell_write_back()
             raise non_finite_activations(sites, where, bad[0])
 
     bar = _bar(stages.n_layers + 2, progress)
@@ -221,6 +226,7 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
         shell_rest = on_default_device(step.shell.rest)
         step.shell.amax = on_default_device(step.shell.amax)
         acts = [timed("calibrate", step.run_prologue, ids, mask, shell_rest) for _, ids, mask, _ in data]
+        shell_rest = None  # a parked shell's device copy: not kept while the layers run
         check([a[2] for a in acts], "the embeddings")
         if bar is not None:
             bar.update(1)
@@ -244,10 +250,10 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
             if bar is not None:
                 bar.update(1)
         t0 = time.perf_counter()
+        shell_rest = on_default_device(step.shell.rest)
         oks = [step.run_epilogue(x, ctx, ok, shell_rest) for x, ctx, ok in acts]
         del acts, shell_rest
-        with without_layers(model) as shell:
-            nnx.update(shell, step.shell.amax_state())
+        shell_write_back()
         timings["calibrate"] += time.perf_counter() - t0
         check(oks, "the head")
         timed("finalize", _finalize_stage, model, stages.sites[None], options, report)

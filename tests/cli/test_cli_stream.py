@@ -93,3 +93,33 @@ def test_what_cannot_stream_says_so(files, tmp_path, capsys):
     assert main(_argv(files["model"], files["calib"], recipe, tmp_path / "c", "--layerwise", "--export-format",
                       "orbax")) == 0
     assert "note: not streaming" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # two SmolLM2-135M runs per recipe (about a minute each on 2 shared cores)
+@pytest.mark.parametrize("recipe", ["general/ptq/fp8_qkvo-nvfp4_mlp", "general/ptq/nvfp4_default-kv_fp8"])
+def test_streamed_smollm2_export_is_byte_identical(files, tmp_path, recipe):
+    """The real SmolLM2-135M (30 layers, tied embeddings, its own tokenizer): streamed == whole-model export."""
+    from assets import smollm2_hf_dir
+
+    model = smollm2_hf_dir()
+    base = ["ptq", "--model", str(model), "--dataset", files["calib"], "--calib-size", "8", "--calib-seq", "32",
+            "--batch-size", "4", "--eval-windows", "0", "--quiet", "--recipe", recipe]
+    assert main(base + ["--export-path", str(tmp_path / "plain")]) == 0
+    assert main(base + ["--export-path", str(tmp_path / "streamed"), "--layerwise"]) == 0
+    plain, streamed = _files(tmp_path / "plain"), _files(tmp_path / "streamed")
+    assert sorted(plain) == sorted(streamed)
+    for name in plain:
+        assert plain[name] == streamed[name], name
+
+
+def test_streamed_failure_names_the_tensor_and_leaves_no_export(files, tmp_path, capsys):
+    """A NaN in decoder layer 1, found when that layer is read (after layer 0 was exported): a NonFiniteError naming
+    the tensor, and no partial export left behind."""
+    from _tiny_cli import write_tiny_checkpoint
+
+    bad = write_tiny_checkpoint(tmp_path / "nan", nan=True)
+    target = tmp_path / "out"
+    assert main(_argv(bad, files["calib"], "general/ptq/fp8_default-kv_fp8", target, "--layerwise")) != 0
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "NaN" in err
+    assert not target.exists() and not list(tmp_path.glob(".out*"))
