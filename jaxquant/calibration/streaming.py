@@ -147,7 +147,9 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
                       export: Any = None, progress: bool = True, max_seq_len: int | None = None,
                       park: Any = None, options: dict[str, Any] | None = None, workers: int | None = None):
     """Calibrate (``max``, layer by layer) and export the model of ``loaded`` reading its parameters from
-    ``source`` one stage at a time (module doc). Returns ``(QuantizeResult, timings)``.
+    ``source`` one stage at a time (module doc). Returns ``(QuantizeResult, ExportSummary or None)``; the result's
+    ``timings`` (seconds) are ``load`` (reading parameters), ``weights``, ``compile``, ``calibrate`` (forward passes),
+    ``finalize``, ``export`` (waiting on the export writer) and ``total``.
 
     Args:
       loaded: a ``LoadedModel`` with abstract parameters whose quantizers ``resolution`` (``apply_recipe``) set.
