@@ -123,3 +123,31 @@ def test_streamed_failure_names_the_tensor_and_leaves_no_export(files, tmp_path,
     err = capsys.readouterr().err
     assert "model.layers.1.mlp.up_proj.weight" in err and "NaN" in err
     assert not target.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_streaming_plan_decides_without_loading_anything(tmp_path):
+    """When a run streams, and the note it prints when layerwise cannot stream."""
+    import argparse
+    import types
+
+    from jaxquant.cli_stream import streaming_plan
+
+    def args(**kw):
+        base = dict(layerwise=True, layerwise_checkpoint=None, no_stream=False, export_path=str(tmp_path / "o"),
+                    export_format="hf", mesh=None, load_calib_state=None, model=str(tmp_path / "m"))
+        return argparse.Namespace(**{**base, **kw})
+
+    rec = types.SimpleNamespace(algorithm="max")
+    assert streaming_plan(args(), rec) == (True, None)
+    assert streaming_plan(args(layerwise=False), types.SimpleNamespace(
+        algorithm={"method": "max", "layerwise": {"enable": True}})) == (True, None)  # the recipe asks for it
+    assert streaming_plan(args(layerwise=False), rec) == (False, None)
+    assert streaming_plan(args(no_stream=True), rec) == (False, None)
+    for kw, why in ((dict(mesh="fsdp=2"), "--mesh"), (dict(load_calib_state="s.safetensors"), "--load-calib-state"),
+                    (dict(model=None), "GGUF"), (dict(model="m.gguf"), "GGUF"),
+                    (dict(layerwise_checkpoint="ck"), "--layerwise-checkpoint"),
+                    (dict(export_format="orbax"), "exports orbax"), (dict(export_path=None), "exports nothing")):
+        stream, note = streaming_plan(args(**kw), rec)
+        assert not stream and why in note and note.startswith("note: not streaming"), (kw, note)
+    stream, note = streaming_plan(args(), types.SimpleNamespace(algorithm="mse"))
+    assert not stream and "algorithm mse cannot stream yet" in note
