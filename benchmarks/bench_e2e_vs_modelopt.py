@@ -64,6 +64,12 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
         num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=128000,
         eos_token_id=128001)),
+    # Llama-3.1-70B (hub config.json; plain RoPE as above): 141 GB in bf16, more than one H100/H200 holds
+    "llama70b": ("LlamaConfig", "LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=128000,
+        eos_token_id=128001)),
     # Gemma-4-31B text config (docs/moe.md): 5 sliding + 1 full layer repeated; ":N" keeps the first N layers
     "gemma4-31b": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
         vocab_size=262144, hidden_size=5376, intermediate_size=21504, num_hidden_layers=60, num_attention_heads=32,
@@ -90,7 +96,7 @@ ACT_SCALES = (".input_scale", ".k_scale", ".v_scale")
 
 
 def shape_config(spec: str) -> tuple[str, str, dict]:
-    """``llama8b`` / ``gemma4-31b:N`` / ``tiny`` / ``tiny-gemma4`` -> (config class, model class, kwargs)."""
+    """``llama8b`` / ``llama70b`` / ``gemma4-31b:N`` / ``tiny`` / ``tiny-gemma4`` -> (config class, model class, kwargs)."""
     name, _, n = spec.partition(":")
     if name not in SHAPES:
         raise SystemExit(f"error: --shape {spec!r}: one of {', '.join(SHAPES)} (gemma4-31b:N for N layers)")

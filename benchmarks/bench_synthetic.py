@@ -39,6 +39,9 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layerwise", action="store_true", help="parameters in host memory, calibration layer by layer")
+    p.add_argument("--stream", action="store_true",
+                   help="streamed --layerwise (calibration/streaming.py): each decoder layer generated, calibrated, "
+                        "exported and dropped in turn; the model is never whole on the device or the host (llama70b)")
     p.add_argument("--export-path", default=None, help="write the HF export here (default: no export)")
     p.add_argument("--out", default=None, help="write the JSON report into this folder")
     args = p.parse_args(argv)
@@ -56,6 +59,8 @@ def main(argv=None) -> dict:
 
     cfg_cls, model_cls, kw = shape_config(args.shape)
     hf_config = dict(kw, architectures=[model_cls], model_type=MODEL_TYPES[cfg_cls], dtype=args.dtype)
+    if args.stream:
+        return run_streamed(args, hf_config)
     dev = jax.devices()[0]
     phases: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -123,6 +128,95 @@ def main(argv=None) -> dict:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         f = out / f"bench_synthetic_{args.shape.replace(':', '-')}{'_layerwise' if args.layerwise else ''}.json"
+        f.write_text(json.dumps(rep, indent=1))
+        print(f"wrote {f}")
+    return rep
+
+
+def host_peak_rss() -> int:
+    """Peak resident set size of this process in bytes (``VmHWM``; ``ru_maxrss`` where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_streamed(args, hf_config) -> dict:
+    """``--stream``: ``quantize_streamed`` from the synthetic source into a ``StreamedExport`` (what ``jaxquant ptq
+    --layerwise`` runs on a safetensors checkpoint). Nothing but the export is written to disk."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxquant.calibration.algorithms import resolve_algorithm
+    from jaxquant.calibration.streaming import quantize_streamed
+    from jaxquant.cli_ptq import parking_device
+    from jaxquant.converters.hf import LOAD_WORKERS
+    from jaxquant.converters.synthetic import open_synthetic
+    from jaxquant.export.streamed import StreamedExport
+    from jaxquant.recipe import apply_recipe, load_recipe
+
+    dev = jax.devices()[0]
+    t_all = time.perf_counter()
+    dtype = getattr(jnp, args.dtype)
+    loaded, source = open_synthetic(hf_config, dtype, seed=args.seed)
+    recipe = load_recipe(args.recipe)
+    resolution = apply_recipe(loaded.model, recipe, warn=False)
+    target = Path(args.export_path) if args.export_path else None
+    if target is not None and target.exists():
+        shutil.rmtree(target)
+    t0 = time.perf_counter()
+    export = StreamedExport(loaded, target, resolution=resolution) if target is not None else None
+    plan_s = time.perf_counter() - t0
+    ids = np.random.default_rng(args.seed).integers(3, loaded.config.vocab_size,
+                                                    (args.calib_size, args.calib_seq)).astype(np.int32)
+    batches = [(ids[i:i + args.batch_size], np.ones_like(ids[i:i + args.batch_size]))
+               for i in range(0, len(ids), args.batch_size)]
+    _, options = resolve_algorithm(recipe.algorithm)
+    try:
+        res, summary = quantize_streamed(loaded, source, resolution, batches, dtype=dtype, export=export,
+                                         progress=sys.stderr.isatty(), park=parking_device(), options=options,
+                                         workers=LOAD_WORKERS)
+    except BaseException:
+        if export is not None:
+            export.cancel()
+        raise
+    total = time.perf_counter() - t_all
+    t = res.timings
+    phases = {"plan the export layout": plan_s, "generate + copy parameters": t["load"],
+              "weight amax": t["weights"], "compile": t["compile"], "forward passes": t["calibrate"],
+              "finalize": t["finalize"], "export (waits on the writer)": t["export"]}
+    n_params = sum(int(np.prod(s)) for s in source.shapes.values())
+    stats = dev.memory_stats() or {}
+    rep = {
+        "shape": args.shape, "recipe": args.recipe, "calib_size": args.calib_size, "calib_seq": args.calib_seq,
+        "batch_size": args.batch_size, "dtype": args.dtype, "layerwise": True, "streamed": True,
+        "parameters": n_params, "device": dev.device_kind, "host": platform.node(), "phases_s": phases,
+        "total_s": total, "timings": t, "calib_tokens_per_s": res.stats.tokens_per_s,
+        "peak_device_bytes": stats.get("peak_bytes_in_use"), "host_peak_rss_bytes": host_peak_rss(),
+        "export_bytes": summary.total_bytes if summary is not None else None,
+        "export_gb_per_s_over_total": summary.total_bytes / total / 1e9 if summary is not None else None,
+        "jax": jax.__version__,
+    }
+    print(f"\n{args.shape} ({n_params / 1e9:.2f} B parameters, synthetic, streamed), {args.recipe}, "
+          f"{args.calib_size} x {args.calib_seq}, batch {args.batch_size}, {dev.device_kind}")
+    print(f"| {'phase':<40} | {'seconds':>9} |\n|{'-' * 42}|{'-' * 11}|")
+    for k, v in phases.items():
+        print(f"| {k:<40} | {v:>9.2f} |")
+    print(f"| {'total':<40} | {total:>9.2f} |")
+    print(f"calibration forward: {res.stats.tokens_per_s:,.0f} tokens/s; peak device memory "
+          f"{(rep['peak_device_bytes'] or 0) / 2**30:.1f} GiB; host peak RSS {rep['host_peak_rss_bytes'] / 2**30:.1f} GiB"
+          + (f"; export {summary.total_bytes / 1e9:.2f} GB, {rep['export_gb_per_s_over_total']:.2f} GB/s over the "
+             "whole run" if summary is not None else ""))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        f = out / f"bench_synthetic_{args.shape.replace(':', '-')}_streamed.json"
         f.write_text(json.dumps(rep, indent=1))
         print(f"wrote {f}")
     return rep

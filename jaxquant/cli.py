@@ -100,8 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack documents into full rows of --calib-seq tokens instead of hf_ptq's left padding")
     p.add_argument("--layerwise", action="store_true",
                    help="calibrate layer by layer over all batches instead of batch by batch (the same statistics; "
-                        "what a recipe's algorithm.layerwise.enable asks for); on an accelerator the parameters stay "
-                        "in host memory and one decoder layer at a time goes to the device")
+                        "what a recipe's algorithm.layerwise.enable asks for); with --export-path (hf) and max "
+                        "calibration each decoder layer is read from the checkpoint, calibrated, exported and dropped "
+                        "in turn (streamed: the model is never whole in memory); otherwise the parameters stay in "
+                        "host memory and one decoder layer at a time goes to the device")
+    p.add_argument("--no-stream", dest="no_stream", action="store_true",
+                   help="with layer-by-layer calibration and an HF export: load the whole model into host memory "
+                        "instead of streaming one decoder layer at a time from the checkpoint (needed for "
+                        "perplexity; docs/scale.md)")
     p.add_argument("--layerwise-checkpoint", dest="layerwise_checkpoint", default=None, metavar="DIR",
                    help="with layer-by-layer calibration (implies --layerwise): save the state after each layer in DIR "
                         "and, when DIR holds a checkpoint of the same model, recipe and data, resume from it (what a "

@@ -477,6 +477,13 @@ def run_ptq(args) -> int:
     if args.save_calib_state is not None:
         _check_writable_file(args.save_calib_state, "--save-calib-state")
     recipe, recipe_desc = _build_recipe(args)
+    from jaxquant.cli_stream import run_ptq_streamed, streaming_plan
+
+    stream, note = streaming_plan(args, recipe)
+    if stream:  # --layerwise with an HF export: one decoder layer in memory at a time (docs/scale.md)
+        return run_ptq_streamed(args, recipe, recipe_desc, timer, sizes, calib_size)
+    if note is not None:
+        _out(note)
 
     # ---- model (the tokenizer and the calibration's compilation run on threads meanwhile: cli_overlap)
     t0 = time.perf_counter()

@@ -77,3 +77,21 @@ def test_bench_synthetic_on_cpu(tmp_path):
     report = json.loads((tmp_path / "bench_synthetic_tiny-gemma4.json").read_text())
     assert report["export_bytes"] > 0 and report["calib_tokens_per_s"] > 0 and report["parameters"] > 0
     assert (tmp_path / "export" / "hf_quant_config.json").is_file()
+
+
+def test_bench_synthetic_streamed_on_cpu(tmp_path):
+    """``--stream`` (the mode for the Llama-3.1-70B shape): a tiny synthetic Llama streamed layer by layer writes the
+    same export bytes as the whole-model run, and reports the phases, peak RSS and export size."""
+    runs = {}
+    for mode in ("plain", "stream"):
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_synthetic.py"), "--shape", "tiny", "--calib-size", "4",
+               "--calib-seq", "16", "--batch-size", "2", "--dtype", "float32", "--export-path",
+               str(tmp_path / mode), "--out", str(tmp_path)] + (["--stream"] if mode == "stream" else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_CPU_ENV)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs[mode] = {p.name: p.read_bytes() for p in (tmp_path / mode).iterdir()}
+    report = json.loads((tmp_path / "bench_synthetic_tiny_streamed.json").read_text())
+    assert report["streamed"] and report["export_bytes"] > 0 and report["host_peak_rss_bytes"] > 0
+    assert set(report["phases_s"]) >= {"forward passes", "export (waits on the writer)"}
+    assert runs["plain"]["model.safetensors"] == runs["stream"]["model.safetensors"]
+    assert runs["plain"] == runs["stream"]

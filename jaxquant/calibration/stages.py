@@ -287,6 +287,11 @@ class StagedStep:
             shell.amax, shell.rest if rest is None else rest, ok, x, ctx["token_mask"]))
         return ok
 
+    def refresh(self, i: int) -> None:
+        """Re-read decoder layer ``i``'s state from the model, after its parameters were loaded or dropped or its
+        weight amax set (the streamed layerwise path, ``calibration.streaming``)."""
+        self.layers[i] = _Part(self.text.layers[i])
+
     def amax_leaves(self) -> list[jax.Array]:
         """Every live amax array (to wait on)."""
         return list(self.shell.amax) + [a for p in self.layers for a in p.amax]

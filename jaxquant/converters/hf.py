@@ -157,14 +157,34 @@ def materialize(
     """Build ``config``'s model abstractly and fill every parameter from ``source``.
 
     ``source`` is asked for HF names (after the family's text prefix). Every tensor is checked (present,
-    shape, loadable dtype) before any is read; then ``workers`` threads (default ``LOAD_WORKERS`` for a
-    safetensors source, which is safe to read from several threads, else 1) cast and copy them to the
-    device, at most ``LOAD_INFLIGHT_BYTES`` at a time. Raises ``CheckpointError`` naming the file and
-    tensor for a missing tensor, a shape mismatch or an unloadable dtype.
+    shape, loadable dtype) before any is read (``plan_load``); then ``load_params`` reads them. Raises
+    ``CheckpointError`` naming the file and tensor for a missing tensor, a shape mismatch or an unloadable
+    dtype, ``NonFiniteError`` for NaN / Inf.
     """
     dtype = resolve_dtype(dtype)
-    nm = name_map or NameMap.for_config(config)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
+    plan = plan_load(config, source, state, dtype=dtype, name_map=name_map, sharding=sharding)
+    load_params(plan, source, dtype=dtype, workers=workers)
+    return nnx.merge(graphdef, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadItem:
+    """One parameter to read: its NNX variable, HF name, target sharding (None: the default device) and bytes."""
+
+    var: Any
+    hf: str
+    sharding: Any
+    nbytes: int
+
+
+def plan_load(config: ModelConfig, source: TensorSource, state, *, dtype, name_map: NameMap | None = None,
+              sharding: Sharding = None) -> list[LoadItem]:
+    """Check every parameter of the (abstract) ``state`` against ``source`` without reading any tensor: present,
+    of the shape ``config`` implies, of a loadable dtype. Returns the ``LoadItem`` per parameter, in model order.
+
+    Raises ``CheckpointError`` naming the file and tensor (missing, shape mismatch, unloadable dtype)."""
+    nm = name_map or NameMap.for_config(config)
     plan = []
     for path, var in nnx.to_flat_state(state):
         path_s = dotted(path)
@@ -190,7 +210,16 @@ def materialize(
                 f"({', '.join(LOADABLE_DTYPES)}). Start from the original (bf16/fp16/fp32) model."
             )
         shd = sharding(path_s, expected) if callable(sharding) else sharding
-        plan.append((var, hf, shd, int(np.prod(expected)) * np.dtype(dtype).itemsize))
+        plan.append(LoadItem(var, hf, shd, int(np.prod(expected)) * np.dtype(dtype).itemsize))
+    return plan
+
+
+def load_params(plan: list[LoadItem], source: TensorSource, *, dtype, workers: int | None = None) -> None:
+    """Read each planned tensor from ``source``, cast it to ``dtype`` on the host, copy it to its device and set
+    its variable. ``workers`` threads (default ``LOAD_WORKERS`` for a safetensors source, which is safe to read
+    from several threads, else 1), at most ``LOAD_INFLIGHT_BYTES`` at a time; a memory-mapped source's pages are
+    released as they are read. Raises ``NonFiniteError`` naming the tensors holding NaN / Inf after the cast."""
+    dtype = resolve_dtype(dtype)
     release = getattr(source, "release", None)
     nonfinite: list[str] = []
 
@@ -209,22 +238,22 @@ def materialize(
     if workers is None:
         workers = LOAD_WORKERS if isinstance(source, SafetensorsSource) else 1
     if workers <= 1:
-        for var, hf, shd, _ in plan:
-            var.set_value(put(hf, shd))
+        for it in plan:
+            it.var.set_value(put(it.hf, it.sharding))
         _refuse_nonfinite(nonfinite, plan, source)
-        return nnx.merge(graphdef, state)
+        return
     pending: collections.deque = collections.deque()
     inflight = 0
     with (_switch_interval(LOAD_SWITCH_INTERVAL),
           cf.ThreadPoolExecutor(workers, thread_name_prefix="jaxquant-load") as pool):
         try:
-            for var, hf, shd, n in plan:
-                while pending and inflight + n > LOAD_INFLIGHT_BYTES:
+            for it in plan:
+                while pending and inflight + it.nbytes > LOAD_INFLIGHT_BYTES:
                     v, f, m = pending.popleft()
                     v.set_value(f.result())
                     inflight -= m
-                pending.append((var, pool.submit(put, hf, shd), n))
-                inflight += n
+                pending.append((it.var, pool.submit(put, it.hf, it.sharding), it.nbytes))
+                inflight += it.nbytes
             while pending:
                 v, f, _ = pending.popleft()
                 v.set_value(f.result())
@@ -233,7 +262,6 @@ def materialize(
                 f.cancel()
             raise
     _refuse_nonfinite(nonfinite, plan, source)
-    return nnx.merge(graphdef, state)
 
 
 @contextlib.contextmanager
@@ -255,7 +283,7 @@ def _refuse_nonfinite(names: list[str], plan, source) -> None:
     if not names:
         return
     bad = set(names)
-    ordered = [hf for _, hf, _, _ in plan if hf in bad]
+    ordered = [it.hf for it in plan if it.hf in bad]
     shown = ", ".join(ordered[:5]) + (f" and {len(ordered) - 5} more" if len(ordered) > 5 else "")
     raise NonFiniteError(f"{source.where(ordered[0])}: the tensors {shown} hold NaN or Inf (after the cast to the "
                          "load dtype); every forward pass would be NaN. The checkpoint is corrupt or was converted to "
@@ -403,6 +431,25 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
 
             place_model(loaded.model, make_mesh(mesh))
         return loaded
+    loaded, source = open_hf(d, dtype)
+    if mesh is not None:
+        from jaxquant.mesh import make_mesh, param_sharding
+
+        sharding = param_sharding(make_mesh(mesh), loaded.config)
+    plan = plan_load(loaded.config, source, nnx.state(loaded.model), dtype=dtype, name_map=loaded.name_map,
+                     sharding=sharding)
+    load_params(plan, source, dtype=dtype)
+    return loaded
+
+
+def open_hf(path: str | os.PathLike, dtype=jnp.bfloat16) -> tuple[LoadedModel, TensorSource]:
+    """An HF checkpoint directory opened without loading it: ``(LoadedModel, source)`` where the model's
+    parameters are ``ShapeDtypeStruct`` leaves (no memory) and ``source`` is the memory-mapped ``TensorSource``
+    they are read from (``plan_load`` / ``load_params``; the streamed ``--layerwise`` path reads one decoder layer
+    at a time). Raises as ``load_hf`` does for the config, a quantized checkpoint and stray tensors.
+    """
+    dtype = resolve_dtype(dtype)
+    d = Path(path)
     hf_config = read_hf_config(d)
     plain = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     ModelConfig.from_hf_config(plain, source=str(d / "config.json"))  # an unknown architecture first
@@ -418,18 +465,15 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
         )
     config = ModelConfig.from_hf_config(hf_config, source=str(d / "config.json"))
     nm = NameMap.for_config(config)
-    if mesh is not None:
-        from jaxquant.mesh import make_mesh, param_sharding
-
-        sharding = param_sharding(make_mesh(mesh), config)
     source = SafetensorsSource(files, nm)
     if config.spec.tensor_adapter:  # MoE families: stacked experts from per-expert / fused checkpoint tensors
         from jaxquant.models.config import import_object
 
         source = import_object(config.spec.tensor_adapter)(config, source)
-    model = materialize(config, source, dtype=dtype, name_map=nm, sharding=sharding)
+    model = abstract_model(config, dtype=dtype)
+    plan_load(config, source, nnx.state(model), dtype=dtype, name_map=nm)  # every tensor checked before any read
     extra = collect_extra_tensors(files, nm, config, consumes=getattr(source, "consumes", None))
-    return LoadedModel(model, config, extra, hf_config, d, nm)
+    return LoadedModel(model, config, extra, hf_config, d, nm), source
 
 
 QUANTIZED_DTYPES = ("U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "U4", "I4")

@@ -1,6 +1,6 @@
 """A synthetic checkpoint: a config plus a seed, for benchmarks of models larger than the disk.
 
-``load_synthetic(hf_config, seed=0)`` builds the model exactly as ``load_hf`` does (``materialize``: the same
+``load_synthetic(hf_config, seed=0)`` builds the model exactly as ``load_hf`` does (``plan_load`` + ``load_params``: the same
 threads, dtype casts, finite checks and device copies) from a ``SyntheticSource`` that generates each tensor when
 the loader asks for it instead of reading it from safetensors files: weights (``ndim >= 2``) are normal with
 standard deviation 0.02, vectors (norm weights, biases) 1 + 0.02 * normal, each from its own generator seeded by
@@ -59,17 +59,30 @@ class SyntheticSource:
         return f"synthetic checkpoint (seed {self.seed})"
 
 
-def load_synthetic(hf_config: Mapping[str, Any], dtype=jnp.bfloat16, *, seed: int = 0, sharding=None):
-    """A ``LoadedModel`` of the architecture and shape in ``hf_config`` (a ``config.json`` dict) with synthetic
-    weights (module doc); no tokenizer and no source directory. ``dtype`` and ``sharding`` as in ``load_hf``."""
-    from jaxquant.converters.hf import LOAD_WORKERS, LoadedModel, materialize, resolve_dtype
+def open_synthetic(hf_config: Mapping[str, Any], dtype=jnp.bfloat16, *, seed: int = 0):
+    """``(LoadedModel, SyntheticSource)``: the model of ``hf_config`` with ``ShapeDtypeStruct`` parameters (no
+    memory) and the source that generates them, for the streamed ``--layerwise`` path (``converters.hf.open_hf``'s
+    counterpart; nothing is generated until a tensor is read)."""
+    from jaxquant.converters.hf import LoadedModel, resolve_dtype
 
     dtype = resolve_dtype(dtype)
     config = ModelConfig.from_hf_config(dict(hf_config), source="synthetic config")
     nm = NameMap.for_config(config)
-    model = materialize(config, SyntheticSource(config, nm, seed=seed), dtype=dtype, name_map=nm, sharding=sharding,
-                        workers=LOAD_WORKERS)  # get() is thread-safe: one generator per tensor
-    return LoadedModel(model, config, {}, dict(hf_config), None, nm)
+    model = abstract_model(config, dtype=dtype)
+    return LoadedModel(model, config, {}, dict(hf_config), None, nm), SyntheticSource(config, nm, seed=seed)
 
 
-__all__ = ["STD", "SyntheticSource", "load_synthetic"]
+def load_synthetic(hf_config: Mapping[str, Any], dtype=jnp.bfloat16, *, seed: int = 0, sharding=None):
+    """A ``LoadedModel`` of the architecture and shape in ``hf_config`` (a ``config.json`` dict) with synthetic
+    weights (module doc); no tokenizer and no source directory. ``dtype`` and ``sharding`` as in ``load_hf``."""
+    from jaxquant.converters.hf import LOAD_WORKERS, load_params, plan_load, resolve_dtype
+
+    dtype = resolve_dtype(dtype)
+    loaded, source = open_synthetic(hf_config, dtype, seed=seed)
+    plan = plan_load(loaded.config, source, nnx.state(loaded.model), dtype=dtype, name_map=loaded.name_map,
+                     sharding=sharding)
+    load_params(plan, source, dtype=dtype, workers=LOAD_WORKERS)  # get() is thread-safe: one generator per tensor
+    return loaded
+
+
+__all__ = ["STD", "SyntheticSource", "load_synthetic", "open_synthetic"]

@@ -48,31 +48,32 @@ def kv_algo(kv) -> str | None:
     return algos.pop() if algos else None
 
 
-def uncalibrated_quantizers(model_or_loaded, *, weights_only: bool = False) -> list[str]:
+def uncalibrated_quantizers(model_or_loaded, *, weights_only: bool = False, include=None) -> list[str]:
     """ModelOpt names of the enabled quantizers (per expert for stacked ones) that hold no calibrated
     amax: configured by a recipe, but neither calibrated (``quantize``, ``finish_qat``) nor given a
     value (``load_calibration_state``, the loaders). Dynamic and constant-amax quantizers need none.
 
     This is read from the quantizer state (``TensorQuantizer.UNCALIBRATED``), not guessed from the
-    values: an amax of 0 calibrated on all-zero activations counts as calibrated.
+    values: an amax of 0 calibrated on all-zero activations counts as calibrated. ``include(quantizer name)``:
+    only the quantizers it accepts (one stage of a streamed export).
     """
     out: list[str] = []
     for s in quantizer_sites(unwrap(model_or_loaded)):
-        if not s.has_state or (weights_only and s.role != "weight"):
+        if not s.has_state or (weights_only and s.role != "weight") or (include is not None and not include(s.names[0])):
             continue
         for e in s.quantizer.uncalibrated_instances():
             out.append(s.names[e] if s.stacked else s.names[0])
     return out
 
 
-def check_calibrated(model_or_loaded, *, weights_only: bool = False) -> None:
+def check_calibrated(model_or_loaded, *, weights_only: bool = False, include=None) -> None:
     """``ExportError`` naming the first uncalibrated quantizer (``uncalibrated_quantizers``; ``weights_only``:
     weight quantizers only, for an export started before the activations are calibrated).
 
     Without it an export of a model that was configured (``apply_recipe``) but not calibrated would
     carry placeholder input / KV scales and look valid.
     """
-    bad = uncalibrated_quantizers(model_or_loaded, weights_only=weights_only)
+    bad = uncalibrated_quantizers(model_or_loaded, weights_only=weights_only, include=include)
     if not bad:
         return
     more = f" (and {len(bad) - 1} more quantizer(s))" if len(bad) > 1 else ""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +223,8 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
                  extra_tensors: Mapping[str, Any] | None = None,
                  amax_out: dict[str, float] | None = None,
                  checks: DeferredChecks | None = None,
-                 activations: bool = True) -> tuple[list[Entry], dict[str, Any], str | None]:
+                 activations: bool = True, calibrated: bool = True,
+                 include: Callable[[str], bool] | None = None) -> tuple[list[Entry], dict[str, Any], str | None]:
     """The exported tensors (lazy) plus the per-layer formats and KV algo, without writing anything.
 
     ``activations`` False plans an export whose weights are calibrated but whose activations are not yet
@@ -235,13 +236,21 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     ``amax_out``, when given, receives the exact activation / KV amax behind each exported
     ``input_scale`` / ``k_scale`` / ``v_scale`` (dense linears and attention; by quantizer name).
 
+    ``calibrated`` False (with ``activations`` False): the layout only, of a configured model whose weights are not
+    calibrated (or not even loaded: ``ShapeDtypeStruct`` parameters); names, shapes and dtypes are right, no entry
+    may be produced (``export.streamed``). ``include(canonical HF name)``: plan only the tensors (and quantizers)
+    it accepts, e.g. one decoder layer of a streamed export.
+
     Returns ``(entries, layers, kv_algo)`` where ``layers`` is ``{hf module: (format, block)}``.
 
     Raises:
       ExportError: a quantizer holds no calibrated amax (``check_calibrated``).
     """
     model = unwrap(model_or_loaded)
-    check_calibrated(model, weights_only=not activations)
+    if calibrated:
+        check_calibrated(model, weights_only=not activations, include=include)
+    elif activations:
+        raise ValueError("plan_entries: calibrated=False plans a layout, which needs activations=False")
     if not activations:
         amax_out = None
     nm = name_map_of(model, name_map or getattr(model_or_loaded, "name_map", None))
@@ -254,7 +263,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     src = _SourceDtypes(Path(source_dir) if source_dir is not None else None, nm, gguf)
     fixed_dtype = np.dtype(dtype) if dtype is not None else None
 
-    walked = walk(model, nm, need_amax=True, activations=activations)
+    walked = walk(model, nm, need_amax=True, activations=activations, include=include)
     items = walked.linears
     norms = resmooth(items, model)
     unify(items)
@@ -268,6 +277,8 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
         if dotted_path in consumed:
             continue
         name = nm.hf_name(dotted_path)
+        if include is not None and not include(name):
+            continue
         arr = norms.get(dotted_path, variable_value(var))
         entries.append(_cast_entry(name, arr, fixed_dtype or src.dtype(name, _np_dtype(arr))))
     # ---- linears (per expert for stacked experts): quantized, or the weight in [out, in]
@@ -313,7 +324,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     # ---- tensors the text model does not own, byte for byte
     taken = {e.name for e in entries}
     for name, lazy in extra_tensors.items():
-        if name in taken:
+        if name in taken or (include is not None and not include(name)):
             continue
         tag = getattr(lazy, "dtype", None)
         shape = tuple(lazy.shape)

@@ -251,17 +251,20 @@ class ExportPlan:
 
 
 def plan_export(model_or_loaded, export_dir, *, resolution=None, max_shard_size="10GB", overwrite=False, dtype=None,
-                hf_config=None, source_dir=None, allow_unquantized=False, activations: bool = True) -> ExportPlan:
+                hf_config=None, source_dir=None, allow_unquantized=False, activations: bool = True,
+                calibrated: bool = True) -> ExportPlan:
     """Validate and plan an export (``export_hf``'s arguments); nothing is written. ``activations`` False: the
-    activations are not calibrated yet, so their scales are ``late`` placeholders (``export.early``)."""
+    activations are not calibrated yet, so their scales are ``late`` placeholders (``export.early``).
+    ``calibrated`` False: the layout of a configured, uncalibrated (even abstract) model, whose entries must not be
+    produced (``export.streamed``)."""
     with same_structure():
         return _plan_export(model_or_loaded, export_dir, resolution=resolution, max_shard_size=max_shard_size,
                             overwrite=overwrite, dtype=dtype, hf_config=hf_config, source_dir=source_dir,
-                            allow_unquantized=allow_unquantized, activations=activations)
+                            allow_unquantized=allow_unquantized, activations=activations, calibrated=calibrated)
 
 
 def _plan_export(model_or_loaded, export_dir, *, resolution, max_shard_size, overwrite, dtype, hf_config, source_dir,
-                 allow_unquantized, activations) -> ExportPlan:
+                 allow_unquantized, activations, calibrated) -> ExportPlan:
     loaded = model_or_loaded if is_loaded(model_or_loaded) else None
     cfg = dict(hf_config if hf_config is not None else (getattr(loaded, "hf_config", None) or {}))
     if not cfg:
@@ -275,7 +278,7 @@ def _plan_export(model_or_loaded, export_dir, *, resolution, max_shard_size, ove
     amax: dict[str, float] = {}
     checks = DeferredChecks()
     entries, layers, kv = plan_entries(model_or_loaded, dtype=dtype, source_dir=src, amax_out=amax, checks=checks,
-                                       activations=activations)
+                                       activations=activations, calibrated=calibrated)
     hfq = qc.build_hf_quant_config(layers, kv)
     if not qc.is_quantized_export(hfq) and not allow_unquantized:
         raise ExportError("nothing in this model is quantized (no enabled weight, input or KV quantizer), so the "

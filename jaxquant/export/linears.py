@@ -186,13 +186,16 @@ def _sibling(site: Site, by_attr: dict, role: str):
     return other.quantizer if other is not None else None
 
 
-def walk(model, name_map=None, *, need_amax: bool, activations: bool = True) -> Walked:
+def walk(model, name_map=None, *, need_amax: bool, activations: bool = True, include=None) -> Walked:
     """Walk ``model``'s quantizer sites once and collect what export writes (module doc).
 
     ``need_amax``: read the calibrated amax (False for a configured, not yet calibrated model);
-    ``activations`` False: read the weights' amax only (input amax placeholders of ones)."""
+    ``activations`` False: read the weights' amax only (input amax placeholders of ones);
+    ``include(HF module name)``: only the sites it accepts (one stage of a streamed export)."""
     nm = name_map_of(model, name_map)
     sites = quantizer_sites(model, nm.hf_name)
+    if include is not None:
+        sites = [s for s in sites if include(s.module_names[0])]
     by_attr = {(id(s.parent), s.attr): s for s in sites}
     linears: list[ExportLinear] = []
     kv: dict[str, dict[str, Any]] = collections.defaultdict(dict)
@@ -229,6 +232,8 @@ def walk(model, name_map=None, *, need_amax: bool, activations: bool = True) -> 
     kv = {k: v for k, v in kv.items() if "k_bmm_quantizer" in v and "v_bmm_quantizer" in v}
     embeddings = [nm.hf_name(".".join(map(str, p))) for p, m in module_table(model).items()
                   if getattr(m, "modelopt_class", None) == "nn.Embedding" and getattr(m, "scale", None) is None]
+    if include is not None:
+        embeddings = [n for n in embeddings if include(n)]
     return Walked(sites, linears, kv, embeddings)
 
 

@@ -283,7 +283,7 @@ def load_model(spec, dtype, *, device=None):
     return real_load(spec, dtype, device=device)
 cli_ptq.load_model = load_model
 cli_ptq.parking_device = lambda: jax.devices()[1]  # stands in for host memory beside an accelerator
-assert main(argv + ["--layerwise", "--export-path", str(out / "parked")]) == 0
+assert main(argv + ["--layerwise", "--no-stream", "--export-path", str(out / "parked")]) == 0
 assert seen["device"] == str(jax.devices()[1]), seen
 assert main(argv + ["--export-path", str(out / "plain")]) == 0
 a = {p.name: p.read_bytes() for p in (out / "parked").glob("*.safetensors")}
