@@ -66,7 +66,7 @@ def test_unknown_name_lists_builtins():
 
 def test_modelopt_recipe_we_do_not_ship_is_unsupported():
     with pytest.raises(UnsupportedError, match="not support yet"):
-        load_recipe("general/ptq/nvfp4_default-kv_none-gptq")
+        load_recipe("general/ptq/nvfp4_act_headroom-kv_fp8_cast")
 
 
 def test_list_recipes():
@@ -323,15 +323,15 @@ def test_unsupported_formats(tmp_path, cfg, fmt):
 def test_unsupported_algorithm(tmp_path):
     p = write(tmp_path, "r.yaml", RECIPE_HEAD + """
 quantize:
-  algorithm: {method: gptq, perc_damp: 0.01}
+  algorithm: {method: lsq, perc_damp: 0.01}
   quant_cfg:
     - quantizer_name: '*weight_quantizer'
       cfg: {num_bits: e4m3}
 """)
-    with pytest.raises(UnsupportedError, match="calibration algorithm 'gptq'"):
+    with pytest.raises(UnsupportedError, match="calibration algorithm 'lsq'"):
         load_recipe(p)
     r = load_recipe(p, check_supported=False)
-    assert r.method == "gptq" and r.algorithm_options == {"perc_damp": 0.01}
+    assert r.method == "lsq" and r.algorithm_options == {"perc_damp": 0.01}
 
 
 # ------------------------------------------------------------------------------ legacy + dicts
