@@ -273,3 +273,44 @@ def test_unsupported_weights_are_refused():
     cfg["quant_cfg"][1] = {"quantizer_name": "*weight_quantizer", "cfg": cfg["quant_cfg"][2]["cfg"]}  # dynamic
     with pytest.raises(UnsupportedError, match="gptq: .*weight_quantizer: its format nvfp4 has no static per-element amax"):
         quantize(_tiny_model(), cfg, _batches(), progress=False)
+
+
+@pytest.mark.slow
+def test_ptq_gptq_recipe_exports_max_scales_and_new_weights(tmp_path, capsys, monkeypatch):
+    """``jaxquant ptq --recipe general/ptq/nvfp4_default-kv_none-gptq`` (layerwise, its relative checkpoint dir):
+    the exported block scales and global scales are max's (GPTQ keeps the weight amax of the source weights), the
+    packed FP4 weights are not."""
+    pytest.importorskip("jaxquant.export.hf")
+    from _tiny_cli import cli_files
+    from test_calibration_mse import _read
+
+    from jaxquant.cli import main
+
+    files = cli_files(tmp_path / "files")
+    monkeypatch.chdir(tmp_path)
+    recipe_max = tmp_path / "max.yaml"
+    from jaxquant.recipe import builtin_root
+
+    text = (builtin_root() / "general/ptq/nvfp4_default-kv_none-gptq.yaml").read_text()
+    recipe_max.write_text(text.replace("method: gptq", "method: max").replace(
+        "      checkpoint_dir: output/layerwise_ckpts/\n", ""))
+    outs = {}
+    for tag, recipe in (("max", str(recipe_max)), ("gptq", "general/ptq/nvfp4_default-kv_none-gptq")):
+        target = tmp_path / tag
+        rc = main(["ptq", "--model", files["model"], "--dataset", files["calib"], "--calib-size", "8",
+                   "--calib-seq", "24", "--batch-size", "4", "--eval-windows", "0", "--quiet", "--recipe", recipe,
+                   "--export-path", str(target)])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert f"calibration ({tag})" in out
+        outs[tag] = {k: v for p in target.glob("*.safetensors") for k, v in _read(p).items()}
+    assert (tmp_path / "output/layerwise_ckpts/gptq_layer_0.safetensors").is_file()
+    assert set(outs["max"]) == set(outs["gptq"])
+    n = 0
+    for k, v in outs["gptq"].items():
+        if k.endswith(("weight_scale", "weight_scale_2")):
+            np.testing.assert_array_equal(v, outs["max"][k], err_msg=k)
+        elif k.endswith("proj.weight"):
+            assert np.mean(v != outs["max"][k]) > 0.05, k
+            n += 1
+    assert n > 0
