@@ -6,10 +6,10 @@ is an ``Algorithm``: ``run(model, sites, data, **kw) -> CalibrationStats`` and `
 module's option parser; the parsed options carry the finalize options they imply, and those named in
 ``run_options`` are passed to ``run``, ``"options"`` meaning the whole parsed dict). ``max``, ``mse`` (``mse.py``),
 ``local_hessian`` (``local_hessian.py``), ``nvfp4_act_headroom`` (``act_headroom.py``), ``smoothquant``
-(``smoothquant.py``), ``awq_lite`` (``awq.py``), ``awq_clip`` and ``awq_full`` (``awq_clip.py``) are implemented, and a
-list of algorithms runs them in sequence (``sequence.py``); ``gptq`` and the others slot in by adding an entry to
-``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then refine weights / amax
-on the same sites.
+(``smoothquant.py``), ``awq_lite`` (``awq.py``), ``awq_clip`` and ``awq_full`` (``awq_clip.py``) and ``gptq``
+(``gptq.py``) are implemented, and a list of algorithms runs them in sequence (``sequence.py``); the others slot in
+by adding an entry to ``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then
+refine weights / amax on the same sites.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("svdquant", "gptq", "lsq")
+KNOWN_UNSUPPORTED = ("svdquant", "lsq")
 
 # MaxCalibConfig fields and how jaxquant treats them.
 _MAX_OPTIONS = {
@@ -75,15 +75,16 @@ def parse_algorithm(algorithm: Any) -> tuple[str | None, dict[str, Any]]:
     raise RecipeError(f"algorithm must be a name, a mapping with 'method', or null; got {algorithm!r}")
 
 
-def parse_max_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def parse_max_options(options: Mapping[str, Any], qdq_default: bool | None = None) -> dict[str, Any]:
     """The parsed options of ``max`` (MaxCalibConfig); ``mse`` parses the fields it shares with it here.
+    ``qdq_default``: see ``parse_layerwise``.
 
     Raises:
       UnsupportedError: an unknown or unimplemented option.
     """
     out: dict[str, Any] = {"sync_expert_weight_amax": False, "shared_patterns": None,
                            "skip_forward_without_activation_calib": True, "layerwise": False}
-    out.update(parse_layerwise(options.get("layerwise")))
+    out.update(parse_layerwise(options.get("layerwise"), qdq_default))
     for k, v in options.items():
         if k not in _MAX_OPTIONS:
             raise UnsupportedError(
@@ -120,13 +121,18 @@ def refuse_unknown(options: Mapping[str, Any], known, method: str) -> None:
                                f"{', '.join(known)}")
 
 
-def parse_layerwise(v: Any) -> dict[str, Any]:
+def parse_layerwise(v: Any, qdq_default: bool | None = None) -> dict[str, Any]:
     """ModelOpt's ``layerwise`` option (a bool, or ``{enable, checkpoint_dir, save_every, calib_mutates_weights,
     get_qdq_activations_from_prev_layer}``) as ``{"layerwise": bool, "layerwise_checkpoint_dir": str | None,
     "layerwise_save_every": int}``. ``calib_mutates_weights`` needs nothing from an algorithm that leaves the weights
-    alone; quantized inputs from the previous layer (``get_qdq_activations_from_prev_layer: true``, GPTQ's) and
-    unknown keys raise ``UnsupportedError``."""
+    alone; quantized inputs from the previous layer (``get_qdq_activations_from_prev_layer: true``) and unknown keys
+    raise ``UnsupportedError``, unless ``qdq_default`` is a bool (an algorithm that implements both, GPTQ: true by
+    default as in ModelOpt), which adds ``"layerwise_qdq"`` (that key's value, or the default)."""
     out = {"layerwise": False, "layerwise_checkpoint_dir": None, "layerwise_save_every": 1}
+    if qdq_default is not None:
+        out["layerwise_qdq"] = qdq_default
+        if isinstance(v, Mapping) and v.get("get_qdq_activations_from_prev_layer") is not None:
+            out["layerwise_qdq"] = bool(v["get_qdq_activations_from_prev_layer"])
     if v is None:
         return out
     if not isinstance(v, Mapping):
@@ -137,7 +143,7 @@ def parse_layerwise(v: Any) -> dict[str, Any]:
     if extra:
         raise UnsupportedError(f"algorithm.layerwise {dict(v)!r}: unknown key(s) {', '.join(sorted(extra))}; "
                                f"known: {', '.join(sorted(known))}")
-    if v.get("get_qdq_activations_from_prev_layer") and v.get("enable", False):
+    if qdq_default is None and v.get("get_qdq_activations_from_prev_layer") and v.get("enable", False):
         raise UnsupportedError("algorithm.layerwise.get_qdq_activations_from_prev_layer: true (each layer calibrated "
                                "on the previous layer's quantized outputs) is not implemented yet.")
     out["layerwise"] = bool(v.get("enable", False))
@@ -155,13 +161,14 @@ ALGORITHMS: dict[str, Algorithm] = {
                      mse_mod.parse_options, ("settings", "shared_patterns")),
 }
 
-# ---- activation smoothing (calibration/smoothquant.py, calibration/awq.py)
-from jaxquant.calibration import awq as _awq, smoothquant as _smoothquant  # noqa: E402
+# ---- activation smoothing (calibration/smoothquant.py, calibration/awq.py), GPTQ (calibration/gptq.py)
+from jaxquant.calibration import awq as _awq, gptq as _gptq, smoothquant as _smoothquant  # noqa: E402
 
 ALGORITHMS.update({
     "smoothquant": Algorithm("smoothquant", _smoothquant.smoothquant, _smoothquant.OPTIONS, _smoothquant.parse_options,
                              ("options",)),
     "awq_lite": Algorithm("awq_lite", _awq.awq_lite, _awq.OPTIONS, _awq.parse_options, ("options",)),
+    "gptq": Algorithm("gptq", _gptq.gptq_calibrate, _gptq.OPTIONS, _gptq.parse_options, ("options",)),
 })
 
 # ---- accuracy algorithms on top of max (calibration/local_hessian.py, ...)

@@ -6,7 +6,11 @@ collects (for ``max`` the same amax bit for bit: each layer sees the same inputs
 the device at once: one layer's parameters, plus every batch's activations between two layers (``rows x seq x
 hidden`` in the model dtype, e.g. 2 GiB for 512 x 512 tokens of Llama-8B). Parameters that live elsewhere (a model
 loaded to host memory) are copied to the device one stage at a time and dropped after it, so the device never holds
-the whole model. Algorithms that work per layer (GPTQ, AWQ's search) build on this order.
+the whole model. Algorithms that work per layer build on this order through a ``layer_hook``: after layer ``i``'s
+calibration pass its amax are written into the model and ``layer_hook.after_layer(i, inputs, outputs)`` returns the
+activations the next layer reads (GPTQ: the Hessian pass, the weight update and the layer's quantized outputs,
+``calibration/gptq.py``); with a checkpoint directory ``layer_hook.save(ckpt, i)`` keeps what it changed and
+``layer_hook.restore(ckpt, next_layer)`` puts it back on resume.
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ def _bar(total: int, enabled: bool):
 def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[Any], *, forward: Any = None,
                               progress: bool = True, max_seq_len: int | None = None,
                               checkpoint_dir: str | None = None, save_every: int = 1,
-                              mesh=None) -> CalibrationStats:
+                              mesh=None, layer_hook: Any = None) -> CalibrationStats:
     """Calibrate ``model`` (quantizer modes already set) layer by layer over ``batches``. ``mesh``: the model's
     state is laid out over this ``jax.sharding.Mesh``; each stage's parameters stay where they are (sharded) and
     the batches are split by rows (``jaxquant.mesh``).
 
     ``checkpoint_dir``: save the state every ``save_every`` layers there and resume from it (``calibration.resume``).
+    ``layer_hook``: an algorithm's per-layer step (module doc); not with a ``mesh``.
 
     Raises:
       CheckpointError: ``checkpoint_dir`` holds another run's checkpoint, or it cannot be written.
@@ -77,6 +82,8 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
             step.write_back()
             raise non_finite_activations(sites, where, bad[0])
 
+    if layer_hook is not None and mesh is not None:
+        raise UnsupportedError("a per-layer calibration algorithm over a mesh is not implemented yet.")
     if checkpoint_dir is not None and mesh is not None:
         raise UnsupportedError("per-layer checkpoints of a calibration over a mesh are not implemented yet: drop "
                                "the checkpoint directory or the mesh.")
@@ -104,6 +111,8 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
                 part.amax = on_default_device([jax.numpy.asarray(a) for a in saved], mesh)
             acts = jax.tree_util.tree_map(jax.numpy.asarray, resumed.acts)
             start = resumed.next_layer
+            if layer_hook is not None:
+                layer_hook.restore(ckpt, start)
             if bar is not None:
                 bar.update(min(start, n + 1) + 1)
         else:
@@ -114,9 +123,15 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
                 bar.update(1)
         for i in range(start, n):
             rest_i = on_default_device(step.layers[i].rest, mesh)
-            acts = [step.run_layer(i, x, ctx, ok, rest_i) for x, ctx, ok in acts]
+            outs = [step.run_layer(i, x, ctx, ok, rest_i) for x, ctx, ok in acts]
             del rest_i
-            check([a[2] for a in acts], f"decoder layer {i}")
+            check([a[2] for a in outs], f"decoder layer {i}")
+            if layer_hook is not None:
+                outs = _hooked(step, i, layer_hook, acts, outs)
+                check([a[2] for a in outs], f"decoder layer {i} ({type(layer_hook).__name__})")
+                if ckpt is not None:
+                    layer_hook.save(ckpt, i)
+            acts = outs
             if ckpt is not None and ckpt.due(i + 1, n):
                 ckpt.save(i + 1, [p.amax for p in parts], acts)
             if bar is not None:
@@ -134,6 +149,22 @@ def run_calibration_layerwise(model: Any, sites: list[Site], batches: Iterable[A
     stats.batches = len(data)
     stats.tokens = sum(n for *_, n in data)
     return stats
+
+
+def _hooked(step: StagedStep, i: int, hook: Any, inputs: list, outputs: list) -> list:
+    """``hook.after_layer`` with layer ``i``'s live amax in the model, and whatever amax it sets read back."""
+    from flax import nnx
+
+    from jaxquant.quantizer.tensor_quantizer import QuantAmax
+
+    layer, part = step.text.layers[i], step.layers[i]
+    nnx.update(layer, part.amax_state())
+    out = hook.after_layer(i, inputs, outputs)
+    leaves, treedef = jax.tree_util.tree_flatten(nnx.state(layer, QuantAmax))
+    if treedef != part.amax_def:  # pragma: no cover - a hook that leaves a statistic attached
+        raise RuntimeError(f"{type(hook).__name__} changed the quantizer state layout of decoder layer {i}")
+    part.amax = leaves
+    return out
 
 
 __all__ = ["run_calibration_layerwise"]

@@ -162,5 +162,38 @@ class LayerCheckpoint:
                                   "space or choose another checkpoint directory.") from None
         log.info("layerwise checkpoint: %s (next layer %d)", self.path, next_layer)
 
+    def save_tensors(self, name: str, tensors: dict[str, Any]) -> None:
+        """An algorithm's per-layer arrays (GPTQ's updated weights) to ``DIR/<name>.safetensors``, atomically, marked
+        with this run's fingerprint."""
+        import jax
+
+        from jaxquant.io.safetensors import save_file_atomic
+
+        path = self.directory / f"{name}.safetensors"
+        host = dict(zip(tensors, jax.device_get(list(tensors.values())), strict=True))
+        try:
+            save_file_atomic(host, path, {"format": FILE_FORMAT, "version": FILE_VERSION,
+                                          "fingerprint": self.fingerprint})
+        except OSError as e:
+            raise CheckpointError(f"writing {path} failed ({e.strerror or e}). Free space or choose another "
+                                  "checkpoint directory.") from None
+
+    def load_tensors(self, name: str) -> dict[str, np.ndarray]:
+        """What ``save_tensors(name, ...)`` wrote. Raises ``CheckpointError`` for a missing, damaged or foreign file."""
+        from jaxquant.io.safetensors import SafetensorsFile
+
+        path = self.directory / f"{name}.safetensors"
+        try:
+            f = SafetensorsFile(path)
+            if f.metadata.get("fingerprint") != self.fingerprint:
+                raise CheckpointError(f"{path} belongs to another calibration; delete the checkpoint directory's "
+                                      "files to calibrate from the start.")
+            return {k: np.array(f.get(k)) for k in f.keys()}
+        except CheckpointError:
+            raise
+        except (OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path} cannot be read ({e}); delete the checkpoint directory's files to "
+                                  "calibrate from the start.") from None
+
 
 __all__ = ["FILE_NAME", "LayerCheckpoint", "Resumed", "fingerprint"]

@@ -244,7 +244,7 @@ def test_algorithm_field_forms():
                                     "shared_states": {"weight_global_amax": {"patterns": ["x"]}}})
     assert algo.name == "max" and opts["sync_expert_weight_amax"] and opts["shared_patterns"] == ("x",)
     with pytest.raises(UnsupportedError, match="does not implement yet; supported: max"):
-        resolve_algorithm("gptq")
+        resolve_algorithm("lsq")
     assert resolve_algorithm({"method": "smoothquant", "alpha": 0.5})[1]["alpha"] == 0.5
     assert resolve_algorithm({"method": "awq_lite", "alpha_step": 1})[1]["alpha_step"] == 1.0
     with pytest.raises(UnsupportedError, match="'beta'"):

@@ -64,9 +64,15 @@ def test_unknown_name_lists_builtins():
         load_recipe("general/ptq/no_such_recipe")
 
 
-def test_modelopt_recipe_we_do_not_ship_is_unsupported():
-    with pytest.raises(UnsupportedError, match="not support yet"):
-        load_recipe("general/ptq/nvfp4_default-kv_none-gptq")
+def test_every_modelopt_general_ptq_recipe_ships():
+    """nvidia-modelopt's own general/ptq recipes (its installed modelopt_recipes package) all ship and load."""
+    mo = pytest.importorskip("modelopt_recipes")
+    from pathlib import Path
+
+    theirs = sorted(f"general/ptq/{p.stem}" for p in (Path(list(mo.__path__)[0]) / "general" / "ptq").glob("*.yaml"))
+    assert theirs and set(theirs) <= set(list_recipes())
+    for name in theirs:
+        load_recipe(name)
 
 
 def test_list_recipes():
@@ -324,15 +330,15 @@ def test_unsupported_formats(tmp_path, cfg, fmt):
 def test_unsupported_algorithm(tmp_path):
     p = write(tmp_path, "r.yaml", RECIPE_HEAD + """
 quantize:
-  algorithm: {method: gptq, perc_damp: 0.01}
+  algorithm: {method: lsq, perc_damp: 0.01}
   quant_cfg:
     - quantizer_name: '*weight_quantizer'
       cfg: {num_bits: e4m3}
 """)
-    with pytest.raises(UnsupportedError, match="calibration algorithm 'gptq'"):
+    with pytest.raises(UnsupportedError, match="calibration algorithm 'lsq'"):
         load_recipe(p)
     r = load_recipe(p, check_supported=False)
-    assert r.method == "gptq" and r.algorithm_options == {"perc_damp": 0.01}
+    assert r.method == "lsq" and r.algorithm_options == {"perc_damp": 0.01}
 
 
 # ------------------------------------------------------------------------------ legacy + dicts
