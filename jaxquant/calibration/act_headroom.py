@@ -38,7 +38,6 @@ from flax import nnx
 from jaxquant.calibration.sites import Site
 from jaxquant.calibration.smoothing import SmoothingStat
 from jaxquant.errors import RecipeError, UnsupportedError
-from jaxquant.numerics._exact import round_to_dtype
 
 log = logging.getLogger("jaxquant.calibration")
 
@@ -115,15 +114,9 @@ def bin_index(log2_vals: jax.Array) -> jax.Array:
 def block_amax_histogram(x: jax.Array, block_size: int, token_mask: jax.Array | None = None) -> jax.Array:
     """The int32 ``[512]`` histogram of the nonzero per-block amax of ``x [..., K]`` (blocks along the last axis,
     a ragged tail zero-padded; masked tokens count nowhere)."""
-    from jaxquant.quantizer.tensor_quantizer import _mask_like
+    from jaxquant.quantizer.tensor_quantizer import masked_abs
 
-    if x.dtype in (jnp.bfloat16, jnp.float16):  # the rounded values the next op sees (TensorQuantizer.reduce_amax)
-        a = jnp.abs(round_to_dtype(x.astype(jnp.float32), x.dtype))
-    else:
-        a = jnp.abs(x.astype(jnp.float32))
-    m = _mask_like(token_mask, a)
-    if m is not None:
-        a = jnp.where(m, a, 0.0)
+    a = masked_abs(x, token_mask)  # the rounded values the next op sees, as TensorQuantizer.reduce_amax reads them
     pad = -a.shape[-1] % block_size
     if pad:
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])

@@ -117,6 +117,20 @@ def _mask_like(token_mask: jax.Array | None, x: jax.Array) -> jax.Array | None:
     return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
+def masked_abs(x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+    """``|x|`` in float32 with masked token positions zeroed (``token_mask [B, S]`` or None), the input of every
+    amax statistic. A bf16 / fp16 ``x`` is read back from its bits (``round_to_dtype``): the same values, but XLA
+    (CPU and GPU, ``xla_allow_excess_precision``) otherwise drops the round trip float32 -> bf16 -> float32 when
+    ``x`` is computed in the same program (``act(gate) * up``, RoPE, ``v_norm``), and the statistic saw the
+    unrounded float32 values instead of the bf16 tensor the next op (and ModelOpt's hook) gets."""
+    if x.dtype in (jnp.bfloat16, jnp.float16):
+        a = jnp.abs(round_to_dtype(x.astype(jnp.float32), x.dtype))
+    else:
+        a = jnp.abs(x.astype(jnp.float32))
+    m = _mask_like(token_mask, a)
+    return a if m is None else jnp.where(m, a, 0.0)
+
+
 class TensorQuantizer(nnx.Module):
     """One quantization site. See the module docstring for modes and shapes.
 
@@ -222,20 +236,8 @@ class TensorQuantizer(nnx.Module):
 
     # ------------------------------------------------------------------ statistics
     def reduce_amax(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
-        """max|x| reduced to ``amax``'s shape (float32), ignoring positions where mask is False.
-
-        A bf16 / fp16 ``x`` is read back from its bits (``round_to_dtype``): the same values, but XLA (CPU and GPU,
-        ``xla_allow_excess_precision``) otherwise drops the round trip float32 -> bf16 -> float32 when ``x`` is
-        computed in the same program (``act(gate) * up``, RoPE, ``v_norm``), and the statistic saw the unrounded
-        float32 values instead of the bf16 tensor the next op (and ModelOpt's hook) gets.
-        """
-        if x.dtype in (jnp.bfloat16, jnp.float16):
-            a = jnp.abs(round_to_dtype(x.astype(jnp.float32), x.dtype))
-        else:
-            a = jnp.abs(x.astype(jnp.float32))
-        m = _mask_like(token_mask, a)
-        if m is not None:
-            a = jnp.where(m, a, 0.0)
+        """max|x| reduced to ``amax``'s shape (float32), ignoring positions where mask is False (``masked_abs``)."""
+        a = masked_abs(x, token_mask)
         kind = quantizer_format(self.config.format)
         return kind.reduce_amax(a, self.amax.value.shape, self.instances, self.block_size)
 
