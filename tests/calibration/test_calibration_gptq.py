@@ -140,14 +140,9 @@ def test_blockwise_update_bit_equal_to_modelopt(fmt, gptq_block):
 # ----------------------------------------------------------------------------------------------- vs mtq.quantize
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    pytest.importorskip("torch")
-    from _hf_oracle import make_tiny
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import write_llama
 
-    d = tmp_path_factory.mktemp("gptq_llama")
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return make_tiny(LlamaForCausalLM, cfg, d), d
+    return write_llama(tmp_path_factory, "gptq_llama", layers=2, max_pos=128, heavy=False)
 
 
 def _recipe(wcfg, icfg, layerwise):

@@ -80,21 +80,9 @@ def test_fp8_scale_candidates_are_modelopts():
 @pytest.fixture(scope="module")
 def heavy_llama(tmp_path_factory):
     """A tiny HF Llama with heavy-tailed projection weights (where the search moves the amax), saved to disk."""
-    torch = pytest.importorskip("torch")
-    from _hf_oracle import make_tiny
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import write_llama
 
-    d = tmp_path_factory.mktemp("mse_llama")
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = make_tiny(LlamaForCausalLM, cfg, d)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("proj.weight"):
-                p.mul_(torch.distributions.StudentT(2.5).sample(p.shape).clamp(-30, 30).abs() ** 0.5)
-    model.save_pretrained(d)
-    return model, d
+    return write_llama(tmp_path_factory, "mse_llama", layers=2, max_pos=128)
 
 
 def _static_kernel_on_cpu(monkeypatch):
