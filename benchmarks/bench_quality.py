@@ -77,12 +77,19 @@ def recipe_config(source: str) -> dict:
 
 
 def plain(obj):
-    """Plain dicts / lists (the loader's located containers are subclasses; keys such as ``-1`` stay ints)."""
+    """Plain dicts / lists (the loader's located containers are subclasses; keys such as ``-1`` stay ints), the
+    ``"e2m1"``-style spellings of ``num_bits`` / ``scale_bits`` as ``(E, M)`` tuples (ModelOpt's export compares
+    ``num_bits == (2, 1)``; jaxquant reads either)."""
     if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
+        return {k: _bits(v) if k in ("num_bits", "scale_bits") else plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     return obj
+
+
+def _bits(v):
+    m = re.fullmatch(r"e(\d)m(\d)", v) if isinstance(v, str) else None
+    return (int(m[1]), int(m[2])) if m else plain(v)
 
 
 def weight_kinds(cfg: dict) -> set[str]:
@@ -94,9 +101,8 @@ def weight_kinds(cfg: dict) -> set[str]:
                 e.get("enable") is False:
             continue
         nb = c.get("num_bits")
-        kinds.add({"e2m1": "nvfp4", "e4m3": "fp8", 4: "int4", 8: "int8"}.get(
-            tuple(nb) if isinstance(nb, list) else nb, {(2, 1): "nvfp4", (4, 3): "fp8"}.get(
-                tuple(nb) if isinstance(nb, list) else None, str(nb))))
+        kinds.add({(2, 1): "nvfp4", (4, 3): "fp8", 4: "int4", 8: "int8"}.get(
+            tuple(nb) if isinstance(nb, (list, tuple)) else nb, str(nb)))
     return kinds
 
 
@@ -294,6 +300,9 @@ def parse_args(argv):
     p.add_argument("--calib-size", type=int, default=64)
     p.add_argument("--calib-seq", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--pack", action="store_true",
+                   help="full rows of --calib-seq tokens (no padding; ModelOpt's pack=True) instead of hf_ptq's left "
+                        "padding, whose pad positions raise ModelOpt's amax and never jaxquant's (docs/ptq.md)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seq", type=int, default=512)
     p.add_argument("--eval-batch-size", type=int, default=4)
@@ -323,13 +332,14 @@ def main(argv=None) -> int:
     windows = {k: eval_windows(tok, load_eval_text(name, split), seq_len=args.eval_seq, n_windows=args.eval_windows,
                                bos_id=special["bos_id"], vocab_size=vocab) for k, (name, split) in EVAL_TEXTS.items()}
     batches = build_calib_batches(None, tok, str(args.calib_size), args.calib_seq, args.batch_size, split="train",
+                                  pack=args.pack,
                                   pad_id=special["pad_id"], eos_id=special["eos_id"], vocab_size=vocab)
     base = {k: perplexity_of(loaded.model, w, args.eval_batch_size)[0].ppl for k, w in windows.items()}
     del loaded
     print(f"{desc}: fp32 baseline " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()), flush=True)
     argv_s = argv if argv is not None else sys.argv[1:]
     settings = {"calib": {"dataset": "lee_news (train)", "size": args.calib_size, "seq": args.calib_seq,
-                          "tokens": int(batches.num_tokens)},
+                          "tokens": int(batches.num_tokens), "padding": "packed rows" if args.pack else "left padding"},
                 "eval": {"texts": {k: f"{n} ({s})" for k, (n, s) in EVAL_TEXTS.items()}, "windows": args.eval_windows,
                          "seq": args.eval_seq}}
     report = {"command": "python benchmarks/bench_quality.py " + " ".join(argv_s), "model": desc,
@@ -337,10 +347,12 @@ def main(argv=None) -> int:
               "evaluator": "jaxquant.export.load_quantized(weights='dequantize', float32) + jaxquant.eval.perplexity",
               **settings, "baseline_ppl": base, "cells": []}
     done = {}
-    if args.resume and args.out and Path(args.out).is_file():
+    if args.resume and args.out and Path(args.out).is_file():  # keep every earlier cell; rerun none of them
         old = json.loads(Path(args.out).read_text())
         if all(old.get(k) == v for k, v in settings.items()):
             done = {(c["recipe"], c["algorithm"]): c for c in old["cells"]}
+            report["cells"] = list(done.values())
+            report["command"] = old["command"] + " ; " + report["command"]
     device = "cuda" if args.device_run else "cpu"
     for label in args.recipes.split(","):
         rcfg = recipe_config(RECIPES[label])
@@ -349,7 +361,6 @@ def main(argv=None) -> int:
             if cfg is None:
                 continue  # the algorithm does not apply to this recipe's formats
             if (label, algo) in done:
-                report["cells"].append(done[(label, algo)])
                 continue
             cell = {"recipe": label, "algorithm": algo, "config_algorithm": cfg["algorithm"]}
             with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:

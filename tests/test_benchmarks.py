@@ -97,7 +97,7 @@ def test_bench_quality_cells_are_data_driven():
     mse = bq.cell_config(nvfp4, "mse")
     w = [e["cfg"] for e in mse["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"]
     i = [e["cfg"] for e in mse["quant_cfg"] if e.get("quantizer_name") == "*input_quantizer"]
-    assert w[0]["block_sizes"] == {-1: 16, "type": "static", "scale_bits": "e4m3"}  # int key kept
+    assert w[0]["block_sizes"] == {-1: 16, "type": "static", "scale_bits": (4, 3)}  # int key, (E, M)
     assert i[0]["block_sizes"]["type"] == "dynamic"  # activations stay dynamic
     assert mse["algorithm"] == {"method": "mse", "fp8_scale_sweep": True}
     assert nvfp4["quant_cfg"][1]["cfg"]["block_sizes"]["type"] == "dynamic"  # the recipe itself is untouched
