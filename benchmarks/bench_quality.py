@@ -246,7 +246,7 @@ def markdown_table(report: dict) -> str:
     head = "| recipe | algorithm | " + " | ".join(f"jaxquant {t} | ModelOpt {t}" for t in texts) + " | jaxquant ≤ ModelOpt |"
     lines = [head, "|---|---|" + "---:|---:|" * len(texts) + "---|"]
     base = report["baseline_ppl"]
-    lines.append("| fp32 baseline | | " + " | ".join(f"{base[t]:.3f} | " for t in texts) + " |")
+    lines.append("| fp32 baseline | | " + " | ".join(f"{base[t]:.3f} | " for t in texts) + " | |")
     for c in report["cells"]:
         jq, mo = c.get("jaxquant"), c.get("modelopt")
         verdict = ""
@@ -311,11 +311,15 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="keep the cells already in --out (same settings)")
     p.add_argument("--out", default=None, help="write the JSON report here (after every cell)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
+    p.add_argument("--table-only", action="store_true", help="print the table of the report in --out; run nothing")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table_only:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return 0
     tools = set(args.tools.split(","))
     import jax
     import jax.numpy as jnp

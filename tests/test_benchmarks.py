@@ -130,3 +130,5 @@ def test_bench_quality_table_and_json(tmp_path, monkeypatch, capsys):
         assert mx["jaxquant"]["ppl"][t] == pytest.approx(mx["modelopt"]["ppl"][t], rel=1e-4)
     table = capsys.readouterr().out
     assert "| int8_sq | no_such_algorithm | not available |" in table and "| int8_sq | max |" in table
+    assert bq.main(["--table-only", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == table.strip().split("\n\n")[-1].strip()
