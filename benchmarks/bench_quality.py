@@ -321,6 +321,13 @@ def main(argv=None) -> int:
         print(markdown_table(json.loads(Path(args.out).read_text())))
         return 0
     tools = set(args.tools.split(","))
+    if args.device_run:  # torch and JAX share the GPU; exact float32 division as the `jaxquant` command sets it
+        import os
+
+        from jaxquant.numerics._exact import with_ieee_gpu_division
+
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
     import jax
     import jax.numpy as jnp
 
