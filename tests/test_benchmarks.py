@@ -95,3 +95,59 @@ def test_bench_synthetic_streamed_on_cpu(tmp_path):
     assert set(report["phases_s"]) >= {"forward passes", "export (waits on the writer)"}
     assert runs["plain"]["model.safetensors"] == runs["stream"]["model.safetensors"]
     assert runs["plain"] == runs["stream"]
+
+
+# ----------------------------------------------------------------------------------------------- bench_quality
+def _bench_quality():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    return bench_quality
+
+
+def test_bench_quality_cells_are_data_driven():
+    """Which (recipe, algorithm) cells exist, and the static NVFP4 weights of the weight-searching algorithms."""
+    bq = _bench_quality()
+    nvfp4 = bq.recipe_config(bq.RECIPES["nvfp4_default"])
+    int8 = bq.recipe_config(bq.RECIPES["int8_sq"])
+    assert bq.weight_kinds(nvfp4) == {"nvfp4"} and bq.weight_kinds(int8) == {"int8"}
+    assert bq.weight_kinds(bq.recipe_config(bq.RECIPES["fp8_qkvo-nvfp4_mlp"])) == {"fp8", "nvfp4"}
+    assert bq.cell_config(int8, "awq_lite") is None and bq.cell_config(nvfp4, "smoothquant") is None
+    mse = bq.cell_config(nvfp4, "mse")
+    w = [e["cfg"] for e in mse["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"]
+    i = [e["cfg"] for e in mse["quant_cfg"] if e.get("quantizer_name") == "*input_quantizer"]
+    assert w[0]["block_sizes"] == {-1: 16, "type": "static", "scale_bits": (4, 3)}  # int key, (E, M)
+    assert i[0]["block_sizes"]["type"] == "dynamic"  # activations stay dynamic
+    assert mse["algorithm"] == {"method": "mse", "fp8_scale_sweep": True}
+    assert nvfp4["quant_cfg"][1]["cfg"]["block_sizes"]["type"] == "dynamic"  # the recipe itself is untouched
+    assert bq.cell_config(int8, "max")["algorithm"] == "max"
+
+
+def test_bench_quality_table_and_json(tmp_path, monkeypatch, capsys):
+    """A tiny Llama, INT8 SmoothQuant with an algorithm jaxquant does not register: its cells say "not available",
+    the others have both tools' perplexity (ModelOpt's export read by jaxquant's loader) and the JSON is written."""
+    pytest.importorskip("torch")
+    pytest.importorskip("modelopt.torch.quantization")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_cli import write_tiny_checkpoint
+
+    bq = _bench_quality()
+    monkeypatch.setitem(bq.ALGORITHMS, "no_such_algorithm", ({"method": "no_such_algorithm"}, False, ("int8",)))
+    model = write_tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "q.json"
+    assert bq.main(["--model", str(model), "--recipes", "int8_sq", "--algorithms", "max,no_such_algorithm,awq_lite",
+                    "--calib-size", "4", "--calib-seq", "16", "--batch-size", "4", "--eval-windows", "2",
+                    "--eval-seq", "16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["baseline_ppl"]) == {"wiki", "lee"}
+    cells = {c["algorithm"]: c for c in report["cells"]}
+    assert set(cells) == {"max", "no_such_algorithm"}  # awq_lite does not apply to INT8
+    assert cells["no_such_algorithm"]["jaxquant"]["status"] == "not available"
+    mx = cells["max"]
+    assert mx["jaxquant"]["status"] == mx["modelopt"]["status"] == "ok", mx
+    for t in ("wiki", "lee"):  # same calibration ids, same max amax, one evaluator: the same perplexity
+        assert mx["jaxquant"]["ppl"][t] == pytest.approx(mx["modelopt"]["ppl"][t], rel=1e-4)
+    table = capsys.readouterr().out
+    assert "| int8_sq | no_such_algorithm | not available |" in table and "| int8_sq | max |" in table
+    assert bq.main(["--table-only", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == table.strip().split("\n\n")[-1].strip()
