@@ -140,7 +140,7 @@ def test_blockwise_update_bit_equal_to_modelopt(fmt, gptq_block):
 # ----------------------------------------------------------------------------------------------- vs mtq.quantize
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from conftest import write_llama
+    from _tiny_llama import write_llama
 
     return write_llama(tmp_path_factory, "gptq_llama", layers=2, max_pos=128, heavy=False)
 

@@ -80,7 +80,7 @@ def test_fp8_scale_candidates_are_modelopts():
 @pytest.fixture(scope="module")
 def heavy_llama(tmp_path_factory):
     """A tiny HF Llama with heavy-tailed projection weights (where the search moves the amax), saved to disk."""
-    from conftest import write_llama
+    from _tiny_llama import write_llama
 
     return write_llama(tmp_path_factory, "mse_llama", layers=2, max_pos=128)
 
