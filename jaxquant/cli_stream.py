@@ -83,7 +83,13 @@ def run_ptq_streamed(args, recipe, recipe_desc: str, timer, sizes: list[int], ca
     path = Path(args.model).expanduser()
     loaded, source = open_hf(path, dtype)
     model = loaded.model
-    tokenizer = loaded.tokenizer()
+    proc = getattr(args, "tokenizer_process", None)  # started by the command before its imports (jaxquant.tokenizer)
+    if proc is not None:
+        from jaxquant.tokenizer import tokenizer_via_process
+
+        tokenizer = tokenizer_via_process(proc)
+    else:
+        tokenizer = loaded.tokenizer()
     timer.add("open model", time.perf_counter() - t0)
     c = loaded.config
     _out(f"model: {path} (streamed: each decoder layer is read when its stage runs; docs/scale.md)")

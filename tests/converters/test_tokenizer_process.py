@@ -55,7 +55,8 @@ def test_a_refused_tokenizer_raises_the_same_error(tmp_path):
         tokenizer_via_process(proc)
 
 
-def test_ptq_export_is_the_same_with_the_child(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--layerwise"]], ids=["whole", "streamed"])
+def test_ptq_export_is_the_same_with_the_child(tmp_path, capsys, monkeypatch, extra):
     files = cli_files(tmp_path)
     out = {}
     served = []
@@ -66,7 +67,7 @@ def test_ptq_export_is_the_same_with_the_child(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv("JAXQUANT_TOKENIZER_PROCESS", env)
         d = tmp_path / f"export{env}"
         rc = main(["ptq", "--model", files["model"], "--dataset", files["calib"], "--calib-size", "12",
-                   "--calib-seq", "24", "--batch-size", "4", "--quiet", "--export-path", str(d)])
+                   "--calib-seq", "24", "--batch-size", "4", "--quiet", "--export-path", str(d), *extra])
         assert rc == 0, capsys.readouterr().err
         out[env] = {p.name: p.read_bytes() for p in sorted(d.iterdir())}
         assert bool(served) == (env == "1")  # the calibration text went through the child only when asked to
