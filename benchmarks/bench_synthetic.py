@@ -188,7 +188,7 @@ def run_streamed(args, hf_config) -> dict:
         raise
     total = time.perf_counter() - t_all
     t = res.timings
-    phases = {"plan the export layout": plan_s, "generate + copy parameters": t["load"],
+    phases = {"plan the export layout": plan_s, "wait for parameters": t["load"],
               "weight amax": t["weights"], "compile": t["compile"], "forward passes": t["calibrate"],
               "finalize": t["finalize"], "export (waits on the writer)": t["export"]}
     n_params = sum(int(np.prod(s)) for s in source.shapes.values())

@@ -9,21 +9,23 @@ memory-mapped safetensors, or the synthetic generator) is read one stage at a ti
    until the end; its weight amax; its export tensors handed to the export (its activation scales come last).
 2. **Prologue** over every calibration batch: the hidden states between two layers stay on the device
    (``rows x seq x hidden`` in the model dtype).
-3. **Decoder layer i**: its parameters read from ``source`` straight to the device; its weight amax; every batch
+3. **Decoder layer i**: its parameters read from ``source`` straight to the device (on a reader thread, while
+   layer i - 1 runs: reading overlaps the device work); its weight amax; every batch
    through it (``stages.StagedStep``: the same executables, hence the same statistics as the whole-model order for
    ``max``); its amax finalized (``finalize`` over the layer's quantizers: fused siblings and MoE experts never span
    two layers); its export tensors computed on the device and written into the export's shards
    (``export.streamed.StreamedExport.publish``). Then its parameters are dropped from the device and the host.
 4. **Head** over every batch, the shell's activation scales, ``finish()``: the JSON files, validation, publish.
 
-Peak device memory: one decoder layer + the activations + the export kernels' buffers (+ the shell during the
-prologue and the head). Host memory: the shell, one layer in flight and the export's in-flight tensors, whatever the
-depth. Only ``max`` streams: an algorithm that searches or changes weights (``mse``, ``awq``, ``smoothquant``,
+Peak device memory: two decoder layers (the one running, the next one being read) + the activations + the export
+kernels' buffers (+ the shell during the prologue and the head). Host memory: the shell, one layer being read and the
+export's in-flight tensors, whatever the depth. Only ``max`` streams: an algorithm that searches or changes weights (``mse``, ``awq``, ``smoothquant``,
 ``local_hessian``) needs them after the forward passes (``streaming_refusal``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import logging
 import time
@@ -148,7 +150,7 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
                       park: Any = None, options: dict[str, Any] | None = None, workers: int | None = None):
     """Calibrate (``max``, layer by layer) and export the model of ``loaded`` reading its parameters from
     ``source`` one stage at a time (module doc). Returns ``(QuantizeResult, ExportSummary or None)``; the result's
-    ``timings`` (seconds) are ``load`` (reading parameters), ``weights``, ``compile``, ``calibrate`` (forward passes),
+    ``timings`` (seconds) are ``load`` (waiting for parameters: the next layer is read while one runs), ``weights``, ``compile``, ``calibrate`` (forward passes),
     ``finalize``, ``export`` (waiting on the export writer) and ``total``.
 
     Args:
@@ -194,6 +196,18 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
             items = [dataclasses.replace(it, sharding=jax.sharding.SingleDeviceSharding(where)) for it in items]
         timed("load", load_params, items, source, dtype=dtype, workers=workers)
 
+    # decoder layer i + 1 is read (host reads and copies to the device) while layer i runs on the device
+    reader = cf.ThreadPoolExecutor(1, thread_name_prefix="jaxquant-prefetch")
+    reads: dict[int, cf.Future] = {}
+
+    def prefetch(i):
+        if i < stages.n_layers and i not in reads:
+            reads[i] = reader.submit(load_params, stages.load[i], source, dtype=dtype, workers=workers)
+
+    def wait_for_layer(i):  # the time the calibration waits for the layer's parameters counts as "load"
+        prefetch(i)
+        timed("load", reads.pop(i).result)
+
     # ---- the shell: parameters, weight amax, its tensors of the export
     load(None, park)
     with without_layers(model) as shell:
@@ -225,6 +239,7 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
 
     bar = _bar(stages.n_layers + 2, progress)
     try:
+        prefetch(0)  # read while the prologue runs
         shell_rest = on_default_device(step.shell.rest)
         step.shell.amax = on_default_device(step.shell.amax)
         acts = [timed("calibrate", step.run_prologue, ids, mask, shell_rest) for _, ids, mask, _ in data]
@@ -234,7 +249,8 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
             bar.update(1)
         for i in range(stages.n_layers):
             layer = model.model.layers[i]
-            load(i, None)
+            wait_for_layer(i)
+            prefetch(i + 1)
             timed("weights", _calibrate_weights, layer)
             check_weights_finite(stages.sites[i])
             step.refresh(i)
@@ -264,6 +280,9 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
         if bar is not None:
             bar.update(1)
     finally:
+        for f in reads.values():  # after a failure: no reader thread is left setting parameters
+            f.cancel()
+        reader.shutdown(wait=True)
         if bar is not None:
             bar.close()
     stats.run_s = timings["calibrate"]

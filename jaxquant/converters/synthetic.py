@@ -3,15 +3,19 @@
 ``load_synthetic(hf_config, seed=0)`` builds the model exactly as ``load_hf`` does (``plan_load`` + ``load_params``: the same
 threads, dtype casts, finite checks and device copies) from a ``SyntheticSource`` that generates each tensor when
 the loader asks for it instead of reading it from safetensors files: weights (``ndim >= 2``) are normal with
-standard deviation 0.02, vectors (norm weights, biases) 1 + 0.02 * normal, each from its own generator seeded by
-``(seed, crc32(HF name))``, so the values are the same whatever the load order or thread count. The full-depth
-Gemma-4-31B shape (62 GB in bf16) then runs on a machine whose disk could not hold it
-(``benchmarks/bench_synthetic.py``). Generation is on the host, about as fast as reading a file from the page cache
-per thread.
+standard deviation 0.02, vectors (norm weights, biases) 1 + 0.02 * normal. The full-depth Gemma-4-31B shape (62 GB
+in bf16) then runs on a machine whose disk could not hold it (``benchmarks/bench_synthetic.py``).
+
+Drawing 30 billion normal numbers takes minutes (numpy draws about 200 million a second), longer than the job it
+feeds, so the source draws one pool of ``POOL`` normal numbers per seed and cuts every tensor out of it as a copy:
+tensor ``name`` is the pool read cyclically from offset ``crc32(name) mod POOL``. The values are the same whatever
+the load order or thread count, and a copy runs at memory speed. ``POOL`` is a prime, so the rows of a matrix do
+not repeat each other; the values do repeat every ``POOL`` elements (a benchmark input, not a model).
 """
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +30,22 @@ from jaxquant.models.decoder import abstract_model
 
 #: Standard deviation of the generated weights (transformers' default ``initializer_range``).
 STD = 0.02
+#: Length of the pool of normal numbers every tensor is cut from (a prime a little above 2**24: 64 MiB in float32).
+POOL = 16_777_259
+
+_pools: dict[int, np.ndarray] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(seed: int) -> np.ndarray:
+    """The seed's pool: ``POOL`` float32 normal numbers times ``STD`` (drawn once per process and seed)."""
+    with _pools_lock:
+        pool = _pools.get(seed)
+        if pool is None:
+            pool = np.random.default_rng(seed).standard_normal(POOL, dtype=np.float32)
+            pool *= STD
+            _pools[seed] = pool
+        return pool
 
 
 class SyntheticSource:
@@ -47,13 +67,18 @@ class SyntheticSource:
 
     def get(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32 (``materialize`` casts it to the load dtype)."""
-        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        pool = _pool(self.seed)
         shape = self.shapes[name]
-        x = rng.standard_normal(shape, dtype=np.float32)
-        x *= STD
+        n = int(np.prod(shape, dtype=np.int64))
+        x = np.empty(n, np.float32)
+        done, start = 0, zlib.crc32(name.encode()) % POOL
+        while done < n:  # the pool read cyclically: one copy per wrap
+            k = min(n - done, POOL - start)
+            x[done:done + k] = pool[start:start + k]
+            done, start = done + k, 0
         if len(shape) < 2:
             x += 1.0
-        return x
+        return x.reshape(shape)
 
     def where(self, name: str) -> str:
         return f"synthetic checkpoint (seed {self.seed})"
@@ -85,4 +110,4 @@ def load_synthetic(hf_config: Mapping[str, Any], dtype=jnp.bfloat16, *, seed: in
     return loaded
 
 
-__all__ = ["STD", "SyntheticSource", "load_synthetic", "open_synthetic"]
+__all__ = ["POOL", "STD", "SyntheticSource", "load_synthetic", "open_synthetic"]

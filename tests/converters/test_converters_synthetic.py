@@ -46,3 +46,22 @@ def test_calibrates_and_exports(tmp_path):
     got = np.asarray(back.model(jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids))))
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
     assert jax.tree_util.tree_leaves(ref)
+
+
+def test_a_tensor_longer_than_the_pool_reads_it_cyclically():
+    """Tensors are cut from one pool of POOL normal numbers from offset crc32(name) mod POOL, wrapping around."""
+    import zlib
+
+    from jaxquant.converters.synthetic import POOL, _pool
+
+    loaded = load_synthetic(HF, jnp.float32)
+    src = SyntheticSource(loaded.config, loaded.name_map, seed=5)
+    src.shapes = {"w": (3, (POOL + 7) // 3 + 1), "v": (POOL + 3,)}
+    pool = _pool(5)
+    for name, add in (("w", 0.0), ("v", 1.0)):
+        n = int(np.prod(src.shapes[name]))
+        want = np.take(pool, (zlib.crc32(name.encode()) % POOL + np.arange(n)) % POOL) + np.float32(add)
+        got = src.get(name)
+        assert got.shape == src.shapes[name] and got.dtype == np.float32
+        np.testing.assert_array_equal(got.reshape(-1), want)
+    assert abs(float(pool.std()) - STD) < 0.01 * STD
