@@ -26,6 +26,7 @@ from jaxquant.formats.base import F32, DeferredCheck, TensorSpec, finite_stats
 from jaxquant.formats.int4 import BLOCKS, W4A16AWQ, INT4BlockQuantizer
 from jaxquant.numerics import fp8 as fp8_num
 from jaxquant.numerics import int4 as int4_num
+from jaxquant.numerics._exact import round_to_dtype
 from jaxquant.formats.fp8 import FP8Activations
 
 
@@ -38,8 +39,15 @@ def _per_tensor(global_amax, ndim: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("block",))
 def fake_quant(x: jax.Array, block_amax, amax, block: int) -> jax.Array:
     """``fp8_fq(int4_fq(x, block_amax), amax)``: INT4 blocks of ``block`` (``block_amax`` ``[..., nb, 1]``), then FP8
-    per tensor (``amax`` ``[]`` or ``[E, 1, ...]``); the result has ``x``'s dtype, as each step of ModelOpt's."""
-    return fp8_num.fake_quant(int4_num.fake_quant(x, block_amax, block), _per_tensor(amax, x.ndim))
+    per tensor (``amax`` ``[]`` or ``[E, 1, ...]``); the result has ``x``'s dtype, as each step of ModelOpt's.
+
+    The INT4 step's bf16 / fp16 result is read back from its bits (``round_to_dtype``) before the FP8 step: XLA's
+    GPU backend (``xla_allow_excess_precision``) otherwise drops that rounding and the FP8 step sees float32 values
+    (6 of the 372 golden digests differed on an H100 before this)."""
+    y = int4_num.fake_quant(x, block_amax, block)
+    if y.dtype != jnp.float32:
+        y = round_to_dtype(y.astype(jnp.float32), y.dtype)
+    return fp8_num.fake_quant(y, _per_tensor(amax, x.ndim)).astype(x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype",))
