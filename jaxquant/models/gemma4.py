@@ -182,7 +182,7 @@ def _norm(dim: int, config: ModelConfig, dtype, with_scale: bool = True) -> Gemm
 
 
 class Gemma4Attention(Attention):
-    """``Gemma4TextAttention`` with ModelOpt's quantizer sites (projections + ``{q,k,v}_bmm_quantizer``).
+    """``Gemma4TextAttention`` with ModelOpt's quantizer sites (projections + ``{q,k,v,p}_bmm_quantizer``).
 
     An ``Attention`` for everything that looks for attention modules (the loaders configure its KV
     fake quant from ``k_proj.k_scale`` / ``v_proj.v_scale``), with its own geometry and forward; it
@@ -219,6 +219,7 @@ class Gemma4Attention(Attention):
         self.q_bmm_quantizer = TensorQuantizer()
         self.k_bmm_quantizer = TensorQuantizer()
         self.v_bmm_quantizer = TensorQuantizer()
+        self.p_bmm_quantizer = TensorQuantizer()
 
     def __call__(self, x, *, cos, sin, mask, shared_kv: dict, token_mask=None):
         b, s, _ = x.shape
@@ -237,7 +238,7 @@ class Gemma4Attention(Attention):
         q = self.q_bmm_quantizer(q, token_mask=token_mask)
         k = self.k_bmm_quantizer(k, token_mask=token_mask)
         v = self.v_bmm_quantizer(v, token_mask=token_mask)
-        out = dot_product_attention(q, k, v, mask, scaling=self.scaling)
+        out = dot_product_attention(q, k, v, mask, scaling=self.scaling, probs_quantizer=self.p_bmm_quantizer)
         return self.o_proj(out.reshape(b, s, self.num_heads * hd), token_mask=token_mask)
 
 

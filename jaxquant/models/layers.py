@@ -295,11 +295,17 @@ def attention_mask(attention_mask: jax.Array | None, batch: int, seq: int,
     return m
 
 
-def dot_product_attention(q, k, v, mask, *, scaling: float, softcap: float | None = None):
+def dot_product_attention(q, k, v, mask, *, scaling: float, softcap: float | None = None, probs_quantizer=None):
     """Grouped-query attention like transformers' eager path.
 
     Args:
       q: ``[B, S, Hq, D]``; k, v: ``[B, T, Hkv, D]``; mask: bool broadcastable to ``[B, 1, S, T]``.
+      probs_quantizer: the attention's ``p_bmm_quantizer`` (or None). When it fake-quantizes, the probabilities
+        are quantized as ModelOpt's flash-attention kernel does: ``p = exp(scores - row max)`` (unnormalised, in
+        [0, 1]) goes through the quantizer, the row sum stays that of the unquantized ``p``, and the output is
+        ``(quantized p @ v) / row sum``. ModelOpt's kernel does this per key tile against a running max, so its
+        rounding depends on the tile size; here the row's final max is used (one tile spanning the row). Off, or
+        calibrating, the plain softmax runs (ModelOpt's calibration never quantizes P either).
     Returns:
       ``[B, S, Hq, D]`` in q's dtype. Scores are computed in the input dtype, softmax in float32.
     """
@@ -313,6 +319,13 @@ def dot_product_attention(q, k, v, mask, *, scaling: float, softcap: float | Non
     scores = scores.astype(jnp.float32)
     m = mask[:, :, None] if mask.ndim == 4 else mask  # [B, 1, 1, S, T]
     scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+    if probs_quantizer is not None and probs_quantizer.enabled and probs_quantizer.mode == "fake_quant":
+        p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        row_sum = jnp.sum(p, axis=-1)  # [B, Hkv, G, S]
+        pq = probs_quantizer(p).astype(v.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", pq, v).astype(jnp.float32)
+        out = out / jnp.moveaxis(row_sum, -1, 1)[..., None]
+        return out.astype(v.dtype).reshape(b, s, hq, d)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, hq, d)
@@ -321,8 +334,9 @@ def dot_product_attention(q, k, v, mask, *, scaling: float, softcap: float | Non
 class Attention(nnx.Module):
     """Self-attention of one decoder layer (``self_attn``): GQA, optional q/k norm, RoPE, masks.
 
-    Quantizer sites: the four projections' linear quantizers, and ``q_bmm_quantizer`` /
-    ``k_bmm_quantizer`` / ``v_bmm_quantizer`` on the post-RoPE q, k, v ``[B, S, heads, head_dim]``.
+    Quantizer sites: the four projections' linear quantizers, ``q_bmm_quantizer`` / ``k_bmm_quantizer`` /
+    ``v_bmm_quantizer`` on the post-RoPE q, k, v ``[B, S, heads, head_dim]``, and ``p_bmm_quantizer`` on the
+    softmax probabilities (``dot_product_attention``).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -348,6 +362,12 @@ class Attention(nnx.Module):
         self.q_bmm_quantizer = TensorQuantizer()
         self.k_bmm_quantizer = TensorQuantizer()
         self.v_bmm_quantizer = TensorQuantizer()
+        self.p_bmm_quantizer = TensorQuantizer()
+
+    def constant_amax_of(self, attr: str) -> float | None:
+        """The amax of a quantizer calibration never sets (``recipe.apply``): 1.0 for ``p_bmm_quantizer``, the
+        bound of the unnormalised probabilities and ModelOpt's kernel default (ModelOpt never calibrates P)."""
+        return 1.0 if attr == "p_bmm_quantizer" else None
 
     def bmm_tensor_shape(self, attr: str) -> tuple[int, ...] | None:
         """``[1, 1, heads, head_dim]`` of the tensor a bmm quantizer sees (batch and sequence unknown: 1), for the
@@ -371,7 +391,8 @@ class Attention(nnx.Module):
         q = self.q_bmm_quantizer(q, token_mask=token_mask)
         k = self.k_bmm_quantizer(k, token_mask=token_mask)
         v = self.v_bmm_quantizer(v, token_mask=token_mask)
-        out = dot_product_attention(q, k, v, mask, scaling=self.scaling, softcap=self.softcap)
+        out = dot_product_attention(q, k, v, mask, scaling=self.scaling, softcap=self.softcap,
+                                    probs_quantizer=self.p_bmm_quantizer)
         return self.o_proj(out.reshape(b, s, self.num_heads * hd), token_mask=token_mask)
 
 

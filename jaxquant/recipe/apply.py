@@ -17,12 +17,16 @@ may define:
 * ``quantizer_tensor_shape(attr_name) -> tuple | None``: the shape of the tensor the quantizer
   sees (for per-channel / static-block amax). Without it a ``weight_quantizer`` uses
   ``parent.weight``'s shape when there is one.
+* ``constant_amax_of(attr_name) -> float | None``: an amax calibration never sets, pinned as the
+  config's ``constant_amax`` (attention's ``p_bmm_quantizer``: 1.0).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -121,6 +125,41 @@ def _tensor_shape(parent: Any, attr: str, cfg: Any = None) -> tuple | None:
     return None
 
 
+class EmbeddingNotQuantizedWarning(UserWarning):
+    """The recipe would quantize a token embedding in ModelOpt; jaxquant's embeddings hold no quantizer."""
+
+
+def _warn_quantized_embeddings(rules: Any, model: Any, to_name: Callable[[str], str]) -> None:
+    """ModelOpt gives every ``nn.Embedding`` a weight quantizer (not Gemma's scaled embeddings): a recipe that leaves
+    it enabled (no ``parent_class: nn.Embedding`` exclusion) makes ModelOpt quantize the token table. jaxquant's
+    embeddings hold no quantizer, so the embedding stays unquantized: said here, loudly, not silently."""
+    emb = [to_name(".".join(map(str, p)) + ".weight_quantizer") for p, m in module_table(model).items()
+           if getattr(m, "modelopt_class", None) == "nn.Embedding" and getattr(m, "scale", None) is None]
+    if not emb:
+        return
+    got = resolve(rules, [QuantizerSite(n, "nn.Embedding") for n in emb]).configs
+    on = [n for n in emb if got.get(n) is not None and got[n].enable]
+    if on:
+        warnings.warn(
+            f"the recipe enables {on[0]} ({format_name(got[on[0]])}): ModelOpt would quantize the token embedding; "
+            "jaxquant does not quantize embeddings, so it stays unquantized. Add the rule {quantizer_name: '*', "
+            "parent_class: nn.Embedding, enable: false} (ModelOpt's default_disabled_quantizers unit has it) to "
+            "say so in the recipe.", EmbeddingNotQuantizedWarning, stacklevel=3)
+
+
+def _with_constant_amax(parent: Any, attr: str, cfg: Any) -> Any:
+    """``cfg`` with the parent's ``constant_amax_of(attr)`` pinned when calibration never sets that quantizer's
+    amax (the softmax probabilities: ModelOpt quantizes them only inside its attention kernel, with amax 1.0
+    unless one is given). A config with a constant amax of its own, dynamic or sequential, is kept."""
+    fn = getattr(parent, "constant_amax_of", None)
+    if cfg is None or not cfg.enable or not callable(fn) or not hasattr(cfg, "constant_amax"):
+        return cfg
+    amax = fn(attr)
+    if amax is None or not cfg.needs_calibration:
+        return cfg
+    return dataclasses.replace(cfg, constant_amax=float(amax))
+
+
 def default_name_map(model: Any) -> Callable[[str], str]:
     """NNX path -> ModelOpt (HF) name for ``model``: our decoders keep a text-only tree under
     ``model.`` while HF multimodal checkpoints put it under e.g. ``model.language_model.``; the
@@ -182,6 +221,8 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
         sites.extend(QuantizerSite(n, cls) for n in full)
     res = resolve(rules, sites)
     res.recipe = rec
+    if warn:
+        _warn_quantized_embeddings(rules, model, to_name)
 
     per_quantizer: dict[str, Any] = {}
     for path, *_ in found:
@@ -228,6 +269,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
         if cfg is None and names[path][0] in res.disabled_rotating:  # disabled, but rotates its input
             cfg = res.disabled_rotating[names[path][0]]
         shape = _tensor_shape(parent, attr, cfg) if cfg is not None and cfg.enable else None
+        cfg = _with_constant_amax(parent, attr, cfg)
         try:
             q.configure(cfg, tensor_shape=shape)
         except UnsupportedError as e:

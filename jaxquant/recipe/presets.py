@@ -42,9 +42,11 @@ MODELOPT_QFORMATS = (
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
 PENDING_QFORMATS = {
-    "nvfp4_fp8_mha": ("FP8 fake quant of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
-                      "inside its CUDA-only Triton flash-attention kernel to the unnormalised, tile-wise P (so its "
-                      "rounding depends on the kernel's tiling)"),
+    "nvfp4_fp8_mha": ("quantized token embeddings: ModelOpt wrote this preset for diffusers and it has no "
+                      "nn.Embedding exclusion, so on a language model ModelOpt also exports embed_tokens as "
+                      "W4A16_NVFP4 (MIXED_PRECISION), and jaxquant does not quantize embeddings. Its attention part "
+                      "(FP8 q / k / v and softmax probabilities) is the unit configs/ptq/units/attention_qkv_fp8, "
+                      "which composes with the nvfp4 preset"),
     "nvfp4_svdquant": "the svdquant calibration algorithm",
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.

@@ -197,7 +197,8 @@ def export_recipe_like_modelopt(src: Path, cfg: dict, amax: dict, dtype: str, ou
     res = apply_recipe(loaded.model, cfg, warn=False)
     n = 0
     for s in quantizer_sites(loaded.model):
-        if s.quantizer.enabled and not s.quantizer.config.is_dynamic:  # dynamic ones hold no amax
+        cfg = s.quantizer.config if s.quantizer.enabled else None
+        if cfg is not None and not cfg.is_dynamic and cfg.fixed_amax is None:  # dynamic / constant: no calibrated amax
             q, name = s.quantizer, s.names[0]
             if name not in amax and f"{name}.0" in amax:  # a SequentialQuantizer: INT4 blocks (0), then FP8 (1)
                 q.global_amax.value = jnp.asarray(amax[f"{name}.1"], jnp.float32).reshape(q.global_amax.value.shape)
