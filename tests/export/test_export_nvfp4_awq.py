@@ -1,0 +1,162 @@
+"""NVFP4_AWQ (NVFP4 with an AWQ ``pre_quant_scale``; hf_ptq ``--qformat nvfp4_awq_lite`` / ``_clip`` / ``_full``)
+against nvidia-modelopt 0.47's ``export_hf_checkpoint`` on CPU.
+
+ModelOpt's NVFP4 fake quant needs CUDA, so its AWQ search cannot run here; its max calibration (statistics only) and its
+export can. The comparison therefore max-calibrates the tiny Llama with ModelOpt's ``nvfp4_awq_lite`` quant_cfg, gives
+every linear's input quantizer a pre_quant_scale (random in [0.5, 2), in the model dtype) as AWQ would, exports with
+ModelOpt, and hands jaxquant the same amax and pre_quant_scale. What must be byte-identical, and is: every tensor (the
+down_proj scale folded into up_proj's rows and, without grouped-query heads, o_proj's into v_proj's; q/k/v and gate/up
+averaged, re-smoothed and folded into the norms; o_proj's pre_quant_scale kept with grouped-query heads), and
+hf_quant_config.json / config.json (``NVFP4_AWQ``, ``group_size`` 16, ``has_zero_point`` false, ``pre_quant_scale``
+true; no config_groups). Then jaxquant's own ``nvfp4_awq_lite`` calibration exports, passes ``jaxquant check`` and
+loads back (``load_quantized``) with the fake-quant model's logits.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("modelopt.torch.export")
+
+import _export_modelopt_ref as R  # noqa: E402
+
+
+def _llama(path, dtype, kv_heads):
+    """Tiny Llama: hidden 64, intermediate 96 (whole NVFP4 blocks of 16), 4 heads, ``kv_heads`` K/V heads."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=False)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    m = m.to(getattr(torch, dtype))
+    m.save_pretrained(str(path))
+    return m
+
+
+def _cfg(weight_only: bool):
+    """ModelOpt's nvfp4_awq_lite quant_cfg with max calibration (``weight_only``: input quantizers off)."""
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    cfg = copy.deepcopy(QUANT_CFG_CHOICES["nvfp4_awq_lite"])
+    assert cfg["algorithm"] == "awq_lite"
+    cfg["algorithm"] = "max"
+    if weight_only:
+        cfg["quant_cfg"].insert(2, {"quantizer_name": "*input_quantizer", "enable": False})
+        del cfg["quant_cfg"][3]
+    return cfg
+
+
+def _set_pqs(model) -> dict:
+    """Give every quantized linear's input quantizer a pre_quant_scale (model dtype); returns them as float32."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "input_quantizer") and mod.weight_quantizer.is_enabled:
+            p = (torch.rand(mod.weight.shape[1], generator=g) * 1.5 + 0.5).to(mod.weight.dtype)
+            mod.input_quantizer._enable_pre_quant_scale = True
+            mod.input_quantizer.pre_quant_scale = p
+            out[name + ".input_quantizer"] = p.float().numpy().copy()
+    return out
+
+
+def _jaxquant_export(src, cfg, amax, pqs, dtype, out):
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantizer_sites
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.recipe import apply_recipe
+
+    loaded = load_hf(src, dtype=getattr(jnp, dtype))
+    res = apply_recipe(loaded.model, copy.deepcopy(cfg), warn=False)
+    seen = 0
+    for s in quantizer_sites(loaded.model):
+        name = s.names[0]
+        if name in pqs:
+            s.quantizer.set_pre_quant_scale(pqs[name])
+            seen += 1
+        if s.quantizer.enabled:
+            s.quantizer.amax.value = jnp.asarray(amax[name], jnp.float32).reshape(s.quantizer.amax.value.shape)
+    assert seen == len(pqs) == 14
+    export_hf(loaded, out, resolution=res)
+
+
+@pytest.mark.parametrize("dtype,kv_heads,weight_only", [("float32", 2, False), ("float32", 4, False),
+                                                         ("bfloat16", 4, False), ("bfloat16", 2, True)])
+def test_nvfp4_awq_byte_identical_to_modelopt(tmp_path, dtype, kv_heads, weight_only):
+    src = tmp_path / "src"
+    model = _llama(src, dtype, kv_heads)
+    cfg = _cfg(weight_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        amax = R.modelopt_quantize(model, cfg)
+        pqs = _set_pqs(model)
+        R.modelopt_export(model, tmp_path / "mo", dtype)
+    _jaxquant_export(src, cfg, amax, pqs, dtype, tmp_path / "jq")
+    ref = R.assert_same_export(tmp_path / "mo", tmp_path / "jq")
+
+    q = R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]
+    assert (q["quant_algo"], q["group_size"], q["has_zero_point"], q["pre_quant_scale"]) == ("NVFP4_AWQ", 16, False,
+                                                                                             True)
+    assert "config_groups" not in R.json_of(tmp_path / "jq" / "config.json")["quantization_config"]
+    layer = "model.layers.1."
+    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj",
+              "mlp.down_proj"):  # folded into the norms, or (down_proj) into up_proj
+        assert layer + m + ".pre_quant_scale" not in ref, m
+    o_pqs = layer + "self_attn.o_proj.pre_quant_scale"
+    assert (o_pqs in ref) == (kv_heads == 2)  # grouped-query heads: not folded into v_proj
+    assert (layer + "mlp.up_proj.input_scale" in ref) == (not weight_only)
+    assert ref[layer + "mlp.up_proj.weight"][:2] == ("U8", (96, 32))
+    assert len({ref[layer + f"self_attn.{p}_proj.weight_scale_2"][2] for p in "qkv"}) == 1  # one per fused GEMM
+
+
+def test_mixed_precision_config_group():
+    """A MIXED_PRECISION checkpoint's NVFP4_AWQ group is ModelOpt's ``_quant_algo_to_group_config`` entry."""
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format as mo_convert
+
+    from jaxquant.export.quant_config import convert_hf_quant_config_format
+
+    entry = {"quant_algo": "NVFP4_AWQ", "group_size": 16, "has_zero_point": False, "pre_quant_scale": True}
+    hq = {"producer": {"name": "x", "version": "0"},
+          "quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "exclude_modules": [],
+                           "quantized_layers": {"a.q_proj": entry, "a.o_proj": {"quant_algo": "FP8"}}}}
+    assert convert_hf_quant_config_format(copy.deepcopy(hq)) == mo_convert(copy.deepcopy(hq))
+
+
+def test_static_nvfp4_with_pre_quant_scale_refused(tmp_path):
+    """Static-block NVFP4 (mse) with a pre_quant_scale has no pqs_format: the export says so, naming the layer."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantizer_sites
+    from jaxquant.converters import load_hf
+    from jaxquant.errors import UnsupportedError
+    from jaxquant.export import export_hf
+    from jaxquant.recipe import apply_recipe
+
+    src = tmp_path / "src"
+    _llama(src, "float32", 2)
+    loaded = load_hf(src, dtype=jnp.float32)
+    cfg = _cfg(False)
+    cfg["quant_cfg"][1]["cfg"]["block_sizes"]["type"] = "static"
+    apply_recipe(loaded.model, cfg, warn=False)
+    for s in quantizer_sites(loaded.model):
+        if s.quantizer.enabled:
+            s.quantizer.amax.value = jnp.ones_like(s.quantizer.amax.value)
+            if getattr(s.quantizer, "global_amax", None) is not None:
+                s.quantizer.global_amax.value = jnp.ones_like(s.quantizer.global_amax.value)
+        if s.names[0].endswith("layers.0.mlp.down_proj.input_quantizer"):
+            s.quantizer.set_pre_quant_scale(np.ones(96, np.float32))
+    with pytest.raises(UnsupportedError, match=r"layers\.0\.mlp\.down_proj: a pre_quant_scale with format "
+                                               r"nvfp4_static .*nvfp4_awq"):
+        export_hf(loaded, tmp_path / "out")
