@@ -160,3 +160,131 @@ def test_static_nvfp4_with_pre_quant_scale_refused(tmp_path):
     with pytest.raises(UnsupportedError, match=r"layers\.0\.mlp\.down_proj: a pre_quant_scale with format "
                                                r"nvfp4_static .*nvfp4_awq"):
         export_hf(loaded, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------- load back
+def _batches():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 96, (2, 12), generator=g).numpy() for _ in range(2)]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_power_of_two_scales_load_back_bit_exact(tmp_path, kv_heads):
+    """With pre_quant_scales that are powers of two <= 1, the same for fused siblings, and 1 on the row of up_proj's
+    / v_proj's largest weight, every export step (folding into norms, into up_proj / v_proj rows) is exact in float32
+    and keeps each NVFP4 global scale, so the loaded checkpoint's logits equal the fake-quant model's bit for bit."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.export.load_quantized import load_quantized
+    from jaxquant.io.safetensors import CheckpointFiles
+    from jaxquant.recipe import apply_recipe
+
+    src = tmp_path / "src"
+    _llama(src, "float32", kv_heads)
+    loaded = load_hf(src, dtype=jnp.float32)
+    res = apply_recipe(loaded.model, _cfg(False), warn=False)
+    rng = np.random.default_rng(0)
+
+    def smooth(lin, p):
+        lin.input_quantizer.set_pre_quant_scale(p)
+        lin.weight_quantizer.set_pre_quant_scale(np.float32(1.0) / p)
+
+    for layer in loaded.model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for lins, n in (((a.q_proj, a.k_proj, a.v_proj), 64), ((a.o_proj,), 64), ((m.gate_proj, m.up_proj), 64),
+                        ((m.down_proj,), 96)):
+            p = (2.0 ** -rng.integers(0, 3, n)).astype(np.float32)
+            for lin in lins:
+                smooth(lin, p)
+        for into, src_lin in ((m.up_proj, m.down_proj), (a.v_proj, a.o_proj)):
+            w = np.asarray(into.weight_quantizer.scaled(jnp.asarray(into.weight[...])))
+            p = np.array(src_lin.input_quantizer.pre_quant_scale.get_value())
+            if p.shape[0] == w.shape[0]:
+                p[np.abs(w).max(axis=1).argmax()] = 1.0
+                smooth(src_lin, p)
+    quantize(loaded.model, res, [(b, None) for b in _batches()], progress=False)
+    ids = jnp.asarray(_batches()[0])
+    ref = np.asarray(loaded.model(ids, None))
+    export_hf(loaded, tmp_path / "out")
+    names = set(CheckpointFiles.open(tmp_path / "out").keys())
+    assert {n for n in names if n.endswith("pre_quant_scale")} == (
+        {f"model.layers.{i}.self_attn.o_proj.pre_quant_scale" for i in range(2)} if kv_heads == 2 else set())
+    got = np.asarray(load_quantized(tmp_path / "out", dtype=jnp.float32).model(ids, None))
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.slow  # awq_lite's compile: about 30 s on 2 cores
+def test_nvfp4_awq_lite_exports_and_loads_back(tmp_path):
+    """jaxquant's own awq_lite on NVFP4 (ModelOpt's ``nvfp4_awq_lite`` config), exported and loaded. A linear whose
+    export keeps its pre_quant_scale (o_proj, grouped-query heads) loads bit for bit: weight, pre_quant_scale and input
+    amax. The others were re-smoothed to their siblings' mean scale and folded (as ModelOpt's export does), which
+    re-rounds their NVFP4 weights: the loaded model is another NVFP4 rounding of the same smoothed model, so its logit
+    error against the unquantized model must be of the fake-quant model's size (within 2x), not larger."""
+    import jax.numpy as jnp
+    from modelopt.recipe.presets import QUANT_CFG_CHOICES
+
+    from jaxquant.calibration import quantize
+    from jaxquant.check import validate_checkpoint
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.export.load_quantized import load_quantized
+
+    src = tmp_path / "src"
+    _llama(src, "float32", 2)
+    loaded = load_hf(src, dtype=jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = quantize(loaded.model, copy.deepcopy(QUANT_CFG_CHOICES["nvfp4_awq_lite"]),
+                       [(b, None) for b in _batches()], progress=False)
+    assert len(res.stats.awq_alphas) == 14
+    ids = jnp.asarray(_batches()[0])
+    ref = np.asarray(loaded.model(ids, None))
+    export_hf(loaded, tmp_path / "out")
+    assert validate_checkpoint(tmp_path / "out").rules <= {"quant-algo-unsupported"}  # TensorRT-LLM only
+    back = load_quantized(tmp_path / "out", dtype=jnp.float32, weights="dequantize")
+    for i in range(2):
+        a, b = loaded.model.model.layers[i].self_attn.o_proj, back.model.model.layers[i].self_attn.o_proj
+        np.testing.assert_array_equal(np.asarray(b.weight[...]), np.asarray(a.weight_quantizer(jnp.asarray(a.weight[...]))))
+        np.testing.assert_array_equal(np.asarray(b.input_quantizer.pre_quant_scale.get_value()),
+                                      np.asarray(a.input_quantizer.pre_quant_scale.get_value()))
+        np.testing.assert_array_equal(np.asarray(b.input_quantizer.amax.get_value()),
+                                      np.asarray(a.input_quantizer.amax.get_value()))
+    got = np.asarray(back.model(ids, None))
+    plain = load_hf(src, dtype=jnp.float32)
+    exact = np.asarray(plain.model(ids, None))
+
+    def err(x):
+        return float(np.abs(x - exact).max() / np.abs(exact).max())
+
+    print(f"nvfp4_awq_lite: relative logit error vs unquantized: fake quant {err(ref):.3f}, loaded export {err(got):.3f}")
+    assert np.all(np.isfinite(got)) and err(got) < 2 * err(ref), (err(got), err(ref))
+
+
+@pytest.mark.slow  # awq_lite's compile: about 25 s on 2 cores
+def test_cli_ptq_nvfp4_awq_lite(tmp_path):
+    """``jaxquant ptq --qformat nvfp4_awq_lite`` exports NVFP4_AWQ; the checkpoint validates and loads."""
+    import sys
+    from pathlib import Path
+
+    import jaxquant as jq
+    from jaxquant.cli import main
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _tiny_cli import cli_files
+
+    files = cli_files(tmp_path)
+    out = tmp_path / "awq"
+    rc = main(["ptq", "--model", files["model"], "--dataset", files["calib"], "--calib-size", "8", "--calib-seq", "24",
+               "--batch-size", "4", "--eval-windows", "0", "--qformat", "nvfp4_awq_lite", "--export-path", str(out),
+               "--quiet"])
+    assert rc == 0
+    q = R.json_of(out / "hf_quant_config.json")["quantization"]
+    assert (q["quant_algo"], q["group_size"], q["pre_quant_scale"]) == ("NVFP4_AWQ", 16, True)
+    assert jq.validate_checkpoint(out).rules <= {"quant-algo-unsupported"}
+    back = jq.load_quantized(out, dtype="float32")
+    assert back.model.model.layers[0].self_attn.o_proj.input_quantizer.pre_quant_scale is not None
