@@ -120,6 +120,24 @@ def test_nvfp4_awq_byte_identical_to_modelopt(tmp_path, dtype, kv_heads, weight_
     assert ref[layer + "mlp.up_proj.weight"][:2] == ("U8", (96, 32))
     assert len({ref[layer + f"self_attn.{p}_proj.weight_scale_2"][2] for p in "qkv"}) == 1  # one per fused GEMM
 
+    # jaxquant check reads NVFP4_AWQ's tensors (ModelOpt's and ours): only vLLM's refusal of the algo is reported
+    from jaxquant.check import validate_checkpoint
+    from jaxquant.io.safetensors import SafetensorsFile, save_file
+
+    for d in ("mo", "jq"):
+        assert validate_checkpoint(tmp_path / d).rules == {"quant-algo-unsupported"}, d
+    if kv_heads != 2 or weight_only:
+        return
+    f = SafetensorsFile(tmp_path / "jq" / "model.safetensors")
+    t = {k: np.array(f.get(k)) for k in f.tensors}
+    f.close()
+    s2 = layer + "mlp.up_proj.weight_scale_2"
+    for key, bad, rule in ((o_pqs, np.zeros_like(t[o_pqs]), "scale-nonpositive"), (o_pqs, t[o_pqs][:-1], "scale-shape"),
+                           (s2, None, "scale-missing")):
+        save_file({k: v for k, v in {**t, key: bad}.items() if v is not None}, tmp_path / "jq" / "model.safetensors",
+                  metadata={"format": "pt"})
+        assert [x.rule for x in validate_checkpoint(tmp_path / "jq").findings if x.key == key] == [rule], key
+
 
 def test_mixed_precision_config_group():
     """A MIXED_PRECISION checkpoint's NVFP4_AWQ group is ModelOpt's ``_quant_algo_to_group_config`` entry."""
