@@ -24,19 +24,23 @@ pytest.importorskip("modelopt.torch.export")
 import _export_modelopt_ref as R  # noqa: E402
 
 
-def _llama(path, dtype, kv_heads):
-    """Tiny Llama: hidden 64, intermediate 96 (whole NVFP4 blocks of 16), 4 heads, ``kv_heads`` K/V heads."""
+def _llama(path, dtype, kv_heads, bias=False):
+    """Tiny Llama: hidden 64, intermediate 96 (whole NVFP4 blocks of 16), 4 heads, ``kv_heads`` K/V heads (``bias``:
+    random attention and MLP biases, which the export scales with the folded pre_quant_scale)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=False)
+                      num_key_value_heads=kv_heads, max_position_embeddings=64, tie_word_embeddings=False,
+                      attention_bias=bias, mlp_bias=bias)
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
             if n.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     m = m.to(getattr(torch, dtype))
     m.save_pretrained(str(path))
     return m
@@ -92,11 +96,11 @@ def _jaxquant_export(src, cfg, amax, pqs, dtype, out):
     export_hf(loaded, out, resolution=res)
 
 
-@pytest.mark.parametrize("dtype,kv_heads,weight_only", [("float32", 2, False), ("float32", 4, False),
-                                                         ("bfloat16", 4, False), ("bfloat16", 2, True)])
-def test_nvfp4_awq_byte_identical_to_modelopt(tmp_path, dtype, kv_heads, weight_only):
+@pytest.mark.parametrize("dtype,kv_heads,weight_only,bias", [("float32", 2, False, False), ("float32", 4, False, True),
+                                                              ("bfloat16", 4, False, False), ("bfloat16", 2, True, True)])
+def test_nvfp4_awq_byte_identical_to_modelopt(tmp_path, dtype, kv_heads, weight_only, bias):
     src = tmp_path / "src"
-    model = _llama(src, dtype, kv_heads)
+    model = _llama(src, dtype, kv_heads, bias)
     cfg = _cfg(weight_only)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
