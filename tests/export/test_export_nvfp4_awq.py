@@ -46,6 +46,23 @@ def _llama(path, dtype, kv_heads, bias=False):
     return m
 
 
+def _other(path, arch):
+    """Tiny Qwen3 or Mistral (4 heads, 4 K/V heads, head_dim 16) with random norms."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False)
+    m = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**kw)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    m.save_pretrained(str(path))
+    return m
+
+
 def _cfg(weight_only: bool):
     """ModelOpt's nvfp4_awq_lite quant_cfg with max calibration (``weight_only``: input quantizers off)."""
     from modelopt.recipe.presets import QUANT_CFG_CHOICES
@@ -141,6 +158,27 @@ def test_nvfp4_awq_byte_identical_to_modelopt(tmp_path, dtype, kv_heads, weight_
         save_file({k: v for k, v in {**t, key: bad}.items() if v is not None}, tmp_path / "jq" / "model.safetensors",
                   metadata={"format": "pt"})
         assert [x.rule for x in validate_checkpoint(tmp_path / "jq").findings if x.key == key] == [rule], key
+
+
+@pytest.mark.parametrize("arch", ["Qwen3", "Mistral"])
+def test_families(tmp_path, arch):
+    """ModelOpt folds o_proj / down_proj into v_proj / up_proj for Qwen3's classes, not for Mistral's: its
+    ``PQS_FUSE_MODULE_MAPPING`` names Llama and Qwen3 attention / MLP classes only. Byte-identical either way."""
+    src = tmp_path / "src"
+    model = _other(src, arch)
+    cfg = _cfg(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        amax = R.modelopt_quantize(model, cfg)
+        pqs = _set_pqs(model)
+        R.modelopt_export(model, tmp_path / "mo", "float32")
+    _jaxquant_export(src, cfg, amax, pqs, "float32", tmp_path / "jq")
+    ref = R.assert_same_export(tmp_path / "mo", tmp_path / "jq")
+    kept = {k for k in ref if k.endswith("pre_quant_scale")}
+    layers = range(2)
+    want = set() if arch == "Qwen3" else {f"model.layers.{i}.{m}.pre_quant_scale" for i in layers
+                                          for m in ("self_attn.o_proj", "mlp.down_proj")}
+    assert kept == want
 
 
 def test_mixed_precision_config_group():
