@@ -38,9 +38,10 @@ NO_ENGINE_ALGOS = ("MXFP4",)
 _FAMILY = {"FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "FP8_PB_WO": "fp8", "MXFP8": "fp8", "NVFP4": "nvfp4",
            "W4A16_NVFP4": "nvfp4", "W4A8_NVFP4_FP8": "nvfp4", "MXFP4": "nvfp4", "W4A8_MXFP4_FP8": "nvfp4",
            "W8A16": "other", "W8A8_SQ_PER_CHANNEL": "other", "W4A16_AWQ": "nvfp4",
-           "W4A8_AWQ": "nvfp4"}  # "nvfp4": U8 nibbles, "other": I8
+           "W4A8_AWQ": "nvfp4", "NVFP4_AWQ": "nvfp4"}  # "nvfp4": U8 nibbles, "other": I8
 _STATIC_INPUT = {"FP8": "optional", "NVFP4": "required", "W4A8_NVFP4_FP8": "required", "W4A8_MXFP4_FP8": "required",
-                 "W8A8_SQ_PER_CHANNEL": "required", "W4A8_AWQ": "required"}  # the others take no input_scale
+                 "W8A8_SQ_PER_CHANNEL": "required", "W4A8_AWQ": "required",
+                 "NVFP4_AWQ": "optional"}  # NVFP4_AWQ: W4A4 or weights only; the others take no input_scale
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 _VISION = ("vision_tower", "vision_model", "vit_large_projector")  # vLLM never quantizes these
 _ENCODERS = _VISION + ("visual.", "audio_tower", "audio_model", "audio_encoder")  # no KV cache
@@ -357,7 +358,8 @@ def _check_scales(v: View, lin: Linear, algo: str) -> list[Finding]:
     if o is None:
         return [Finding(m + ".weight", "scale-shape", f"quantized weight has shape {list(lin.shape)}; a ModelOpt "
                         "linear weight is 2-D [out, in]. Re-export the checkpoint.")]
-    need = (["weight_scale", "weight_scale_2"] if algo in ("NVFP4", "W4A16_NVFP4", "W4A8_NVFP4_FP8", "W4A8_AWQ")
+    need = (["weight_scale", "weight_scale_2"] if algo in ("NVFP4", "W4A16_NVFP4", "W4A8_NVFP4_FP8", "W4A8_AWQ",
+                                                             "NVFP4_AWQ")
             else ["weight_scale"])
     static = _STATIC_INPUT.get(algo)
     if static == "required" or (static == "optional" and lin.expert):

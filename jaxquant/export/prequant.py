@@ -7,8 +7,17 @@ fused siblings (q/k/v, gate/up: ``finalize.fused_sibling_groups``) as one GEMM o
 weight amax. For AWQ formats (``int4_awq``) the group's ``p`` is then folded into the norm that produces its input
 (``input_layernorm`` for q/k/v, ``post_attention_layernorm`` / Gemma's ``pre_feedforward_layernorm`` for gate/up):
 ``w <- w * p`` (``(1 + w) * p - 1`` for Gemma's offset norms) and the members write no ``pre_quant_scale``. Every
-other smoothed linear writes ``<linear>.pre_quant_scale`` (``[in]``, the model dtype). NVFP4-AWQ's folding into the
-previous linear (``fuse_prequant_to_linear``) is not implemented: such exports are refused.
+other smoothed linear writes ``<linear>.pre_quant_scale`` (``[in]``, the model dtype).
+
+NVFP4 with a pre_quant_scale exports as ``nvfp4_awq`` (NVFP4_AWQ; each format's ``pqs_format`` says what a smoothed
+linear of it becomes, None: refused). When the model's first quantized linear (ModelOpt's
+``get_quantization_format(model)``) is such a format (``pqs_into_linear``), ModelOpt's ``fuse_prequant_to_linear``
+runs first: in Llama / Qwen3 / Qwen3-MoE attention and MLP blocks (by the model family: ModelOpt matches the
+``LlamaAttention``, ``Qwen3Attention``, ``Qwen3MoeAttention``, ``LlamaMLP``, ``Qwen3MLP``, ``Qwen3MoeMLP`` classes),
+o_proj's ``p`` is multiplied into v_proj's output rows and down_proj's into up_proj's (``W[o, :] *= p[o]``, a bias
+likewise, in the weight dtype; that weight amax recomputed) and o_proj / down_proj write no ``pre_quant_scale``. A
+grouped-query o_proj (``p`` longer than v_proj's output) keeps its ``p``, as ModelOpt does without
+``fuse_grouped_heads``.
 """
 
 from __future__ import annotations
@@ -18,15 +27,19 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import formats
 from jaxquant.calibration.finalize import fused_sibling_groups
 from jaxquant.errors import UnsupportedError
 from jaxquant.numerics._exact import div
 
-#: Export formats whose linears may carry a pre_quant_scale (ModelOpt's INT8 SmoothQuant and INT4 AWQ).
-PQS_FORMATS = ("int8_sq", "int4_awq", "w4a8_awq")
+#: Export formats whose linears may carry a pre_quant_scale (the registry's ``pqs_format``s: SmoothQuant, AWQ).
+PQS_FORMATS = tuple(sorted({f.pqs_format for f in formats.FORMATS.values() if f.pqs_format}))
 #: Formats whose fused groups ModelOpt leaves alone (``QUANTIZATION_FP8``, ``QUANTIZATION_FP8_PB_REAL``).
 _NO_FUSION = ("fp8", "fp8_pb_real")
 _NORM_OF = {"self_attn": ("input_layernorm",), "mlp": ("pre_feedforward_layernorm", "post_attention_layernorm")}
+#: ModelOpt's ``PQS_FUSE_MODULE_MAPPING`` by jaxquant model family: (block, linear fused into, linear whose p it takes).
+_INTO_LINEAR = {family: (("self_attn", "v_proj", "o_proj"), ("mlp", "up_proj", "down_proj"))
+                for family in ("llama", "qwen3", "qwen3_moe")}
 
 
 class ArrayWeight:
@@ -83,21 +96,67 @@ def _fold_into_norm(norm, p: np.ndarray):
     return (w * ps).astype(w.dtype)
 
 
+def _set_weight(m, new) -> None:
+    """Give export linear ``m`` the re-smoothed weight ``new`` and recompute its weight amax from it."""
+    m.weight = ArrayWeight(new)
+    if m.fmt is None:
+        return
+    amax = np.asarray(m.wq.reduce_amax(new), np.float32)
+    if m.w_block_amax is not None:  # W4A8_AWQ: the INT4 block amax, and the FP8 (global) amax max|w|
+        m.w_block_amax = amax.reshape(np.shape(m.w_block_amax))
+        amax = amax.max()
+    m.w_amax = amax.reshape(np.shape(m.w_amax))
+
+
+def _param_path(it, leaf: str) -> str:
+    return it.param_path.rpartition(".")[0] + "." + leaf
+
+
+def _fuse_into_linears(plain: dict, model) -> dict[str, Any]:
+    """ModelOpt's ``fuse_prequant_to_linear`` (module doc) on the plain export linears; returns the folded biases
+    ``{NNX path: value}``."""
+    family = getattr(getattr(model, "config", None), "family", None)
+    biases: dict[str, Any] = {}
+    for block, into, src in _INTO_LINEAR.get(family, ()):
+        suffix = f".{block}.{src}"
+        for name, it in plain.items():
+            if not name.endswith(suffix) or it.pqs is None:
+                continue
+            dst = plain.get(name[: -len(src)] + into)
+            if dst is None or dst.weight.shape[0] != it.pqs.shape[0]:
+                continue  # grouped-query attention: o_proj keeps its pre_quant_scale (no fuse_grouped_heads)
+            w = jnp.asarray(dst.weight.on_device())
+            p = jnp.asarray(it.pqs).astype(w.dtype)  # ModelOpt's pre_quant_scale buffer is in the weight dtype
+            _set_weight(dst, (w * p[:, None]).astype(w.dtype))
+            owner = _module(model, dst.param_path.rpartition(".")[0])
+            bias = getattr(owner, "bias", None) if owner is not None else None
+            if bias is not None:
+                b = jnp.asarray(bias[...])
+                biases[_param_path(dst, "bias")] = (b * p.astype(b.dtype)).astype(b.dtype)
+            it.pqs = None
+    return biases
+
+
 def resmooth(items: list, model) -> dict[str, Any]:
-    """The module doc's steps, in place on the export linears (``pqs``, ``weight``, ``w_amax``). Returns
-    ``{NNX path of a norm weight: its folded value}``.
+    """The module doc's steps, in place on the export linears (``fmt``, ``pqs``, ``weight``, ``w_amax``). Returns
+    ``{NNX path of a norm weight or a bias: its folded value}``.
 
     Raises:
-      UnsupportedError: a pre_quant_scale on a format other than ``PQS_FORMATS`` or on stacked experts.
+      UnsupportedError: a pre_quant_scale on a format without a ``pqs_format`` or on stacked experts.
     """
     for it in items:
         it.pqs = pre_quant_scale_of(it)
-        if it.pqs is not None and (it.fmt not in PQS_FORMATS or it.expert is not None):
+        if it.pqs is None:
+            continue
+        to = formats.get(it.fmt).pqs_format if it.fmt is not None else None
+        if to is None or it.expert is not None:
             raise UnsupportedError(f"{it.hf}: a pre_quant_scale with format {it.fmt}"
                                    f"{' on stacked experts' if it.expert is not None else ''} cannot be exported yet "
                                    f"(supported: {', '.join(PQS_FORMATS)}).")
+        it.fmt = to
     plain = {it.hf: it for it in items if it.expert is None and it.fmt is not None}
-    norms: dict[str, Any] = {}
+    first = next((it for it in items if it.fmt is not None), None)  # ModelOpt's get_quantization_format(model)
+    folded = _fuse_into_linears(plain, model) if first is not None and formats.get(first.fmt).pqs_into_linear else {}
     for group in fused_sibling_groups(list(plain)):
         members = [plain[n] for n in group]
         if members[0].fmt in _NO_FUSION or members[0].pqs is None:
@@ -112,22 +171,16 @@ def resmooth(items: list, model) -> dict[str, Any]:
             if np.array_equal(m.pqs, avg):
                 continue
             w = jnp.asarray(m.weight.on_device())
-            new = div(w.astype(jnp.float32) * jnp.asarray(m.pqs), jnp.asarray(avg)[None, :]).astype(w.dtype)
-            m.weight = ArrayWeight(new)
-            amax = np.asarray(m.wq.reduce_amax(new), np.float32)
-            if m.w_block_amax is not None:  # W4A8_AWQ: the INT4 block amax, and the FP8 (global) amax max|w|
-                m.w_block_amax = amax.reshape(np.shape(m.w_block_amax))
-                amax = amax.max()
-            m.w_amax = amax.reshape(np.shape(m.w_amax))
+            _set_weight(m, div(w.astype(jnp.float32) * jnp.asarray(m.pqs), jnp.asarray(avg)[None, :]).astype(w.dtype))
             m.pqs = avg
-        if "awq" in members[0].fmt:
+        if formats.get(members[0].fmt).pqs_into_norm:
             found = _feeding_norm(model, members[0])
             if found is not None:
                 path, norm = found
-                norms[path] = _fold_into_norm(norm, avg)
+                folded[path] = _fold_into_norm(norm, avg)
                 for m in members:
                     m.pqs = None
-    return norms
+    return folded
 
 
 __all__ = ["ArrayWeight", "PQS_FORMATS", "pre_quant_scale_of", "resmooth"]

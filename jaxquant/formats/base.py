@@ -53,6 +53,9 @@ class QuantFormat(Protocol):
     sidecar_weight_amax: bool  # the exact weight amax goes into the export's sidecar (loader bit-exactness)
     input_divisor: float  # input_scale = amax / input_divisor (the loader inverts it)
     elements_per_byte: int  # weight elements per stored element along the input axis (2 for packed E2M1)
+    pqs_format: str | None  # the format this one exports as with a pre_quant_scale (None: not exportable)
+    pqs_into_norm: bool  # fused siblings' pre_quant_scale is folded into their norm (AWQ formats)
+    pqs_into_linear: bool  # o_proj / down_proj pre_quant_scale folded into v_proj / up_proj (NVFP4_AWQ)
 
     def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
         """``[(suffix, shape, numpy dtype)]`` of the tensors of one ``[out, in_]`` linear, file order."""
@@ -201,6 +204,14 @@ class FormatBase:
     config_groups_when_uniform: ClassVar[bool] = True
     input_divisor: ClassVar[float] = 1.0
     elements_per_byte: ClassVar[int] = 1
+    #: the format a linear of this format exports as when its input carries a ``pre_quant_scale`` (SmoothQuant /
+    #: AWQ; ModelOpt's ``get_quantization_format``); None: such a linear cannot be exported (``export/prequant.py``)
+    pqs_format: ClassVar[str | None] = None
+    #: fused siblings' common ``pre_quant_scale`` is folded into the norm that feeds them (ModelOpt: ``awq`` formats)
+    pqs_into_norm: ClassVar[bool] = False
+    #: when the model's first quantized linear has this format, o_proj's / down_proj's ``pre_quant_scale`` is folded
+    #: into v_proj's / up_proj's output rows (ModelOpt's ``fuse_prequant_to_linear``, NVFP4_AWQ)
+    pqs_into_linear: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name} ({self.quant_algo})>"

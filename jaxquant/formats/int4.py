@@ -42,6 +42,8 @@ class W4A16AWQ(WeightOnlyFormat):
     """INT4 block weights, unquantized activations (ModelOpt ``int4_awq``, ``quant_algo`` W4A16_AWQ)."""
 
     name = "int4_awq"
+    pqs_format = "int4_awq"
+    pqs_into_norm = True
     kernel = _export
     dequantizer = _dequantize
     quant_algo = "W4A16_AWQ"

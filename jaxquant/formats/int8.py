@@ -79,6 +79,7 @@ class INT8W8A8(FormatBase):
     (``export/prequant.py``)."""
 
     name = "int8_sq"
+    pqs_format = "int8_sq"
     quant_algo = "W8A8_SQ_PER_CHANNEL"
     weight_config_formats = ("int8_per_channel",)
     static_input_scale = True

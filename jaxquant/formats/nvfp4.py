@@ -71,6 +71,7 @@ class NVFP4(FormatBase):
 
     name = "nvfp4"
     quant_algo = "NVFP4"
+    pqs_format = "nvfp4_awq"  # with an AWQ pre_quant_scale: NVFP4_AWQ (formats/nvfp4_awq.py)
     block_size = 16
     weight_config_formats = ("nvfp4",)
     static_input_scale = True
@@ -145,6 +146,7 @@ class NVFP4Static(NVFP4):
     """NVFP4 with calibrated per-block weight amax (ModelOpt ``nvfp4_static``, ``quant_algo`` NVFP4)."""
 
     name = "nvfp4_static"
+    pqs_format = None
     weight_config_formats = ("nvfp4_static",)
     static_blocks = True
 
@@ -155,6 +157,7 @@ class NVFP4StaticFourOverSix(NVFP4Static):
     a reader dequantizes it like any NVFP4 checkpoint."""
 
     name = "nvfp4_static_four_over_six"
+    pqs_format = None
     weight_config_formats = ("nvfp4_static_four_over_six",)
     global_divisor = nvfp4_num.E2M1_MAX * nvfp4_num.FOUR_OVER_SIX_FP8_NORM
     fp8_norm = nvfp4_num.FOUR_OVER_SIX_FP8_NORM
@@ -164,6 +167,7 @@ class W4A16NVFP4(NVFP4):
     """NVFP4 weights, unquantized activations (ModelOpt ``w4a16_nvfp4``, ``quant_algo`` W4A16_NVFP4)."""
 
     name = "w4a16_nvfp4"
+    pqs_format = "w4a16_nvfp4_awq"
     quant_algo = "W4A16_NVFP4"
     weight_config_formats = ("nvfp4",)
     static_input_scale = False
@@ -181,6 +185,7 @@ class W4A16NVFP4Static(W4A16NVFP4):
     takes them whenever the quantizer has a global amax."""
 
     name = "w4a16_nvfp4_static"
+    pqs_format = None
     weight_config_formats = ("nvfp4_static",)
     static_blocks = True
 
@@ -189,6 +194,7 @@ class W4A16NVFP4FourOverSix(W4A16NVFP4):
     """Four-over-Six static NVFP4 weights, unquantized activations (``quant_algo`` W4A16_NVFP4)."""
 
     name = "w4a16_nvfp4_four_over_six"
+    pqs_format = None
     weight_config_formats = ("nvfp4_static_four_over_six",)
     static_blocks = True
     global_divisor = NVFP4StaticFourOverSix.global_divisor
@@ -200,6 +206,7 @@ class W4A16NVFP4BS32(W4A16NVFP4):
     ``quant_algo`` W4A16_NVFP4 with ``group_size`` 32: hf_ptq ``--qformat nvfp4_mlp_weight_only``)."""
 
     name = "w4a16_nvfp4_bs32"
+    pqs_format = None
     block_size = 32
     weight_config_formats = ("nvfp4_bs32",)
 
@@ -211,6 +218,7 @@ class W4A8NVFP4FP8(FP8Activations, NVFP4):
     The fake-quantized model uses NVFP4's own scales (``/ 2688``), exactly as ModelOpt's does."""
 
     name = "w4a8_nvfp4_fp8"
+    pqs_format = None
     quant_algo = "W4A8_NVFP4_FP8"
     block_size = 32
     weight_config_formats = ("nvfp4_bs32",)

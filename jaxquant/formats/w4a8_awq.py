@@ -72,6 +72,8 @@ class W4A8AWQ(FP8Activations, W4A16AWQ):
     """INT4 block-128 + FP8 weights, static FP8 activations (ModelOpt ``w4a8_awq``, ``quant_algo`` W4A8_AWQ)."""
 
     name = "w4a8_awq"
+    pqs_format = "w4a8_awq"
+    pqs_into_norm = True
     quant_algo = "W4A8_AWQ"
     weight_config_formats = ("int4_block128+fp8",)
     static_input_scale = True

@@ -340,11 +340,11 @@ def test_ptq_int8_smoothquant_export_and_state(files, capsys, tmp_path):
     (("--recipe", "general/ptq/nvfp4_act_headroom-kv_fp8_cast"), True),
     (("--qformat", "nvfp4_four_over_six", "--kv_cache_qformat", "none"), True),
     (("--qformat", "nvfp4_awq_clip", "--kv_cache_qformat", "none"), True),
-    pytest.param(("--qformat", "nvfp4_awq_full", "--kv_cache_qformat", "none"), False, marks=pytest.mark.slow),
+    pytest.param(("--qformat", "nvfp4_awq_full", "--kv_cache_qformat", "none"), True, marks=pytest.mark.slow),
 ], ids=["local_hessian", "act_headroom", "four_over_six", "awq_clip", "awq_full"])
 def test_ptq_accuracy_algorithms(files, capsys, tmp_path, how, export):
     """The algorithms of docs/ptq.md section 3c run from the CLI; the exports reload (NVFP4 with AWQ's pre_quant_scale
-    is refused at export, naming it)."""
+    as NVFP4_AWQ)."""
     from jaxquant.export import load_quantized
 
     argv = ["ptq", "--model", files["model"], "--dataset", files["calib"], "--calib-size", "8", "--calib-seq", "16",

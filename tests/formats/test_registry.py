@@ -120,7 +120,8 @@ def test_every_format_satisfies_the_protocol():
     assert set(formats.FORMATS) == {"fp8", "fp8_pc_pt", "nvfp4", "nvfp4_static", "w4a16_nvfp4", "int8_wo",
                                      "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq", "mxfp4",
                                      "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq", "nvfp4_static_four_over_six",
-                                     "w4a16_nvfp4_four_over_six", "w4a16_nvfp4_static"}
+                                     "w4a16_nvfp4_four_over_six", "w4a16_nvfp4_static",
+                                     "nvfp4_awq", "w4a16_nvfp4_awq"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -216,8 +217,8 @@ def test_input_and_kv_scales_equal_oracle():
 
 
 def test_unknown_format_name():
-    with pytest.raises(UnsupportedError, match=r"'nvfp4_awq'.*fp8, fp8_pc_pt, nvfp4, nvfp4_static, w4a16_nvfp4"):
-        formats.get("nvfp4_awq")
+    with pytest.raises(UnsupportedError, match=r"'nvfp4_svd'.*fp8, fp8_pc_pt, nvfp4, nvfp4_static, w4a16_nvfp4"):
+        formats.get("nvfp4_svd")
     with pytest.raises(UnsupportedError):
         formats.get(None)
 
@@ -274,6 +275,25 @@ def test_format_attributes_drive_quant_config():
     assert formats.get("fp8_pc_pt").hf_layer_entry(0) == {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"}
     assert formats.by_quant_algo("NVFP4") is formats.get("nvfp4")
     assert formats.by_quant_algo("INT4_AWQ") is None
+
+
+def test_pre_quant_scale_formats():
+    """A linear with a pre_quant_scale exports as its format's ``pqs_format`` (ModelOpt's get_quantization_format):
+    NVFP4 (dynamic blocks of 16) becomes NVFP4_AWQ, never chosen from configs alone; the others keep their name."""
+    from jaxquant.quantizer.config import BlockSizes, QuantizerConfig
+
+    assert formats.get("nvfp4").pqs_format == "nvfp4_awq"
+    assert formats.get("w4a16_nvfp4").pqs_format == "w4a16_nvfp4_awq"
+    for name in ("int8_sq", "int4_awq", "w4a8_awq", "nvfp4_awq", "w4a16_nvfp4_awq"):
+        assert formats.get(name).pqs_format == name
+    for name in ("fp8", "nvfp4_static", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "w4a16_nvfp4_static", "mxfp4"):
+        assert formats.get(name).pqs_format is None, name
+    assert formats.get("nvfp4_awq").hf_layer_entry(16) == {"quant_algo": "NVFP4_AWQ", "group_size": 16,
+                                                           "has_zero_point": False, "pre_quant_scale": True}
+    assert formats.by_quant_algo("NVFP4_AWQ") is formats.get("nvfp4_awq")
+    fp4 = QuantizerConfig(num_bits=(2, 1), block_sizes=BlockSizes(size=16, type="dynamic", scale_bits=(4, 3)))
+    assert formats.for_quantizers(fp4, fp4) is formats.get("nvfp4")
+    assert formats.for_quantizers(fp4, None) is formats.get("w4a16_nvfp4")
 
 
 def test_deferred_check_raises_only_when_called():
