@@ -45,7 +45,6 @@ PENDING_QFORMATS = {
     "nvfp4_fp8_mha": ("FP8 fake quant of the softmax probabilities (p_bmm_quantizer), which ModelOpt applies "
                       "inside its CUDA-only Triton flash-attention kernel to the unnormalised, tile-wise P (so its "
                       "rounding depends on the kernel's tiling)"),
-    "nvfp4_svdquant": "the svdquant calibration algorithm",
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {
