@@ -188,3 +188,46 @@ def test_svd_helper_equals_modelopts():
             np.testing.assert_array_equal(got, ref)
         else:  # torch's float32 GEMM vs XLA's: the same product up to float32 summation order
             np.testing.assert_allclose(got, ref, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(w).max())
+
+
+def test_preset_equals_modelopt(tiny_llama, monkeypatch):
+    """The whole ``nvfp4_svdquant`` preset against ModelOpt's ``mtq.quantize`` (its ``SVDQuantLinear``s, float32 on
+    CPU): the AWQ scales agree to the last bit or so (``awq_lite``'s documented float32 ``pow`` ulp), and so, to
+    float32 precision, do the low-rank products ``lora_b @ lora_a`` (a product, since each factor is fixed up to
+    sign), the residual weights, and the weight and input amax (q/k/v and gate/up: the max of ModelOpt's, as its
+    export unifies them)."""
+    from test_calibration_local_hessian import _dynamic_kernel_on_cpu, _ids, _modelopt
+
+    from jaxquant.converters import load_hf
+
+    _dynamic_kernel_on_cpu(monkeypatch)
+    recipe = preset_recipe("nvfp4_svdquant", "none")
+    tmodel, d = tiny_llama
+    ids = _ids()
+    mods = dict(_modelopt(tmodel, recipe.quantize_config(), ids).named_modules())
+    loaded = load_hf(d, dtype=jnp.float32)
+    batches = [(ids[i:i + 2].astype(np.int32), np.ones((2, 16), np.int32)) for i in range(0, len(ids), 2)]
+    res = quantize(loaded.model, recipe, batches, progress=False)
+    st = res.calibration_state
+    for group in FUSED:
+        names = [f"model.layers.0.{p}" for p in group]
+        assert all(type(mods[n]).__name__.startswith("SVDQuant") for n in names)
+        want_w = max(float(mods[n].weight_quantizer._amax) for n in names)
+        want_in = max(float(mods[n].input_quantizer._amax) for n in names)
+        for n in names:
+            wq, iq = mods[n].weight_quantizer, mods[n].input_quantizer
+            np.testing.assert_allclose(st[f"{n}.input_quantizer._pre_quant_scale"],
+                                       iq._pre_quant_scale.float().numpy(), rtol=1e-6, err_msg=n)
+            theirs = wq.svdquant_lora_b.double().numpy() @ wq.svdquant_lora_a.double().numpy()
+            ours = st[f"{n}.weight_quantizer._svdquant_lora_b"].astype(np.float64) @ \
+                st[f"{n}.weight_quantizer._svdquant_lora_a"].astype(np.float64)
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max(), err_msg=n)
+            lin = loaded.model.model.layers[0]
+            for part in n.split(".")[3:]:
+                lin = getattr(lin, part)
+            resid = np.asarray(lin.weight_quantizer.scaled(lin.weight[...]))
+            theirs_w = mods[n].weight.detach().float().numpy()
+            scale = np.abs(theirs_w + theirs).max()  # the smoothed weight's: the residual's errors are the product's
+            np.testing.assert_allclose(resid, theirs_w, rtol=0, atol=1e-6 * scale, err_msg=n)
+            np.testing.assert_allclose(st[f"{n}.weight_quantizer._amax"], want_w, rtol=1e-6, err_msg=n)
+            np.testing.assert_allclose(st[f"{n}.input_quantizer._amax"], want_in, rtol=1e-6, err_msg=n)
