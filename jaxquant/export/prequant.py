@@ -8,7 +8,8 @@ weight amax. For AWQ formats (``int4_awq``) the group's ``p`` is then folded int
 (``input_layernorm`` for q/k/v, ``post_attention_layernorm`` / Gemma's ``pre_feedforward_layernorm`` for gate/up):
 ``w <- w * p`` (``(1 + w) * p - 1`` for Gemma's offset norms) and the members write no ``pre_quant_scale``. Every
 other smoothed linear writes ``<linear>.pre_quant_scale`` (``[in]``, the model dtype). NVFP4-AWQ's folding into the
-previous linear (``fuse_prequant_to_linear``) is not implemented: such exports are refused.
+previous linear (``fuse_prequant_to_linear``) is not implemented: such exports are refused, and so are SVDQuant's
+(``SVDQUANT_EXPORT``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from jaxquant.numerics._exact import div
 
 #: Export formats whose linears may carry a pre_quant_scale (ModelOpt's INT8 SmoothQuant and INT4 AWQ).
 PQS_FORMATS = ("int8_sq", "int4_awq", "w4a8_awq")
+#: Why an SVDQuant model (a weight quantizer with low-rank factors) is not exported.
+SVDQUANT_EXPORT = (
+    "svdquant's NVFP4_SVD checkpoint is not exported by jaxquant yet. nvidia-modelopt 0.47 writes one (the NVFP4 "
+    "residual weights, <linear>.pre_quant_scale, <linear>.weight_quantizer._svdquant_lora_a [r, in] and "
+    "_svdquant_lora_b [out, r] in the model dtype, fused q/k/v and gate/up re-smoothed to one scale with a joint "
+    "SVD), but vLLM rejects NVFP4_SVD (vllm#45333). Keep the fake-quantized model (or save it with --export-format "
+    "orbax), or drop --export-path.")
 #: Formats whose fused groups ModelOpt leaves alone (``QUANTIZATION_FP8``, ``QUANTIZATION_FP8_PB_REAL``).
 _NO_FUSION = ("fp8", "fp8_pb_real")
 _NORM_OF = {"self_attn": ("input_layernorm",), "mlp": ("pre_feedforward_layernorm", "post_attention_layernorm")}
@@ -91,6 +99,8 @@ def resmooth(items: list, model) -> dict[str, Any]:
       UnsupportedError: a pre_quant_scale on a format other than ``PQS_FORMATS`` or on stacked experts.
     """
     for it in items:
+        if getattr(it.wq, "svdquant_lora_a", None) is not None:
+            raise UnsupportedError(f"{it.hf}: {SVDQUANT_EXPORT}")
         it.pqs = pre_quant_scale_of(it)
         if it.pqs is not None and (it.fmt not in PQS_FORMATS or it.expert is not None):
             raise UnsupportedError(f"{it.hf}: a pre_quant_scale with format {it.fmt}"
@@ -130,4 +140,4 @@ def resmooth(items: list, model) -> dict[str, Any]:
     return norms
 
 
-__all__ = ["ArrayWeight", "PQS_FORMATS", "pre_quant_scale_of", "resmooth"]
+__all__ = ["ArrayWeight", "PQS_FORMATS", "SVDQUANT_EXPORT", "pre_quant_scale_of", "resmooth"]
