@@ -19,7 +19,8 @@ Options: ``lowrank`` (default 32), ``skip_layers`` (fnmatch patterns over ModelO
 ``layerwise`` / ``moe_calib_experts_ratio`` (refused when set, as for ``awq_lite``). Deviation: ModelOpt computes
 ``lora_b @ lora_a`` as a model-dtype GEMM (its BLAS's summation order); jaxquant sums in float32 at full precision
 and rounds once, so a residual element may differ by one rounding where the float32 sums straddle a rounding
-boundary. Stacked MoE experts are refused (as by ``awq_lite``).
+boundary. Stacked MoE experts (as by ``awq_lite``) and sequential weight quantizers (ModelOpt's ``SVDQuantLinear``
+adds no branch to those) are refused.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from jaxquant.calibration.sites import Site
 from jaxquant.calibration.smoothing import smooth_linears
 from jaxquant.errors import DataError, RecipeError, UnsupportedError
+from jaxquant.quantizer.sequential import SequentialConfig
 from jaxquant.quantizer.tensor_quantizer import UNCALIBRATED
 
 log = logging.getLogger("jaxquant.calibration")
@@ -121,6 +123,10 @@ def svdquant(model: Any, sites: list[Site], data: Any, *, options: Mapping[str, 
     skipped = {s.module_names[0] for s in sites if s.role == "weight" and s.quantizer.enabled
                and _skipped(s.module_names[0], skip)}
     lins = [lin for lin in smooth_linears(sites, "svdquant") if lin.name not in skipped]
+    for lin in lins:
+        if isinstance(lin.wq.config, SequentialConfig):  # ModelOpt's SVDQuantLinear adds no branch there
+            raise UnsupportedError(f"svdquant: {lin.name}'s weight quantizer is sequential ({lin.wq.config.format}); "
+                                   "SVDQuant needs a single weight quantizer (NVFP4).")
     awq_sites = []
     for s in sites:
         if s.module_names[0] in skipped:

@@ -102,7 +102,9 @@ class Linear(nnx.Module):
         calib = self.input_quantizer.calibrator
         if calib is not None and self.input_quantizer.mode == "calibrate" and hasattr(calib, "linear_call"):
             return calib.linear_call(self, x, token_mask)  # an algorithm that searches on the linear (AWQ)
-        lora = self.weight_quantizer.lowrank_branch(self.input_quantizer.scaled(x), self.precision)  # SVDQuant
+        lora = None  # SVDQuant's low-rank branch, on the pre-scaled input
+        if self.weight_quantizer.svdquant_lora_a is not None:
+            lora = self.weight_quantizer.lowrank_branch(self.input_quantizer.scaled(x), self.precision)
         x = self.input_quantizer(x, token_mask=token_mask)
         w = self.weight_quantizer(self.weight[...])
         y = self.output_quantizer(self.matmul(x, w, preferred_element_type), token_mask=token_mask)
