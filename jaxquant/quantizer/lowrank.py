@@ -12,7 +12,9 @@ quantizer's ``pre_quant_scale`` and before quantization:
     y = Q_out(Q_in(x_s) @ Q_w(R)^T + bias) + (x_s @ lora_a^T) @ lora_b^T
 
 The factors are set by ``calibration/svdquant.py``; they travel in the calibration state
-(``<weight quantizer>._svdquant_lora_a`` / ``_svdquant_lora_b``) and in orbax checkpoints.
+(``<weight quantizer>._svdquant_lora_a`` / ``_svdquant_lora_b``) and in orbax checkpoints. The roundings pass
+gradients straight through, so QAT trains the weight through the residual (and the factors, when the optimizer's
+``wrt`` includes ``QuantLowRank``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ class QuantLowRank(nnx.Variable):
     ``[out, r]``); float32 holding values of the model dtype."""
 
 
+def _round_ste(x: jax.Array, dtype) -> jax.Array:
+    """float32 ``x`` rounded to ``dtype`` (``round_to_dtype``: XLA cannot skip it), as float32, with the identity as
+    its derivative (the read-back from the bits has none): ``x + stop_gradient(round(x) - x)``, whose value is the
+    rounded one exactly (the rounding error of ``x`` is a float32 number)."""
+    return x + jax.lax.stop_gradient(round_to_dtype(x, dtype) - x)
+
+
 def lowrank_product(lora_a: jax.Array, lora_b: jax.Array, dtype) -> jax.Array:
     """``round_dtype(lora_b @ lora_a)`` (``[out, in]`` in ``dtype``): the factors in ``dtype``, their products summed
     in float32 at full precision, rounded once."""
@@ -36,13 +45,13 @@ def lowrank_product(lora_a: jax.Array, lora_b: jax.Array, dtype) -> jax.Array:
     b = jnp.asarray(lora_b).astype(dtype)
     p = jax.lax.dot_general(b, a, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
                             preferred_element_type=jnp.float32)
-    return round_to_dtype(p, dtype).astype(dtype)
+    return _round_ste(p, dtype).astype(dtype)
 
 
 def lowrank_residual(w: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
     """``round_dtype(w - lowrank_product)``: the weight the quantizer sees (``w`` ``[out, in]``, its dtype)."""
     p = lowrank_product(lora_a, lora_b, w.dtype)
-    return round_to_dtype(w.astype(jnp.float32) - p.astype(jnp.float32), w.dtype).astype(w.dtype)
+    return _round_ste(w.astype(jnp.float32) - p.astype(jnp.float32), w.dtype).astype(w.dtype)
 
 
 def lowrank_branch(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, precision=None) -> jax.Array:

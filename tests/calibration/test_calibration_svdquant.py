@@ -18,7 +18,7 @@ from jaxquant.calibration.algorithms import resolve_algorithm
 from jaxquant.calibration.max import set_quant_mode
 from jaxquant.calibration.svdquant import svd_factors
 from jaxquant.errors import CheckpointError, RecipeError, UnsupportedError
-from jaxquant.quantizer.lowrank import lowrank_product
+from jaxquant.quantizer.lowrank import QuantLowRank, lowrank_product
 from jaxquant.models import ModelConfig, build_model
 from jaxquant.recipe import apply_recipe
 from jaxquant.recipe.presets import preset_recipe
@@ -124,6 +124,31 @@ def test_forward_adds_the_branch(calibrated):
     a, b = (jnp.asarray(v.value).astype(dtype) for v in (wq.svdquant_lora_a, wq.svdquant_lora_b))
     want = lin.matmul(xq, wqd) + lin.matmul(lin.matmul(xs, a), b)
     np.testing.assert_array_equal(np.asarray(lin(x).astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+
+
+def test_gradients_reach_weight_and_factors(calibrated):
+    """QAT: the weight's gradient passes the residual's roundings (straight through) and the fake quant (STE), so it
+    is the plain linear's gradient ``g^T Q(x p)`` rounded once; the factors get theirs through the branch and the
+    residual."""
+    import jax
+
+    m, res, dtype = calibrated
+    lin = _linear(m, "mlp.up_proj")
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 64)), dtype)
+    wq = lin.weight_quantizer
+    graphdef, params, lowrank, rest = nnx.split(lin, nnx.Param, QuantLowRank, ...)
+
+    def loss(params, lowrank):
+        return jnp.sum(nnx.merge(graphdef, params, lowrank, rest)(x).astype(jnp.float32))
+
+    gp, gl = (nnx.to_pure_dict(g) for g in jax.grad(loss, argnums=(0, 1))(params, lowrank))
+    gw = gp["weight"]
+    ga, gb = (gl["weight_quantizer"][k] for k in ("svdquant_lora_a", "svdquant_lora_b"))
+    iq = lin.input_quantizer
+    xq = iq(x)  # fake quant of the pre-scaled input (mode fake_quant)
+    want = np.asarray(jnp.sum(xq.astype(jnp.float32), axis=0))[None, :] * np.asarray(wq.pre_quant_scale.value)
+    np.testing.assert_allclose(np.asarray(gw, np.float32), np.broadcast_to(want, gw.shape), rtol=1e-2)
+    assert np.abs(np.asarray(ga)).max() > 0 and np.abs(np.asarray(gb)).max() > 0
 
 
 def test_state_reloads_into_a_fresh_model(calibrated):
