@@ -6,8 +6,8 @@ is an ``Algorithm``: ``run(model, sites, data, **kw) -> CalibrationStats`` and `
 module's option parser; the parsed options carry the finalize options they imply, and those named in
 ``run_options`` are passed to ``run``, ``"options"`` meaning the whole parsed dict). ``max``, ``mse`` (``mse.py``),
 ``local_hessian`` (``local_hessian.py``), ``nvfp4_act_headroom`` (``act_headroom.py``), ``smoothquant``
-(``smoothquant.py``), ``awq_lite`` (``awq.py``), ``awq_clip`` and ``awq_full`` (``awq_clip.py``) and ``gptq``
-(``gptq.py``) are implemented, and a list of algorithms runs them in sequence (``sequence.py``); the others slot in
+(``smoothquant.py``), ``awq_lite`` (``awq.py``), ``awq_clip`` and ``awq_full`` (``awq_clip.py``), ``svdquant``
+(``svdquant.py``) and ``gptq`` (``gptq.py``) are implemented, and a list of algorithms runs them in sequence (``sequence.py``); the others slot in
 by adding an entry to ``ALGORITHMS``: each runs ``max`` first in ModelOpt, so they can call ``max_calibrate`` and then
 refine weights / amax on the same sites.
 """
@@ -23,7 +23,7 @@ from jaxquant.calibration import mse as mse_mod
 from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ModelOpt algorithms jaxquant does not implement yet (for messages).
-KNOWN_UNSUPPORTED = ("svdquant", "lsq")
+KNOWN_UNSUPPORTED = ("lsq",)
 
 # MaxCalibConfig fields and how jaxquant treats them.
 _MAX_OPTIONS = {
@@ -174,6 +174,7 @@ ALGORITHMS.update({
 # ---- accuracy algorithms on top of max (calibration/local_hessian.py, ...)
 from jaxquant.calibration import act_headroom as _act_headroom, awq_clip as _awq_clip  # noqa: E402
 from jaxquant.calibration import local_hessian as _local_hessian  # noqa: E402
+from jaxquant.calibration import svdquant as _svdquant  # noqa: E402
 
 ALGORITHMS.update({
     "local_hessian": Algorithm("local_hessian", _local_hessian.local_hessian_calibrate,
@@ -184,6 +185,7 @@ ALGORITHMS.update({
     "awq_clip": Algorithm("awq_clip", _awq_clip.awq_clip, _awq_clip.OPTIONS, _awq_clip.parse_options, ("options",)),
     "awq_full": Algorithm("awq_full", _awq_clip.awq_full, tuple(dict.fromkeys((*_awq.OPTIONS, *_awq_clip.OPTIONS))),
                           _awq_clip.parse_full_options, ("options",)),
+    "svdquant": Algorithm("svdquant", _svdquant.svdquant, _svdquant.OPTIONS, _svdquant.parse_options, ("options",)),
 })
 
 

@@ -52,7 +52,7 @@ class SmoothLinear:
 
 def smooth_linears(sites: list[Site], what: str) -> list[SmoothLinear]:
     """Every linear with an enabled weight quantizer, in model order (ModelOpt's ``is_quantized_linear`` with an
-    enabled weight quantizer), with any pre_quant_scale of an earlier run cleared.
+    enabled weight quantizer), with any pre_quant_scale (and SVDQuant factors) of an earlier run cleared.
 
     Raises:
       UnsupportedError: stacked MoE experts or a linear without an input quantizer (``what`` names the algorithm).
@@ -68,9 +68,10 @@ def smooth_linears(sites: list[Site], what: str) -> list[SmoothLinear]:
             raise UnsupportedError(f"{what}: {s.path} is not a jaxquant Linear (it needs an input quantizer and "
                                    "matmul()); calibrate this model with max.")
         out.append(SmoothLinear(s.module_names[0], s.parent, s.quantizer, iq))
-    for lin in out:  # smoothing starts from the source weights: a previous run's scales go (none was folded in)
+    for lin in out:  # smoothing starts from the source weights: a previous run's scales / SVDQuant factors go
         lin.iq.set_pre_quant_scale(None)
         lin.wq.set_pre_quant_scale(None)
+        lin.wq.set_lowrank(None, None)
     return out
 
 

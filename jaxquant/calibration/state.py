@@ -10,6 +10,8 @@ for static-block NVFP4 weights), so a state reads like ModelOpt's quantizer stat
     model.layers.1.mlp.experts.5.gate_proj.input_quantizer._amax   (one entry per expert)
     model.layers.0.self_attn.q_proj.input_quantizer._pre_quant_scale   float32 [in]   (SmoothQuant / AWQ)
     model.layers.0.self_attn.q_proj.weight_quantizer._pre_quant_scale  float32 [in]   (its inverse, weight side)
+    model.layers.0.self_attn.q_proj.weight_quantizer._svdquant_lora_a  float32 [r, in]   (SVDQuant, model-dtype
+    model.layers.0.self_attn.q_proj.weight_quantizer._svdquant_lora_b  float32 [out, r]   values)
 
 Only quantizers that carry calibrated state appear: enabled weight quantizers and data-calibrated
 activation quantizers. Disabled, dynamic and constant-amax (KV ``*_cast``) quantizers have none,
@@ -41,6 +43,7 @@ AMAX = "_amax"
 GLOBAL_AMAX = "_global_amax"
 BIAS = "_bias_value"  # affine K/V quantizers: ModelOpt's buffer, in its [1, heads, 1, head_dim] layout
 PRE_QUANT_SCALE = "_pre_quant_scale"
+LORA = ("_svdquant_lora_a", "_svdquant_lora_b")  # SVDQuant's weight-quantizer factors, [r, in] and [out, r]
 FILE_FORMAT = "jaxquant.calibration_state"
 FILE_VERSION = "1"
 
@@ -62,6 +65,9 @@ def calibration_state(model: Any, sites: list[Site] | None = None) -> dict[str, 
             if s.stacked:
                 raise JaxquantError(f"{s.path}: a pre_quant_scale on stacked experts is not supported")
             out[s.names[0] + "." + PRE_QUANT_SCALE] = np.asarray(s.quantizer.pre_quant_scale.value, np.float32)
+        if getattr(s.quantizer, "svdquant_lora_a", None) is not None:  # SVDQuant (never on stacked experts)
+            for key in LORA:
+                out[s.names[0] + "." + key] = np.asarray(getattr(s.quantizer, key[1:]).value, np.float32)
         if not s.has_state:
             continue
         q = s.quantizer
@@ -80,6 +86,25 @@ def calibration_state(model: Any, sites: list[Site] | None = None) -> dict[str, 
             if getattr(q, "bias", None) is not None:
                 out[name + "." + BIAS] = np.asarray(q.bias.value, np.float32).transpose(0, 2, 1, 3)
     return out
+
+
+def _load_lowrank(s: Site, state: Mapping[str, Any], used: set[str]) -> None:
+    """Set (or clear, when absent) a quantizer's SVDQuant factors from ``state``; checks they fit its weight."""
+    keys = [f"{s.names[0]}.{key}" for key in LORA]
+    present = [k for k in keys if k in state]
+    if not present:
+        s.quantizer.set_lowrank(None, None)
+        return
+    if len(present) == 1 or s.role != "weight":
+        raise CheckpointError(f"{s.names[0]}: SVDQuant factors need both {' and '.join(keys)} on a weight "
+                              f"quantizer; found {', '.join(present)}.")
+    a, b = (np.asarray(state[k], np.float32) for k in keys)
+    out, inp = tuple(s.weight().shape)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != inp or b.shape != (out, a.shape[0]):
+        raise CheckpointError(f"{s.names[0]}: SVDQuant factors of shapes {list(a.shape)} and {list(b.shape)} do not "
+                              f"fit the [{out}, {inp}] weight (expected [r, {inp}] and [{out}, r]).")
+    s.quantizer.set_lowrank(a, b)
+    used.update(keys)
 
 
 def load_calibration_state(model: Any, state: Mapping[str, Any], *, strict: bool = True,
@@ -104,6 +129,7 @@ def load_calibration_state(model: Any, state: Mapping[str, Any], *, strict: bool
             s.quantizer.set_pre_quant_scale(state.get(pkey))
             if pkey in state:
                 used.add(pkey)
+            _load_lowrank(s, state, used)
         if not s.has_state:
             continue
         q = s.quantizer

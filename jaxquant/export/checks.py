@@ -144,6 +144,18 @@ def check_resolution(model_or_loaded, resolution) -> None:
                           "not have; the resolution belongs to another model.")
 
 
+def _refuse_svdquant(resolution) -> None:
+    """``UnsupportedError`` (``prequant.SVDQUANT_EXPORT``) when the resolution's recipe calibrates with svdquant."""
+    from jaxquant.calibration.algorithms import parse_algorithm
+    from jaxquant.export.prequant import SVDQUANT_EXPORT
+
+    recipe = getattr(_resolution_of(resolution), "recipe", None)
+    algo = getattr(recipe, "algorithm", None)
+    steps = algo if isinstance(algo, (list, tuple)) else [algo]
+    if any(not isinstance(a, (list, tuple)) and parse_algorithm(a)[0] == "svdquant" for a in steps):
+        raise UnsupportedError(f"{getattr(recipe, 'name', None) or 'the recipe'} (svdquant): {SVDQUANT_EXPORT}")
+
+
 def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overwrite: bool = False,
                      name_map=None) -> list[str]:
     """Validate, before calibration, that the configured model can be exported.
@@ -167,6 +179,7 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
     """
     model = unwrap(model_or_loaded)
     check_resolution(model, resolution)
+    _refuse_svdquant(resolution)
     walked = walk(model, name_map or getattr(model_or_loaded, "name_map", None), need_amax=False)
     warnings: list[str] = []
     fmts: dict[str, str | None] = {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def save_orbax(
       model_or_loaded: a ``LoadedModel`` (its ``hf_config`` is stored) or a model plus ``hf_config``.
       directory: target; refused when non-empty unless ``overwrite``.
       resolution: the recipe resolution; its rules are stored for reference.
-      include_export_tensors: also store the ModelOpt export tensors (packed weights and scales).
+      include_export_tensors: also store the ModelOpt export tensors (packed weights and scales); never for an
+        SVDQuant model (a warning says so: its NVFP4_SVD export is refused).
 
     Returns the directory.
     """
@@ -127,6 +129,11 @@ def save_orbax(
         quantizers[path] = {"config": None if c is None else c.to_dict(exmy=True, full=True), "mode": q.mode}
     tree: dict[str, Any] = {"model": _model_state(model)}
     export_names: list[str] = []
+    if include_export_tensors and any(getattr(q, "svdquant_lora_a", None) is not None for _, q in _quantizers(model)):
+        logging.getLogger("jaxquant.export").warning(
+            "save_orbax: an SVDQuant model has no HF export tensors (NVFP4_SVD is not exported); saving its state "
+            "only.")
+        include_export_tensors = False
     if include_export_tensors:
         from jaxquant.export.entries import plan_entries
 
@@ -210,6 +217,8 @@ def restore_orbax(directory: str | os.PathLike, *, dtype=None) -> OrbaxCheckpoin
                               for k in ("global_amax", "bias", "bias_count"))
         _set_quantizer(q, entry, amax, gamax, bias, count)
         q.set_pre_quant_scale(node.get("pre_quant_scale") if isinstance(node, dict) else None)  # SmoothQuant / AWQ
+        q.set_lowrank(*((node.get(k) if isinstance(node, dict) else None)  # SVDQuant
+                        for k in ("svdquant_lora_a", "svdquant_lora_b")))
     state = nnx.state(model)
     target = nnx.to_pure_dict(state)
 

@@ -17,7 +17,7 @@ runs first: in Llama / Qwen3 / Qwen3-MoE attention and MLP blocks (by the model 
 o_proj's ``p`` is multiplied into v_proj's output rows and down_proj's into up_proj's (``W[o, :] *= p[o]``, a bias
 likewise, in the weight dtype; that weight amax recomputed) and o_proj / down_proj write no ``pre_quant_scale``. A
 grouped-query o_proj (``p`` longer than v_proj's output) keeps its ``p``, as ModelOpt does without
-``fuse_grouped_heads``.
+``fuse_grouped_heads``. SVDQuant's factors are not exported (``SVDQUANT_EXPORT``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ from jaxquant.numerics._exact import div
 
 #: Export formats whose linears may carry a pre_quant_scale (the registry's ``pqs_format``s: SmoothQuant, AWQ).
 PQS_FORMATS = tuple(sorted({f.pqs_format for f in formats.FORMATS.values() if f.pqs_format}))
+#: Why an SVDQuant model (a weight quantizer with low-rank factors) is not exported.
+SVDQUANT_EXPORT = (
+    "svdquant's NVFP4_SVD checkpoint is not exported by jaxquant yet. nvidia-modelopt 0.47 writes one (the NVFP4 "
+    "residual weights, <linear>.pre_quant_scale, <linear>.weight_quantizer._svdquant_lora_a [r, in] and "
+    "_svdquant_lora_b [out, r] in the model dtype, fused q/k/v and gate/up re-smoothed to one scale with a joint "
+    "SVD), but vLLM rejects NVFP4_SVD (vllm#45333). Keep the fake-quantized model (or save it with --export-format "
+    "orbax), or drop --export-path.")
 #: Formats whose fused groups ModelOpt leaves alone (``QUANTIZATION_FP8``, ``QUANTIZATION_FP8_PB_REAL``).
 _NO_FUSION = ("fp8", "fp8_pb_real")
 _NORM_OF = {"self_attn": ("input_layernorm",), "mlp": ("pre_feedforward_layernorm", "post_attention_layernorm")}
@@ -145,6 +152,8 @@ def resmooth(items: list, model) -> dict[str, Any]:
       UnsupportedError: a pre_quant_scale on a format without a ``pqs_format`` or on stacked experts.
     """
     for it in items:
+        if getattr(it.wq, "svdquant_lora_a", None) is not None:
+            raise UnsupportedError(f"{it.hf}: {SVDQUANT_EXPORT}")
         it.pqs = pre_quant_scale_of(it)
         if it.pqs is None:
             continue
@@ -183,4 +192,4 @@ def resmooth(items: list, model) -> dict[str, Any]:
     return folded
 
 
-__all__ = ["ArrayWeight", "PQS_FORMATS", "pre_quant_scale_of", "resmooth"]
+__all__ = ["ArrayWeight", "PQS_FORMATS", "SVDQUANT_EXPORT", "pre_quant_scale_of", "resmooth"]

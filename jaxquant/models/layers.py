@@ -67,7 +67,8 @@ class Linear(nnx.Module):
     """``nn.Linear`` with ModelOpt's three quantizers; ``weight`` is ``[out, in]`` like torch.
 
     ``y = output_quantizer(input_quantizer(x) @ weight_quantizer(weight).T + bias)`` (ModelOpt's
-    QuantLinear order: the bias is part of the linear, the output quantizer sees the sum).
+    QuantLinear order: the bias is part of the linear, the output quantizer sees the sum), plus SVDQuant's
+    low-rank branch of the pre-scaled input when the weight quantizer holds factors (``quantizer/lowrank.py``).
 
     Args:
       dot_general: injectable contraction (like ``nnx.Linear``), called as
@@ -101,10 +102,13 @@ class Linear(nnx.Module):
         calib = self.input_quantizer.calibrator
         if calib is not None and self.input_quantizer.mode == "calibrate" and hasattr(calib, "linear_call"):
             return calib.linear_call(self, x, token_mask)  # an algorithm that searches on the linear (AWQ)
+        lora = None  # SVDQuant's low-rank branch, on the pre-scaled input
+        if self.weight_quantizer.svdquant_lora_a is not None:
+            lora = self.weight_quantizer.lowrank_branch(self.input_quantizer.scaled(x), self.precision)
         x = self.input_quantizer(x, token_mask=token_mask)
         w = self.weight_quantizer(self.weight[...])
-        y = self.matmul(x, w, preferred_element_type)
-        return self.output_quantizer(y, token_mask=token_mask)
+        y = self.output_quantizer(self.matmul(x, w, preferred_element_type), token_mask=token_mask)
+        return y if lora is None else y + lora.astype(y.dtype)
 
     def matmul(self, x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
         """``x @ w.T + bias`` with this linear's contraction (``w`` in ``[out, in]``), no quantizer."""

@@ -17,6 +17,8 @@ it unchanged. It holds:
 
 * ``pre_quant_scale``: an optional ``QuantPreScale`` ``[in]`` factor applied to the tensor before anything else, also
   when the quantizer is disabled or off (ModelOpt's ``_pre_quant_scale``; SmoothQuant / AWQ set it);
+* ``svdquant_lora_a`` / ``svdquant_lora_b``: optional ``QuantLowRank`` factors of a weight quantizer (SVDQuant,
+  ``quantizer/lowrank.py``): the quantizer then sees the weight minus their product, after ``pre_quant_scale``;
 * ``rotation``: ``(block_size, fp32)`` when the config has ``rotate: true``: the input (after ``pre_quant_scale``) is
   rotated by the normalized Hadamard matrix (``numerics/hadamard.py``) before anything else, also when the config
   disables the quantizer (ModelOpt does; ``kv_nvfp4_rotate`` rotates the queries with a disabled quantizer);
@@ -49,6 +51,7 @@ from flax import nnx
 from jaxquant.formats.registry import quantizer_format
 from jaxquant.numerics import hadamard
 from jaxquant.numerics._exact import round_to_dtype
+from jaxquant.quantizer.lowrank import QuantLowRank, lowrank_branch, lowrank_residual
 from jaxquant.quantizer.config import QuantizerConfig
 
 Mode = Literal["off", "calibrate", "fake_quant"]
@@ -148,6 +151,8 @@ class TensorQuantizer(nnx.Module):
         self.bias: QuantBias | None = nnx.data(None)
         self.bias_count: QuantBiasCount | None = nnx.data(None)
         self.pre_quant_scale: QuantPreScale | None = nnx.data(None)  # kept by configure(): it is part of the model
+        self.svdquant_lora_a: QuantLowRank | None = nnx.data(None)  # SVDQuant factors (weights), kept by configure()
+        self.svdquant_lora_b: QuantLowRank | None = nnx.data(None)
         self.calibrator = nnx.data(None)  # an algorithm's statistic collector (``collect(x, token_mask)``)
         self.rotation: tuple[int | None, bool] | None = None  # (block_size, fp32) of a Hadamard rotation (rotate)
 
@@ -245,9 +250,27 @@ class TensorQuantizer(nnx.Module):
         """Set (an ``[in]`` array) or clear (None) the pre-quantization scale (see ``QuantPreScale``)."""
         self.pre_quant_scale = None if scale is None else QuantPreScale(jnp.asarray(scale, jnp.float32))
 
+    def set_lowrank(self, lora_a, lora_b) -> None:
+        """Set (``[r, in]`` and ``[out, r]`` arrays) or clear (None, None) the SVDQuant factors (``QuantLowRank``)."""
+        if (lora_a is None) != (lora_b is None):
+            raise ValueError("svdquant_lora_a and svdquant_lora_b are set (or cleared) together")
+        self.svdquant_lora_a = None if lora_a is None else QuantLowRank(jnp.asarray(lora_a, jnp.float32))
+        self.svdquant_lora_b = None if lora_b is None else QuantLowRank(jnp.asarray(lora_b, jnp.float32))
+
     def scaled(self, x: jax.Array) -> jax.Array:
-        """``x`` times the pre-quantization scale, if any."""
-        return x if self.pre_quant_scale is None else apply_pre_quant_scale(x, self.pre_quant_scale.value)
+        """The tensor the quantizer sees: ``x`` times the pre-quantization scale, if any, minus the SVDQuant low-rank
+        product, if any (``lowrank.lowrank_residual``)."""
+        x = x if self.pre_quant_scale is None else apply_pre_quant_scale(x, self.pre_quant_scale.value)
+        if self.svdquant_lora_a is not None:
+            x = lowrank_residual(x, self.svdquant_lora_a.value, self.svdquant_lora_b.value)
+        return x
+
+    def lowrank_branch(self, x: jax.Array, precision=None) -> jax.Array | None:
+        """The SVDQuant branch ``(x @ lora_a^T) @ lora_b^T`` of a weight quantizer's linear for its (pre-scaled)
+        input ``x``, or None without factors."""
+        if self.svdquant_lora_a is None:
+            return None
+        return lowrank_branch(x, self.svdquant_lora_a.value, self.svdquant_lora_b.value, precision)
 
     def quantize_with_own_amax(self, x: jax.Array) -> jax.Array:
         """Fake quant of ``x`` with the amax (and global amax) reduced from ``x`` itself, as a ModelOpt quantizer

@@ -47,7 +47,6 @@ PENDING_QFORMATS = {
                       "W4A16_NVFP4 (MIXED_PRECISION), and jaxquant does not quantize embeddings. Its attention part "
                       "(FP8 q / k / v and softmax probabilities) is the unit configs/ptq/units/attention_qkv_fp8, "
                       "which composes with the nvfp4 preset"),
-    "nvfp4_svdquant": "the svdquant calibration algorithm",
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {

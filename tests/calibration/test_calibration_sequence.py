@@ -32,8 +32,8 @@ def test_parsing():
         resolve_algorithm([["max"]])
     with pytest.raises(UnsupportedError, match="bogus"):
         resolve_algorithm(["max", {"method": "mse", "bogus": 1}])
-    with pytest.raises(UnsupportedError, match="svdquant"):
-        resolve_algorithm(["max", "svdquant"])
+    with pytest.raises(UnsupportedError, match="lsq"):
+        resolve_algorithm(["max", "lsq"])
 
 
 def test_recipe_with_a_list_is_supported():
@@ -41,8 +41,8 @@ def test_recipe_with_a_list_is_supported():
 
     r = recipe_from_dict({"quant_cfg": FP8_CFG, "algorithm": ["max", {"method": "local_hessian"}]})
     assert r.unsupported() == []
-    bad = recipe_from_dict({"quant_cfg": FP8_CFG, "algorithm": ["max", "svdquant"]}, check_supported=False)
-    assert bad.unsupported() == ["calibration algorithm 'svdquant'"]
+    bad = recipe_from_dict({"quant_cfg": FP8_CFG, "algorithm": ["max", "lsq"]}, check_supported=False)
+    assert bad.unsupported() == ["calibration algorithm 'lsq'"]
 
 
 def test_max_then_mse_equals_modelopt(tiny_llama):

@@ -71,7 +71,7 @@ def test_ptq_hf_ptq_spellings_and_presets(files, capsys):
     [
         (lambda f: ["ptq", "--model", f["root"] + "/missing", "--eval-windows", "0"], "no such file or directory"),
         (lambda f: _ptq(f, "--recipe", "general/ptq/no_such_recipe"), "no recipe"),
-        (lambda f: _ptq(f, "--qformat", "nvfp4_svdquant"), "not supported yet"),
+        (lambda f: _ptq(f, "--qformat", "nvfp4_fp8_mha"), "not supported yet"),
         (lambda f: _ptq(f, "--qformat", "bogus"), "unknown --qformat"),
         (lambda f: _ptq(f) + ["--calib-size", "0"], "--calib-size must be positive"),
         (lambda f: _ptq(f) + ["--calib-seq", "129"], "max_position_embeddings = 128"),
