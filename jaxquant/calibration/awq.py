@@ -188,6 +188,17 @@ def _forward(model, sites, data, kw) -> CalibrationStats:
                            total_tokens=kw.get("total_tokens"), max_seq_len=kw.get("max_seq_len"))
 
 
+def multi_pass_data(algorithm: str, data, layerwise: bool, needs: str) -> list:
+    """The calibration batches of an algorithm that reads them in several passes, as a list (an iterator is
+    consumed once). Raises ``UnsupportedError`` for ``layerwise`` and ``DataError`` without data, naming
+    ``algorithm`` and what it ``needs`` the data for."""
+    if layerwise:
+        raise UnsupportedError(f"{algorithm} layer by layer is not implemented yet; calibrate without --layerwise.")
+    if data is None:
+        raise DataError(f"{algorithm} needs calibration data ({needs}).")
+    return list(data) if isinstance(data, collections.abc.Iterator) else data
+
+
 def awq_lite(model: Any, sites: list[Site], data: Any, *, options: Mapping[str, Any] | None = None,
              layerwise: bool = False, **kw) -> CalibrationStats:
     """Run AWQ-lite on ``model`` (module doc); ``options`` from ``parse_options``; ``forward``, ``progress``,
@@ -198,12 +209,7 @@ def awq_lite(model: Any, sites: list[Site], data: Any, *, options: Mapping[str, 
       UnsupportedError: ``layerwise``.
     """
     opts = dict(options or parse_options({}))
-    if layerwise:
-        raise UnsupportedError("awq_lite layer by layer is not implemented yet; calibrate without --layerwise.")
-    if data is None:
-        raise DataError("awq_lite needs calibration data (activation statistics and the alpha search).")
-    if isinstance(data, collections.abc.Iterator):
-        data = list(data)  # two passes
+    data = multi_pass_data("awq_lite", data, layerwise, "activation statistics and the alpha search")
     kw.pop("skip_forward_without_activation_calib", None)
     from jaxquant.calibration.max import default_forward
 

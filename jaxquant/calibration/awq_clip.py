@@ -41,7 +41,7 @@ from flax import nnx
 
 from jaxquant.calibration.sites import Site
 from jaxquant.calibration.smoothing import SmoothingStat
-from jaxquant.errors import DataError, RecipeError, UnsupportedError
+from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.tensor_quantizer import UNCALIBRATED, TensorQuantizer, fake_quant_ste
 
 log = logging.getLogger("jaxquant.calibration")
@@ -192,14 +192,11 @@ def awq_clip(model: Any, sites: list[Site], data: Any, *, options: Mapping[str, 
       DataError: no calibration data.
       UnsupportedError: ``layerwise``, or a weight ``clip_sites`` refuses.
     """
-    from jaxquant.calibration.awq import _forward
+    from jaxquant.calibration.awq import _forward, multi_pass_data
     from jaxquant.calibration.max import calibrate_weights, default_forward, set_calibration_modes
 
     opts = dict(options or parse_options({}))
-    if layerwise:
-        raise UnsupportedError(f"{method} layer by layer is not implemented yet; calibrate without --layerwise.")
-    if data is None:
-        raise DataError(f"{method} needs calibration data (the clip search runs on the linears' outputs).")
+    data = multi_pass_data(method, data, layerwise, "the clip search runs on the linears' outputs")
     kw.pop("skip_forward_without_activation_calib", None)
     kw.pop("on_weights_calibrated", None)
     kw["forward"] = kw.get("forward") or default_forward

@@ -25,7 +25,6 @@ adds no branch to those) are refused.
 
 from __future__ import annotations
 
-import collections.abc
 import fnmatch
 import logging
 import warnings
@@ -37,7 +36,7 @@ import numpy as np
 
 from jaxquant.calibration.sites import Site
 from jaxquant.calibration.smoothing import smooth_linears
-from jaxquant.errors import DataError, RecipeError, UnsupportedError
+from jaxquant.errors import RecipeError, UnsupportedError
 from jaxquant.quantizer.sequential import SequentialConfig
 from jaxquant.quantizer.tensor_quantizer import UNCALIBRATED
 
@@ -109,12 +108,7 @@ def svdquant(model: Any, sites: list[Site], data: Any, *, options: Mapping[str, 
     from jaxquant.calibration.max import default_forward, max_calibrate
 
     opts = dict(options or parse_options({}))
-    if layerwise:
-        raise UnsupportedError("svdquant layer by layer is not implemented yet; calibrate without --layerwise.")
-    if data is None:
-        raise DataError("svdquant needs calibration data (awq_lite's statistics and the final max calibration).")
-    if isinstance(data, collections.abc.Iterator):
-        data = list(data)  # three passes
+    data = awq.multi_pass_data("svdquant", data, layerwise, "awq_lite's statistics and the final max calibration")
     for k in ("skip_forward_without_activation_calib", "on_weights_calibrated", "layerwise_checkpoint_dir",
               "layerwise_save_every"):
         kw.pop(k, None)

@@ -30,3 +30,15 @@ def write_llama(tmp_path_factory, name: str, *, layers: int, max_pos: int, heavy
                     p.mul_(torch.distributions.StudentT(2.5).sample(p.shape).clamp(-30, 30).abs() ** 0.5)
         model.save_pretrained(d)
     return model, d
+
+
+def two_masked_batches():
+    """Two calibration batches of 2 x 16 token ids in [1, 101) from a fixed seed, the first row's first 5 positions
+    masked (``(ids, mask)`` pairs, numpy int32)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 101, (4, 16)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[0, :5] = 0
+    return [(ids[:2], mask[:2]), (ids[2:], mask[2:])]

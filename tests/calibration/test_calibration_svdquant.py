@@ -22,6 +22,7 @@ from jaxquant.quantizer.lowrank import QuantLowRank, lowrank_product
 from jaxquant.models import ModelConfig, build_model
 from jaxquant.recipe import apply_recipe
 from jaxquant.recipe.presets import preset_recipe
+from _tiny_llama import two_masked_batches  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,11 +40,7 @@ def _model(dtype):
 
 
 def _data():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 101, (4, 16)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[0, :5] = 0
-    return [(ids[:2], mask[:2]), (ids[2:], mask[2:])]
+    return two_masked_batches()
 
 
 def _round(x, dtype) -> np.ndarray:

@@ -12,6 +12,7 @@ from jaxquant.calibration.max import set_quant_mode
 from jaxquant.errors import UnsupportedError
 from jaxquant.models import ModelConfig, build_model
 from jaxquant.recipe import apply_recipe
+from _tiny_llama import two_masked_batches  # noqa: E402
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 101, "hidden_size": 64,
          "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -38,11 +39,7 @@ def _model(hf=LLAMA):
 
 
 def _data():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 101, (4, 16)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[0, :5] = 0
-    return [(ids[:2], mask[:2]), (ids[2:], mask[2:])]
+    return two_masked_batches()
 
 
 def test_smoothquant_layerwise_equals_batch_by_batch():
