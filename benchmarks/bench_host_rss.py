@@ -5,7 +5,9 @@ A script, not a timed test (issue 14, its CPU item). It
 1. writes (once into ``--work DIR``; reused when a checkpoint of the same config is there) a random-weight
    ``LlamaForCausalLM`` with transformers (``save_pretrained(safe_serialization=True)``, shards of
    ``--shard-size``) in ``--dtype`` (bfloat16), with a real tokenizer copied beside it (default: SmolLM2-135M's,
-   from the offline assets of tests/assets.py; the vocabulary is the tokenizer's size, 49152);
+   from the offline assets of tests/assets.py; the vocabulary is the tokenizer's size, 49152). The default shape is
+   TinyLlama-1.1B's layer (hidden 2048, intermediate 5632, 32 heads, 4 KV heads) 64 deep, untied head: 3.02 B
+   parameters, 6.04 GB in bf16, more than 3x the streamed run's peak RSS (1.85 GB on a 2-core CPU);
 2. runs the ``jaxquant ptq`` command in a fresh process under ``/usr/bin/time -v`` once per mode:
 
    * ``streamed``: ``--layerwise`` with an HF export (each decoder layer read, calibrated, exported, dropped);

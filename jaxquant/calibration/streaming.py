@@ -18,9 +18,11 @@ memory-mapped safetensors, or the synthetic generator) is read one stage at a ti
 4. **Head** over every batch, the shell's activation scales, ``finish()``: the JSON files, validation, publish.
 
 Peak device memory: two decoder layers (the one running, the next one being read) + the activations + the export
-kernels' buffers (+ the shell during the prologue and the head). Host memory: the shell, one layer being read and the
-export's in-flight tensors, whatever the depth. Only ``max`` streams: an algorithm that searches or changes weights (``mse``, ``awq``, ``smoothquant``,
-``local_hessian``) needs them after the forward passes (``streaming_refusal``).
+kernels' buffers (+ the shell during the prologue and the head). Host memory: the shell, one layer being read (two
+layers on the CPU backend, where the device is the host) and the export's in-flight tensors, whatever the depth; each
+layer's mapped checkpoint pages are released again after its stage (``_release``). Only ``max`` streams: an algorithm
+that searches or changes weights (``mse``, ``awq``, ``smoothquant``, ``local_hessian``) needs them after the forward
+passes (``streaming_refusal``).
 """
 
 from __future__ import annotations
