@@ -151,3 +151,45 @@ def test_bench_quality_table_and_json(tmp_path, monkeypatch, capsys):
     assert "| int8_sq | no_such_algorithm | not available |" in table and "| int8_sq | max |" in table
     assert bq.main(["--table-only", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == table.strip().split("\n\n")[-1].strip()
+
+
+# ----------------------------------------------------------------------------------------------- bench_host_rss
+def test_bench_host_rss_streamed_on_cpu(tmp_path):
+    """A tiny transformers-written Llama through ``jaxquant ptq --layerwise`` (streamed) under ``/usr/bin/time -v``
+    (or ``os.wait4``): the report has the run's peak RSS, wall time, export size and exact command line."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny_cli import WORDS, write_tiny_checkpoint
+
+    tok = write_tiny_checkpoint(tmp_path / "tok")
+    out = tmp_path / "rss.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_host_rss.py"), "--hidden", "64", "--intermediate", "128",
+           "--layers", "2", "--heads", "4", "--kv-heads", "2", "--calib-size", "4", "--calib-seq", "16",
+           "--batch-size", "2", "--modes", "streamed", "--tokenizer", str(tok), "--work", str(tmp_path / "work"),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_CPU_ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["mode"] == "streamed" and run["returncode"] == 0
+    assert "--layerwise" in run["command"] and "--no-stream" not in run["command"]
+    assert run["checkpoint_bytes"] == report["checkpoint"]["checkpoint_bytes"] > 0
+    assert run["peak_rss_bytes"] > 100e6 and run["wall_s"] > 0 and run["export_bytes"] > 0
+    assert run["rss_over_checkpoint"] == run["peak_rss_bytes"] / run["checkpoint_bytes"]
+    assert report["checkpoint"]["config"]["vocab_size"] == 4 + len(set(WORDS))  # the tokenizer's size
+    assert not (tmp_path / "work" / "export-streamed").exists()  # deleted after the run
+    assert "| streamed |" in proc.stdout
+
+
+def test_bench_host_rss_reads_time_v():
+    """GNU time's report: KiB to bytes, ``m:ss.ss`` and ``h:mm:ss`` to seconds."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_host_rss import parse_time_v
+
+    text = ("\tCommand being timed: \"python -m jaxquant.cli ptq\"\n"
+            "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02.50\n"
+            "\tMaximum resident set size (kbytes): 1698280\n")
+    assert parse_time_v(text) == {"peak_rss_bytes": 1698280 * 1024, "wall_s": 62.5}
+    assert parse_time_v(text.replace("1:02.50", "1:00:03"))["wall_s"] == 3603.0
+    with pytest.raises(RuntimeError, match="Maximum resident set size"):
+        parse_time_v("Command exited with non-zero status 1\n")

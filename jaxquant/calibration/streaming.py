@@ -18,9 +18,11 @@ memory-mapped safetensors, or the synthetic generator) is read one stage at a ti
 4. **Head** over every batch, the shell's activation scales, ``finish()``: the JSON files, validation, publish.
 
 Peak device memory: two decoder layers (the one running, the next one being read) + the activations + the export
-kernels' buffers (+ the shell during the prologue and the head). Host memory: the shell, one layer being read and the
-export's in-flight tensors, whatever the depth. Only ``max`` streams: an algorithm that searches or changes weights (``mse``, ``awq``, ``smoothquant``,
-``local_hessian``) needs them after the forward passes (``streaming_refusal``).
+kernels' buffers (+ the shell during the prologue and the head). Host memory: the shell, one layer being read (two
+layers on the CPU backend, where the device is the host) and the export's in-flight tensors, whatever the depth; each
+layer's mapped checkpoint pages are released again after its stage (``_release``). Only ``max`` streams: an algorithm
+that searches or changes weights (``mse``, ``awq``, ``smoothquant``, ``local_hessian``) needs them after the forward
+passes (``streaming_refusal``).
 """
 
 from __future__ import annotations
@@ -123,6 +125,18 @@ def _calibrate_weights(module) -> None:
     (exe,) = ahead.compile_all(weight_jobs(parts))
     _, _, stats, rest = parts[0]
     nnx.update(module, exe(stats, rest))
+
+
+def _release(items, source) -> None:
+    """Drop the mapped checkpoint pages of ``items`` from this process again (``source.release``; a no-op for a
+    source without a memory map). On the CPU backend ``jax.device_put`` of a 64-byte aligned numpy view of the
+    map makes no copy: the parameter aliases the mapped pages, which the loader released once, but the weight
+    amax, the forward passes and the export read them back in. Without this, every layer stored aligned in its
+    shard stayed in the RSS as file pages after its stage (measured: benchmarks/bench_host_rss.py, docs/scale.md)."""
+    release = getattr(source, "release", None)
+    if release is not None:
+        for it in items:
+            release(it.hf)
 
 
 def _merge_report(into: FinalizeReport, rep: FinalizeReport) -> None:
@@ -265,6 +279,7 @@ def quantize_streamed(loaded: Any, source: Any, resolution: Any, batches: Iterab
                 timed("export", export.publish, stages.include(i))
             _drop(stages.load[i])
             step.refresh(i)  # its abstract leaves: nothing of the layer stays referenced
+            _release(stages.load[i], source)
             if bar is not None:
                 bar.update(1)
         t0 = time.perf_counter()
