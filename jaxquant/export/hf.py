@@ -162,8 +162,9 @@ def _refuse_invalid(tmp: Path) -> None:
     if str(algo).upper() in TRTLLM_ONLY_ALGOS + NO_ENGINE_ALGOS:  # formats ModelOpt writes for other readers
         findings = [f for f in findings if f.rule != "quant-algo-unsupported"]
         if str(algo).upper() in TRTLLM_ONLY_ALGOS:
-            log.warning("quant_algo %s: TensorRT-LLM serves this checkpoint; vLLM's ModelOpt loader does not (it "
-                        "accepts FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8).", algo)
+            log.warning("quant_algo %s: nvidia-modelopt writes it for TensorRT-LLM (docs/export.md says, per format, "
+                        "what TensorRT-LLM's sources confirm); vLLM's ModelOpt loader does not read it (it accepts FP8, "
+                        "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8).", algo)
         else:
             log.warning("quant_algo %s is what nvidia-modelopt writes for this format, but no serving engine's "
                         "ModelOpt loader is known to read it (vLLM's does not; TensorRT-LLM reads W4A8_MXFP4_FP8); "
