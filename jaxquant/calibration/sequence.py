@@ -18,10 +18,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from jaxquant.errors import RecipeError
+from jaxquant.errors import RecipeError, UnsupportedError
 
 #: ``CalibrationStats`` counters summed over the steps.
 _SUMMED = ("batches", "tokens", "compile_s", "run_s", "search_s")
+#: Algorithms that may follow ``svdquant`` in a list: they only recalibrate amax from the residual weights and the
+#: forward (which adds the branch).
+AFTER_SVDQUANT = ("max",)
 #: Options of a step that ``quantize`` reads at the top level for ``finalize``.
 _FINALIZE = ("shared_patterns", "sync_expert_weight_amax")
 
@@ -31,7 +34,8 @@ def parse_sequence(items: Any) -> dict[str, Any]:
 
     Raises:
       RecipeError: a nested list (ModelOpt asserts the same).
-      UnsupportedError / RecipeError: an element its algorithm's parser refuses.
+      UnsupportedError / RecipeError: an element its algorithm's parser refuses; a step after ``svdquant`` other
+        than ``AFTER_SVDQUANT``.
     """
     from jaxquant.calibration.algorithms import resolve_algorithm
 
@@ -42,6 +46,11 @@ def parse_sequence(items: Any) -> dict[str, Any]:
                               "refuses them too); give one flat list.")
         algo, opts = resolve_algorithm(item)
         if algo is not None:
+            if steps and any(a.name == "svdquant" for a, _ in steps) and algo.name not in AFTER_SVDQUANT:
+                raise UnsupportedError(
+                    f"algorithm[{i}]: {algo.name} after svdquant is not supported: its search would not see "
+                    "svdquant's low-rank branch (the weights it quantizes are the residual). Put svdquant last, or "
+                    f"follow it only with {' / '.join(AFTER_SVDQUANT)}.")
             steps.append((algo, opts))
     out: dict[str, Any] = {"steps": steps}
     if steps:

@@ -34,6 +34,9 @@ def test_parsing():
         resolve_algorithm(["max", {"method": "mse", "bogus": 1}])
     with pytest.raises(UnsupportedError, match="lsq"):
         resolve_algorithm(["max", "lsq"])
+    assert [a.name for a, _ in resolve_algorithm(["svdquant", "max"])[1]["steps"]] == ["svdquant", "max"]
+    with pytest.raises(UnsupportedError, match=r"algorithm\[1\]: awq_clip after svdquant"):
+        resolve_algorithm([{"method": "svdquant", "lowrank": 8}, "awq_clip"])
 
 
 def test_recipe_with_a_list_is_supported():
