@@ -22,7 +22,7 @@ import logging
 import mmap
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant.converters.names import NameMap, dotted
+from jaxquant.converters.names import NameMap, dotted, param_paths
 from jaxquant.errors import CheckpointError, NonFiniteError, UnsupportedError
 from jaxquant.io.safetensors import CheckpointFiles, SafetensorsFile
 from jaxquant.models.config import ModelConfig
@@ -472,7 +472,8 @@ def open_hf(path: str | os.PathLike, dtype=jnp.bfloat16) -> tuple[LoadedModel, T
         source = import_object(config.spec.tensor_adapter)(config, source)
     model = abstract_model(config, dtype=dtype)
     plan_load(config, source, nnx.state(model), dtype=dtype, name_map=nm)  # every tensor checked before any read
-    extra = collect_extra_tensors(files, nm, config, consumes=getattr(source, "consumes", None))
+    extra = collect_extra_tensors(files, nm, config, consumes=getattr(source, "consumes", None),
+                                  owned=param_paths(model))
     return LoadedModel(model, config, extra, hf_config, d, nm), source
 
 
@@ -516,11 +517,15 @@ def quantized_checkpoint_reason(path: str | os.PathLike, hf_config: Mapping[str,
 
 
 def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConfig,
-                          consumes: Callable[[str], bool] | None = None) -> dict[str, LazyTensor]:
+                          consumes: Callable[[str], bool] | None = None,
+                          owned: Iterable[str] | None = None) -> dict[str, LazyTensor]:
     """Checkpoint tensors the text model does not own, keyed by their transformers-v5 name.
 
     ``consumes(name)`` (from a family's tensor adapter) marks tensors loaded under another layout (MoE experts).
+    ``owned``: the model's NNX parameter paths when the caller has the (abstract) model already; else they are
+    derived from ``config`` (one more abstract model, about half a second for 32 layers).
     """
+    owned = frozenset(owned) if owned is not None else _owned_paths(config)
     extra: dict[str, LazyTensor] = {}
     unexpected = []
     for k in files.keys():
@@ -532,7 +537,7 @@ def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConf
             extra[canon] = LazyTensor(files.name_to_file[k], k)
         elif p == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied duplicate of the embedding
-        elif not _owned(p, config) and not (consumes is not None and consumes(canon)):
+        elif p not in owned and not (consumes is not None and consumes(canon)):
             unexpected.append(canon)
             extra[canon] = LazyTensor(files.name_to_file[k], k)
     if unexpected:
@@ -547,14 +552,13 @@ def collect_extra_tensors(files: CheckpointFiles, nm: NameMap, config: ModelConf
 _OWNED_CACHE: dict[ModelConfig, frozenset[str]] = {}
 
 
-def _owned(nnx_path: str, config: ModelConfig) -> bool:
+def _owned_paths(config: ModelConfig) -> frozenset[str]:
+    """The NNX parameter paths of ``config``'s model (cached per config)."""
     owned = _OWNED_CACHE.get(config)
     if owned is None:
-        from jaxquant.converters.names import param_paths
-
         owned = frozenset(param_paths(abstract_model(config, dtype=jnp.float32)))
         _OWNED_CACHE[config] = owned
-    return nnx_path in owned
+    return owned
 
 
 def model_state_dict(loaded: LoadedModel, *, include_extra: bool = False) -> Mapping[str, Any]:
