@@ -144,14 +144,15 @@ def _describe_model(loaded) -> str:
 def param_count(model) -> int:
     """Logical parameter count: every ``nnx.Param`` element, plus the packed weights of a model loaded
     from a quantized checkpoint (``PackedWeight``; one uint8 NVFP4 byte holds two weights)."""
-    import jax
     from flax import nnx
 
     from jaxquant.export.load_quantized import PackedWeight
 
-    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
-    for x in jax.tree_util.tree_leaves(nnx.state(model, PackedWeight)):
-        n += int(np.prod(x.shape)) * (2 if np.dtype(x.dtype) == np.uint8 else 1)
+    n = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, PackedWeight))):  # one walk of the model
+        x = var.get_value()
+        packed = isinstance(var, PackedWeight) and np.dtype(x.dtype) == np.uint8
+        n += int(np.prod(x.shape)) * (2 if packed else 1)
     return n
 
 

@@ -177,6 +177,14 @@ def check_exportable(model_or_loaded, resolution=None, *, export_dir=None, overw
     Raises:
       UnsupportedError / ExportError with the layer name and what to change.
     """
+    from jaxquant.recipe.apply import same_structure
+
+    with same_structure():  # a read-only check: the model's modules are walked once, not once per step
+        return _check_exportable(model_or_loaded, resolution, export_dir=export_dir, overwrite=overwrite,
+                                 name_map=name_map)
+
+
+def _check_exportable(model_or_loaded, resolution, *, export_dir, overwrite, name_map) -> list[str]:
     model = unwrap(model_or_loaded)
     check_resolution(model, resolution)
     _refuse_svdquant(resolution)
