@@ -174,7 +174,7 @@ def _ieee_gpu_division() -> None:
     exact either way (jaxquant.numerics._exact), this only makes them faster there."""
     import os
 
-    from jaxquant.numerics._exact import with_ieee_gpu_division
+    from jaxquant.numerics.xla_flags import with_ieee_gpu_division  # imports no JAX
 
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
 

@@ -10,6 +10,15 @@ IEEE rounding; ask for it before JAX starts a backend::
     os.environ["XLA_FLAGS"] = jaxquant.numerics.with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
 """
 
-from jaxquant.numerics._exact import gpu_division_is_ieee, with_ieee_gpu_division
+from jaxquant.numerics.xla_flags import with_ieee_gpu_division  # no JAX import: usable before JAX starts
+
+
+def __getattr__(name):
+    if name == "gpu_division_is_ieee":  # imports JAX
+        from jaxquant.numerics._exact import gpu_division_is_ieee
+
+        return gpu_division_is_ieee
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["gpu_division_is_ieee", "with_ieee_gpu_division"]

@@ -34,14 +34,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxquant.numerics.xla_flags import IEEE_GPU_DIVISION_FLAG, with_ieee_gpu_division  # noqa: F401 - re-exported
+
 
 def opaque(x: jax.Array) -> jax.Array:
     """``x`` unchanged, but invisible to XLA's algebraic simplifier (use on small arrays only)."""
     return lax.optimization_barrier(x)
 
 
-IEEE_GPU_DIVISION_FLAG = "--xla_backend_extra_options=-nvptx-prec-divf32=2"
-"""``XLA_FLAGS`` entry that makes XLA's NVIDIA GPU backend divide float32 with IEEE ``div.rn``."""
 
 
 def div(a, b) -> jax.Array:
@@ -115,22 +115,6 @@ def _gpu_divides_exactly() -> bool:
     return float(jax.jit(lambda w: w / w)(witness)) == 1.0
 
 
-def with_ieee_gpu_division(xla_flags: str) -> str:
-    """``xla_flags`` (an ``XLA_FLAGS`` value) with :data:`IEEE_GPU_DIVISION_FLAG` added.
-
-    Merges into an existing ``--xla_backend_extra_options=...`` (a comma-separated list) instead of
-    adding a second one; returns the value unchanged if it already asks for IEEE division (or for
-    another ``-nvptx-prec-divf32`` level, which is the user's choice).
-    """
-    if "-nvptx-prec-divf32=" in xla_flags:
-        return xla_flags
-    option = IEEE_GPU_DIVISION_FLAG.split("=", 1)[1]
-    parts = xla_flags.split()
-    for i, part in enumerate(parts):
-        if part.startswith("--xla_backend_extra_options="):
-            parts[i] = f"{part},{option}" if not part.endswith("=") else part + option
-            return " ".join(parts)
-    return " ".join(parts + [IEEE_GPU_DIVISION_FLAG])
 
 
 def hardware_div(a, b) -> jax.Array:
