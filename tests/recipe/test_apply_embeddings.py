@@ -113,3 +113,26 @@ def test_a_quantized_table_read_by_a_tied_head_is_refused(tmp_path_factory):
     with pytest.raises(UnsupportedError, match=r"model\.embed_tokens\.weight_quantizer \(nvfp4\).*tied"):
         apply_recipe(tied.model, preset_recipe("nvfp4_fp8_mha"), warn=False)
     apply_recipe(tied.model, preset_recipe("nvfp4"), warn=False)  # the table excluded: fine
+
+
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq_lite"])
+def test_the_linear_passes_skip_the_table_which_keeps_its_max_amax(tiny_llama, algorithm):
+    """ModelOpt's ``is_quantized_linear`` is False for an nn.Embedding, so SmoothQuant / AWQ never smooth the table;
+    their max calibration gives it the max over the table (per row for a per-channel weight)."""
+    from jaxquant.calibration import quantize
+
+    fmt = ({"num_bits": 8, "axis": 0} if algorithm == "smoothquant"
+           else {"num_bits": 4, "block_sizes": {-1: 32, "type": "static"}})
+    cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                         {"quantizer_name": "*weight_quantizer", "cfg": fmt},
+                         {"quantizer_name": "*lm_head*", "enable": False}], "algorithm": algorithm}
+    if algorithm == "smoothquant":
+        cfg["quant_cfg"].insert(2, {"quantizer_name": "*input_quantizer", "cfg": {"num_bits": 8, "axis": None}})
+    ids = np.random.default_rng(0).integers(0, 64, (2, 8)).astype(np.int32)
+    quantize(tiny_llama.model, cfg, (ids, np.ones_like(ids)), batch_size=2, progress=False)
+    q = tiny_llama.model.model.embed_tokens.weight_quantizer
+    w = np.abs(np.asarray(tiny_llama.model.model.embed_tokens.weight[...], np.float32))
+    want = w.max(axis=1) if algorithm == "smoothquant" else w.reshape(w.shape[0], -1, 32).max(-1)
+    np.testing.assert_array_equal(np.asarray(q.amax.value).reshape(want.shape), want)
+    assert q.pre_quant_scale is None  # not smoothed
+    assert tiny_llama.model.model.layers[0].mlp.down_proj.weight_quantizer.enabled
