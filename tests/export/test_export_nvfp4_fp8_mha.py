@@ -96,3 +96,25 @@ def test_export_loads_back_with_the_quantized_table_and_passes_check(tmp_path):
         np.testing.assert_array_equal(np.asarray(table(ids)), want[np.asarray(ids)])
     report = validate_checkpoint(tmp_path / "jq", deep=True)
     assert report.ok, report.format()
+
+
+def test_check_validates_the_quantized_tables_scales(tmp_path):
+    """``jaxquant check`` counts the packed token table with the quantized layers, so a broken table scale is
+    found (here: ModelOpt's export with ``model.embed_tokens.weight_scale_2`` zeroed)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from jaxquant.check import validate_checkpoint
+
+    _export_pair(tmp_path, "float32")
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "mo", bad)
+    (f,) = bad.glob("*.safetensors")
+    t = load_file(str(f))
+    t["model.embed_tokens.weight_scale_2"] = torch.zeros_like(t["model.embed_tokens.weight_scale_2"])
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert validate_checkpoint(tmp_path / "mo").ok
+    report = validate_checkpoint(bad)
+    assert [x.key for x in report.findings] == ["model.embed_tokens.weight_scale_2"], report.format()
