@@ -6,7 +6,8 @@ input quantizer is hard-disabled, so the table exports as W4A16_NVFP4), and the 
 Checked here: jaxquant's shipped preset, given ModelOpt's amax, exports every tensor and both JSON files byte for
 byte like ModelOpt's ``export_hf_checkpoint`` (the JSON text too, so the order of ``quantized_layers`` and of the
 ``config_groups``); the export loads back with the fake-quantized table, equal to an independent numpy
-dequantization of ModelOpt's tensors; ``jaxquant check`` accepts it.
+dequantization of ModelOpt's tensors; ``jaxquant check`` accepts it and validates the table's scales; and what ModelOpt
+writes for a tied model (the reason jaxquant refuses that case).
 """
 
 import numpy as np
@@ -118,3 +119,18 @@ def test_check_validates_the_quantized_tables_scales(tmp_path):
     assert validate_checkpoint(tmp_path / "mo").ok
     report = validate_checkpoint(bad)
     assert [x.key for x in report.findings] == ["model.embed_tokens.weight_scale_2"], report.format()
+
+
+def test_modelopt_on_tied_embeddings_declares_a_table_it_does_not_quantize(tmp_path):
+    """Why jaxquant refuses a quantized table on a tied model (tests/recipe/test_apply_embeddings.py): ModelOpt 0.47
+    quantizes the tied lm_head with its own quantizer, writes it packed, and writes ``model.embed_tokens.weight``
+    as plain floats while ``quantized_layers`` declares it W4A16_NVFP4. If this changes, revisit the refusal."""
+    model = R.make_llama(tmp_path / "src", tie=True)
+    R.modelopt_quantize(model, hf_ptq_cfg("fp8", "nvfp4_fp8_mha"))
+    R.modelopt_export(model, tmp_path / "mo", "float32")
+    t = R.tensors_of(tmp_path / "mo")
+    assert t["model.embed_tokens.weight"][:2] == ("F32", (96, 64))
+    assert "model.embed_tokens.weight_scale" not in t
+    assert t["lm_head.weight"][:2] == ("U8", (96, 32))
+    q = R.json_of(tmp_path / "mo" / "hf_quant_config.json")["quantization"]
+    assert q["quantized_layers"]["model.embed_tokens"] == {"quant_algo": "W4A16_NVFP4", "group_size": 16}
