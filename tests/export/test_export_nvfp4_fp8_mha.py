@@ -134,3 +134,29 @@ def test_modelopt_on_tied_embeddings_declares_a_table_it_does_not_quantize(tmp_p
     assert t["lm_head.weight"][:2] == ("U8", (96, 32))
     q = R.json_of(tmp_path / "mo" / "hf_quant_config.json")["quantization"]
     assert q["quantized_layers"]["model.embed_tokens"] == {"quant_algo": "W4A16_NVFP4", "group_size": 16}
+
+
+def test_orbax_roundtrip_keeps_the_table_quantizer(tmp_path):
+    """A calibrated nvfp4_fp8_mha model saved with orbax restores with its table quantizer: the same logits and the
+    same export."""
+    pytest.importorskip("orbax.checkpoint")
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantize
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf, restore_orbax, save_orbax
+    from jaxquant.recipe import preset_recipe
+
+    R.make_llama(tmp_path / "src", tie=False)
+    loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
+    ids = np.random.default_rng(0).integers(0, 96, (4, 12)).astype(np.int32)
+    mask = np.ones_like(ids)
+    result = quantize(loaded.model, preset_recipe("nvfp4_fp8_mha", "fp8"), (ids, mask), batch_size=2, progress=False)
+    ref = np.asarray(loaded.model(jnp.asarray(ids), jnp.asarray(mask)))
+    save_orbax(loaded, tmp_path / "ck", resolution=result.resolution)
+    ck = restore_orbax(tmp_path / "ck")
+    assert ck.model.model.embed_tokens.weight_quantizer.format == "nvfp4"
+    np.testing.assert_array_equal(np.asarray(ck.model(jnp.asarray(ids), jnp.asarray(mask))), ref)
+    export_hf(loaded, tmp_path / "hf")
+    export_hf(ck.loaded, tmp_path / "hf2", source_dir=tmp_path / "src")
+    assert R.tensors_of(tmp_path / "hf2") == R.tensors_of(tmp_path / "hf")
