@@ -7,7 +7,8 @@ ones) into the Flax model, so JAX users can evaluate quantized checkpoints on TP
   (``U8`` NVFP4 nibbles or ``F8_E4M3``) and its scales on the device and dequantizes inside the
   jitted forward, right before the matmul (``weights="packed"``, the default); or the weights are
   dequantized once while loading into ordinary ``Linear`` modules (``weights="dequantize"``).
-  Stacked MoE experts are always dequantized on load.
+  Stacked MoE experts are always dequantized on load, and so is a quantized token table (``nvfp4_fp8_mha``'s
+  W4A16_NVFP4 ``embed_tokens``): the embedding holds the dequantized values, its weight quantizer off.
 * Activations: a linear with an ``input_scale`` gets its ``input_quantizer`` configured with the
   checkpoint's format and ``amax = input_scale * 448`` (FP8) or ``* 2688`` (NVFP4), in fake-quant
   mode, so the forward emulates what a serving engine computes (``activations="off"`` skips it).
