@@ -221,7 +221,7 @@ def gptq_sites(sites: list[Site]) -> list[Site]:
     """
     out = []
     for s in sites:
-        if s.role != "weight" or not s.quantizer.enabled:
+        if s.role != "weight" or not s.quantizer.enabled or s.is_table:
             continue
         q, cfg = s.quantizer, s.config
         why = None

@@ -65,6 +65,14 @@ class Site:
         return q.config if q.enabled else None
 
     @property
+    def is_table(self) -> bool:
+        """The weight quantizer of a token embedding table (parent ``nn.Embedding``). Not a GEMM: the passes that
+        work on a linear's activations (SmoothQuant, AWQ, SVDQuant, GPTQ, local Hessian) skip it, as ModelOpt's
+        ``is_quantized_linear`` does, and its amax stays the max calibration's (MSE, and local Hessian for weights
+        without a Hessian, search it with the squared error, as ModelOpt does)."""
+        return self.role == "weight" and getattr(self.parent, "modelopt_class", None) == "nn.Embedding"
+
+    @property
     def is_activation(self) -> bool:
         return self.role in ("input", "output", "bmm", "other")
 

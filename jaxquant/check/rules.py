@@ -157,8 +157,6 @@ def build_view(ck: Checkpoint) -> View:
             continue
         if not quantized_tag and ("embed" in last or "norm" in last):
             continue
-        if quantized_tag and "embed" in last:
-            continue
         linears[mod] = Linear(mod, info.dtype, info.shape, _family(ck, mod, info.dtype))
     if not any(m == "lm_head" or m.endswith(".lm_head") for m in linears):
         linears["lm_head"] = Linear("lm_head", None, (), None)  # tied: vLLM still builds an lm_head

@@ -63,9 +63,9 @@ def natural_key(name: str):
 
 # transformers' module registration order (what ModelOpt's named_modules() walks); the NNX graph
 # is walked alphabetically. The order only decides the group numbering of MIXED_PRECISION
-# config_groups, which we keep identical to ModelOpt's.
+# config_groups, which we keep identical to ModelOpt's ("model" first: the text model before ``lm_head``).
 _HF_RANK = {n: i for i, n in enumerate((
-    "embed_tokens", "layers", "input_layernorm", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj",
+    "model", "embed_tokens", "layers", "input_layernorm", "self_attn", "q_proj", "k_proj", "v_proj", "o_proj",
     "q_norm", "k_norm", "post_attention_layernorm", "pre_feedforward_layernorm", "mlp", "block_sparse_moe",
     "gate", "router", "experts", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "shared_expert",
     "shared_expert_gate", "post_feedforward_layernorm", "norm", "lm_head"))}

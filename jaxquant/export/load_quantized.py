@@ -7,7 +7,8 @@ ones) into the Flax model, so JAX users can evaluate quantized checkpoints on TP
   (``U8`` NVFP4 nibbles or ``F8_E4M3``) and its scales on the device and dequantizes inside the
   jitted forward, right before the matmul (``weights="packed"``, the default); or the weights are
   dequantized once while loading into ordinary ``Linear`` modules (``weights="dequantize"``).
-  Stacked MoE experts are always dequantized on load.
+  Stacked MoE experts are always dequantized on load, and so is a quantized token table (``nvfp4_fp8_mha``'s
+  W4A16_NVFP4 ``embed_tokens``): the embedding holds the dequantized values, its weight quantizer off.
 * Activations: a linear with an ``input_scale`` gets its ``input_quantizer`` configured with the
   checkpoint's format and ``amax = input_scale * 448`` (FP8) or ``* 2688`` (NVFP4), in fake-quant
   mode, so the forward emulates what a serving engine computes (``activations="off"`` skips it).
@@ -274,6 +275,15 @@ def _navigate(model, nnx_path: str):
     return node, parts[-1]
 
 
+def _module_at(model, nnx_path: str):
+    """The module owning the parameter at ``nnx_path`` (``...q_proj.weight`` -> the ``q_proj`` module), or None."""
+    try:
+        parent, attr = _navigate(model, nnx_path[: -len(".weight")] if nnx_path.endswith(".weight") else nnx_path)
+        return parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
 def amax_from_scale(scale, divisor: float) -> np.float32:
     """An amax whose exported scale is exactly ``scale`` (``float32(amax / divisor) == scale``).
 
@@ -390,12 +400,17 @@ def load_quantized(
     adapter = import_object(config.spec.tensor_adapter) if config.spec.tensor_adapter else None
 
     known = {nm.canonical(k): v for k, v in _read_state(d).items()}  # canonical quantizer names
-    # which quantized weights become QuantizedLinear (dense linears whose NNX path exists as a Linear)
+    # which quantized weights become QuantizedLinear (dense linears whose NNX path exists as a Linear); the rest
+    # (a quantized token table: ModelOpt's nvfp4_fp8_mha quantizes embed_tokens) are dequantized once, on load
     placeholders = set()
     if weights == "packed":
+        from jaxquant.models.decoder import abstract_model
+        from jaxquant.models.layers import Linear
+
+        shape_model = abstract_model(config, dtype=dtype)
         for mod in quantized:
             p = nm.nnx_path(mod + ".weight")
-            if p is not None and ".experts." not in mod:
+            if p is not None and ".experts." not in mod and isinstance(_module_at(shape_model, p), Linear):
                 placeholders.add(mod + ".weight")
     fp8_scales = {mod: fp8_dequant_scale(files.get(i.module + ".weight_scale"), known.get(mod + ".weight_quantizer"))
                   for mod, i in quantized.items() if i.format.sidecar_weight_amax}

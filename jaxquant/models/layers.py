@@ -10,6 +10,7 @@ Quantizer sites (``TensorQuantizer``; disabled ones return their input and cost 
 * ``Linear``: ``input_quantizer`` (activations), ``weight_quantizer``, ``output_quantizer``.
 * ``Attention``: ``q_bmm_quantizer`` / ``k_bmm_quantizer`` / ``v_bmm_quantizer`` on the post-RoPE
   query, key and value, shaped ``[B, S, heads, head_dim]``.
+* ``Embedding``: ``weight_quantizer`` on the token table (not on Gemma's scaled embeddings).
 
 Every activation quantizer gets ``token_mask`` (``[B, S]`` bool, False on padding) so calibration
 ignores pads.
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.errors import UnsupportedError
 from jaxquant.models.config import FULL, ModelConfig, RopeConfig
 from jaxquant.quantizer import TensorQuantizer
 
@@ -127,7 +129,16 @@ class Linear(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """``nn.Embedding``: ``weight [vocab, hidden]``; optional Gemma scale sqrt(hidden)."""
+    """``nn.Embedding``: ``weight [vocab, hidden]``; optional Gemma scale sqrt(hidden).
+
+    An unscaled embedding holds ModelOpt's ``weight_quantizer`` (``QuantEmbedding``): when a recipe enables it
+    (ModelOpt's ``nvfp4_fp8_mha`` preset has no ``nn.Embedding`` exclusion), the lookup reads the fake-quantized
+    table, its amax is the max over the table, and export writes the table like a weight-only linear's
+    (``W4A16_NVFP4`` for NVFP4). ModelOpt's embedding ``input_quantizer`` (token ids) is hard-disabled, so there is
+    none here; its ``output_quantizer`` is not implemented (``recipe.apply`` warns when a recipe enables it).
+    Gemma's scaled embeddings get no quantizer: ModelOpt's registry does not convert that ``nn.Embedding``
+    subclass.
+    """
 
     modelopt_class = "nn.Embedding"
 
@@ -137,9 +148,16 @@ class Embedding(nnx.Module):
         self.features = features
         self.scale = scale
         self.weight = nnx.Param(_normal(rngs, (num_embeddings, features), dtype))
+        self.weight_quantizer = TensorQuantizer() if scale is None else None
+
+    def table(self) -> jax.Array:
+        """The ``[vocab, hidden]`` table the lookup reads: the weight, fake-quantized when the weight quantizer is
+        on (ModelOpt quantizes the whole table, then looks up)."""
+        w = self.weight[...]
+        return w if self.weight_quantizer is None else self.weight_quantizer(w)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        w = self.weight[...]
+        w = self.table()
         x = jnp.take(w, ids, axis=0)
         if self.scale is not None:
             # transformers: embed * torch.tensor(sqrt(hidden)).to(weight.dtype)
@@ -147,7 +165,11 @@ class Embedding(nnx.Module):
         return x
 
     def attend(self, x: jax.Array, *, preferred_element_type=None) -> jax.Array:
-        """Tied output head: ``x @ weight.T``."""
+        """Tied output head: ``x @ weight.T`` (unquantized: a quantized tied table is refused by ``apply_recipe``)."""
+        if self.weight_quantizer is not None and self.weight_quantizer.enabled:
+            raise UnsupportedError("a tied output head over a quantized embedding table is not supported (ModelOpt "
+                                   "quantizes lm_head with a quantizer of its own); disable the embedding's "
+                                   "weight_quantizer")
         w = self.weight[...]
         return jax.lax.dot_general(
             x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=preferred_element_type

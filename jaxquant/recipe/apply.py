@@ -126,25 +126,52 @@ def _tensor_shape(parent: Any, attr: str, cfg: Any = None) -> tuple | None:
 
 
 class EmbeddingNotQuantizedWarning(UserWarning):
-    """The recipe would quantize a token embedding in ModelOpt; jaxquant's embeddings hold no quantizer."""
+    """The recipe would quantize something of a token embedding in ModelOpt that jaxquant's embedding does not hold
+    a quantizer for (its lookup output; the table of an embedding module without a ``weight_quantizer``)."""
+
+
+#: ModelOpt's quantizers of an ``nn.Embedding`` (``QuantEmbedding``) that can be enabled; its ``input_quantizer``
+#: (the token ids) is hard-disabled whatever a recipe says.
+_EMBEDDING_QUANTIZERS = ("weight_quantizer", "output_quantizer")
 
 
 def _warn_quantized_embeddings(rules: Any, model: Any, to_name: Callable[[str], str]) -> None:
-    """ModelOpt gives every ``nn.Embedding`` a weight quantizer (not Gemma's scaled embeddings): a recipe that leaves
-    it enabled (no ``parent_class: nn.Embedding`` exclusion) makes ModelOpt quantize the token table. jaxquant's
-    embeddings hold no quantizer, so the embedding stays unquantized: said here, loudly, not silently."""
-    emb = [to_name(".".join(map(str, p)) + ".weight_quantizer") for p, m in module_table(model).items()
-           if getattr(m, "modelopt_class", None) == "nn.Embedding" and getattr(m, "scale", None) is None]
+    """ModelOpt gives every ``nn.Embedding`` (not Gemma's scaled embeddings) a weight and an output quantizer. The
+    table's is jaxquant's ``Embedding.weight_quantizer``; a recipe that enables one jaxquant's module does not hold
+    (the lookup output; the table of a user's embedding without a ``weight_quantizer``) leaves it unquantized here
+    while ModelOpt would quantize it: said here, loudly, not silently."""
+    emb = [to_name(f"{'.'.join(map(str, p))}.{attr}") for p, m in module_table(model).items()
+           if getattr(m, "modelopt_class", None) == "nn.Embedding" and getattr(m, "scale", None) is None
+           for attr in _EMBEDDING_QUANTIZERS if not isinstance(getattr(m, attr, None), TensorQuantizer)]
     if not emb:
         return
     got = resolve(rules, [QuantizerSite(n, "nn.Embedding") for n in emb]).configs
     on = [n for n in emb if got.get(n) is not None and got[n].enable]
     if on:
         warnings.warn(
-            f"the recipe enables {on[0]} ({format_name(got[on[0]])}): ModelOpt would quantize the token embedding; "
-            "jaxquant does not quantize embeddings, so it stays unquantized. Add the rule {quantizer_name: '*', "
+            f"the recipe enables {on[0]} ({format_name(got[on[0]])}): ModelOpt would quantize it; jaxquant's "
+            "embedding holds no such quantizer, so it stays unquantized. Add the rule {quantizer_name: '*', "
             "parent_class: nn.Embedding, enable: false} (ModelOpt's default_disabled_quantizers unit has it) to "
             "say so in the recipe.", EmbeddingNotQuantizedWarning, stacklevel=3)
+
+
+def _refuse_quantized_tied_table(model: Any, found: list, per_quantizer: dict) -> None:
+    """A tied model (``lm_head`` None: the head reads the embedding table) whose table the recipe quantizes is
+    refused: ModelOpt quantizes its tied ``lm_head`` with a quantizer of its own and 0.47 then writes
+    ``embed_tokens`` unquantized while listing it as quantized (checked on a tied Llama), which jaxquant cannot
+    reproduce as a loadable checkpoint."""
+    if getattr(model, "lm_head", "absent") is not None:
+        return
+    for path, _q, parent, _base, attr in found:
+        cfg = per_quantizer.get(path)
+        if parent_class_of(parent) == "nn.Embedding" and attr == "weight_quantizer" and cfg is not None \
+                and cfg.enable:
+            raise UnsupportedError(
+                f"quantizer {path} ({format_name(cfg)}): the recipe quantizes the token embedding of a model with "
+                "tied embeddings (the output head reads the same table). ModelOpt 0.47 quantizes its tied lm_head "
+                "separately and exports embed_tokens unquantized while declaring it quantized; jaxquant does not "
+                "write that checkpoint. Add the rule {quantizer_name: '*', parent_class: nn.Embedding, enable: "
+                "false} to the recipe, or untie the embeddings.")
 
 
 def _with_constant_amax(parent: Any, attr: str, cfg: Any) -> Any:
@@ -260,6 +287,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
             + f"\nSupported formats: {', '.join(SUPPORTED_FORMATS)}."
         )
 
+    _refuse_quantized_tied_table(model, found, per_quantizer)
     res.check_unmatched(strict)
     if warn and not strict:
         warn_unmatched(res, stacklevel=3)

@@ -41,12 +41,7 @@ MODELOPT_QFORMATS = (
     "w4a8_nvfp4_fp8",
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
-PENDING_QFORMATS = {
-    "nvfp4_fp8_mha": ("quantized token embeddings: ModelOpt wrote this preset for diffusers and it has no "
-                      "nn.Embedding exclusion, so on a language model ModelOpt also exports embed_tokens as "
-                      "W4A16_NVFP4 (MIXED_PRECISION), and jaxquant does not quantize embeddings. Its attention part "
-                      "(FP8 q / k / v and softmax probabilities) is the unit configs/ptq/units/attention_qkv_fp8, "
-                      "which composes with the nvfp4 preset"),
+PENDING_QFORMATS: dict[str, str] = {
 }
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {

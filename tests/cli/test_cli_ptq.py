@@ -71,7 +71,6 @@ def test_ptq_hf_ptq_spellings_and_presets(files, capsys):
     [
         (lambda f: ["ptq", "--model", f["root"] + "/missing", "--eval-windows", "0"], "no such file or directory"),
         (lambda f: _ptq(f, "--recipe", "general/ptq/no_such_recipe"), "no recipe"),
-        (lambda f: _ptq(f, "--qformat", "nvfp4_fp8_mha"), "not supported yet"),
         (lambda f: _ptq(f, "--qformat", "bogus"), "unknown --qformat"),
         (lambda f: _ptq(f) + ["--calib-size", "0"], "--calib-size must be positive"),
         (lambda f: _ptq(f) + ["--calib-seq", "129"], "max_position_embeddings = 128"),
@@ -156,6 +155,29 @@ def test_export_hf(files, capsys, tmp_path):
     assert "quantized checkpoint" in out
     ppl_e = float(out.split("perplexity: ")[-1].split()[0])
     assert abs(ppl_e / ppl_q - 1) < 1e-3, (ppl_e, ppl_q)
+
+
+def test_ptq_nvfp4_fp8_mha_exports_the_quantized_embedding_and_evaluates_the_same(files, capsys, tmp_path):
+    """``--qformat nvfp4_fp8_mha`` (ModelOpt's preset quantizes the token table and lm_head as well): a MIXED_PRECISION
+    export with ``model.embed_tokens`` W4A16_NVFP4, the same bytes with ``--layerwise`` (the table is exported with
+    the embeddings' stage), which ``jaxquant check`` accepts. (Load-back: tests/export/test_export_nvfp4_fp8_mha.py.)"""
+    pytest.importorskip("jaxquant.export.hf")
+    outs, ppl = {}, {}
+    for flag in ((), ("--layerwise", "--eval-windows", "0")):  # streamed: no perplexity in the run
+        target = tmp_path / f"mha{len(flag)}"
+        rc, out, err = _run(_ptq(files, "--export-path", str(target), "--qformat", "nvfp4_fp8_mha",
+                                 "--kv_cache_qformat", "fp8", *flag), capsys)
+        assert rc == 0, err
+        ppl[flag] = [float(line.split()[1]) for line in out.splitlines() if line.startswith("quantized ")]
+        outs[flag] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
+        q = json.loads((target / "hf_quant_config.json").read_text())["quantization"]
+        assert q["quant_algo"] == "MIXED_PRECISION" and q["kv_cache_quant_algo"] == "FP8"
+        assert q["quantized_layers"]["model.embed_tokens"] == {"quant_algo": "W4A16_NVFP4", "group_size": 16}
+        assert q["quantized_layers"]["lm_head"] == {"quant_algo": "NVFP4", "group_size": 16}
+    assert outs[()] and outs[()] == outs[("--layerwise", "--eval-windows", "0")]
+    assert ppl[()] and np.isfinite(ppl[()][0])
+    rc, out, err = _run(["check", str(tmp_path / "mha0")], capsys)
+    assert rc == 0 and "OK (quant_algo MIXED_PRECISION" in out, (out, err)
 
 
 def test_eval_command(files, capsys):

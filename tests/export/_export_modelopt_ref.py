@@ -42,7 +42,7 @@ def jaxquant_configs(weight_fmt, kv: bool, mlp_fmt=None):
     }
 
     def resolve(name: str):
-        if "lm_head" in name:
+        if "lm_head" in name or "embed_tokens" in name:  # modelopt_cfg's lm_head and nn.Embedding exclusions
             return None
         if name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")):
             return spec["fp8"] if kv else None

@@ -6,8 +6,8 @@ while calibrating (its calibration runs the plain attention), so the export is a
 cache and no trace of P. Checked here: that export byte-identical to nvidia-modelopt 0.47's from the same amax; P
 pinned at amax 1.0 (the kernel's default: ModelOpt never calibrates it); calibration not touching P; jaxquant's
 fake-quant attention against a hand-written numpy reference of the kernel's arithmetic with one key tile
-(``exp(s - row max)`` quantized to E4M3 on the grid 1/448, the row sum of the unquantized values); and the
-``nvfp4_fp8_mha`` preset refused, naming the token embedding it would quantize.
+(``exp(s - row max)`` quantized to E4M3 on the grid 1/448, the row sum of the unquantized values). The whole
+``nvfp4_fp8_mha`` preset (which also quantizes lm_head and the token embedding) is test_export_nvfp4_fp8_mha.py.
 """
 
 import numpy as np
@@ -66,17 +66,13 @@ def _e4m3_grid_qdq(x: np.ndarray, amax: float) -> np.ndarray:
 def test_p_pinned_at_one_and_the_fake_quant_attention_matches_the_kernel_arithmetic(tmp_path):
     import jax.numpy as jnp
 
-    from jaxquant.errors import UnsupportedError
     from jaxquant.calibration import quantize
     from jaxquant.converters import load_hf
     from jaxquant.models.layers import dot_product_attention
-    from jaxquant.recipe import preset_recipe
 
     R.make_llama(tmp_path / "src", tie=False)
     loaded = load_hf(tmp_path / "src", dtype=jnp.float32)
     ids = np.random.default_rng(0).integers(0, 96, (2, 12)).astype(np.int32)
-    with pytest.raises(UnsupportedError, match="embed_tokens as W4A16_NVFP4"):
-        preset_recipe("nvfp4_fp8_mha")
     quantize(loaded.model, _attention_fp8_cfg(), (ids, np.ones_like(ids)), batch_size=2, progress=False)
     attn = loaded.model.model.layers[0].self_attn
     p = attn.p_bmm_quantizer
