@@ -201,18 +201,33 @@ def _vllm_rewritten(patterns: Iterable[str]) -> list[str]:
     return out
 
 
+def quantized_layer_entry(layers: dict[str, Any], module: str) -> Any:
+    """The ``quantized_layers`` entry that covers ``module`` (an HF module name), or None: its own, else, for one
+    expert's projection (``....experts.<e>.<proj>``), its experts module's (``....experts``), which is how ModelOpt
+    lists fused MoE experts and where vLLM's fused-MoE layer looks itself up."""
+    entry = layers.get(module)
+    if entry is None:
+        m = _EXPERT_PROJ.match(module)
+        if m is not None:
+            entry = layers.get(m.group(1))
+    return entry
+
+
+_EXPERT_PROJ = re.compile(r"(.*\.experts)\.\d+\.[^.]+$")
+
+
 def declared_algo(v: View, mod: str) -> str | None:
     """The algo vLLM will run ``mod`` with (None: unquantized)."""
     if vllm_excluded(mod, v.exclude):
         return None
     if v.mixed:
-        entry = v.layers.get(mod)
+        entry = quantized_layer_entry(v.layers, mod)
         return _upper(entry.get("quant_algo")) if isinstance(entry, dict) else None
     return v.algo
 
 
 def _group_size(v: View, mod: str) -> int:
-    entry = v.layers.get(mod) if v.mixed else v.q
+    entry = quantized_layer_entry(v.layers, mod) if v.mixed else v.q
     gs = entry.get("group_size") if isinstance(entry, dict) else None
     try:
         return int(gs) if gs else 16

@@ -341,9 +341,27 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     # ModelOpt's registry quantizes exact classes only), which therefore stay out of exclude_modules.
     for hf in walked.embeddings:
         layers[hf] = (None, 0)
+    fused = fused_expert_layers(items)
     for it in items:
-        layers[it.hf] = (it.fmt, formats.get(it.fmt).block_size if it.fmt is not None else 0)
+        layers[fused.get(it.hf, it.hf)] = (it.fmt, formats.get(it.fmt).block_size if it.fmt is not None else 0)
     if getattr(model, "lm_head", "absent") is None:
         layers.setdefault("lm_head", (None, 0))  # tied: ModelOpt still lists the (tied) lm_head Linear
     layers = {src.rename(k + ".")[:-1]: layers[k] for k in sorted(layers, key=hf_order_key)}
     return entries, layers, kv
+
+
+def fused_expert_layers(items) -> dict[str, str]:
+    """``{expert linear's HF name: its experts module's name}`` for the MoE experts whose projections all share one
+    format: ModelOpt (transformers 5's fused experts, ``_QuantFusedExperts``) lists such a module once in
+    ``quantized_layers`` / ``config_groups`` (``model.layers.0.mlp.experts``), which is also the prefix vLLM's fused-MoE
+    layer looks itself up by, while the tensors stay per expert. Modules whose projections differ keep one entry per
+    projection."""
+    by_module: dict[str, list] = {}
+    for it in items:
+        if it.expert is not None:
+            by_module.setdefault(it.expert[0], []).append(it)
+    out: dict[str, str] = {}
+    for module, members in by_module.items():
+        if len({m.fmt for m in members}) == 1:
+            out.update((m.hf, module) for m in members)
+    return out

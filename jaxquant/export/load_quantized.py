@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import formats
+from jaxquant.check.rules import quantized_layer_entry
 from jaxquant.errors import CheckpointError, UnsupportedError
 from jaxquant.export.atomic import is_incomplete
 from jaxquant.quantizer import TensorQuantizer
@@ -485,7 +486,7 @@ def _apply_declared_w4a8(quantized: dict, d: Path, hf_config: dict) -> dict:
     layers = q.get("quantized_layers") or {}
 
     def algo(mod: str) -> str | None:
-        entry = layers.get(mod)
+        entry = quantized_layer_entry(layers, mod)
         return (entry or {}).get("quant_algo") if layers else q.get("quant_algo")
 
     return {k: (dataclasses.replace(v, fmt="w4a8_nvfp4_fp8") if v.fmt == "nvfp4" and algo(v.module) == "W4A8_NVFP4_FP8"

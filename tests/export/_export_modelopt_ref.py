@@ -137,9 +137,11 @@ def json_of(p: Path) -> dict:
     return json.loads(p.read_text())
 
 
-def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: int = 4) -> None:
-    """A tiny Qwen3-MoE saved by transformers at ``src``, NVFP4 + FP8 KV: exported by nvidia-modelopt
-    (transformers-5 fused experts) to ``mo_out`` and by jaxquant, given ModelOpt's amax, to ``jq_out``."""
+def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: int = 4, weight_fmt: str = "nvfp4",
+                          mlp_fmt: str | None = None) -> None:
+    """A tiny Qwen3-MoE saved by transformers at ``src``, ``weight_fmt`` (``mlp_fmt`` in the MLP when given) + FP8 KV:
+    exported by nvidia-modelopt (transformers-5 fused experts) to ``mo_out`` and by jaxquant, given ModelOpt's amax,
+    to ``jq_out``."""
     import re
 
     import jax.numpy as jnp
@@ -157,7 +159,7 @@ def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: in
                                       norm_topk_prob=True)
     model = transformers.Qwen3MoeForCausalLM(cfg).eval()
     model.save_pretrained(str(src))
-    mo_cfg = modelopt_cfg("nvfp4", True)
+    mo_cfg = modelopt_cfg(weight_fmt, True, mlp_fmt)
     mo_cfg["quant_cfg"] += [{"quantizer_name": "*mlp.gate.*", "enable": False}]
     amax = modelopt_quantize(model, mo_cfg)
     modelopt_export(model, mo_out, "float32")
@@ -173,7 +175,7 @@ def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: in
         return np.array([float(amax[f"{p}.{base}_weight_quantizers.{e}"].reshape(())) for e in range(E)], np.float32)
 
     loaded = load_hf(src, dtype=jnp.float32)
-    resolve = jaxquant_configs("nvfp4", True)
+    resolve = jaxquant_configs(weight_fmt, True, mlp_fmt)
     for name, q in iter_quantizers(loaded.model, loaded.name_map):
         c = None if ".mlp.gate." in name + "." else resolve(name)
         q.configure(c)

@@ -45,10 +45,13 @@ def test_byte_identical_to_modelopt(tmp_path, case, dtype, tie):
     assert c == c_ref
 
 
-def test_qwen3_moe_byte_identical_to_modelopt(tmp_path):
+@pytest.mark.parametrize("attn_fmt,mlp_fmt", [("nvfp4", None), ("fp8", "nvfp4")], ids=["nvfp4", "fp8_qkvo-nvfp4_mlp"])
+def test_qwen3_moe_byte_identical_to_modelopt(tmp_path, attn_fmt, mlp_fmt):
     """transformers-5 fused experts in ModelOpt (_QuantFusedExperts: one weight quantizer per expert for
-    gate+up, one input quantizer per projection for all experts) vs jaxquant's stacked experts."""
-    R.export_qwen3_moe_pair(tmp_path / "src", tmp_path / "mo", tmp_path / "jq")
+    gate+up, one input quantizer per projection for all experts) vs jaxquant's stacked experts. With FP8 attention and
+    NVFP4 experts (the founding recipe's split, MIXED_PRECISION) ModelOpt lists each layer's fused experts once in
+    quantized_layers and config_groups (``model.layers.0.mlp.experts``) while the tensors stay per expert."""
+    R.export_qwen3_moe_pair(tmp_path / "src", tmp_path / "mo", tmp_path / "jq", weight_fmt=attn_fmt, mlp_fmt=mlp_fmt)
     ref, ours = R.tensors_of(tmp_path / "mo"), R.tensors_of(tmp_path / "jq")
     assert sorted(ours) == sorted(ref)
     assert "model.layers.0.mlp.experts.3.up_proj.weight_scale_2" in ours
@@ -59,3 +62,11 @@ def test_qwen3_moe_byte_identical_to_modelopt(tmp_path):
         (a.get("quantization_config") or a).pop("producer")
         (b.get("quantization_config") or b).pop("producer")
         assert a == b, f
+    if mlp_fmt is not None:
+        from jaxquant.check import validate_checkpoint
+        from jaxquant.export import load_quantized
+
+        assert "model.layers.0.mlp.experts" in R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"][
+            "quantized_layers"]
+        assert validate_checkpoint(tmp_path / "jq").findings == []  # the experts prefix covers every projection
+        load_quantized(tmp_path / "jq")  # and the loader finds each expert's format through it
