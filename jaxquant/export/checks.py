@@ -207,8 +207,9 @@ def _check_exportable(model_or_loaded, resolution, *, export_dir, overwrite, nam
             warnings.append(f"{it.hf}: only the input quantizer is enabled; ModelOpt exports such a layer "
                             "unquantized (no input_scale).")
         if it.expert is None and it.fmt is not None and it.hf.split(".")[-1] == "lm_head":
-            warnings.append("lm_head is quantized: vLLM cannot load a quantized lm_head from ModelOpt checkpoints "
-                            "(vllm#45102); ModelOpt's recipes exclude it.")
+            warnings.append("lm_head is quantized: most ModelOpt recipes leave it unquantized, and engines differ on "
+                            "a quantized head (vllm#45102 aborted on NVFP4 heads whose exclude_modules also listed "
+                            "lm_head, which this export does not write); check that your engine serves it.")
     from jaxquant.export.load_quantized import QuantizedLinear
     from jaxquant.recipe.apply import module_table
 
