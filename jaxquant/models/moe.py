@@ -346,7 +346,9 @@ class SparseMoeBlock(nnx.Module):
     Sits at ``mlp`` (Qwen3-MoE) or ``block_sparse_moe`` (Mixtral) of a decoder layer; built from
     ``ModelConfig`` (``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``, ``norm_topk_prob``).
     The router's quantizers exist so that recipes' router exclusions (``*mlp.gate.*``,
-    ``*block_sparse_moe.gate*``) apply exactly as in ModelOpt.
+    ``*block_sparse_moe.gate*``) match as in ModelOpt, but no recipe enables them (``modelopt_quantizers = False``):
+    transformers 5's routers (``Qwen3MoeTopKRouter``, ``MixtralTopKRouter``) are not ``nn.Linear``, so ModelOpt gives
+    them no quantizer and leaves them unquantized whatever the recipe says.
     """
 
     def __init__(self, config, layer_idx: int, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
@@ -363,6 +365,7 @@ class SparseMoeBlock(nnx.Module):
         self.renormalize = True if mixtral else bool(c.norm_topk_prob)
         self.weights_in_logits_dtype = not mixtral
         self.gate = Linear(c.hidden_size, c.num_experts, use_bias=False, dtype=dtype, rngs=rngs)
+        self.gate.modelopt_quantizers = False  # a TopKRouter in transformers 5: no ModelOpt quantizer (class doc)
         self.experts = MoeExperts(
             c.num_experts,
             c.hidden_size,

@@ -252,7 +252,11 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
         _warn_quantized_embeddings(rules, model, to_name)
 
     per_quantizer: dict[str, Any] = {}
-    for path, *_ in found:
+    for path, _q, parent, *_ in found:
+        if getattr(parent, "modelopt_quantizers", True) is False:
+            per_quantizer[path] = None  # ModelOpt attaches no quantizer there (module doc of its class)
+            res.configs.update((n, None) for n in names[path])
+            continue
         cfgs = {n: res.configs[n] for n in names[path]}
         distinct = set(cfgs.values())
         if len(distinct) > 1:

@@ -138,7 +138,7 @@ def json_of(p: Path) -> dict:
 
 
 def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: int = 4, weight_fmt: str = "nvfp4",
-                          mlp_fmt: str | None = None) -> None:
+                          mlp_fmt: str | None = None, exclude_router: bool = True) -> None:
     """A tiny Qwen3-MoE saved by transformers at ``src``, ``weight_fmt`` (``mlp_fmt`` in the MLP when given) + FP8 KV:
     exported by nvidia-modelopt (transformers-5 fused experts) to ``mo_out`` and by jaxquant, given ModelOpt's amax,
     to ``jq_out``."""
@@ -160,7 +160,8 @@ def export_qwen3_moe_pair(src: Path, mo_out: Path, jq_out: Path, num_experts: in
     model = transformers.Qwen3MoeForCausalLM(cfg).eval()
     model.save_pretrained(str(src))
     mo_cfg = modelopt_cfg(weight_fmt, True, mlp_fmt)
-    mo_cfg["quant_cfg"] += [{"quantizer_name": "*mlp.gate.*", "enable": False}]
+    if exclude_router:
+        mo_cfg["quant_cfg"] += [{"quantizer_name": "*mlp.gate.*", "enable": False}]
     amax = modelopt_quantize(model, mo_cfg)
     modelopt_export(model, mo_out, "float32")
 
