@@ -55,6 +55,7 @@ RECIPES = {
 ALGORITHMS = {
     "max": ("max", False, ("fp8", "nvfp4", "int4", "int8")),
     "mse": ({"method": "mse", "fp8_scale_sweep": True}, True, ("fp8", "nvfp4", "int4", "int8")),
+    "mse_multiplier": ({"method": "mse", "fp8_scale_sweep": False}, False, ("fp8", "int4", "int8")),  # amax x 0.25..4
     "local_hessian": ({"method": "local_hessian", "fp8_scale_sweep": True}, True, ("nvfp4",)),
     "gptq": ({"method": "gptq"}, True, ("fp8", "nvfp4", "int4", "int8")),
     "awq_lite": ({"method": "awq_lite", "alpha_step": 0.1}, False, ("nvfp4", "int4")),
