@@ -47,14 +47,24 @@ RECIPES = {
     "int8_sq": "configs/ptq/presets/model/int8_smoothquant",  # W8A8 per channel / per tensor
 }
 
-#: algorithm -> (its ``algorithm`` field, static NVFP4 weights?, which recipes it applies to: weight kinds)
+#: algorithm -> (its ``algorithm`` field, static NVFP4 weights?, which recipes it applies to: weight kinds). A list
+#: field is a sequence (``jaxquant.calibration.sequence``, ModelOpt's ``algorithm: [ ... ]``): each step runs on the
+#: state the previous one left. ``gptq`` needs static weight amax (it refuses dynamic NVFP4 weight blocks), and it
+#: recalibrates the weight amax with ``max`` first, so it only combines with an algorithm that changes the weights
+#: themselves (``smoothquant`` / ``awq_lite`` scale them) -- ``local_hessian`` then ``gptq`` would be ``gptq``.
 ALGORITHMS = {
     "max": ("max", False, ("fp8", "nvfp4", "int4", "int8")),
     "mse": ({"method": "mse", "fp8_scale_sweep": True}, True, ("fp8", "nvfp4", "int4", "int8")),
-    "local_hessian": ({"method": "local_hessian"}, True, ("nvfp4",)),
-    "gptq": ({"method": "gptq"}, False, ("fp8", "nvfp4", "int4", "int8")),
+    "mse_multiplier": ({"method": "mse", "fp8_scale_sweep": False}, False, ("fp8", "int4", "int8")),  # amax x 0.25..4
+    "local_hessian": ({"method": "local_hessian", "fp8_scale_sweep": True}, True, ("nvfp4",)),
+    "gptq": ({"method": "gptq"}, True, ("fp8", "nvfp4", "int4", "int8")),
     "awq_lite": ({"method": "awq_lite", "alpha_step": 0.1}, False, ("nvfp4", "int4")),
+    "awq_clip": ({"method": "awq_clip"}, False, ("nvfp4", "int4")),
     "smoothquant": ({"method": "smoothquant", "alpha": 1.0}, False, ("int8",)),
+    "svdquant": ({"method": "svdquant", "lowrank": 32}, False, ("nvfp4",)),
+    # combinations (a list of algorithms)
+    "smoothquant+gptq": ([{"method": "smoothquant", "alpha": 1.0}, {"method": "gptq"}], True, ("int8",)),
+    "awq_lite+gptq": ([{"method": "awq_lite", "alpha_step": 0.1}, {"method": "gptq"}], True, ("nvfp4", "int4")),
 }
 
 #: ``--model`` short names: offline assets (tests/assets.py converts the GGUF wheels once into a cache)
@@ -124,11 +134,17 @@ def cell_config(recipe_cfg: dict, algorithm: str) -> dict | None:
     return cfg
 
 
+def methods(field) -> list[str]:
+    """The algorithm names of an ``algorithm`` field: a name, a mapping with ``method``, or a list of them."""
+    items = field if isinstance(field, list) else [field]
+    return [i["method"] if isinstance(i, dict) else i for i in items]
+
+
 def jaxquant_has(algorithm: str) -> bool:
-    """Whether ``algorithm`` is registered in ``jaxquant.calibration.algorithms``."""
+    """Whether every step of ``algorithm`` is registered in ``jaxquant.calibration.algorithms``."""
     from jaxquant.calibration import algorithms
 
-    return algorithm in algorithms.ALGORITHMS
+    return all(m in algorithms.ALGORITHMS for m in methods(ALGORITHMS[algorithm][0]))
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -223,7 +239,7 @@ def run_modelopt(model_dir: Path, cfg: dict, batches, windows, batch_size: int, 
             export_hf_checkpoint(model, export_dir=str(work / "modelopt"))
     except Exception as e:
         cuda = device == "cpu" and re.search(r"cuda|triton|gpu", str(e), re.I)
-        return {"status": "needs GPU" if cuda else "failed", "note": short_error(e)}
+        return {"status": "needs GPU" if cuda else "failed", "note": short_error(e), "seconds": time.perf_counter() - t0}
     del model
     out.update(status="ok", ppl=evaluate(work / "modelopt", windows, batch_size), seconds=time.perf_counter() - t0)
     return out
@@ -358,7 +374,7 @@ def main(argv=None) -> int:
               "evaluator": "jaxquant.export.load_quantized(weights='dequantize', float32) + jaxquant.eval.perplexity",
               **settings, "baseline_ppl": base, "cells": []}
     done = {}
-    if args.resume and args.out and Path(args.out).is_file():  # keep every earlier cell; rerun none of them
+    if args.resume and args.out and Path(args.out).is_file():  # keep every earlier cell and side; rerun none
         old = json.loads(Path(args.out).read_text())
         if all(old.get(k) == v for k, v in settings.items()):
             done = {(c["recipe"], c["algorithm"]): c for c in old["cells"]}
@@ -371,28 +387,33 @@ def main(argv=None) -> int:
             cfg = cell_config(rcfg, algo)
             if cfg is None:
                 continue  # the algorithm does not apply to this recipe's formats
-            if (label, algo) in done:
+            cell = done.get((label, algo))
+            todo = set(tools) - set(cell or ())  # a resumed cell runs only the sides it lacks
+            if cell is not None and (not todo or (cell.get("jaxquant") or {}).get("status") == "not available"):
                 continue
-            cell = {"recipe": label, "algorithm": algo, "config_algorithm": cfg["algorithm"]}
+            if cell is None:
+                cell = {"recipe": label, "algorithm": algo, "config_algorithm": cfg["algorithm"]}
+                report["cells"].append(cell)
             with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
                 work = Path(tmp)
                 if not jaxquant_has(algo):
                     cell["jaxquant"] = {"status": "not available"}
                     cell["modelopt"] = {"status": "skipped", "note": "jaxquant does not register it yet"}
                 else:
-                    if "jaxquant" in tools:
+                    if "jaxquant" in todo:
+                        t0 = time.perf_counter()
                         try:
                             cell["jaxquant"] = run_jaxquant(mdir, cfg, batches, windows, args.eval_batch_size, work)
                         except Exception as e:
-                            cell["jaxquant"] = {"status": "failed", "note": short_error(e)}
-                    if "modelopt" in tools:
+                            cell["jaxquant"] = {"status": "failed", "note": short_error(e),
+                                                "seconds": time.perf_counter() - t0}
+                    if "modelopt" in todo:
                         cell["modelopt"] = run_modelopt(mdir, cfg, batches, windows, args.eval_batch_size, work,
                                                         device)
             print(f"{label:<20} {algo:<14} " + "  ".join(
                 f"{side}: {_fmt(cell.get(side), 'wiki')} / {_fmt(cell.get(side), 'lee')}"
                 + (f" ({cell[side]['note'][:90]})" if cell.get(side, {}).get("note") else "")
                 for side in ("jaxquant", "modelopt") if side in cell), flush=True)
-            report["cells"].append(cell)
             if args.out:
                 Path(args.out).write_text(json.dumps(report, indent=1, default=float))
     print()

@@ -121,6 +121,12 @@ def test_bench_quality_cells_are_data_driven():
     assert mse["algorithm"] == {"method": "mse", "fp8_scale_sweep": True}
     assert nvfp4["quant_cfg"][1]["cfg"]["block_sizes"]["type"] == "dynamic"  # the recipe itself is untouched
     assert bq.cell_config(int8, "max")["algorithm"] == "max"
+    gptq = bq.cell_config(nvfp4, "gptq")  # gptq refuses dynamic weight blocks: the cell makes them static
+    assert [e["cfg"] for e in gptq["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"][0][
+        "block_sizes"]["type"] == "static"
+    combo = bq.cell_config(int8, "smoothquant+gptq")  # a list of algorithms, as ModelOpt's algorithm: [...]
+    assert bq.methods(combo["algorithm"]) == ["smoothquant", "gptq"] and bq.jaxquant_has("smoothquant+gptq")
+    assert bq.cell_config(int8, "svdquant") is None and bq.cell_config(nvfp4, "svdquant")["algorithm"]["lowrank"]
 
 
 def test_bench_quality_table_and_json(tmp_path, monkeypatch, capsys):
@@ -135,10 +141,16 @@ def test_bench_quality_table_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bq.ALGORITHMS, "no_such_algorithm", ({"method": "no_such_algorithm"}, False, ("int8",)))
     model = write_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "q.json"
-    assert bq.main(["--model", str(model), "--recipes", "int8_sq", "--algorithms", "max,no_such_algorithm,awq_lite",
-                    "--calib-size", "4", "--calib-seq", "16", "--batch-size", "4", "--eval-windows", "2",
-                    "--eval-seq", "16", "--out", str(out)]) == 0
+    common = ["--model", str(model), "--recipes", "int8_sq", "--algorithms", "max,no_such_algorithm,awq_lite",
+              "--calib-size", "4", "--calib-seq", "16", "--batch-size", "4", "--eval-windows", "2",
+              "--eval-seq", "16", "--out", str(out)]
+    assert bq.main(common + ["--tools", "jaxquant"]) == 0
+    first = {c["algorithm"]: c for c in json.loads(out.read_text())["cells"]}
+    assert "modelopt" not in first["max"]
+    capsys.readouterr()
+    assert bq.main(common + ["--tools", "jaxquant,modelopt", "--resume"]) == 0  # runs only ModelOpt's sides
     report = json.loads(out.read_text())
+    assert {c["algorithm"]: c for c in report["cells"]}["max"]["jaxquant"] == first["max"]["jaxquant"]
     assert set(report["baseline_ppl"]) == {"wiki", "lee"}
     cells = {c["algorithm"]: c for c in report["cells"]}
     assert set(cells) == {"max", "no_such_algorithm"}  # awq_lite does not apply to INT8
