@@ -167,7 +167,7 @@ def clip_sites(sites: list[Site], method: str = "awq_clip") -> list[Site]:
     out = []
     for s in sites:
         cfg = s.config
-        if s.role != "weight" or cfg is None or cfg.block_sizes is None or s.is_table:
+        if not s.is_gemm_weight or cfg is None or cfg.block_sizes is None:
             continue
         if s.stacked:
             raise UnsupportedError(f"{method} on stacked MoE experts ({s.path}) is not implemented yet.")

@@ -221,7 +221,7 @@ def gptq_sites(sites: list[Site]) -> list[Site]:
     """
     out = []
     for s in sites:
-        if s.role != "weight" or not s.quantizer.enabled or s.is_table:
+        if not s.is_gemm_weight or not s.quantizer.enabled:
             continue
         q, cfg = s.quantizer, s.config
         why = None

@@ -155,7 +155,7 @@ def hessian_sites(sites: list[Site], block_size: int) -> list[Site]:
     """
     out = []
     for s in sites:
-        if s.role != "weight" or s.config is None or s.is_table:
+        if not s.is_gemm_weight or s.config is None:
             continue
         if s.stacked:
             raise UnsupportedError(f"local_hessian on stacked MoE experts ({s.path}) is not implemented yet; use "

@@ -73,6 +73,11 @@ class Site:
         return self.role == "weight" and getattr(self.parent, "modelopt_class", None) == "nn.Embedding"
 
     @property
+    def is_gemm_weight(self) -> bool:
+        """A linear's weight quantizer (not a token table's): what the activation-aware passes work on."""
+        return self.role == "weight" and not self.is_table
+
+    @property
     def is_activation(self) -> bool:
         return self.role in ("input", "output", "bmm", "other")
 

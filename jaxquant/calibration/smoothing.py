@@ -59,7 +59,7 @@ def smooth_linears(sites: list[Site], what: str) -> list[SmoothLinear]:
     """
     out = []
     for s in sites:
-        if s.role != "weight" or not s.quantizer.enabled or s.is_table:
+        if not s.is_gemm_weight or not s.quantizer.enabled:
             continue
         if s.stacked:
             raise UnsupportedError(f"{what} on stacked MoE experts ({s.path}) is not implemented yet.")

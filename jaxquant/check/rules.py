@@ -201,6 +201,9 @@ def _vllm_rewritten(patterns: Iterable[str]) -> list[str]:
     return out
 
 
+_EXPERT_PROJ = re.compile(r"(.*\.experts)\.\d+\.[^.]+$")
+
+
 def quantized_layer_entry(layers: dict[str, Any], module: str) -> Any:
     """The ``quantized_layers`` entry that covers ``module`` (an HF module name), or None: its own, else, for one
     expert's projection (``....experts.<e>.<proj>``), its experts module's (``....experts``), which is how ModelOpt
@@ -211,9 +214,6 @@ def quantized_layer_entry(layers: dict[str, Any], module: str) -> Any:
         if m is not None:
             entry = layers.get(m.group(1))
     return entry
-
-
-_EXPERT_PROJ = re.compile(r"(.*\.experts)\.\d+\.[^.]+$")
 
 
 def declared_algo(v: View, mod: str) -> str | None:

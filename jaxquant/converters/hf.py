@@ -153,8 +153,11 @@ def materialize(
     name_map: NameMap | None = None,
     sharding: Sharding = None,
     workers: int | None = None,
+    abstract: nnx.Module | None = None,
 ) -> nnx.Module:
     """Build ``config``'s model abstractly and fill every parameter from ``source``.
+
+    ``abstract``: ``abstract_model(config, dtype=dtype)`` when the caller built it already (it is not modified).
 
     ``source`` is asked for HF names (after the family's text prefix). Every tensor is checked (present,
     shape, loadable dtype) before any is read (``plan_load``); then ``load_params`` reads them. Raises
@@ -162,7 +165,7 @@ def materialize(
     dtype, ``NonFiniteError`` for NaN / Inf.
     """
     dtype = resolve_dtype(dtype)
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
+    graphdef, state = nnx.split(abstract if abstract is not None else abstract_model(config, dtype=dtype))
     plan = plan_load(config, source, state, dtype=dtype, name_map=name_map, sharding=sharding)
     load_params(plan, source, dtype=dtype, workers=workers)
     return nnx.merge(graphdef, state)

@@ -403,12 +403,14 @@ def load_quantized(
     known = {nm.canonical(k): v for k, v in _read_state(d).items()}  # canonical quantizer names
     # which quantized weights become QuantizedLinear (dense linears whose NNX path exists as a Linear); the rest
     # (a quantized token table: ModelOpt's nvfp4_fp8_mha quantizes embed_tokens) are dequantized once, on load
+    from jaxquant.converters.names import param_paths
+    from jaxquant.models.decoder import abstract_model
+    from jaxquant.models.layers import Linear
+
+    shape_model = abstract_model(config, dtype=dtype)  # also what materialize fills, and the owned parameter paths
+    owned = param_paths(shape_model)
     placeholders = set()
     if weights == "packed":
-        from jaxquant.models.decoder import abstract_model
-        from jaxquant.models.layers import Linear
-
-        shape_model = abstract_model(config, dtype=dtype)
         for mod in quantized:
             p = nm.nnx_path(mod + ".weight")
             if p is not None and ".experts." not in mod and isinstance(_module_at(shape_model, p), Linear):
@@ -418,9 +420,7 @@ def load_quantized(
     source = DequantizingSource(base, files, quantized, frozenset(placeholders), fp8_scales)
     if adapter is not None:
         source = adapter(config, source)
-    model = materialize(config, source, dtype=dtype, name_map=nm)
-
-    from jaxquant.models.layers import Linear
+    model = materialize(config, source, dtype=dtype, name_map=nm, abstract=shape_model)
 
     for mod, info in quantized.items():
         p = nm.nnx_path(mod + ".weight")
@@ -466,7 +466,7 @@ def load_quantized(
     def _consumes(name: str) -> bool:
         return bool(_SCALE_RE.search(name)) or (consumes is not None and consumes(name))
 
-    extra = collect_extra_tensors(files, nm, config, consumes=_consumes)
+    extra = collect_extra_tensors(files, nm, config, consumes=_consumes, owned=owned)
     return LoadedModel(model, config, extra, hf_config, d, nm)
 
 

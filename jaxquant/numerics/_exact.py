@@ -42,8 +42,6 @@ def opaque(x: jax.Array) -> jax.Array:
     return lax.optimization_barrier(x)
 
 
-
-
 def div(a, b) -> jax.Array:
     """IEEE float32 ``a / b`` (round to nearest even) exactly as written, on every backend.
 
@@ -113,8 +111,6 @@ def _gpu_divides_exactly() -> bool:
         return True
     witness = jax.device_put(jnp.float32(3163.328613), gpu)  # div.full.f32 gives 0.99999994 for w / w
     return float(jax.jit(lambda w: w / w)(witness)) == 1.0
-
-
 
 
 def hardware_div(a, b) -> jax.Array:

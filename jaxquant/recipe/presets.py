@@ -41,8 +41,7 @@ MODELOPT_QFORMATS = (
     "w4a8_nvfp4_fp8",
 )
 #: What each ModelOpt preset jaxquant does not ship yet is missing (named in the error a user gets).
-PENDING_QFORMATS: dict[str, str] = {
-}
+PENDING_QFORMATS: dict[str, str] = {}
 #: What each ModelOpt KV preset jaxquant does not ship yet is missing.
 PENDING_KV_QFORMATS = {
 }
