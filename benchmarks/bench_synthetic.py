@@ -33,6 +33,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="llama8b", help="a bench_e2e_vs_modelopt shape: llama8b, gemma4-31b[:N], tiny")
     p.add_argument("--recipe", default="general/ptq/fp8_qkvo-nvfp4_mlp")
+    p.add_argument("--algorithm", default=None,
+                   help="calibrate with this bench_quality.ALGORITHMS entry (max, mse, local_hessian, gptq, awq_lite, "
+                        "smoothquant, svdquant, ...) instead of the recipe's own algorithm")
     p.add_argument("--calib-size", type=int, default=512)
     p.add_argument("--calib-seq", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
@@ -45,6 +48,13 @@ def main(argv=None) -> dict:
     p.add_argument("--export-path", default=None, help="write the HF export here (default: no export)")
     p.add_argument("--out", default=None, help="write the JSON report into this folder")
     args = p.parse_args(argv)
+    recipe = args.recipe
+    if args.algorithm:
+        from bench_quality import cell_config, recipe_config
+
+        recipe = cell_config(recipe_config(args.recipe), args.algorithm)
+        if recipe is None:
+            raise SystemExit(f"--algorithm {args.algorithm} does not apply to the weight formats of {args.recipe}")
 
     import jax
     import jax.numpy as jnp
@@ -88,7 +98,7 @@ def main(argv=None) -> dict:
             early.append(EarlyExport(loaded, target))
 
     t0 = time.perf_counter()
-    res = quantize(loaded.model, args.recipe, (ids, np.ones_like(ids)), batch_size=args.batch_size, progress=False,
+    res = quantize(loaded.model, recipe, (ids, np.ones_like(ids)), batch_size=args.batch_size, progress=False,
                    layerwise=args.layerwise, on_weights_calibrated=None if args.layerwise else start)
     phases["calibrate"] = time.perf_counter() - t0
     summary = None
@@ -104,8 +114,8 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - t_all
     stats = dev.memory_stats() or {}
     rep = {
-        "shape": args.shape, "recipe": args.recipe, "calib_size": args.calib_size, "calib_seq": args.calib_seq,
-        "batch_size": args.batch_size, "dtype": args.dtype, "layerwise": args.layerwise, "parameters": n_params,
+        "shape": args.shape, "recipe": args.recipe, "algorithm": args.algorithm or "recipe's own",
+        "calib_size": args.calib_size, "calib_seq": args.calib_seq, "batch_size": args.batch_size, "dtype": args.dtype, "layerwise": args.layerwise, "parameters": n_params,
         "device": dev.device_kind, "host": platform.node(), "phases_s": phases, "total_s": total,
         "timings": res.timings, "calib_tokens_per_s": res.stats.tokens_per_s,
         "peak_device_bytes": stats.get("peak_bytes_in_use"),
@@ -114,7 +124,8 @@ def main(argv=None) -> dict:
                                                  if summary is not None else None),
         "jax": jax.__version__,
     }
-    print(f"\n{args.shape} ({n_params / 1e9:.2f} B parameters, synthetic), {args.recipe}, "
+    print(f"\n{args.shape} ({n_params / 1e9:.2f} B parameters, synthetic), {args.recipe}"
+          f"{', algorithm ' + args.algorithm if args.algorithm else ''}, "
           f"{args.calib_size} x {args.calib_seq}, batch {args.batch_size}{', layerwise' if args.layerwise else ''}, "
           f"{dev.device_kind}")
     print(f"| {'phase':<40} | {'seconds':>9} |\n|{'-' * 42}|{'-' * 11}|")
@@ -127,7 +138,8 @@ def main(argv=None) -> dict:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        f = out / f"bench_synthetic_{args.shape.replace(':', '-')}{'_layerwise' if args.layerwise else ''}.json"
+        alg = f"_{args.algorithm}" if args.algorithm else ""
+        f = out / f"bench_synthetic_{args.shape.replace(':', '-')}{alg}{'_layerwise' if args.layerwise else ''}.json"
         f.write_text(json.dumps(rep, indent=1))
         print(f"wrote {f}")
     return rep
