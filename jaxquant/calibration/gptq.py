@@ -21,8 +21,9 @@ whole model (``layerwise`` off), as ModelOpt's ``gptq`` does it:
 
 Supported weight quantizers: static amax whose fake quant of an element depends only on its own amax entry (and the
 global amax): ``nvfp4_static``, ``fp8`` / ``fp8_per_channel``, ``int8`` / ``int8_per_channel``, ``int4_block*``.
-Dynamic blocks (``nvfp4`` dynamic weights, MX), 2-D blocks, stacked MoE experts and weight-side pre-quant scales are
-refused (``UnsupportedError``). Options: ``perc_damp`` (0.01), ``block_size`` (128), ``fused`` (accepted: ModelOpt's
+Dynamic blocks (``nvfp4`` dynamic weights, MX), 2-D blocks and stacked MoE experts are refused
+(``UnsupportedError``). A weight smoothed by an earlier step of an algorithm list (``smoothquant``, ``awq_lite``) is
+folded first (``W * (1 / pre_quant_scale)``, ModelOpt's default), and GPTQ updates the folded weight. Options: ``perc_damp`` (0.01), ``block_size`` (128), ``fused`` (accepted: ModelOpt's
 fused Triton kernel computes the same update; jaxquant's update is one jitted call either way), ``layerwise``;
 ``moe_calib_experts_ratio`` as ``max`` parses it.
 """
@@ -45,7 +46,7 @@ from jaxquant.calibration.sites import Site
 from jaxquant.calibration.smoothing import SmoothingStat
 from jaxquant.errors import DataError, NonFiniteError, RecipeError, UnsupportedError
 from jaxquant.formats.registry import quantizer_format
-from jaxquant.quantizer.tensor_quantizer import TensorQuantizer, _mask_like
+from jaxquant.quantizer.tensor_quantizer import TensorQuantizer, _mask_like, apply_pre_quant_scale
 
 log = logging.getLogger("jaxquant.calibration")
 
@@ -234,12 +235,35 @@ def gptq_sites(sites: list[Site]) -> list[Site]:
                 cfg.block_sizes.type == "dynamic" or cfg.block_sizes.other_axes)):
             why = (f"its format {cfg.format} has no static per-element amax (dynamic or 2-D blocks); use static "
                    "weights (nvfp4_static, fp8, int8 per channel, int4 blocks)")
-        elif q.pre_quant_scale is not None or q.bias is not None:
-            why = "it carries a pre-quantization scale or a bias"
+        elif q.bias is not None:
+            why = "its quantizer carries a bias"
+        elif getattr(q, "svdquant_lora_a", None) is not None:
+            why = "it carries SVDQuant low-rank factors (svdquant cannot precede gptq)"
         if why is not None:
             raise UnsupportedError(f"gptq: {s.path}: {why}.")
         out.append(s)
     return out
+
+
+def fold_weight_pre_quant_scales(gsites: list[Site]) -> int:
+    """Fold a smoothed weight's scale into the weight, as ModelOpt's ``apply_pre_quant_scale_and_smooth`` does
+    (``W <- W * (1 / pre_quant_scale)`` rounded to the model dtype), so that GPTQ updates the weight the GEMM sees.
+
+    SmoothQuant / AWQ leave the factor on the weight quantizer (``calibration/smoothing.py``); the product is the same
+    tensor the quantizer's fake quant and the exporter compute, so folding changes no value. Returns how many weights
+    were folded.
+    """
+    n = 0
+    for s in gsites:
+        q = s.quantizer
+        if q.pre_quant_scale is None:
+            continue
+        w0 = s.parent.weight[...]
+        folded = apply_pre_quant_scale(w0, q.pre_quant_scale.value)
+        s.parent.weight.value = jax.device_put(folded, w0.sharding) if isinstance(w0, jax.Array) else folded
+        q.set_pre_quant_scale(None)
+        n += 1
+    return n
 
 
 def update_weight(site: Site, hessian: jax.Array, perc_damp: float, gptq_block: int) -> tuple[float, bool]:
@@ -404,6 +428,7 @@ def gptq_calibrate(model: Any, sites: list[Site], data: Any, *, options: Mapping
         data = list(data)
     forward = forward or default_forward
     gsites = gptq_sites(sites)
+    fold_weight_pre_quant_scales(gsites)
     calibrate_weights(sites, model)
     check_weights_finite(sites)
     share_global_amax(sites)  # ModelOpt's max_calibrate: fused siblings' static NVFP4 global amax, promoted
@@ -432,5 +457,5 @@ def gptq_calibrate(model: Any, sites: list[Site], data: Any, *, options: Mapping
 
 
 __all__ = ["DEFAULTS", "HessianStat", "LayerwiseGptq", "OPTIONS", "blockwise_update", "collect_hessians",
-           "gptq_calibrate", "gptq_sites", "hessian_inverse", "hessian_update", "parse_options", "update_weight",
+           "fold_weight_pre_quant_scales", "gptq_calibrate", "gptq_sites", "hessian_inverse", "hessian_update", "parse_options", "update_weight",
            "update_weights"]
