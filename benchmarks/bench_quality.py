@@ -12,9 +12,9 @@ For every cell (a recipe's ``quant_cfg`` with one algorithm in its ``algorithm``
 
 Algorithms are data (``ALGORITHMS``): an algorithm jaxquant has not registered (``jaxquant.calibration.algorithms``)
 gets "not available" in its cells, so ``gptq`` / ``local_hessian`` join by name once they exist. On CPU ModelOpt's
-static NVFP4 fake quant (a Triton kernel) is replaced by the numpy emulation that jaxquant's tests check it against
-(``tests/numerics/_numerics_ref.py``); what still needs CUDA (dynamic NVFP4 fake quant during a search) reads
-"ModelOpt: needs GPU" -- ``--device-run`` runs the same table with torch on CUDA and JAX on its default backend.
+NVFP4 fake quant kernels (Triton, static and dynamic blocks) are replaced by the numpy emulations that jaxquant's tests
+check them against (``tests/numerics/_numerics_ref.py``); what still needs CUDA reads "ModelOpt: needs GPU" --
+``--device-run`` runs the same table with torch on CUDA and JAX on its default backend.
 
     python benchmarks/bench_quality.py --model smollm2 --calib-size 64 --eval-windows 16 \\
         --out benchmarks/results/bench_quality_smollm2_cpu.json
@@ -187,9 +187,12 @@ def run_jaxquant(model_dir: Path, cfg: dict, batches, windows, batch_size: int, 
 
 
 @contextlib.contextmanager
-def modelopt_static_nvfp4_on_cpu(enable: bool):
-    """Swap ModelOpt's static NVFP4 fake quant (Triton only) for the numpy emulation jaxquant's tests check it
-    against (``tests/numerics/_numerics_ref.py::triton_static_np``)."""
+def modelopt_nvfp4_on_cpu(enable: bool):
+    """Swap ModelOpt's NVFP4 fake quant kernels (Triton / CUDA only) for the numpy emulations jaxquant's tests check
+    them against bit for bit (``tests/numerics/_numerics_ref.py``): static blocks (``triton_static_np``, the ``mse`` /
+    ``local_hessian`` / ``gptq`` weights) and dynamic blocks with FP8 scales (``triton_dynamic_np``, what
+    ``awq_lite`` / ``svdquant`` fake-quantize during their search). Other dynamic block formats keep ModelOpt's own
+    path (MX: no CPU kernel either)."""
     if not enable:
         yield
         return
@@ -197,7 +200,7 @@ def modelopt_static_nvfp4_on_cpu(enable: bool):
     import torch
 
     sys.path.insert(0, str(ROOT / "tests" / "numerics"))
-    from _numerics_ref import triton_static_np
+    from _numerics_ref import triton_dynamic_np, triton_static_np
 
     def static_fp4(x, amax, global_amax, quantize_block_scales=True, fp8_max=448.0, out_dtype=None, *_):
         if not quantize_block_scales or fp8_max != 448.0:
@@ -207,12 +210,21 @@ def modelopt_static_nvfp4_on_cpu(enable: bool):
                              global_amax.detach().float().numpy(), bs)
         return torch.from_numpy(y.reshape(x.shape)).to(out_dtype or x.dtype)
 
+    saved_dynamic = tqm.dynamic_block_quant
+
+    def dynamic(x, block_size, amax, bias, num_bits, scale_bits, *rest):
+        if x.is_cuda or num_bits != (2, 1) or tuple(scale_bits or ()) != (4, 3) or amax is None or bias is not None:
+            return saved_dynamic(x, block_size, amax, bias, num_bits, scale_bits, *rest)
+        y = triton_dynamic_np(x.detach().float().numpy().reshape(-1, x.shape[-1]), float(amax.float().max()),
+                              block_size)
+        return torch.from_numpy(y.reshape(x.shape)).to(x.dtype)
+
     saved = tqm.static_blockwise_fp4_fake_quant
-    tqm.static_blockwise_fp4_fake_quant = static_fp4
+    tqm.static_blockwise_fp4_fake_quant, tqm.dynamic_block_quant = static_fp4, dynamic
     try:
         yield
     finally:
-        tqm.static_blockwise_fp4_fake_quant = saved
+        tqm.static_blockwise_fp4_fake_quant, tqm.dynamic_block_quant = saved, saved_dynamic
 
 
 def run_modelopt(model_dir: Path, cfg: dict, batches, windows, batch_size: int, work: Path, device: str) -> dict:
@@ -232,7 +244,7 @@ def run_modelopt(model_dir: Path, cfg: dict, batches, windows, batch_size: int, 
 
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), \
-                modelopt_static_nvfp4_on_cpu(device == "cpu"):
+                modelopt_nvfp4_on_cpu(device == "cpu"):
             warnings.simplefilter("ignore")
             mtq.quantize(model, copy.deepcopy(cfg), forward_loop=forward_loop)
             out = {"calib_s": time.perf_counter() - t0}
