@@ -46,6 +46,7 @@ from jaxquant.calibration.sites import Site
 from jaxquant.calibration.smoothing import SmoothingStat
 from jaxquant.errors import DataError, NonFiniteError, RecipeError, UnsupportedError
 from jaxquant.formats.registry import quantizer_format
+from jaxquant.models.walk import iter_modules
 from jaxquant.quantizer.tensor_quantizer import TensorQuantizer, _mask_like, apply_pre_quant_scale
 
 log = logging.getLogger("jaxquant.calibration")
@@ -354,7 +355,7 @@ class LayerwiseGptq:
         self.qdq = bool(opts.get("layerwise_qdq", True))
         self.per_layer: list[tuple[list[Site], list[Site]]] = []
         for layer in self.text.layers:
-            ids = {id(node) for _, node in nnx.iter_graph(layer) if isinstance(node, TensorQuantizer)}
+            ids = {id(node) for _, node in iter_modules(layer) if isinstance(node, TensorQuantizer)}
             self.per_layer.append(([s for s in sites if id(s.quantizer) in ids],
                                    [s for s in gsites if id(s.quantizer) in ids]))
 

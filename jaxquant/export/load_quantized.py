@@ -39,6 +39,7 @@ from flax import nnx
 from jaxquant import formats
 from jaxquant.check.rules import quantized_layer_entry
 from jaxquant.errors import CheckpointError, UnsupportedError
+from jaxquant.models.walk import iter_modules
 from jaxquant.export.atomic import is_incomplete
 from jaxquant.quantizer import TensorQuantizer
 from jaxquant.quantizer.config import QuantizerConfig
@@ -515,7 +516,7 @@ def _configure_kv(model, nm, files, algo: str | None, known: dict) -> None:  # f
     from jaxquant.converters.names import dotted
     from jaxquant.models.layers import Attention
 
-    for path, node in nnx.iter_graph(model):
+    for path, node in iter_modules(model):
         if not isinstance(node, Attention):
             continue
         hf = nm.hf_name(dotted(path))
@@ -546,7 +547,7 @@ def _configure_experts_inputs(model, nm, files, quantized, activations) -> None:
         return
     from jaxquant.converters.names import dotted
 
-    for path, node in nnx.iter_graph(model):
+    for path, node in iter_modules(model):
         if not isinstance(node, MoeExperts):
             continue
         hf = nm.hf_name(dotted(path))

@@ -69,15 +69,15 @@ def same_structure() -> Iterator[None]:
 
 
 def module_table(model: Any) -> dict[tuple, Any]:
-    """``{nnx path tuple: module}`` for every module of ``model`` (``nnx.iter_modules``), walked once per
-    ``same_structure()`` block."""
-    from flax import nnx
+    """``{nnx path tuple: module}`` for every module of ``model`` (``models.walk.iter_modules``, NNX's order),
+    walked once per ``same_structure()`` block."""
+    from jaxquant.models.walk import iter_modules
 
     tables = _TABLES.get()
     hit = None if tables is None else tables.get(id(model))
     if hit is not None and hit[0] is model:
         return hit[1]
-    table = {tuple(p): m for p, m in nnx.iter_modules(model)}
+    table = {tuple(p): m for p, m in iter_modules(model)}
     if tables is not None:
         tables[id(model)] = (model, table)
     return table
