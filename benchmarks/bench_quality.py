@@ -30,6 +30,7 @@ import io
 import json
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -338,6 +339,8 @@ def parse_args(argv):
     p.add_argument("--device-run", action="store_true",
                    help="ModelOpt on CUDA (no CPU emulation), JAX on its default backend (the lead's GPU run)")
     p.add_argument("--resume", action="store_true", help="keep the cells already in --out (same settings)")
+    p.add_argument("--keep-exports", default=None, metavar="DIR",
+                   help="copy each cell's exports to DIR/<recipe>_<algorithm>/{jaxquant,modelopt} (probe_ppl_noise.py)")
     p.add_argument("--retry", default="", metavar="STATUS[,STATUS]",
                    help="with --resume, run again the sides whose status is one of these (e.g. 'needs GPU')")
     p.add_argument("--out", default=None, help="write the JSON report here (after every cell)")
@@ -427,6 +430,12 @@ def main(argv=None) -> int:
                     if "modelopt" in todo:
                         cell["modelopt"] = run_modelopt(mdir, cfg, batches, windows, args.eval_batch_size, work,
                                                         device)
+                if args.keep_exports:
+                    for side in ("jaxquant", "modelopt"):
+                        if (work / side).is_dir():
+                            dst = Path(args.keep_exports) / f"{label}_{algo}" / side
+                            shutil.rmtree(dst, ignore_errors=True)
+                            shutil.copytree(work / side, dst)
             print(f"{label:<20} {algo:<14} " + "  ".join(
                 f"{side}: {_fmt(cell.get(side), 'wiki')} / {_fmt(cell.get(side), 'lee')}"
                 + (f" ({cell[side]['note'][:90]})" if cell.get(side, {}).get("note") else "")
