@@ -147,9 +147,10 @@ def param_count(model) -> int:
     from flax import nnx
 
     from jaxquant.export.load_quantized import PackedWeight
+    from jaxquant.models.walk import iter_variables
 
     n = 0
-    for _, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, PackedWeight))):  # one walk of the model
+    for _, var in iter_variables(model, (nnx.Param, PackedWeight)):  # one walk of the model
         x = var.get_value()
         packed = isinstance(var, PackedWeight) and np.dtype(x.dtype) == np.uint8
         n += int(np.prod(x.shape)) * (2 if packed else 1)

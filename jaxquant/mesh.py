@@ -336,8 +336,10 @@ def mesh_of(model: Any) -> Mesh | None:
     """The jaxquant ``Mesh`` ``model``'s parameters are laid out over (the first one found), or None."""
     from flax import nnx
 
-    for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)):
-        s = getattr(x, "sharding", None)
+    from jaxquant.models.walk import iter_variables
+
+    for _, var in iter_variables(model, nnx.Param):
+        s = getattr(var.get_value(), "sharding", None)
         if isinstance(s, NamedSharding) and tuple(s.mesh.axis_names) == AXES and s.mesh.devices.size > 1:
             return s.mesh
     return None

@@ -154,6 +154,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
     )
     from jaxquant.calibration.sites import quantizer_sites
     from jaxquant.models.decoder import abstract_model
+    from jaxquant.models.walk import iter_variables
     from jaxquant.recipe import apply_recipe
 
     t0 = time.perf_counter()
@@ -168,7 +169,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
     if batch_size is None:
         free = free_bytes_before_load
         if free is not None:
-            params = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+            params = [v.get_value() for _, v in iter_variables(model, nnx.Param)]
             free -= sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in params)
         batch_size = auto_batch_size(model, seq_len, n_rows, free_bytes=free)
     if set_calibration_modes(sites):

@@ -38,6 +38,7 @@ from jaxquant.models.config import ModelConfig
 from jaxquant.models.decoder import abstract_model
 from jaxquant.numerics.checks import host_all_finite
 from jaxquant.tokenizer import load_tokenizer, refuse_tokenizer_code  # noqa: F401 - the loaders' API
+from jaxquant.models.walk import iter_variables
 
 log = logging.getLogger(__name__)
 
@@ -567,7 +568,7 @@ def _owned_paths(config: ModelConfig) -> frozenset[str]:
 def model_state_dict(loaded: LoadedModel, *, include_extra: bool = False) -> Mapping[str, Any]:
     """``{HF name: array}`` of the model's parameters (plus the lazy extras when asked)."""
     out: dict[str, Any] = {}
-    for path, var in nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)):
+    for path, var in iter_variables(loaded.model, nnx.Param):
         out[loaded.name_map.hf_name(path)] = var.get_value()
     if include_extra:
         for k, t in loaded.extra_tensors.items():

@@ -82,7 +82,9 @@ class NameMap:
 
 def param_paths(model: nnx.Module) -> list[str]:
     """Dotted NNX paths of every ``nnx.Param`` of ``model``."""
-    return [dotted(p) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    from jaxquant.models.walk import iter_variables
+
+    return [dotted(p) for p, _ in iter_variables(model, nnx.Param)]
 
 
 def hf_param_names(model: nnx.Module, name_map: NameMap | None = None) -> dict[str, str]:

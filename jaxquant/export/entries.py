@@ -38,6 +38,7 @@ from jaxquant.export.linears import (
 from jaxquant.export.prequant import resmooth
 from jaxquant.export.shards import Entry
 from jaxquant.formats.base import check_amax
+from jaxquant.models.walk import iter_variables
 
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale", ".k_scale", ".v_scale", ".pre_quant_scale")
 _TAG_OF = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
@@ -272,7 +273,7 @@ def plan_entries(model_or_loaded, *, dtype=None, name_map=None, source_dir=None,
     entries: list[Entry] = []
     # ---- parameters that are no linear's weight, by their HF name
     consumed = {it.param_path for it in items}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in iter_variables(model, nnx.Param):
         dotted_path = ".".join(str(p) for p in path)
         if dotted_path in consumed:
             continue

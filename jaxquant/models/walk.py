@@ -1,11 +1,13 @@
-"""The module walk: every NNX module of a model with its path, the same sequence as ``nnx.iter_modules``, 4-5x faster.
+"""The module walk: every NNX module (``iter_modules``) or variable (``iter_variables``) of a model with its path, the
+same sequence as ``nnx.iter_modules`` / ``nnx.to_flat_state(nnx.state(model, kind))``, 4-8x faster.
 
 ``nnx.iter_modules`` visits every node of the graph (each ``Variable``, array and static attribute: ~90k isinstance
 checks on a 32-layer decoder with its ~800 quantizers, 45 ms on a 2-core CPU); calibration, finalize and export walk
 the model for its quantizers a few dozen times per job. This walk descends only into what can hold a module (modules,
 ``nnx.List`` and other graph containers), reads a module's attributes with ``vars`` (sorted, as NNX orders them) and
-caches the kind of each attribute type: 10 ms for the same model. Same paths, same objects, same post-order
-(``tests/models/test_walk.py`` compares it with ``nnx.iter_modules`` on every family).
+caches the kind of each attribute type: 10 ms for the same model (``iter_variables``: 15 ms against 120 ms for a
+``State`` of its parameters). Same paths, same objects, same order (``tests/models/test_walk.py`` compares both with
+NNX on every family).
 """
 
 from __future__ import annotations
@@ -62,4 +64,27 @@ def iter_modules(root: Any) -> Iterator[tuple[tuple, nnx.Module]]:
                 stack.append(((*path, key), child, False))
 
 
-__all__ = ["iter_modules"]
+def iter_variables(root: Any, kind: type = nnx.Param) -> Iterator[tuple[tuple, Variable]]:
+    """``(path tuple, variable)`` for every ``kind`` variable under ``root``, each once, in the order of
+    ``nnx.to_flat_state(nnx.state(root, kind))`` -- without building a ``State`` (a flatten of the whole graph)."""
+    visited: set[int] = set()
+    stack: list[tuple[tuple, Any]] = [((), root)]
+    while stack:
+        path, node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, Variable):
+            if isinstance(node, kind):
+                yield path, node
+            continue
+        if _kind(node) == _MODULE and not isinstance(node, nnx.List):
+            items = sorted(vars(node).items())
+        else:
+            items = list(graphlib.get_node_impl(node).node_dict(node).items())
+        for key, child in reversed(items):
+            if _kind(child) != _LEAF or isinstance(child, Variable):
+                stack.append(((*path, key), child))
+
+
+__all__ = ["iter_modules", "iter_variables"]

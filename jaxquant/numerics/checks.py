@@ -48,8 +48,10 @@ def nonfinite_params(model) -> list[str]:
     """
     from flax import nnx
 
+    from jaxquant.models.walk import iter_variables
+
     flat = [(".".join(str(k) for k in path), v.get_value() if hasattr(v, "get_value") else v.value)
-            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+            for path, v in iter_variables(model, nnx.Param)]
     flat = [(p, a) for p, a in flat if jnp.issubdtype(a.dtype, jnp.inexact)]
     from jaxquant.mesh import settle
 

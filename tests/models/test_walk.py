@@ -1,5 +1,5 @@
-"""``models.walk.iter_modules`` yields exactly what ``nnx.iter_modules`` yields (paths, objects, order) on every model
-family jaxquant builds, after a recipe configured it, and on a user's own ``nnx.Linear`` model prepared for QAT."""
+"""``models.walk.iter_modules`` / ``iter_variables`` yield exactly what ``nnx.iter_modules`` / ``nnx.state`` give
+(paths, objects, order) on every model family jaxquant builds, after a recipe configured it, and on a user's own ``nnx.Linear`` model prepared for QAT."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jaxquant.models import ModelConfig, build_model
-from jaxquant.models.walk import iter_modules
+from jaxquant.models.walk import iter_modules, iter_variables
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,6 +36,11 @@ def _same(model):
     ours, theirs = list(iter_modules(model)), list(nnx.iter_modules(model))
     assert [p for p, _ in ours] == [p for p, _ in theirs]
     assert all(a is b for (_, a), (_, b) in zip(ours, theirs))
+    for kind in (nnx.Param, nnx.Variable, (nnx.Param, nnx.BatchStat)):
+        mine = list(iter_variables(model, kind))
+        flat = [(tuple(p), v) for p, v in nnx.to_flat_state(nnx.state(model, kind))]
+        assert [p for p, _ in mine] == [p for p, _ in flat] and flat
+        assert all(a is b for (_, a), (_, b) in zip(mine, flat))
     return len(ours)
 
 
