@@ -183,15 +183,17 @@ class TensorQuantizer(nnx.Module):
             static-block formats (weights), optional for per-tensor ones.
         """
         # ModelOpt rotates a quantizer's input even when it is disabled (kv_nvfp4_rotate's query quantizer)
-        self.rotation = config.rotation if config is not None else None
+        rotation = config.rotation if config is not None else None
         if config is not None and not config.enable:
             config = None
         kind = quantizer_format(config.format) if config is not None else None  # UnsupportedError if unknown
+        # NNX attribute writes cost ~30 us each and a model has ~800 quantizers: write only what changes
+        if self.rotation != rotation:
+            self.rotation = rotation
         self.config = config
-        self.amax = None
-        self.global_amax = None
-        self.bias = None
-        self.bias_count = None
+        for name in ("amax", "global_amax", "bias", "bias_count"):
+            if getattr(self, name) is not None:
+                setattr(self, name, None)
         if config is None:
             return
         fixed = config.fixed_amax
