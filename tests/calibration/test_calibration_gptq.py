@@ -153,6 +153,33 @@ def _recipe(wcfg, icfg, layerwise):
     return {"quant_cfg": qc, "algorithm": {"method": "gptq", "layerwise": {"enable": layerwise}}}
 
 
+def _ids_and_loop(seed):
+    """4 x 32 token ids and ModelOpt's forward loop over them in two batches."""
+    import torch
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(seed))
+
+    def loop(m):
+        for b in range(2):
+            m(input_ids=ids[2 * b:2 * b + 2], use_cache=False)
+
+    return ids, loop
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _module(model, name):
+    for p in name.split("."):
+        model = model[int(p)] if p.isdigit() else getattr(model, p)
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,inputs,layerwise", [
     ("nvfp4_static", None, True), ("nvfp4_static", None, False), ("int4_block32", None, True),
@@ -165,7 +192,6 @@ def test_updated_weights_equal_modelopt_gptq(tiny_llama, monkeypatch, fmt, input
     (float accumulation order of RMSNorm / attention / the Hessian matmul), which flips an input-quantizer or weight
     rounding decision now and then, and layerwise GPTQ carries each flip into the next layer's inputs."""
     import modelopt.torch.quantization as mtq
-    import torch
     from test_calibration_mse import _static_kernel_on_cpu
 
     from jaxquant.converters import load_hf
@@ -173,16 +199,9 @@ def test_updated_weights_equal_modelopt_gptq(tiny_llama, monkeypatch, fmt, input
     _static_kernel_on_cpu(monkeypatch)
     tmodel, d = tiny_llama
     rc = _recipe(WEIGHTS[fmt][0], inputs, layerwise)
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
+    ids, loop = _ids_and_loop(5)
     ref = copy.deepcopy(tmodel)
-
-    def loop(m):
-        for b in range(2):
-            m(input_ids=ids[2 * b:2 * b + 2], use_cache=False)
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         mtq.quantize(ref, copy.deepcopy(rc), forward_loop=loop)
     loaded = load_hf(d, dtype=jnp.float32)
     state = quantize(loaded.model, copy.deepcopy(rc), [ids[:2].numpy(), ids[2:].numpy()], progress=False)\
@@ -192,9 +211,7 @@ def test_updated_weights_equal_modelopt_gptq(tiny_llama, monkeypatch, fmt, input
     for name, mod in ref.named_modules():
         if not name.endswith("proj"):
             continue
-        o = loaded.model
-        for p in name.split("."):
-            o = o[int(p)] if p.isdigit() else getattr(o, p)
+        o = _module(loaded.model, name)
         ours = np.asarray(o.weight[...])
         np.testing.assert_array_equal(ours, mod.weight.detach().numpy(), err_msg=name)
         assert np.mean(ours != src[name + ".weight"].detach().numpy()) > 0.5, name
@@ -323,23 +340,15 @@ def test_gptq_after_smoothquant_equals_modelopt(tiny_llama):
     and GPTQ would carry those into rounding flips. The updated weights then match ``mtq.calibrate(gptq)`` bit for
     bit."""
     import modelopt.torch.quantization as mtq
-    import torch
 
     from jaxquant.calibration import quantize as jq_quantize
     from jaxquant.converters import load_hf
 
     tmodel, d = tiny_llama
     rc = _recipe({"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None}, False)
-    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(7))
+    ids, loop = _ids_and_loop(7)
     ref = copy.deepcopy(tmodel)
-
-    def loop(m):
-        for b in range(2):
-            m(input_ids=ids[2 * b:2 * b + 2], use_cache=False)
-
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet():
         mtq.quantize(ref, dict(rc, algorithm={"method": "smoothquant", "alpha": 0.5}), forward_loop=loop)
         scales = {n: m.input_quantizer._pre_quant_scale.detach().numpy().copy()
                   for n, m in ref.named_modules() if n.endswith("proj")}
@@ -347,10 +356,7 @@ def test_gptq_after_smoothquant_equals_modelopt(tiny_llama):
     loaded = load_hf(d, dtype=jnp.float32)
 
     def linear(name):
-        o = loaded.model
-        for p in name.split("."):
-            o = o[int(p)] if p.isdigit() else getattr(o, p)
-        return o
+        return _module(loaded.model, name)
 
     from jaxquant.recipe import apply_recipe
 
