@@ -79,6 +79,54 @@ def test_bench_synthetic_on_cpu(tmp_path):
     assert (tmp_path / "export" / "hf_quant_config.json").is_file()
 
 
+def test_bench_synthetic_one_algorithm(tmp_path):
+    """``--algorithm`` calibrates with a ``bench_quality.ALGORITHMS`` entry (GPTQ: the weights change) and says so."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_synthetic.py"), "--shape", "tiny", "--recipe",
+           "configs/ptq/presets/model/nvfp4", "--algorithm", "gptq", "--calib-size", "4", "--calib-seq", "16",
+           "--batch-size", "2", "--dtype", "float32", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_CPU_ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "bench_synthetic_tiny_gptq.json").read_text())
+    assert report["algorithm"] == "gptq" and report["timings"]["search"] > 0
+    bad = subprocess.run(cmd[:-2] + ["--algorithm", "smoothquant"], capture_output=True, text=True, timeout=600,
+                         env=_CPU_ENV)
+    assert bad.returncode != 0 and "does not apply" in bad.stderr
+
+
+def test_probe_ppl_noise_moves_each_scale_one_ulp(tmp_path):
+    """Every ``input_scale`` moves exactly one float32 ulp, fused siblings (q/k/v, gate/up) the same way; other
+    tensors are untouched."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from probe_ppl_noise import perturb
+
+    src = tmp_path / "src"
+    src.mkdir()
+    names = [f"model.layers.{i}.{p}.input_scale" for i in range(8)
+             for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    tensors = {n: torch.tensor(0.1 + i / 7, dtype=torch.float32) for i, n in enumerate(names)}
+    tensors["model.layers.0.mlp.down_proj.weight"] = torch.ones(4, 4, dtype=torch.bfloat16)
+    save_file(tensors, src / "model.safetensors")
+    assert perturb(src, tmp_path / "dst", seed=3) == len(names)
+    out = load_file(tmp_path / "dst" / "model.safetensors")
+    step = {}
+    for n in names:
+        a, b = np.float32(tensors[n].item()), np.float32(out[n].item())
+        assert b in (np.nextafter(a, np.float32(np.inf)), np.nextafter(a, np.float32(-np.inf))), n
+        step[n] = b > a
+    for i in range(8):
+        q = f"model.layers.{i}.self_attn."
+        assert step[q + "q_proj.input_scale"] == step[q + "k_proj.input_scale"] == step[q + "v_proj.input_scale"]
+        m = f"model.layers.{i}.mlp."
+        assert step[m + "gate_proj.input_scale"] == step[m + "up_proj.input_scale"]
+    assert len(set(step.values())) == 2  # both directions drawn
+    assert torch.equal(out["model.layers.0.mlp.down_proj.weight"], tensors["model.layers.0.mlp.down_proj.weight"])
+
+
 def test_bench_synthetic_streamed_on_cpu(tmp_path):
     """``--stream`` (the mode for the Llama-3.1-70B shape): a tiny synthetic Llama streamed layer by layer writes the
     same export bytes as the whole-model run, and reports the phases, peak RSS and export size."""
