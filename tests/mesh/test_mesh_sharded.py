@@ -11,7 +11,11 @@ device and once per ``--mesh`` configuration, and compares every export tensor's
   activation statistics (``input_scale``, ``k_scale`` / ``v_scale`` and their amax) within ``TP_ULPS`` units in the
   last place. Tensor parallelism gives each device a narrower matmul (a slice of the heads / features), and
   XLA:CPU's matmul computes output columns with code chosen by the output width, so some activations round
-  differently in the last bit (docs/scale.md, "Sharding"). The bound is the measured worst case (6 ulp) rounded up.
+  differently in the last bit (docs/scale.md, "Sharding"). Which kernel XLA:CPU picks also depends on the host CPU:
+  the worst case measured was 6 ulp on the first machine and 9 ulp on a Sapphire Rapids VM (AVX-512 / AMX; the
+  `mixtral` down-projection inputs of layer 1, behind a top-2 router). The bound, 16 ulp, is an envelope for
+  reassociation, not a tuned threshold: a sharding mistake (a wrong slice, a missing all-reduce) moves these
+  statistics by far more than 2^-19 relative, and weights must still be byte-identical.
 
 Slow (marked): about 6 minutes on 2 busy CPU cores.
 """
@@ -37,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 EXACT = ("fsdp=8", "data=2,fsdp=4", "fsdp=8+layerwise")
 TP = "tensor=2,fsdp=4"
-TP_ULPS = 8
+TP_ULPS = 16
 ACTIVATION_SCALES = (".input_scale", ".k_scale", ".v_scale")
 REPO = Path(__file__).resolve().parents[2]
 
