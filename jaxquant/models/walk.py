@@ -39,6 +39,14 @@ def _kind(x: Any) -> int:
     return k
 
 
+def _children(node: Any, is_module: bool) -> list[tuple[Any, Any]]:
+    """``node``'s ``(key, child)`` pairs in NNX's order: a module's attributes sorted by name (``vars``), a graph
+    container's (and ``nnx.List``'s, keyed by int) as its node implementation lists them."""
+    if is_module and not isinstance(node, nnx.List):
+        return sorted(vars(node).items())
+    return list(graphlib.get_node_impl(node).node_dict(node).items())
+
+
 def iter_modules(root: Any) -> Iterator[tuple[tuple, nnx.Module]]:
     """``(path tuple, module)`` for every module under ``root`` (itself included, path ``()``), each once, children
     before their parent: what ``nnx.iter_modules(root)`` yields."""
@@ -55,11 +63,7 @@ def iter_modules(root: Any) -> Iterator[tuple[tuple, nnx.Module]]:
         is_module = _kind(node) == _MODULE
         if is_module:
             stack.append((path, node, True))
-        if is_module and not isinstance(node, nnx.List):  # nnx.List keys its items by int: NNX's own flatten
-            items = sorted(vars(node).items())
-        else:
-            items = list(graphlib.get_node_impl(node).node_dict(node).items())
-        for key, child in reversed(items):
+        for key, child in reversed(_children(node, is_module)):
             if _kind(child) != _LEAF:
                 stack.append(((*path, key), child, False))
 
@@ -78,11 +82,7 @@ def iter_variables(root: Any, kind: type = nnx.Param) -> Iterator[tuple[tuple, V
             if isinstance(node, kind):
                 yield path, node
             continue
-        if _kind(node) == _MODULE and not isinstance(node, nnx.List):
-            items = sorted(vars(node).items())
-        else:
-            items = list(graphlib.get_node_impl(node).node_dict(node).items())
-        for key, child in reversed(items):
+        for key, child in reversed(_children(node, _kind(node) == _MODULE)):
             if _kind(child) != _LEAF or isinstance(child, Variable):
                 stack.append(((*path, key), child))
 
