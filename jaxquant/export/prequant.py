@@ -4,20 +4,21 @@ A linear smoothed by SmoothQuant or AWQ multiplies its input by ``pre_quant_scal
 fused siblings (q/k/v, gate/up: ``finalize.fused_sibling_groups``) as one GEMM on one input, so ModelOpt's export
 (``preprocess_linear_fusion``) gives every member of a group (format other than FP8 / unquantized) the mean of their
 ``p`` and re-smooths each weight whose ``p`` changes: ``W <- round_dtype(W * p_old / p_new)``, then recalibrates its
-weight amax. For AWQ formats (``int4_awq``) the group's ``p`` is then folded into the norm that produces its input
+weight amax (static NVFP4: the per-block amax; the calibrated global amax stays, ``resmooth_keeps_global_amax``).
+For AWQ formats (``int4_awq``) the group's ``p`` is then folded into the norm that produces its input
 (``input_layernorm`` for q/k/v, ``post_attention_layernorm`` / Gemma's ``pre_feedforward_layernorm`` for gate/up):
 ``w <- w * p`` (``(1 + w) * p - 1`` for Gemma's offset norms) and the members write no ``pre_quant_scale``. Every
 other smoothed linear writes ``<linear>.pre_quant_scale`` (``[in]``, the model dtype).
 
-NVFP4 with a pre_quant_scale exports as ``nvfp4_awq`` (NVFP4_AWQ; each format's ``pqs_format`` says what a smoothed
-linear of it becomes, None: refused). When the model's first quantized linear (ModelOpt's
-``get_quantization_format(model)``) is such a format (``pqs_into_linear``), ModelOpt's ``fuse_prequant_to_linear``
-runs first: in Llama / Qwen3 / Qwen3-MoE attention and MLP blocks (by the model family: ModelOpt matches the
-``LlamaAttention``, ``Qwen3Attention``, ``Qwen3MoeAttention``, ``LlamaMLP``, ``Qwen3MLP``, ``Qwen3MoeMLP`` classes),
-o_proj's ``p`` is multiplied into v_proj's output rows and down_proj's into up_proj's (``W[o, :] *= p[o]``, a bias
-likewise, in the weight dtype; that weight amax recomputed) and o_proj / down_proj write no ``pre_quant_scale``. A
-grouped-query o_proj (``p`` longer than v_proj's output) keeps its ``p``, as ModelOpt does without
-``fuse_grouped_heads``. SVDQuant's factors are not exported (``SVDQUANT_EXPORT``).
+NVFP4 with a pre_quant_scale exports as ``nvfp4_awq`` / ``nvfp4_static_awq`` (NVFP4_AWQ; each format's
+``pqs_format`` says what a smoothed linear of it becomes, None: refused). When the model's first quantized linear
+(ModelOpt's ``get_quantization_format(model)``) is such a format (``pqs_into_linear``), ModelOpt's
+``fuse_prequant_to_linear`` runs first: in Llama / Qwen3 / Qwen3-MoE attention and MLP blocks (by the model family:
+ModelOpt matches the ``LlamaAttention``, ``Qwen3Attention``, ``Qwen3MoeAttention``, ``LlamaMLP``, ``Qwen3MLP``,
+``Qwen3MoeMLP`` classes), o_proj's ``p`` is multiplied into v_proj's output rows and down_proj's into up_proj's
+(``W[o, :] *= p[o]``, a bias likewise, in the weight dtype; that weight amax recomputed) and o_proj / down_proj write
+no ``pre_quant_scale``. A grouped-query o_proj (``p`` longer than v_proj's output) keeps its ``p``, as ModelOpt does
+without ``fuse_grouped_heads``. SVDQuant's factors are not exported (``SVDQUANT_EXPORT``).
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def _set_weight(m, new) -> None:
     if m.fmt is None:
         return
     amax = np.asarray(m.wq.reduce_amax(new), np.float32)
-    if m.w_block_amax is not None:  # W4A8_AWQ: the INT4 block amax, and the FP8 (global) amax max|w|
+    if m.w_block_amax is not None:  # static blocks: the block amax; W4A8_AWQ's FP8 (global) amax is max|w| too
         m.w_block_amax = amax.reshape(np.shape(m.w_block_amax))
+        if formats.get(m.fmt).resmooth_keeps_global_amax:  # static NVFP4: ModelOpt keeps the calibrated global amax
+            return
         amax = amax.max()
     m.w_amax = amax.reshape(np.shape(m.w_amax))
 

@@ -56,6 +56,7 @@ class QuantFormat(Protocol):
     pqs_format: str | None  # the format this one exports as with a pre_quant_scale (None: not exportable)
     pqs_into_norm: bool  # fused siblings' pre_quant_scale is folded into their norm (AWQ formats)
     pqs_into_linear: bool  # o_proj / down_proj pre_quant_scale folded into v_proj / up_proj (NVFP4_AWQ)
+    resmooth_keeps_global_amax: bool  # a re-smoothed weight gets new block amax, not a new global amax
 
     def export_specs(self, out: int, in_: int, *, input_scale: bool = False) -> list[TensorSpec]:
         """``[(suffix, shape, numpy dtype)]`` of the tensors of one ``[out, in_]`` linear, file order."""
@@ -212,6 +213,9 @@ class FormatBase:
     #: when the model's first quantized linear has this format, o_proj's / down_proj's ``pre_quant_scale`` is folded
     #: into v_proj's / up_proj's output rows (ModelOpt's ``fuse_prequant_to_linear``, NVFP4_AWQ)
     pqs_into_linear: ClassVar[bool] = False
+    #: a weight re-smoothed at export (``export/prequant.py``) has its per-block amax recomputed but keeps its
+    #: calibrated global amax: ModelOpt re-collects only a static NVFP4 quantizer's ``_amax``, not ``global_amax``
+    resmooth_keeps_global_amax: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<QuantFormat {self.name} ({self.quant_algo})>"

@@ -146,9 +146,10 @@ class NVFP4Static(NVFP4):
     """NVFP4 with calibrated per-block weight amax (ModelOpt ``nvfp4_static``, ``quant_algo`` NVFP4)."""
 
     name = "nvfp4_static"
-    pqs_format = None
+    pqs_format = "nvfp4_static_awq"  # with an AWQ pre_quant_scale: NVFP4_AWQ (formats/nvfp4_awq.py)
     weight_config_formats = ("nvfp4_static",)
     static_blocks = True
+    resmooth_keeps_global_amax = True
 
 
 class NVFP4StaticFourOverSix(NVFP4Static):
@@ -185,9 +186,10 @@ class W4A16NVFP4Static(W4A16NVFP4):
     takes them whenever the quantizer has a global amax."""
 
     name = "w4a16_nvfp4_static"
-    pqs_format = None
+    pqs_format = "w4a16_nvfp4_static_awq"
     weight_config_formats = ("nvfp4_static",)
     static_blocks = True
+    resmooth_keeps_global_amax = True
 
 
 class W4A16NVFP4FourOverSix(W4A16NVFP4):

@@ -11,16 +11,23 @@ NVFP4) plus, where the scale was not folded, ``<linear>.pre_quant_scale`` (``exp
 NVFP4_AWQ, and in a MIXED_PRECISION group ModelOpt's entry (``input_activations`` 8-bit float, ``weights`` 4-bit float,
 both with the group size; ``convert_hf_config._quant_algo_to_group_config``).
 
-These formats are never chosen from quantizer configs (``match`` is False): a linear of ``nvfp4`` / ``w4a16_nvfp4``
-becomes one of them through ``QuantFormat.pqs_format`` when it carries a ``pre_quant_scale``. Static (calibrated
-per-block) and 32-blocks NVFP4 with a ``pre_quant_scale`` stay refused.
+Static NVFP4 weights (per-block amax calibrated by ``mse`` / ``local_hessian`` / ``gptq``, e.g. after ``awq_lite``)
+with a ``pre_quant_scale`` are NVFP4_AWQ too: ModelOpt's ``get_quantization_format`` asks only for FP4 weights and the
+scale. Their block scales come from the per-block amax. Where the export re-smooths such a weight (fused siblings'
+mean scale, o_proj / down_proj folded into v_proj / up_proj) ModelOpt re-collects the quantizer's per-block ``_amax``
+from the new weight with max calibration and keeps its calibrated ``global_amax`` (so ``weight_scale_2``); so does
+jaxquant (``resmooth_keeps_global_amax``).
+
+These formats are never chosen from quantizer configs (``match`` is False): a linear of ``nvfp4`` / ``nvfp4_static`` /
+``w4a16_nvfp4`` / ``w4a16_nvfp4_static`` becomes one of them through ``QuantFormat.pqs_format`` when it carries a
+``pre_quant_scale``. Four-over-Six and 32-blocks NVFP4 with a ``pre_quant_scale`` stay refused.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from jaxquant.formats.nvfp4 import NVFP4, W4A16NVFP4
+from jaxquant.formats.nvfp4 import NVFP4, NVFP4Static, W4A16NVFP4, W4A16NVFP4Static
 
 
 class PreQuantScaledNVFP4:
@@ -59,4 +66,18 @@ class W4A16NVFP4AWQ(PreQuantScaledNVFP4, W4A16NVFP4):
     pqs_format = "w4a16_nvfp4_awq"
 
 
-__all__ = ["NVFP4AWQ", "PreQuantScaledNVFP4", "W4A16NVFP4AWQ"]
+class NVFP4StaticAWQ(PreQuantScaledNVFP4, NVFP4Static):
+    """Static NVFP4 weights (calibrated per-block amax) and NVFP4 activations with an AWQ ``pre_quant_scale``."""
+
+    name = "nvfp4_static_awq"
+    pqs_format = "nvfp4_static_awq"
+
+
+class W4A16NVFP4StaticAWQ(PreQuantScaledNVFP4, W4A16NVFP4Static):
+    """Static NVFP4 weights with an AWQ ``pre_quant_scale``, unquantized activations (``quant_algo`` NVFP4_AWQ)."""
+
+    name = "w4a16_nvfp4_static_awq"
+    pqs_format = "w4a16_nvfp4_static_awq"
+
+
+__all__ = ["NVFP4AWQ", "NVFP4StaticAWQ", "PreQuantScaledNVFP4", "W4A16NVFP4AWQ", "W4A16NVFP4StaticAWQ"]

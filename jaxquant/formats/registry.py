@@ -30,7 +30,7 @@ from jaxquant.formats.nvfp4 import (
     W4A16NVFP4FourOverSix,
     W4A16NVFP4Static,
 )
-from jaxquant.formats.nvfp4_awq import NVFP4AWQ, W4A16NVFP4AWQ
+from jaxquant.formats.nvfp4_awq import NVFP4AWQ, NVFP4StaticAWQ, W4A16NVFP4AWQ, W4A16NVFP4StaticAWQ
 from jaxquant.formats.w4a8_awq import QUANTIZERS as W4A8_AWQ_QUANTIZERS
 from jaxquant.formats.w4a8_awq import W4A8AWQ
 
@@ -56,6 +56,8 @@ FORMATS: dict[str, QuantFormat] = {f.name: f for f in (
     W4A16NVFP4Static(),
     NVFP4AWQ(),        # nvfp4 / w4a16_nvfp4 with an AWQ pre_quant_scale (pqs_format; never matched from configs)
     W4A16NVFP4AWQ(),
+    NVFP4StaticAWQ(),  # nvfp4_static / w4a16_nvfp4_static with an AWQ pre_quant_scale
+    W4A16NVFP4StaticAWQ(),
 )}
 
 

@@ -91,16 +91,16 @@ def _set_pqs(model) -> dict:
     return out
 
 
-def _jaxquant_export(src, cfg, amax, pqs, dtype, out):
+def _jaxquant_load(src, cfg, amax, pqs, dtype):
+    """load_hf + the recipe + ModelOpt's amax and pre_quant_scales."""
     import jax.numpy as jnp
 
     from jaxquant.calibration import quantizer_sites
     from jaxquant.converters import load_hf
-    from jaxquant.export import export_hf
     from jaxquant.recipe import apply_recipe
 
     loaded = load_hf(src, dtype=getattr(jnp, dtype))
-    res = apply_recipe(loaded.model, copy.deepcopy(cfg), warn=False)
+    apply_recipe(loaded.model, copy.deepcopy(cfg), warn=False)
     seen = 0
     for s in quantizer_sites(loaded.model):
         name = s.names[0]
@@ -110,7 +110,13 @@ def _jaxquant_export(src, cfg, amax, pqs, dtype, out):
         if s.quantizer.enabled:
             s.quantizer.amax.value = jnp.asarray(amax[name], jnp.float32).reshape(s.quantizer.amax.value.shape)
     assert seen == len(pqs) == 14
-    export_hf(loaded, out, resolution=res)
+    return loaded
+
+
+def _jaxquant_export(src, cfg, amax, pqs, dtype, out):
+    from jaxquant.export import export_hf
+
+    export_hf(_jaxquant_load(src, cfg, amax, pqs, dtype), out)
 
 
 @pytest.mark.parametrize("dtype,kv_heads,weight_only,bias", [("float32", 2, False, False), ("float32", 4, False, True),
@@ -194,8 +200,52 @@ def test_mixed_precision_config_group():
     assert convert_hf_quant_config_format(copy.deepcopy(hq)) == mo_convert(copy.deepcopy(hq))
 
 
-def test_static_nvfp4_with_pre_quant_scale_refused(tmp_path):
-    """Static-block NVFP4 (mse) with a pre_quant_scale has no pqs_format: the export says so, naming the layer."""
+def _static_cfg(weight_only: bool) -> dict:
+    """``_cfg`` with static NVFP4 weight blocks (what mse / local_hessian / gptq calibrate)."""
+    cfg = _cfg(weight_only)
+    cfg["quant_cfg"][1]["cfg"]["block_sizes"]["type"] = "static"
+    return cfg
+
+
+@pytest.mark.parametrize("dtype,kv_heads,weight_only", [("float32", 2, False), ("bfloat16", 4, True)])
+def test_static_nvfp4_awq_byte_identical_to_modelopt(tmp_path, dtype, kv_heads, weight_only):
+    """Static NVFP4 weights with an AWQ pre_quant_scale (awq_lite then gptq / mse) export as NVFP4_AWQ, byte for byte
+    as ModelOpt does. ModelOpt max-calibrates and promotes the static weight quantizers (per-block ``_amax``, global
+    amax = their max); a re-smoothed weight gets its per-block amax re-collected from the new weight and keeps the
+    calibrated global amax. Without ``resmooth_keeps_global_amax`` the weight_scale_2 of every re-smoothed linear
+    differs; without the static block amax the weight scales do."""
+    import jax.numpy as jnp
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from jaxquant.calibration import quantizer_sites
+
+    src = tmp_path / "src"
+    model = _llama(src, dtype, kv_heads)
+    cfg = _static_cfg(weight_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        amax = R.modelopt_quantize(model, cfg)
+        gamax = {n: m.global_amax.detach().float().numpy().copy() for n, m in model.named_modules()
+                 if isinstance(m, TensorQuantizer) and getattr(m, "global_amax", None) is not None}
+        assert len(gamax) == 14
+        pqs = _set_pqs(model)
+        R.modelopt_export(model, tmp_path / "mo", dtype)
+    loaded = _jaxquant_load(src, cfg, amax, pqs, dtype)
+    for s in quantizer_sites(loaded.model):
+        if s.names[0] in gamax:
+            s.quantizer.global_amax.value = jnp.asarray(gamax[s.names[0]], jnp.float32).reshape(
+                s.quantizer.global_amax.value.shape)
+    from jaxquant.export import export_hf
+
+    export_hf(loaded, tmp_path / "jq")
+    ref = R.assert_same_export(tmp_path / "mo", tmp_path / "jq")
+    q = R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]
+    assert (q["quant_algo"], q["group_size"], q["pre_quant_scale"]) == ("NVFP4_AWQ", 16, True)
+    assert ("model.layers.1.self_attn.o_proj.pre_quant_scale" in ref) == (kv_heads == 2)
+
+
+def test_four_over_six_with_pre_quant_scale_refused(tmp_path):
+    """Four-over-Six NVFP4 with a pre_quant_scale has no pqs_format: the export says so, naming the layer."""
     import jax.numpy as jnp
 
     from jaxquant.calibration import quantizer_sites
@@ -207,8 +257,8 @@ def test_static_nvfp4_with_pre_quant_scale_refused(tmp_path):
     src = tmp_path / "src"
     _llama(src, "float32", 2)
     loaded = load_hf(src, dtype=jnp.float32)
-    cfg = _cfg(False)
-    cfg["quant_cfg"][1]["cfg"]["block_sizes"]["type"] = "static"
+    cfg = _static_cfg(False)
+    cfg["quant_cfg"][1]["cfg"]["block_sizes"]["four_over_six"] = True
     apply_recipe(loaded.model, cfg, warn=False)
     for s in quantizer_sites(loaded.model):
         if s.quantizer.enabled:
@@ -218,7 +268,7 @@ def test_static_nvfp4_with_pre_quant_scale_refused(tmp_path):
         if s.names[0].endswith("layers.0.mlp.down_proj.input_quantizer"):
             s.quantizer.set_pre_quant_scale(np.ones(96, np.float32))
     with pytest.raises(UnsupportedError, match=r"layers\.0\.mlp\.down_proj: a pre_quant_scale with format "
-                                               r"nvfp4_static .*nvfp4_awq"):
+                                               r"nvfp4_static_four_over_six .*nvfp4_awq"):
         export_hf(loaded, tmp_path / "out")
 
 

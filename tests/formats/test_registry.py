@@ -121,7 +121,7 @@ def test_every_format_satisfies_the_protocol():
                                      "fp8_pb_wo", "mxfp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "int8_sq", "mxfp4",
                                      "w4a8_mxfp4_fp8", "int4_awq", "w4a8_awq", "nvfp4_static_four_over_six",
                                      "w4a16_nvfp4_four_over_six", "w4a16_nvfp4_static",
-                                     "nvfp4_awq", "w4a16_nvfp4_awq"}
+                                     "nvfp4_awq", "w4a16_nvfp4_awq", "nvfp4_static_awq", "w4a16_nvfp4_static_awq"}
     for name, fmt in formats.FORMATS.items():
         assert isinstance(fmt, QuantFormat), name
         assert fmt.name == name and formats.get(name) is fmt
@@ -279,14 +279,20 @@ def test_format_attributes_drive_quant_config():
 
 def test_pre_quant_scale_formats():
     """A linear with a pre_quant_scale exports as its format's ``pqs_format`` (ModelOpt's get_quantization_format):
-    NVFP4 (dynamic blocks of 16) becomes NVFP4_AWQ, never chosen from configs alone; the others keep their name."""
+    NVFP4 in blocks of 16 (dynamic or static) becomes NVFP4_AWQ, never chosen from configs alone; the others keep their
+    name."""
     from jaxquant.quantizer.config import BlockSizes, QuantizerConfig
 
     assert formats.get("nvfp4").pqs_format == "nvfp4_awq"
     assert formats.get("w4a16_nvfp4").pqs_format == "w4a16_nvfp4_awq"
-    for name in ("int8_sq", "int4_awq", "w4a8_awq", "nvfp4_awq", "w4a16_nvfp4_awq"):
+    assert formats.get("nvfp4_static").pqs_format == "nvfp4_static_awq"
+    assert formats.get("w4a16_nvfp4_static").pqs_format == "w4a16_nvfp4_static_awq"
+    for name in ("int8_sq", "int4_awq", "w4a8_awq", "nvfp4_awq", "w4a16_nvfp4_awq", "nvfp4_static_awq",
+                 "w4a16_nvfp4_static_awq"):
         assert formats.get(name).pqs_format == name
-    for name in ("fp8", "nvfp4_static", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "w4a16_nvfp4_static", "mxfp4"):
+        assert formats.get(name).quant_algo == "NVFP4_AWQ" or "awq" not in name or "nvfp4" not in name
+    for name in ("fp8", "w4a16_nvfp4_bs32", "w4a8_nvfp4_fp8", "mxfp4", "nvfp4_static_four_over_six",
+                 "w4a16_nvfp4_four_over_six"):
         assert formats.get(name).pqs_format is None, name
     assert formats.get("nvfp4_awq").hf_layer_entry(16) == {"quant_algo": "NVFP4_AWQ", "group_size": 16,
                                                            "has_zero_point": False, "pre_quant_scale": True}
