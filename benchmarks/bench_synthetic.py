@@ -56,6 +56,11 @@ def main(argv=None) -> dict:
         if recipe is None:
             raise SystemExit(f"--algorithm {args.algorithm} does not apply to the weight formats of {args.recipe}")
 
+    import os
+
+    from jaxquant.numerics.xla_flags import with_device_memory_default
+
+    os.environ.update(with_device_memory_default(os.environ))  # as the jaxquant command: 90 % of the device
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -169,14 +169,17 @@ def _showwarning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {_paragraph(message)}", file=sys.stderr)
 
 
-def _ieee_gpu_division() -> None:
+def _xla_environment() -> None:
     """Ask XLA for IEEE float32 division on NVIDIA GPUs before JAX starts a backend: the numerics are
-    exact either way (jaxquant.numerics._exact), this only makes them faster there."""
+    exact either way (jaxquant.numerics._exact), this only makes them faster there. Also give JAX's allocator 90 %
+    of the device unless the user set one of its variables (``xla_flags.with_device_memory_default``)."""
     import os
 
-    from jaxquant.numerics.xla_flags import with_ieee_gpu_division  # imports no JAX
+    from jaxquant.numerics.xla_flags import with_device_memory_default, with_ieee_gpu_division  # imports no JAX
 
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
+    for k, v in with_device_memory_default(os.environ).items():  # 90 % of the device unless the user chose
+        os.environ.setdefault(k, v)
 
 
 def _start_tokenizer_process(args) -> None:
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None, *, on_imported=None) -> int:
     old = warnings.showwarning
     try:
         with interrupt.deferred():  # a Ctrl-C while an extension initializes could abort the interpreter
-            _ieee_gpu_division()
+            _xla_environment()
         parser = build_parser()
         args = parser.parse_args(argv)
         _start_tokenizer_process(args)

@@ -229,9 +229,22 @@ def test_cli_asks_xla_for_ieee_gpu_division(monkeypatch):
     """The command's own process gets IEEE float32 division on NVIDIA GPUs (speed only: the numerics
     are exact without it), merged into the user's XLA_FLAGS before JAX starts a backend."""
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/nowhere")
+    for k in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(k, raising=False)
     with pytest.raises(SystemExit):
         main(["ptq", "--help"])
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/nowhere --xla_backend_extra_options=-nvptx-prec-divf32=2"
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"  # JAX's allocator: 90 % of the device
+
+
+def test_device_memory_default_keeps_the_users_choice():
+    """``with_device_memory_default`` adds the 90 % fraction only when no allocator variable is set."""
+    from jaxquant.numerics.xla_flags import with_device_memory_default
+
+    assert with_device_memory_default({"A": "1"}) == {"A": "1", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
+    for k, v in (("XLA_PYTHON_CLIENT_MEM_FRACTION", ".5"), ("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),
+                 ("XLA_PYTHON_CLIENT_ALLOCATOR", "platform")):
+        assert with_device_memory_default({k: v}) == {k: v}
 
 
 def test_compile_ahead_while_loading_gives_the_same_export(files, capsys, tmp_path, monkeypatch):
