@@ -112,18 +112,23 @@ class AwqClipSearch(nnx.Module):
         if token_mask is not None:
             m = token_mask.astype(bool).reshape(token_mask.shape + (1,) * (ref.ndim - token_mask.ndim))
         n_tok = ref.size // ref.shape[-1] if m is None else jnp.sum(jnp.broadcast_to(m, ref.shape[:-1] + (1,)))
-        losses = []
-        for r in self.ratios:
-            amax = self.amax.value * jnp.float32(r)
-            wr = fake_quant_ste(wq.config.format, wq.block_size, w, amax, None)
+
+        def ratio_loss(r):
+            wr = fake_quant_ste(wq.config.format, wq.block_size, w, self.amax.value * r, None)
             d = (jax.lax.dot_general(xw, wr, dims) - ref).astype(jnp.float32)
             sq = d * d if m is None else jnp.where(m, d * d, 0.0)
-            losses.append(jnp.sum(sq) / (jnp.maximum(n_tok, 1) * ref.shape[-1]))
+            return jnp.sum(sq) / (jnp.maximum(n_tok, 1) * ref.shape[-1])
+
+        losses = jax.lax.map(ratio_loss, self._ratio_array())  # one ratio at a time, compiled once
         seen = jnp.asarray(n_tok > 0)
-        self.loss.value = self.loss.value + jnp.where(seen, jnp.stack(losses), 0.0)
+        self.loss.value = self.loss.value + jnp.where(seen, losses, 0.0)
         self.tokens.value = self.tokens.value + jnp.asarray(n_tok, jnp.float32)
         y = linear.matmul(xs, w)
         return linear.output_quantizer(y, token_mask=token_mask)
+
+    def _ratio_array(self) -> jax.Array:
+        """The clip ratios as a float32 ``[n]`` array (each ``jnp.float32(r)``, as the search scales the amax)."""
+        return jnp.asarray(np.asarray(self.ratios, np.float32))
 
     def _block_losses(self, wq, w: jax.Array, xs: jax.Array, token_mask: jax.Array | None) -> None:
         """ModelOpt's per-block search: every ``step``-th real token (``step = max(1, tokens // max_tokens)``), per
@@ -147,14 +152,15 @@ class AwqClipSearch(nnx.Module):
             return out.astype(w.dtype)
 
         org = partial(w)
-        losses = []
-        for r in self.ratios:
-            wr = fake_quant_ste(wq.config.format, bs, w, self.amax.value * jnp.float32(r), None)
+
+        def ratio_loss(r):
+            wr = fake_quant_ste(wq.config.format, bs, w, self.amax.value * r, None)
             d = (partial(wr) - org).astype(jnp.float32)
             sq = jnp.where(sel[None, :, None], d * d, 0.0)
-            losses.append((jnp.sum(sq, axis=1) / jnp.maximum(n_sel, 1).astype(jnp.float32)).reshape(
-                self.amax.value.shape))
-        self.loss.value = self.loss.value + jnp.where(n_sel > 0, jnp.stack(losses), 0.0)
+            return (jnp.sum(sq, axis=1) / jnp.maximum(n_sel, 1).astype(jnp.float32)).reshape(self.amax.value.shape)
+
+        losses = jax.lax.map(ratio_loss, self._ratio_array())
+        self.loss.value = self.loss.value + jnp.where(n_sel > 0, losses, 0.0)
         self.tokens.value = self.tokens.value + n_sel.astype(jnp.float32)
 
 
