@@ -24,6 +24,7 @@ ModelOpt's Gemma/MPT W4A8 recipes use 1), ``debug`` (ignored), and ``layerwise``
 from __future__ import annotations
 
 import collections.abc
+import functools
 import logging
 import warnings
 from collections.abc import Mapping
@@ -161,15 +162,22 @@ def search_quantize(wq, ws: jax.Array) -> jax.Array:
 def weight_scale(w: jax.Array, block: int | None) -> np.ndarray:
     """ModelOpt's ``get_weight_scale``: per input column, the mean over rows of ``|W| / (block amax + tiny)`` (in the
     weight dtype, float32 result); ``block`` None: one block per row."""
+    sc = _relative_magnitude(jnp.asarray(w), block or w.shape[1])
+    # the mean stays a separate reduction: fused with the division above, XLA sums in another order (1-ulp changes)
+    return np.asarray(jnp.mean(sc, axis=0).astype(w.dtype).astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("bs",))
+def _relative_magnitude(w: jax.Array, bs: int) -> jax.Array:
+    """``|W| / (block amax + tiny)`` in float32 ``[out, in]``, one compiled program per weight shape (op by op, each of
+    its ~20 operations was compiled for every new shape: most of awq_lite's 29 s of weight work on the 8B shape)."""
     out_dim, in_dim = w.shape
-    bs = block or in_dim
     pad = (-in_dim) % bs
     wp = jnp.pad(w, ((0, 0), (0, pad))) if pad else w
     a = jnp.abs(wp).reshape(-1, bs)
     tiny = jnp.asarray(jnp.finfo(w.dtype).tiny, w.dtype)
     sc = div(a, jnp.broadcast_to(jnp.max(a, axis=1, keepdims=True) + tiny, a.shape))
-    sc = sc.reshape(out_dim, in_dim + pad)[:, :in_dim]
-    return np.asarray(jnp.mean(sc.astype(jnp.float32), axis=0).astype(w.dtype).astype(jnp.float32))
+    return sc.reshape(out_dim, in_dim + pad)[:, :in_dim].astype(jnp.float32)
 
 
 def candidate_scale(act: np.ndarray, wscale: np.ndarray, alpha: float) -> np.ndarray:

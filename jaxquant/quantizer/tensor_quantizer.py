@@ -91,6 +91,22 @@ def apply_pre_quant_scale(x: jax.Array, scale: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
+def _global_of(amax: jax.Array, instances: int | None) -> jax.Array:
+    """The global amax of a static-block amax: its max (per instance for stacked experts)."""
+    axes = tuple(range(1 if instances else 0, amax.ndim))
+    return jnp.max(amax, axis=axes, keepdims=bool(instances))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "shape", "instances", "block_size", "with_global"))
+def _weight_amax(w, pqs, *, fmt: str, shape: tuple, instances, block_size, with_global: bool):
+    """``calibrate_weight``'s statistic in one compiled program per weight shape and format: the amax of ``w`` (times
+    ``pqs`` when given) reduced to ``shape``, and its global amax (or None). Op by op, each operation was compiled
+    once per new shape, seconds per algorithm on a GPU with a few dozen weight shapes x operations."""
+    x = w if pqs is None else apply_pre_quant_scale(w, pqs)
+    amax = quantizer_format(fmt).reduce_amax(masked_abs(x), shape, instances, block_size)
+    return amax, (_global_of(amax, instances) if with_global else None)
+
+
 def _qdq(fmt: str, block_size: int, x: jax.Array, amax: jax.Array, global_amax: jax.Array | None):
     """Quantize-dequantize ``x`` in format ``fmt``; the output has ``x``'s dtype."""
     return quantizer_format(fmt).fake_quant(x, amax, global_amax, block_size)
@@ -288,10 +304,18 @@ class TensorQuantizer(nnx.Module):
         pre-quantization scale."""
         if not self.enabled or self.config.fixed_amax is not None:
             return
-        self.amax.value = self.reduce_amax(self.scaled(w))
-        if self.global_amax is not None:
-            axes = tuple(range(1 if self.instances else 0, self.amax.value.ndim))
-            self.global_amax.value = jnp.max(self.amax.value, axis=axes, keepdims=bool(self.instances))
+        if self.svdquant_lora_a is not None or isinstance(w, jax.core.Tracer):  # op by op (inside a trace: inlined)
+            self.amax.value = self.reduce_amax(self.scaled(w))
+            if self.global_amax is not None:
+                self.global_amax.value = _global_of(self.amax.value, self.instances)
+            return
+        pqs = None if self.pre_quant_scale is None else self.pre_quant_scale.value
+        amax, gamax = _weight_amax(w, pqs, fmt=self.config.format, shape=tuple(self.amax.value.shape),
+                                   instances=self.instances, block_size=self.block_size,
+                                   with_global=self.global_amax is not None)
+        self.amax.value = amax
+        if gamax is not None:
+            self.global_amax.value = gamax
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, *, token_mask: jax.Array | None = None) -> jax.Array:
