@@ -398,3 +398,47 @@ def test_cli_ptq_nvfp4_awq_lite(tmp_path):
     assert jq.validate_checkpoint(out).rules <= {"quant-algo-unsupported"}
     back = jq.load_quantized(out, dtype="float32")
     assert back.model.model.layers[0].self_attn.o_proj.input_quantizer.pre_quant_scale is not None
+
+
+@pytest.mark.slow  # two algorithms' compiles: about 30 s on 2 cores
+def test_awq_lite_then_gptq_exports_and_loads_back(tmp_path):
+    """``[awq_lite, gptq]`` on static NVFP4 weights (jaxquant's own calibration): exports as NVFP4_AWQ, passes
+    ``jaxquant check``, and loads back. o_proj keeps its pre_quant_scale (grouped-query heads), so its weight, scale
+    and input amax load bit for bit; the whole model's logit error is of the fake-quant model's size (within 2x: the
+    export re-smooths fused siblings and folds down_proj's scale into up_proj, as ModelOpt does)."""
+    import jax.numpy as jnp
+
+    from jaxquant.calibration import quantize
+    from jaxquant.check import validate_checkpoint
+    from jaxquant.converters import load_hf
+    from jaxquant.export import export_hf
+    from jaxquant.export.load_quantized import load_quantized
+
+    src = tmp_path / "src"
+    _llama(src, "float32", 2)
+    loaded = load_hf(src, dtype=jnp.float32)
+    cfg = _static_cfg(False)
+    cfg["algorithm"] = [{"method": "awq_lite", "alpha_step": 0.5}, {"method": "gptq"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = quantize(loaded.model, cfg, [(b, None) for b in _batches()], progress=False)
+    assert len(res.stats.awq_alphas) == 14
+    ids = jnp.asarray(_batches()[0])
+    ref = np.asarray(loaded.model(ids, None))
+    export_hf(loaded, tmp_path / "out")
+    q = R.json_of(tmp_path / "out" / "hf_quant_config.json")["quantization"]
+    assert (q["quant_algo"], q["group_size"], q["pre_quant_scale"]) == ("NVFP4_AWQ", 16, True)
+    assert validate_checkpoint(tmp_path / "out").rules <= {"quant-algo-unsupported"}
+    back = load_quantized(tmp_path / "out", dtype=jnp.float32, weights="dequantize")
+    for i in range(2):
+        a, b = loaded.model.model.layers[i].self_attn.o_proj, back.model.model.layers[i].self_attn.o_proj
+        np.testing.assert_array_equal(np.asarray(b.weight[...]), np.asarray(a.weight_quantizer(jnp.asarray(a.weight[...]))))
+        np.testing.assert_array_equal(np.asarray(b.input_quantizer.pre_quant_scale.get_value()),
+                                      np.asarray(a.input_quantizer.pre_quant_scale.get_value()))
+    got = np.asarray(back.model(ids, None))
+    exact = np.asarray(load_hf(src, dtype=jnp.float32).model(ids, None))
+
+    def err(x):
+        return float(np.abs(x - exact).max() / np.abs(exact).max())
+
+    assert np.all(np.isfinite(got)) and err(got) < 2 * err(ref), (err(got), err(ref))
