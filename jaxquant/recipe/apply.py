@@ -39,9 +39,16 @@ from jaxquant.recipe.matcher import (
     Resolution,
     _as_rules,
     format_name,
+    fused_expert_name,
     resolve,
     warn_unmatched,
 )
+
+
+def _aliases(name: str) -> tuple[str, ...]:
+    """Other names rules may match the quantizer ``name`` by: ModelOpt's fused-experts name (``fused_expert_name``)."""
+    fused = fused_expert_name(name)
+    return () if fused is None else (fused,)
 
 
 def _path_str(path: tuple) -> str:
@@ -245,7 +252,7 @@ def apply_recipe(model: Any, recipe: Any, *, strict: bool | str = False, warn: b
         else:
             full = (to_name(path),)
         names[path] = full
-        sites.extend(QuantizerSite(n, cls) for n in full)
+        sites.extend(QuantizerSite(n, cls, aliases=_aliases(n)) for n in full)
     res = resolve(rules, sites)
     res.recipe = rec
     if warn:

@@ -3,7 +3,8 @@
 ModelOpt's ``set_quantizer_by_cfg`` (spec modelopt.md §1.3) walks the rules in order; a rule
 matches a quantizer when its ``quantizer_name`` glob matches the quantizer's full name
 (``fnmatch``; fused-expert names ``..._weight_quantizers.N`` also match in the normalized form
-``..._weight_quantizer``) and, with ``parent_class``, when the owning module is of that class.
+``..._weight_quantizer``; a site's ``aliases``, e.g. ModelOpt's fused name of a per-expert quantizer, match too)
+and, with ``parent_class``, when the owning module is of that class.
 Then:
 
 * a rule with ``cfg`` *replaces* all attributes (unspecified ones go back to the defaults) and
@@ -43,6 +44,32 @@ def normalize_quantizer_name(name: str) -> str:
     return _FUSED_RE.sub(lambda m: m.group(1).removesuffix("s"), name)
 
 
+#: An expert quantizer as jaxquant (and the hub checkpoints) name it, per expert and projection.
+_EXPERT_RE = re.compile(r"^(?P<pre>.*)\.(?:mlp|block_sparse_moe)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\."
+                        r"(?P<role>weight|input)_quantizer$")
+#: The fused projection ModelOpt's transformers-5 experts module holds for each per-expert projection.
+_FUSED_PROJ = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
+               "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}
+
+
+def fused_expert_name(name: str) -> str | None:
+    """The name nvidia-modelopt 0.47 on transformers 5 gives the quantizer jaxquant names ``name``, where that differs.
+
+    transformers 5 stores a Llama-style MoE block's experts fused (``mlp.experts``, gate and up in one
+    ``gate_up_proj``), and ModelOpt quantizes them as ``mlp.experts.gate_up_proj_weight_quantizers.{e}`` (one per
+    expert) and one shared ``mlp.experts.gate_up_proj_input_quantizer`` (``down_proj`` likewise; Mixtral's
+    ``block_sparse_moe`` w1 / w3 / w2 too). jaxquant names them per expert as the checkpoints do
+    (``mlp.experts.{e}.gate_proj.weight_quantizer``); a rule matches either name (``resolve``), so a user's
+    ``*gate_up_proj*`` selects the experts' gate and up projections here as in ModelOpt. None for other names."""
+    m = _EXPERT_RE.match(name)
+    if m is None or m["proj"] not in _FUSED_PROJ:
+        return None
+    fused = _FUSED_PROJ[m["proj"]]
+    if m["role"] == "weight":
+        return f"{m['pre']}.mlp.experts.{fused}_weight_quantizers.{m['e']}"
+    return f"{m['pre']}.mlp.experts.{fused}_input_quantizer"
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizerSite:
     """One quantizer to resolve.
@@ -53,11 +80,13 @@ class QuantizerSite:
         ``"nn.Embedding"``), or several names (a class and its bases), or None.
       initial: the attributes before any rule applies; None means ModelOpt's default for the
         site (INT8 per-tensor; INT8 per-channel for a linear's weight; output quantizers off).
+      aliases: other names a rule may match the quantizer by (``fused_expert_name``).
     """
 
     name: str
     parent_class: str | tuple[str, ...] | None = None
     initial: QuantizerConfig | None = None
+    aliases: tuple[str, ...] = ()
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -379,7 +408,9 @@ def resolve(quant_cfg: Any, sites: Iterable[QuantizerSite | str | tuple]) -> Res
             raise ValueError(f"duplicate quantizer name {s.name!r}")
         seen.add(s.name)
     names = [s.name for s in sites]
-    normed = [normalize_quantizer_name(n) for n in names]
+    # every form a rule may match: the name, its fused-experts normalization, and the same for each alias
+    forms = [tuple(dict.fromkeys(f for a in (s.name, *s.aliases) for f in (a, normalize_quantizer_name(a))))
+             for s in sites]
     classes = [s.classes for s in sites]
     state: list[Config] = [s.initial if s.initial is not None else default_initial(s) for s in sites]
     last: list[int | None] = [None] * len(sites)
@@ -387,8 +418,8 @@ def resolve(quant_cfg: Any, sites: Iterable[QuantizerSite | str | tuple]) -> Res
     for i, e in enumerate(rules):
         match = re.compile(fnmatch.translate(e.quantizer_name)).match
         n_matched = 0
-        for j, name in enumerate(names):
-            if not (match(name) or (normed[j] != name and match(normed[j]))):
+        for j in range(len(names)):
+            if not any(match(f) for f in forms[j]):
                 continue
             if e.parent_class and e.parent_class not in classes[j]:
                 continue
