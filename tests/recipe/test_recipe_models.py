@@ -127,3 +127,16 @@ def test_user_rules_on_expert_names_match_modelopt(case, pairs):
                 continue
             assert our_attrs(cfg) == theirs[t], (case, name, ours, t)
         assert experts >= 24, (case, name)
+
+
+def test_one_expert_by_its_fused_name_is_refused(pairs):
+    """``*weight_quantizers.1`` (ModelOpt's name of expert 1's quantizers) now reaches jaxquant's stacked experts,
+    whose instances share one config: refused naming the quantizer, not silently ignored."""
+    from jaxquant.errors import UnsupportedError
+
+    jm, _ = pairs["qwen3_moe"]
+    with pytest.raises(UnsupportedError, match=r"experts\.down_proj_weight_quantizer holds 4 stacked instances"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_recipe(jm, {"quant_cfg": _BASE + [{"quantizer_name": "*weight_quantizers.1", "enable": False}],
+                              "algorithm": "max"})
