@@ -98,10 +98,11 @@ def parking_device():
     return jax.devices("cpu")[0]
 
 
-def load_model(spec: str | None, dtype, *, device=None, mesh=None) -> tuple[Any, str]:
+def load_model(spec: str | None, dtype, *, device=None, mesh=None, abstract=None) -> tuple[Any, str]:
     """``(LoadedModel, description)`` for ``--model`` (None: the embedded demo); ``device``: put the parameters
     there instead of the default device (``parking_device``); ``mesh``: lay them out over a ``jax.sharding.Mesh``
-    by the family's partition rules (``jaxquant.mesh``)."""
+    by the family's partition rules (``jaxquant.mesh``); ``abstract``: the checkpoint's abstract model, built
+    already (``cli_overlap``)."""
     from jaxquant.converters import load_hf
 
     if spec is None:
@@ -128,7 +129,8 @@ def load_model(spec: str | None, dtype, *, device=None, mesh=None) -> tuple[Any,
 
         sharding = jax.sharding.SingleDeviceSharding(device)
     try:
-        loaded = load_hf(path, dtype=dtype, sharding=sharding, mesh=mesh)
+        loaded = load_hf(path, dtype=dtype, sharding=sharding, mesh=mesh,
+                         **({"abstract": abstract} if abstract is not None else {}))
     except ImportError as e:  # an optional loader dependency (gguf) missing
         raise UnsupportedError(f"loading {path} needs a package that is not installed ({e}).") from None
     return loaded, what
@@ -504,7 +506,8 @@ def run_ptq(args) -> int:
     parked = parking_device() if getattr(args, "layerwise", False) and mesh is None else None
     overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ,
                                 compile_ahead=parked is None and mesh is None)
-    loaded, model_desc = load_model(args.model, dtype, device=parked, **({"mesh": mesh} if mesh is not None else {}))
+    extra = {k: v for k, v in (("mesh", mesh), ("abstract", overlap.abstract)) if v is not None}
+    loaded, model_desc = load_model(args.model, dtype, device=parked, **extra)
     model = loaded.model
     tokenizer = overlap.tokenizer(loaded)
     timer.add("load model", time.perf_counter() - t0)

@@ -124,7 +124,8 @@ class AheadResult:
 
 def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int, batch_size: int | None, *,
                               n_rows: int | None = None, free_bytes_before_load: int | None = None,
-                              forward: Callable | None = None, export_dtype: Any = None) -> AheadResult:
+                              forward: Callable | None = None, export_dtype: Any = None,
+                              model: Any = None) -> AheadResult:
     """Compile ``max`` calibration's computations for ``config`` + ``recipe`` from shapes alone.
 
     Args:
@@ -137,6 +138,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
         loading started; None: what the device reports now) less the weights' bytes.
       forward: the calibration forward (default ``model(ids, mask)``).
       export_dtype: also compile the HF export's kernels for weights of this dtype (``warm_export_kernels``).
+      model: ``abstract_model(config, dtype=dtype)`` built already, for this function alone (it is configured).
 
     Returns:
       An ``AheadResult``. Nothing is run and no weight memory is used; the executables wait in the
@@ -159,7 +161,7 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
 
     t0 = time.perf_counter()
     forward = forward or default_forward
-    model = abstract_model(config, dtype=dtype)
+    model = model if model is not None else abstract_model(config, dtype=dtype)
     apply_recipe(model, recipe, warn=False)
     sites = quantizer_sites(model)
     for s in sites:

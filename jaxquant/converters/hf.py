@@ -406,7 +406,8 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{p}: not valid JSON ({e}).") from None
 
 
-def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding = None, mesh=None) -> LoadedModel:
+def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding = None, mesh=None,
+            abstract: nnx.Module | None = None) -> LoadedModel:
     """Load an HF checkpoint directory (``config.json`` + safetensors) as a Flax NNX model.
 
     Args:
@@ -416,6 +417,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
       mesh: lay the parameters out over a ``jax.sharding.Mesh`` by the family's partition rules
         (``jaxquant.mesh``; a ``Mesh`` or a spec such as ``"tensor=2,fsdp=4"``): each tensor is read once and
         each device receives its part. Not together with ``sharding``.
+      abstract: ``abstract_model(config, dtype=dtype)`` of this checkpoint's config, built already (``open_hf``).
 
     Raises:
       UnsupportedError: unknown architecture (the message lists the supported ones).
@@ -435,7 +437,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
 
             place_model(loaded.model, make_mesh(mesh))
         return loaded
-    loaded, source = open_hf(d, dtype)
+    loaded, source = open_hf(d, dtype, abstract=abstract)
     if mesh is not None:
         from jaxquant.mesh import make_mesh, param_sharding
 
@@ -446,11 +448,13 @@ def load_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *, sharding: Sharding =
     return loaded
 
 
-def open_hf(path: str | os.PathLike, dtype=jnp.bfloat16) -> tuple[LoadedModel, TensorSource]:
+def open_hf(path: str | os.PathLike, dtype=jnp.bfloat16, *,
+            abstract: nnx.Module | None = None) -> tuple[LoadedModel, TensorSource]:
     """An HF checkpoint directory opened without loading it: ``(LoadedModel, source)`` where the model's
     parameters are ``ShapeDtypeStruct`` leaves (no memory) and ``source`` is the memory-mapped ``TensorSource``
     they are read from (``plan_load`` / ``load_params``; the streamed ``--layerwise`` path reads one decoder layer
-    at a time). Raises as ``load_hf`` does for the config, a quantized checkpoint and stray tensors.
+    at a time). Raises as ``load_hf`` does for the config, a quantized checkpoint and stray tensors. ``abstract``:
+    the model built already (``abstract_model(config, dtype=dtype)`` of this checkpoint; it becomes the model).
     """
     dtype = resolve_dtype(dtype)
     d = Path(path)
@@ -474,7 +478,12 @@ def open_hf(path: str | os.PathLike, dtype=jnp.bfloat16) -> tuple[LoadedModel, T
         from jaxquant.models.config import import_object
 
         source = import_object(config.spec.tensor_adapter)(config, source)
-    model = abstract_model(config, dtype=dtype)
+    if abstract is not None:
+        first = next(iter_variables(abstract), (None, None))[1]
+        if getattr(abstract, "config", None) != config or (first is not None and first.get_value().dtype != dtype):
+            raise ValueError(f"open_hf: the abstract model given was not built from {d}'s config in {dtype}")
+    # the caller's abstract model (the command builds one for the ahead-of-time compilation too) becomes the model
+    model = abstract if abstract is not None else abstract_model(config, dtype=dtype)
     plan_load(config, source, nnx.state(model), dtype=dtype, name_map=nm)  # every tensor checked before any read
     extra = collect_extra_tensors(files, nm, config, consumes=getattr(source, "consumes", None),
                                   owned=param_paths(model))
