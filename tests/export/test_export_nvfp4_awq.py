@@ -328,6 +328,21 @@ def test_power_of_two_scales_load_back_bit_exact(tmp_path, kv_heads):
     np.testing.assert_array_equal(got, ref)
 
 
+def _assert_o_proj_loads_exactly(loaded, back, *, input_amax: bool) -> None:
+    """Each layer's o_proj (it keeps its pre_quant_scale with grouped-query heads) loads bit for bit: its fake-quant
+    weight, its pre_quant_scale and (``input_amax``) its input amax."""
+    import jax.numpy as jnp
+
+    for i in range(2):
+        a, b = loaded.model.model.layers[i].self_attn.o_proj, back.model.model.layers[i].self_attn.o_proj
+        np.testing.assert_array_equal(np.asarray(b.weight[...]), np.asarray(a.weight_quantizer(jnp.asarray(a.weight[...]))))
+        np.testing.assert_array_equal(np.asarray(b.input_quantizer.pre_quant_scale.get_value()),
+                                      np.asarray(a.input_quantizer.pre_quant_scale.get_value()))
+        if input_amax:
+            np.testing.assert_array_equal(np.asarray(b.input_quantizer.amax.get_value()),
+                                          np.asarray(a.input_quantizer.amax.get_value()))
+
+
 @pytest.mark.slow  # awq_lite's compile: about 30 s on 2 cores
 def test_nvfp4_awq_lite_exports_and_loads_back(tmp_path):
     """jaxquant's own awq_lite on NVFP4 (ModelOpt's ``nvfp4_awq_lite`` config), exported and loaded. A linear whose
@@ -357,13 +372,7 @@ def test_nvfp4_awq_lite_exports_and_loads_back(tmp_path):
     export_hf(loaded, tmp_path / "out")
     assert validate_checkpoint(tmp_path / "out").rules <= {"quant-algo-unsupported"}  # TensorRT-LLM only
     back = load_quantized(tmp_path / "out", dtype=jnp.float32, weights="dequantize")
-    for i in range(2):
-        a, b = loaded.model.model.layers[i].self_attn.o_proj, back.model.model.layers[i].self_attn.o_proj
-        np.testing.assert_array_equal(np.asarray(b.weight[...]), np.asarray(a.weight_quantizer(jnp.asarray(a.weight[...]))))
-        np.testing.assert_array_equal(np.asarray(b.input_quantizer.pre_quant_scale.get_value()),
-                                      np.asarray(a.input_quantizer.pre_quant_scale.get_value()))
-        np.testing.assert_array_equal(np.asarray(b.input_quantizer.amax.get_value()),
-                                      np.asarray(a.input_quantizer.amax.get_value()))
+    _assert_o_proj_loads_exactly(loaded, back, input_amax=True)
     got = np.asarray(back.model(ids, None))
     plain = load_hf(src, dtype=jnp.float32)
     exact = np.asarray(plain.model(ids, None))
@@ -430,11 +439,7 @@ def test_awq_lite_then_gptq_exports_and_loads_back(tmp_path):
     assert (q["quant_algo"], q["group_size"], q["pre_quant_scale"]) == ("NVFP4_AWQ", 16, True)
     assert validate_checkpoint(tmp_path / "out").rules <= {"quant-algo-unsupported"}
     back = load_quantized(tmp_path / "out", dtype=jnp.float32, weights="dequantize")
-    for i in range(2):
-        a, b = loaded.model.model.layers[i].self_attn.o_proj, back.model.model.layers[i].self_attn.o_proj
-        np.testing.assert_array_equal(np.asarray(b.weight[...]), np.asarray(a.weight_quantizer(jnp.asarray(a.weight[...]))))
-        np.testing.assert_array_equal(np.asarray(b.input_quantizer.pre_quant_scale.get_value()),
-                                      np.asarray(a.input_quantizer.pre_quant_scale.get_value()))
+    _assert_o_proj_loads_exactly(loaded, back, input_amax=False)
     got = np.asarray(back.model(ids, None))
     exact = np.asarray(load_hf(src, dtype=jnp.float32).model(ids, None))
 
