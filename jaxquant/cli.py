@@ -178,8 +178,7 @@ def _xla_environment() -> None:
     from jaxquant.numerics.xla_flags import with_device_memory_default, with_ieee_gpu_division  # imports no JAX
 
     os.environ["XLA_FLAGS"] = with_ieee_gpu_division(os.environ.get("XLA_FLAGS", ""))
-    for k, v in with_device_memory_default(os.environ).items():  # 90 % of the device unless the user chose
-        os.environ.setdefault(k, v)
+    os.environ.update(with_device_memory_default(os.environ))  # 90 % of the device unless the user chose
 
 
 def _start_tokenizer_process(args) -> None:

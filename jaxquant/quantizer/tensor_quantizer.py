@@ -304,15 +304,14 @@ class TensorQuantizer(nnx.Module):
         pre-quantization scale."""
         if not self.enabled or self.config.fixed_amax is not None:
             return
-        if self.svdquant_lora_a is not None or isinstance(w, jax.core.Tracer):  # op by op (inside a trace: inlined)
-            self.amax.value = self.reduce_amax(self.scaled(w))
-            if self.global_amax is not None:
-                self.global_amax.value = _global_of(self.amax.value, self.instances)
-            return
-        pqs = None if self.pre_quant_scale is None else self.pre_quant_scale.value
-        amax, gamax = _weight_amax(w, pqs, fmt=self.config.format, shape=tuple(self.amax.value.shape),
-                                   instances=self.instances, block_size=self.block_size,
-                                   with_global=self.global_amax is not None)
+        if self.svdquant_lora_a is not None:  # the low-rank residual, op by op as the forward computes it
+            amax = self.reduce_amax(self.scaled(w))
+            gamax = None if self.global_amax is None else _global_of(amax, self.instances)
+        else:
+            pqs = None if self.pre_quant_scale is None else self.pre_quant_scale.value
+            amax, gamax = _weight_amax(w, pqs, fmt=self.config.format, shape=tuple(self.amax.value.shape),
+                                       instances=self.instances, block_size=self.block_size,
+                                       with_global=self.global_amax is not None)
         self.amax.value = amax
         if gamax is not None:
             self.global_amax.value = gamax
