@@ -92,7 +92,7 @@ def _set_pqs(model) -> dict:
 
 
 def _jaxquant_load(src, cfg, amax, pqs, dtype):
-    """load_hf + the recipe + ModelOpt's amax and pre_quant_scales."""
+    """load_hf + the recipe + ModelOpt's amax and pre_quant_scales; returns ``(loaded, resolution)``."""
     import jax.numpy as jnp
 
     from jaxquant.calibration import quantizer_sites
@@ -100,7 +100,7 @@ def _jaxquant_load(src, cfg, amax, pqs, dtype):
     from jaxquant.recipe import apply_recipe
 
     loaded = load_hf(src, dtype=getattr(jnp, dtype))
-    apply_recipe(loaded.model, copy.deepcopy(cfg), warn=False)
+    res = apply_recipe(loaded.model, copy.deepcopy(cfg), warn=False)
     seen = 0
     for s in quantizer_sites(loaded.model):
         name = s.names[0]
@@ -110,13 +110,14 @@ def _jaxquant_load(src, cfg, amax, pqs, dtype):
         if s.quantizer.enabled:
             s.quantizer.amax.value = jnp.asarray(amax[name], jnp.float32).reshape(s.quantizer.amax.value.shape)
     assert seen == len(pqs) == 14
-    return loaded
+    return loaded, res
 
 
 def _jaxquant_export(src, cfg, amax, pqs, dtype, out):
     from jaxquant.export import export_hf
 
-    export_hf(_jaxquant_load(src, cfg, amax, pqs, dtype), out)
+    loaded, res = _jaxquant_load(src, cfg, amax, pqs, dtype)
+    export_hf(loaded, out, resolution=res)
 
 
 @pytest.mark.parametrize("dtype,kv_heads,weight_only,bias", [("float32", 2, False, False), ("float32", 4, False, True),
@@ -230,14 +231,14 @@ def test_static_nvfp4_awq_byte_identical_to_modelopt(tmp_path, dtype, kv_heads, 
         assert len(gamax) == 14
         pqs = _set_pqs(model)
         R.modelopt_export(model, tmp_path / "mo", dtype)
-    loaded = _jaxquant_load(src, cfg, amax, pqs, dtype)
+    loaded, res = _jaxquant_load(src, cfg, amax, pqs, dtype)
     for s in quantizer_sites(loaded.model):
         if s.names[0] in gamax:
             s.quantizer.global_amax.value = jnp.asarray(gamax[s.names[0]], jnp.float32).reshape(
                 s.quantizer.global_amax.value.shape)
     from jaxquant.export import export_hf
 
-    export_hf(loaded, tmp_path / "jq")
+    export_hf(loaded, tmp_path / "jq", resolution=res)
     ref = R.assert_same_export(tmp_path / "mo", tmp_path / "jq")
     q = R.json_of(tmp_path / "jq" / "hf_quant_config.json")["quantization"]
     assert (q["quant_algo"], q["group_size"], q["pre_quant_scale"]) == ("NVFP4_AWQ", 16, True)
