@@ -152,6 +152,16 @@ _JOB_PATCHES = {
         "    return _spawn(name, fn, *a, **k)\n"
         "o.spawn = spawn\n"
     ),
+    # XLA's GPU autotuner off (GEMM algorithms from heuristics): compile time against forward speed
+    "job-autotune0": "",
+    # XLA's Triton GEMM fusions off (plain cuBLAS GEMMs, fewer kernels to autotune)
+    "job-notritongemm": "",
+}
+
+#: Extra environment of a job variant (``XLA_FLAGS`` entries; the command merges its own flags into them).
+_JOB_ENV = {
+    "job-autotune0": {"XLA_FLAGS": "--xla_gpu_autotune_level=0"},
+    "job-notritongemm": {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"},
 }
 
 
@@ -166,8 +176,10 @@ def job_variant(work: Path, variant: str, recipe: str):
                                                  "file=sys.stderr, flush=True)\n")
     t0 = time.perf_counter()
     src = os.environ.get("PROBE_JAXQUANT_SRC", str(HERE.parent))  # a `git archive` with jaxquant_recipes, say
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env=os.environ | {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])})
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    for key, value in _JOB_ENV.get(variant, {}).items():
+        env[key] = " ".join(filter(None, [env.get(key, ""), value]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
     trace = "\n".join(ln for ln in r.stderr.splitlines() if ln.startswith("TRACE"))
     tail = (trace + "\n" + r.stdout[-1200:]) if r.returncode == 0 else (r.stdout[-1500:] + r.stderr[-2500:])
