@@ -194,7 +194,8 @@ def modelopt_nvfp4_on_cpu(enable: bool):
     them against bit for bit (``tests/numerics/_numerics_ref.py``): static blocks (``triton_static_np``, the ``mse`` /
     ``local_hessian`` / ``gptq`` weights) and dynamic blocks with FP8 scales (``triton_dynamic_np``, what
     ``awq_lite`` / ``svdquant`` fake-quantize during their search). Other dynamic block formats keep ModelOpt's own
-    path (MX: no CPU kernel either)."""
+    path (MX: no CPU kernel either). ModelOpt's unfused GPTQ loop fake-quantizes the whole weight once per column;
+    for static NVFP4 weights it runs here on the column alone (same values, ``gptq_columns``)."""
     if not enable:
         yield
         return
@@ -221,12 +222,47 @@ def modelopt_nvfp4_on_cpu(enable: bool):
                               block_size)
         return torch.from_numpy(y.reshape(x.shape)).to(x.dtype)
 
+    import modelopt.torch.quantization.utils.calib_utils as cu
+
+    saved_gptq = cu.gptq_blockwise_update
+
+    def gptq_columns(weight, h_inv, block_size, quantize_fn):
+        """ModelOpt's unfused GPTQ loop (``gptq_blockwise_update``) with its full-matrix fake quant narrowed to the
+        column it reads: with static block scales each code depends on its own element and its block's amax only,
+        so the column's values are the same, at 1/in_features of the numpy work."""
+        if not getattr(quantize_fn, "_is_nvfp4_static_quantizer", False):
+            return saved_gptq(weight, h_inv, block_size, quantize_fn)
+        rows, cols = weight.shape
+        qbs = quantize_fn.block_sizes.get(-1) or quantize_fn.block_sizes.get(1)
+        amax = quantize_fn.amax.detach().float().numpy().reshape(rows, cols // qbs)
+        gamax = quantize_fn.global_amax.detach().float().numpy()
+
+        def qdq_column(col, j):
+            y = triton_static_np(col.detach().float().numpy().reshape(-1, 1), amax[:, j // qbs].reshape(-1, 1), gamax, 1)
+            return torch.from_numpy(y.reshape(-1)).to(weight.dtype)
+
+        for start in range(0, cols, block_size):
+            end = min(start + block_size, cols)
+            h_blk = h_inv[start:end, start:end]
+            wblk = weight.clone()
+            errs = torch.zeros_like(weight[:, start:end])
+            for i in range(end - start):
+                w_ci = wblk[:, start + i]
+                q = qdq_column(w_ci, start + i)
+                weight[:, start + i] = q
+                err = (w_ci - q) / h_blk[i, i]
+                wblk[:, start + i:end].addr_(err, h_blk[i, i:], alpha=-1)
+                errs[:, i] = err
+            weight[:, end:].addmm_(errs, h_inv[start:end, end:], alpha=-1)
+
     saved = tqm.static_blockwise_fp4_fake_quant
     tqm.static_blockwise_fp4_fake_quant, tqm.dynamic_block_quant = static_fp4, dynamic
+    cu.gptq_blockwise_update = gptq_columns
     try:
         yield
     finally:
         tqm.static_blockwise_fp4_fake_quant, tqm.dynamic_block_quant = saved, saved_dynamic
+        cu.gptq_blockwise_update = saved_gptq
 
 
 def run_modelopt(model_dir: Path, cfg: dict, batches, windows, batch_size: int, work: Path, device: str) -> dict:
