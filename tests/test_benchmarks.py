@@ -213,6 +213,46 @@ def test_bench_quality_table_and_json(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == table.strip().split("\n\n")[-1].strip()
 
 
+def test_bench_quality_gptq_columns_equal_modelopts_loop():
+    """On CPU the quality table runs ModelOpt's unfused GPTQ loop with the fake quant of the column it reads only
+    (static NVFP4 blocks): the updated weight is bit-identical to ModelOpt's own ``gptq_blockwise_update``, which
+    fake-quantizes the whole matrix (through the same numpy kernel emulation) once per column."""
+    torch = pytest.importorskip("torch")
+    cu = pytest.importorskip("modelopt.torch.quantization.utils.calib_utils")
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "tests" / "numerics"))
+    from _numerics_ref import triton_static_np
+
+    bq = _bench_quality()
+    rng = np.random.default_rng(0)
+    rows, cols, bs = 24, 64, 16
+    w = torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32))
+    amax = w.abs().reshape(rows, cols // bs, bs).amax(-1) * 0.8  # clipping blocks, as a search would leave them
+    amax[2, 1] = 0.0  # an all-zero block scale
+
+    class Static:  # what GPTQ reads from ModelOpt's NVFP4StaticQuantizer
+        _is_nvfp4_static_quantizer = True
+        block_sizes = {-1: bs}
+
+        def __init__(self):
+            self.amax, self.global_amax = amax.reshape(-1, 1), amax.max()
+
+        def __call__(self, x):
+            y = triton_static_np(x.numpy().reshape(-1, bs), self.amax.numpy(), self.global_amax.numpy(), bs)
+            return torch.from_numpy(y.reshape(x.shape))
+
+    a = torch.from_numpy(rng.standard_normal((cols, 2 * cols)).astype(np.float32))
+    h_inv = torch.linalg.cholesky(torch.linalg.inv(a @ a.T / cols + 0.1 * torch.eye(cols)), upper=True)
+    theirs, ours = w.clone(), w.clone()
+    cu.gptq_blockwise_update(theirs, h_inv, 32, Static())
+    with bq.modelopt_nvfp4_on_cpu(True):
+        cu.gptq_blockwise_update(ours, h_inv, 32, Static())
+    assert cu.gptq_blockwise_update.__name__ == "gptq_blockwise_update"  # restored on exit
+    assert not torch.equal(theirs, w)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+
+
 # ----------------------------------------------------------------------------------------------- bench_host_rss
 def test_bench_host_rss_streamed_on_cpu(tmp_path):
     """A tiny transformers-written Llama through ``jaxquant ptq --layerwise`` (streamed) under ``/usr/bin/time -v``
