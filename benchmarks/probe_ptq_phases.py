@@ -152,6 +152,8 @@ _JOB_PATCHES = {
         "    return _spawn(name, fn, *a, **k)\n"
         "o.spawn = spawn\n"
     ),
+    # the weights read only once the compile thread has lowered the calibration (cli_overlap.LOAD_AFTER_LOWERING)
+    "job-lowerfirst": "import jaxquant.cli_overlap as o\no.LOAD_AFTER_LOWERING = True\n",
     # XLA's GPU autotuner off (GEMM algorithms from heuristics): compile time against forward speed
     "job-autotune0": "",
     # XLA's Triton GEMM fusions off (plain cuBLAS GEMMs, fewer kernels to autotune)

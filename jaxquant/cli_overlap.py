@@ -30,6 +30,9 @@ log = logging.getLogger("jaxquant")
 #: Compile ahead on the CPU backend too (off: there the compilation competes with loading for the same
 #: cores, and a missed guess at the batch shape would cost a second compilation).
 COMPILE_AHEAD_ON_CPU = False
+#: Start reading the weights only once the compile thread has traced and lowered the calibration (its Python part),
+#: so that the loader's threads share the interpreter with XLA's compiler only, which releases it.
+LOAD_AFTER_LOWERING = False
 
 
 def spawn(name: str, fn, *args, **kwargs) -> cf.Future:
@@ -58,6 +61,13 @@ class Overlap:
     #: the checkpoint's abstract model, built once for both threads: this one for the loader, a clone for the
     #: compilation (two builds at once competed for the interpreter: ~0.9 s each for a 32-layer 8B model)
     abstract: Any = None
+    #: set when the compile thread's Python part (recipe, tracing, lowering) is over, or it failed
+    lowered: threading.Event | None = None
+
+    def before_loading(self) -> None:
+        """With ``LOAD_AFTER_LOWERING``: wait until the compile thread has lowered the calibration (if one runs)."""
+        if LOAD_AFTER_LOWERING and self.lowered is not None:
+            self.lowered.wait()
 
     def tokenizer(self, loaded) -> Any:
         """The tokenizer (from the thread when one was started, else loaded now)."""
@@ -96,7 +106,7 @@ def _compile_then_warm(ahead_f: cf.Future, export_f: cf.Future, export_dtype, *a
     try:
         r = compile_calibration_ahead(*args, **kwargs)
     except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
-        ahead_f.set_exception(e)
+        ahead_f.set_exception(e)  # (compile_calibration_ahead has called on_lowered: the loader is not left waiting)
         export_f.set_result(0)
         return
     ahead_f.set_result(r)
@@ -175,11 +185,12 @@ def start(args, dtype, recipe, n_rows: int, default_calib_seq: int, *, compile_a
     from jaxquant.models.decoder import abstract_model
 
     out.abstract = abstract_model(config, dtype=dtype)
-    out.ahead_future, out.export_future = cf.Future(), cf.Future()
+    out.ahead_future, out.export_future, out.lowered = cf.Future(), cf.Future(), threading.Event()
     spawn("compile", _compile_then_warm, out.ahead_future, out.export_future, export_dtype, config, dtype, recipe, seq,
           args.batch_size or None, n_rows=n_rows,
-          free_bytes_before_load=None if args.batch_size else free_device_bytes(), model=nnx.clone(out.abstract))
+          free_bytes_before_load=None if args.batch_size else free_device_bytes(), model=nnx.clone(out.abstract),
+          on_lowered=out.lowered.set)
     return out
 
 
-__all__ = ["COMPILE_AHEAD_ON_CPU", "Overlap", "spawn", "start"]
+__all__ = ["COMPILE_AHEAD_ON_CPU", "LOAD_AFTER_LOWERING", "Overlap", "spawn", "start"]

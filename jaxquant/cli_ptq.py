@@ -507,6 +507,7 @@ def run_ptq(args) -> int:
     overlap = cli_overlap.start(args, dtype, recipe, sum(sizes), DEFAULT_CALIB_SEQ,
                                 compile_ahead=parked is None and mesh is None)
     extra = {k: v for k, v in (("mesh", mesh), ("abstract", overlap.abstract)) if v is not None}
+    overlap.before_loading()
     loaded, model_desc = load_model(args.model, dtype, device=parked, **extra)
     model = loaded.model
     tokenizer = overlap.tokenizer(loaded)

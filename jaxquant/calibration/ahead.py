@@ -79,20 +79,24 @@ def store(key: Any, executable: Any) -> None:
 COMPILE_THREADS = 8
 
 
-def compile_all(jobs: list[tuple[Any, Callable[[], Any]]]) -> list[Any]:
+def compile_all(jobs: list[tuple[Any, Callable[[], Any]]], on_lowered: Callable[[], Any] | None = None) -> list[Any]:
     """Executables for ``jobs`` = ``[(key, lower)]``, ``lower()`` returning a ``jax.stages.Lowered``: each from the
-    store when its key is there, else lowered and compiled, the misses on ``COMPILE_THREADS`` threads at once, and
-    stored. Jobs with equal keys compile once. Returns them in the order of ``jobs``."""
+    store when its key is there, else lowered (one after another: lowering is Python, it holds the interpreter) and
+    compiled (XLA releases the interpreter: the misses on ``COMPILE_THREADS`` threads at once), and stored. Jobs with
+    equal keys compile once. ``on_lowered()`` is called once every miss is lowered, before XLA compiles. Returns the
+    executables in the order of ``jobs``."""
     import concurrent.futures as cf
 
     out: list[Any] = [lookup(k) for k, _ in jobs]
     owner = [next(j for j in range(i + 1) if jobs[j][0] == jobs[i][0]) for i in range(len(jobs))]  # first equal key
     todo = [i for i in range(len(jobs)) if out[i] is None and owner[i] == i]
+    lowered = {i: jobs[i][1]() for i in todo}
+    if on_lowered is not None:
+        on_lowered()
 
     def build(i):
-        k, lower = jobs[i]
-        exe = lower().compile()
-        store(k, exe)
+        exe = lowered.pop(i).compile()
+        store(jobs[i][0], exe)
         return exe
 
     if len(todo) <= 1:
@@ -110,6 +114,18 @@ def clear() -> None:
         _STORE.clear()
 
 
+class _Once:
+    """``fn`` (may be None) as a callable that runs it on its first call only."""
+
+    def __init__(self, fn: Callable[[], Any] | None):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
 @dataclasses.dataclass
 class AheadResult:
     """What ``compile_calibration_ahead`` compiled: executables stored, seconds spent, the batch
@@ -125,7 +141,7 @@ class AheadResult:
 def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int, batch_size: int | None, *,
                               n_rows: int | None = None, free_bytes_before_load: int | None = None,
                               forward: Callable | None = None, export_dtype: Any = None,
-                              model: Any = None) -> AheadResult:
+                              model: Any = None, on_lowered: Callable[[], Any] | None = None) -> AheadResult:
     """Compile ``max`` calibration's computations for ``config`` + ``recipe`` from shapes alone.
 
     Args:
@@ -139,6 +155,8 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
       forward: the calibration forward (default ``model(ids, mask)``).
       export_dtype: also compile the HF export's kernels for weights of this dtype (``warm_export_kernels``).
       model: ``abstract_model(config, dtype=dtype)`` built already, for this function alone (it is configured).
+      on_lowered: called once the Python part is done (model configured, every computation traced and lowered),
+        before XLA compiles; also when that part fails.
 
     Returns:
       An ``AheadResult``. Nothing is run and no weight memory is used; the executables wait in the
@@ -160,23 +178,27 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
     from jaxquant.recipe import apply_recipe
 
     t0 = time.perf_counter()
-    forward = forward or default_forward
-    model = model if model is not None else abstract_model(config, dtype=dtype)
-    apply_recipe(model, recipe, warn=False)
-    sites = quantizer_sites(model)
-    for s in sites:
-        s.quantizer.set_mode("off")
-    with weight_parts(model) as parts:
-        jobs = weight_jobs(parts)
-    if batch_size is None:
-        free = free_bytes_before_load
-        if free is not None:
-            params = [v.get_value() for _, v in iter_variables(model, nnx.Param)]
-            free -= sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in params)
-        batch_size = auto_batch_size(model, seq_len, n_rows, free_bytes=free)
-    if set_calibration_modes(sites):
-        jobs += calibration_step(model, forward).compile_jobs((batch_size, seq_len), True)
-    n = len({id(e) for e in compile_all(jobs)})
+    done = _Once(on_lowered)
+    try:
+        forward = forward or default_forward
+        model = model if model is not None else abstract_model(config, dtype=dtype)
+        apply_recipe(model, recipe, warn=False)
+        sites = quantizer_sites(model)
+        for s in sites:
+            s.quantizer.set_mode("off")
+        with weight_parts(model) as parts:
+            jobs = weight_jobs(parts)
+        if batch_size is None:
+            free = free_bytes_before_load
+            if free is not None:
+                params = [v.get_value() for _, v in iter_variables(model, nnx.Param)]
+                free -= sum(math.prod(x.shape) * jax.numpy.dtype(x.dtype).itemsize for x in params)
+            batch_size = auto_batch_size(model, seq_len, n_rows, free_bytes=free)
+        if set_calibration_modes(sites):
+            jobs += calibration_step(model, forward).compile_jobs((batch_size, seq_len), True)
+        n = len({id(e) for e in compile_all(jobs, on_lowered=done)})
+    finally:
+        done()
     if export_dtype is not None:
         from jaxquant.export.entries import warm_export_kernels
 

@@ -48,6 +48,27 @@ def test_ahead_executables_are_used_and_give_the_same_bits(monkeypatch):
         np.testing.assert_array_equal(np.asarray(plain[k]), np.asarray(early[k]), err_msg=k)
 
 
+def test_on_lowered_comes_once_before_xla_compiles_and_on_failure(monkeypatch):
+    """``on_lowered`` (what lets ``jaxquant ptq`` start reading weights, ``cli_overlap.LOAD_AFTER_LOWERING``) is
+    called once, after every computation is lowered and before the first one is compiled; and also when the
+    Python part fails, so that a loader waiting on it is never left waiting."""
+    import pytest
+
+    config = ModelConfig.from_hf_config(LLAMA)
+    ahead.clear()
+    events = []
+    real_store = ahead.store
+    monkeypatch.setattr(ahead, "store", lambda k, e: (events.append("compiled"), real_store(k, e)))
+    compile_calibration_ahead(config, jnp.float32, load_recipe(RECIPE), 16, 4,
+                              on_lowered=lambda: events.append("lowered"))
+    assert events == ["lowered"] + ["compiled"] * 5
+    events.clear()
+    with pytest.raises(Exception, match="no_such_recipe"):
+        compile_calibration_ahead(config, jnp.float32, "general/ptq/no_such_recipe", 16, 4,
+                                  on_lowered=lambda: events.append("lowered"))
+    assert events == ["lowered"]
+
+
 def test_a_different_batch_shape_misses_and_compiles(monkeypatch):
     config = ModelConfig.from_hf_config(LLAMA)
     ahead.clear()

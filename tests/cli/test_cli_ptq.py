@@ -255,17 +255,18 @@ def test_compile_ahead_while_loading_gives_the_same_export(files, capsys, tmp_pa
     from jaxquant.calibration import ahead
 
     outs = {}
-    for on in (False, True):
+    for on, lower_first in ((False, False), (True, False), (True, True)):  # the last: load after the lowering
         ahead.clear()
         monkeypatch.setattr(cli_overlap, "COMPILE_AHEAD_ON_CPU", on)
-        target = tmp_path / f"ahead-{on}"
+        monkeypatch.setattr(cli_overlap, "LOAD_AFTER_LOWERING", lower_first)
+        target = tmp_path / f"ahead-{on}-{lower_first}"
         argv = _ptq(files, "--export-path", str(target), "--eval-windows", "0", "--recipe",
                     "general/ptq/nvfp4_default-kv_fp8", "--calib-seq", "16")
         rc, out, err = _run(argv, capsys)
         assert rc == 0, err
         assert ("calibration compiled while the model loaded" in out) == on
-        outs[on] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
-    assert outs[True] and outs[True] == outs[False]
+        outs[on, lower_first] = {p.name: p.read_bytes() for p in target.glob("*.safetensors")}
+    assert outs[True, False] and outs[True, False] == outs[False, False] == outs[True, True]
 
 
 def test_compile_cache_flag(tmp_path, capsys):
