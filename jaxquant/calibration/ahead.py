@@ -81,29 +81,32 @@ COMPILE_THREADS = 8
 
 def compile_all(jobs: list[tuple[Any, Callable[[], Any]]], on_lowered: Callable[[], Any] | None = None) -> list[Any]:
     """Executables for ``jobs`` = ``[(key, lower)]``, ``lower()`` returning a ``jax.stages.Lowered``: each from the
-    store when its key is there, else lowered (one after another: lowering is Python, it holds the interpreter) and
-    compiled (XLA releases the interpreter: the misses on ``COMPILE_THREADS`` threads at once), and stored. Jobs with
-    equal keys compile once. ``on_lowered()`` is called once every miss is lowered, before XLA compiles. Returns the
-    executables in the order of ``jobs``."""
+    store when its key is there, else lowered on this thread (lowering is Python: it holds the interpreter) and
+    compiled by XLA, which releases it, the misses on ``COMPILE_THREADS`` threads at once (each starts as soon as
+    its job is lowered), and stored. Jobs with equal keys compile once. ``on_lowered()`` is called once every miss is
+    lowered. Returns the executables in the order of ``jobs``."""
     import concurrent.futures as cf
 
     out: list[Any] = [lookup(k) for k, _ in jobs]
     owner = [next(j for j in range(i + 1) if jobs[j][0] == jobs[i][0]) for i in range(len(jobs))]  # first equal key
     todo = [i for i in range(len(jobs)) if out[i] is None and owner[i] == i]
-    lowered = {i: jobs[i][1]() for i in todo}
-    if on_lowered is not None:
-        on_lowered()
 
-    def build(i):
-        exe = lowered.pop(i).compile()
+    def build(i, lowered):
+        exe = lowered.compile()
         store(jobs[i][0], exe)
         return exe
 
     if len(todo) <= 1:
-        built = [build(i) for i in todo]
+        lowered = [jobs[i][1]() for i in todo]
+        if on_lowered is not None:
+            on_lowered()
+        built = [build(i, lo) for i, lo in zip(todo, lowered)]
     else:
         with cf.ThreadPoolExecutor(min(COMPILE_THREADS, len(todo)), thread_name_prefix="jaxquant-xla") as pool:
-            built = list(pool.map(build, todo))
+            futures = [pool.submit(build, i, jobs[i][1]()) for i in todo]
+            if on_lowered is not None:
+                on_lowered()
+            built = [f.result() for f in futures]
     done = dict(zip(todo, built))
     return [exe if exe is not None else (out[owner[i]] or done[owner[i]]) for i, exe in enumerate(out)]
 

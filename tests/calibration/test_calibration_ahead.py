@@ -48,20 +48,47 @@ def test_ahead_executables_are_used_and_give_the_same_bits(monkeypatch):
         np.testing.assert_array_equal(np.asarray(plain[k]), np.asarray(early[k]), err_msg=k)
 
 
-def test_on_lowered_comes_once_before_xla_compiles_and_on_failure(monkeypatch):
-    """``on_lowered`` (what lets ``jaxquant ptq`` start reading weights, ``cli_overlap.LOAD_AFTER_LOWERING``) is
-    called once, after every computation is lowered and before the first one is compiled; and also when the
-    Python part fails, so that a loader waiting on it is never left waiting."""
+def test_compile_all_reports_when_every_job_is_lowered():
+    """``compile_all`` lowers the misses on the calling thread (compiling each on a pool thread as soon as it is
+    lowered), calls ``on_lowered`` once after the last lowering, compiles equal keys and stored keys not again."""
+    ahead.clear()
+    events = []
+
+    class Lowered:
+        def __init__(self, k):
+            self.k = k
+
+        def compile(self):
+            events.append(("compile", self.k))
+            return f"exe-{self.k}"
+
+    def job(k):
+        return (("test-job", k), lambda: (events.append(("lower", k)), Lowered(k))[1])
+
+    ahead.store(("test-job", "stored"), "exe-stored")
+    exes = ahead.compile_all([job(0), job(1), job(0), job("stored"), job(2)],
+                             on_lowered=lambda: events.append(("on_lowered", None)))
+    assert exes == ["exe-0", "exe-1", "exe-0", "exe-stored", "exe-2"]
+    lowers = [e for e in events if e[0] == "lower"]
+    assert lowers == [("lower", 0), ("lower", 1), ("lower", 2)]
+    assert events.count(("on_lowered", None)) == 1
+    assert events.index(("on_lowered", None)) > events.index(("lower", 2))
+    assert sorted(k for e, k in events if e == "compile") == [0, 1, 2]
+    ahead.clear()
+
+
+def test_on_lowered_comes_once_and_on_failure():
+    """``compile_calibration_ahead`` calls ``on_lowered`` (what lets ``jaxquant ptq`` start reading weights,
+    ``cli_overlap.LOAD_AFTER_LOWERING``) once, and also when its Python part fails, so that a loader waiting on it is
+    never left waiting."""
     import pytest
 
     config = ModelConfig.from_hf_config(LLAMA)
     ahead.clear()
     events = []
-    real_store = ahead.store
-    monkeypatch.setattr(ahead, "store", lambda k, e: (events.append("compiled"), real_store(k, e)))
-    compile_calibration_ahead(config, jnp.float32, load_recipe(RECIPE), 16, 4,
-                              on_lowered=lambda: events.append("lowered"))
-    assert events == ["lowered"] + ["compiled"] * 5
+    r = compile_calibration_ahead(config, jnp.float32, load_recipe(RECIPE), 16, 4,
+                                  on_lowered=lambda: events.append("lowered"))
+    assert events == ["lowered"] and r.compiled == 5
     events.clear()
     with pytest.raises(Exception, match="no_such_recipe"):
         compile_calibration_ahead(config, jnp.float32, "general/ptq/no_such_recipe", 16, 4,
