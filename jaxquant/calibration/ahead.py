@@ -158,8 +158,8 @@ def compile_calibration_ahead(config: Any, dtype: Any, recipe: Any, seq_len: int
       forward: the calibration forward (default ``model(ids, mask)``).
       export_dtype: also compile the HF export's kernels for weights of this dtype (``warm_export_kernels``).
       model: ``abstract_model(config, dtype=dtype)`` built already, for this function alone (it is configured).
-      on_lowered: called once the Python part is done (model configured, every computation traced and lowered),
-        before XLA compiles; also when that part fails.
+      on_lowered: called once the Python part is done (model configured, every computation traced and lowered;
+        XLA may be compiling the first ones already); also when that part fails.
 
     Returns:
       An ``AheadResult``. Nothing is run and no weight memory is used; the executables wait in the
